@@ -1,0 +1,170 @@
+"""The dataset-level feature memory: reading it (a Flax module) and updating it (pure).
+
+The memory is a float32 array of shape (num_classes, num_feats_per_cls, channels) kept in
+the ``memory`` variable collection. It is read through each pixel's coarse class
+probabilities and refined by attention; after each training step it moves toward the
+features of the batch (:func:`update_memory`), never by gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcibi_jax.models.attention import SelfAttentionBlock
+from mcibi_jax.models.layers import ConvBNReLU
+
+Array = jax.Array
+
+STRATEGIES = ("cosine_similarity", "mean")
+_COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+
+
+class MemoryModule(nn.Module):
+    """Reads the memory for every pixel and fuses it (and the ASPP context) with the features.
+
+    Children mirror the released layout: ``self_attention`` (or ``self_attentions/<i>`` and
+    ``fuse_memory_conv``), ``bottleneck``, ``self_attention_ms``, ``bottleneck_ms``.
+    """
+
+    num_classes: int
+    feats_channels: int
+    transform_channels: int
+    out_channels: int
+    num_feats_per_cls: int = 1
+    use_context_within_image: bool = True
+    use_hard_aggregate: bool = False
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, feats: Array, class_logits: Array, context: Array | None, train: bool) -> Array:
+        """feats (N, H, W, C), class_logits (N, H, W, K), context (N, H, W, C) -> (N, H, W, out)."""
+        if self.num_feats_per_cls < 1:
+            raise ValueError("num_feats_per_cls must be at least 1")
+        memory = self.variable(
+            "memory", "memory",
+            lambda: jnp.zeros((self.num_classes, self.num_feats_per_cls, self.feats_channels), jnp.float32),
+        ).value
+        weights = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
+        if self.use_hard_aggregate:
+            weights = jax.nn.one_hot(jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype)
+        # (N, H, W, K) x (K, F, C) -> (N, H, W, F, C): each pixel's expected memory vectors.
+        selected = jnp.einsum("nhwk,kfc->nhwfc", weights, memory, precision="highest").astype(feats.dtype)
+        attention_kwargs = dict(transform_channels=self.transform_channels, out_channels=self.feats_channels, dtype=self.dtype)
+        if self.num_feats_per_cls > 1:
+            attended = SlotAttentions(self.num_feats_per_cls, attention_kwargs, name="self_attentions")(feats, selected, train)
+            selected_memory = ConvBNReLU(self.feats_channels, 1, dtype=self.dtype, name="fuse_memory_conv")(attended, train)
+        else:
+            selected_memory = SelfAttentionBlock(**attention_kwargs, name="self_attention")(feats, selected[..., 0, :], train)
+        output = ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck")(
+            jnp.concatenate([feats, selected_memory], axis=-1), train
+        )
+        if self.use_context_within_image:
+            context = SelfAttentionBlock(**attention_kwargs, name="self_attention_ms")(feats, context, train)
+            output = ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck_ms")(
+                jnp.concatenate([context, output], axis=-1), train
+            )
+        return output
+
+
+class SlotAttentions(nn.Module):
+    """One attention block per memory slot (children "0", "1", ...); outputs concatenated."""
+
+    num_slots: int
+    attention_kwargs: dict
+
+    @nn.compact
+    def __call__(self, feats: Array, selected: Array, train: bool) -> Array:
+        """feats (N, H, W, C), selected (N, H, W, F, C) -> (N, H, W, F * C)."""
+        return jnp.concatenate(
+            [SelfAttentionBlock(**self.attention_kwargs, name=str(i))(feats, selected[..., i, :], train) for i in range(self.num_slots)],
+            axis=-1,
+        )
+
+
+def memory_momentum(learning_rate: Array | float, *, base_momentum: float, base_lr: float, adjust_by_learning_rate: bool) -> Array | float:
+    """The update momentum; the reference ties it to the learning rate's decay."""
+    if adjust_by_learning_rate:
+        return base_momentum / base_lr * learning_rate
+    return base_momentum
+
+
+def _cosine_similarity(a: Array, b: Array) -> Array:
+    norm_a = jnp.maximum(jnp.linalg.norm(a, axis=-1), _COSINE_EPS)
+    norm_b = jnp.maximum(jnp.linalg.norm(b, axis=-1), _COSINE_EPS)
+    return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
+
+
+def _normalize(x: Array) -> Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
+
+
+def update_memory(
+    memory: Array,
+    features: Array,
+    labels: Array,
+    *,
+    momentum: Array | float,
+    strategy: str = "cosine_similarity",
+    ignore_label: int = -100,
+) -> Array:
+    """Moves the memory toward the features of each class present in the batch.
+
+    Args:
+      memory: (K, F, C) float32, K classes with F vectors each.
+      features: (N, H, W, C) features at label resolution (no gradient flows).
+      labels: (N, H, W) int class ids; ``ignore_label`` (and any id outside [0, K)) is skipped.
+      momentum: weight of the batch in the new memory.
+      strategy: ``cosine_similarity`` weights each pixel by its dissimilarity to the current
+        memory vector; ``mean`` uses the plain class mean (only with F == 1).
+    Returns:
+      The new memory (K, F, C). For each class present, the first all-zero vector is set to
+      the class mean instead (and nothing else of that class moves this step).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown memory update strategy {strategy!r}; choose from {STRATEGIES}")
+    num_classes, num_feats, channels = memory.shape
+    if strategy == "mean" and num_feats > 1:
+        raise ValueError("the 'mean' strategy needs one memory vector per class")
+    memory = memory.astype(jnp.float32)
+    feats = jax.lax.stop_gradient(features).reshape(-1, channels).astype(jnp.float32)
+    labels = labels.reshape(-1).astype(jnp.int32)
+    valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
+    # Invalid pixels go to an extra segment K that is dropped.
+    segment = jnp.where(valid, labels, num_classes)
+    count = jax.ops.segment_sum(valid.astype(jnp.float32), segment, num_classes + 1)[:num_classes]
+    class_sum = jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes]
+    class_mean = class_sum / jnp.maximum(count, 1.0)[:, None]
+    present = count > 0
+
+    safe_labels = jnp.minimum(segment, num_classes - 1)
+    class_memory = memory[safe_labels]  # (P, F, C)
+    if num_feats == 1:
+        slot = jnp.zeros_like(safe_labels)
+    else:
+        relation = jnp.einsum("pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest")
+        slot = jnp.argmax(relation, axis=-1)
+    if strategy == "mean":
+        batch_vectors = class_mean[:, None, :]
+    else:
+        own_memory = jnp.take_along_axis(class_memory, slot[:, None, None], axis=1)[:, 0]
+        dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
+        slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
+        num_segments = num_classes * num_feats + 1
+        total = jax.ops.segment_sum(dissimilarity, slot_segment, num_segments)[:-1]
+        weighted = jax.ops.segment_sum(feats * dissimilarity[:, None], slot_segment, num_segments)[:-1]
+        # A slot that no pixel chose gets a zero batch vector: the reference then only decays it.
+        batch_vectors = (weighted / jnp.where(total == 0, 1.0, total)[:, None]).reshape(num_classes, num_feats, channels)
+    momentum = jnp.asarray(momentum, jnp.float32)
+    moved = (1.0 - momentum) * memory + momentum * batch_vectors
+
+    is_zero = jnp.all(memory == 0, axis=-1)  # (K, F)
+    has_zero = jnp.any(is_zero, axis=-1)
+    first_zero = jax.nn.one_hot(jnp.argmax(is_zero, axis=-1), num_feats, dtype=bool) & has_zero[:, None]
+    initialised = jnp.where(first_zero[..., None], class_mean[:, None, :], memory)
+    new_memory = jnp.where(has_zero[:, None, None], initialised, moved)
+    return jnp.where(present[:, None, None], new_memory, memory)

@@ -1,0 +1,165 @@
+"""MCIBI: DeepLabV3-style segmentor with a dataset-level feature memory."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcibi_jax.models.aspp import ASPP
+from mcibi_jax.models.backbones import build_backbone
+from mcibi_jax.models.decoders import AuxiliaryDecoder, ClassifierDecoder
+from mcibi_jax.models.layers import ConvBNReLU
+from mcibi_jax.models.memory import MemoryModule
+
+Array = jax.Array
+
+
+class LevelNorms(nn.Module):
+    """One LayerNorm per backbone level (children "0", "1", ...), used with ViT."""
+
+    num_levels: int
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, levels: Sequence[Array]) -> list[Array]:
+        if len(levels) != self.num_levels:
+            raise ValueError(f"{len(levels)} backbone levels for {self.num_levels} head norm layers")
+        return [
+            nn.LayerNorm(epsilon=self.epsilon, use_fast_variance=False, name=str(i))(x)
+            for i, x in enumerate(levels)
+        ]
+
+
+class AuxiliaryDecoders(nn.Module):
+    """Several auxiliary heads (children "0", "1", ...) on the last levels but one."""
+
+    configs: Sequence[Mapping[str, Any]]
+    num_classes: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, levels: Sequence[Array], train: bool) -> list[Array]:
+        levels = list(levels)[-len(self.configs):]
+        return [
+            _auxiliary_decoder(cfg, self.num_classes, self.dtype, str(i))(x, train)
+            for i, (cfg, x) in enumerate(zip(self.configs, levels))
+        ]
+
+
+def _auxiliary_decoder(cfg: Mapping[str, Any], num_classes: int, dtype: Any, name: str) -> AuxiliaryDecoder:
+    return AuxiliaryDecoder(
+        out_channels=cfg["out_channels"],
+        num_classes=num_classes,
+        num_convs=cfg.get("num_convs", 1),
+        dropout=cfg.get("dropout", 0.1),
+        upsample_scale=cfg.get("upsample_scale"),
+        dtype=dtype,
+        name=name,
+    )
+
+
+class MCIBI(nn.Module):
+    """The full model. Fields follow ``config.model`` (see ``configs/``).
+
+    ``__call__(images (N, H, W, 3), train)`` returns a dict with the logits of both stages
+    ``stage1``/``stage2`` (N, h, w, K) at head resolution, the auxiliary logits ``aux``
+    (a tuple, possibly empty) and the memory-read input ``features`` (N, h, w, C) that the
+    training step uses to update the memory.
+    """
+
+    num_classes: int
+    backbone: Mapping[str, Any]
+    head: Mapping[str, Any]
+    auxiliary: Sequence[Mapping[str, Any]] = ()
+    align_corners: bool = False
+    dtype: Any = None
+
+    def setup(self):
+        head = self.head
+        self.backbone_net = build_backbone(self.backbone, dtype=self.dtype)
+        norm_channels = tuple(head.get("level_norm_channels", ()))
+        if norm_channels:
+            self.norm_layers = LevelNorms(len(norm_channels), head.get("level_norm_eps", 1e-6))
+        if head.get("downsample_stride", 1) > 1:
+            self.downsample_backbone = ConvBNReLU(
+                head["in_channels"], 3, stride=head["downsample_stride"], padding=1, dtype=self.dtype
+            )
+        if head.get("context_dilations"):
+            self.context_within_image_module = ASPP(
+                head["feats_channels"], tuple(head["context_dilations"]), self.align_corners, dtype=self.dtype
+            )
+        self.bottleneck = ConvBNReLU(head["feats_channels"], 3, dtype=self.dtype)
+        self.memory_module = MemoryModule(
+            num_classes=self.num_classes,
+            feats_channels=head["feats_channels"],
+            transform_channels=head["transform_channels"],
+            out_channels=head["out_channels"],
+            num_feats_per_cls=head.get("num_feats_per_cls", 1),
+            use_context_within_image=bool(head.get("context_dilations")),
+            use_hard_aggregate=head.get("use_hard_aggregate", False),
+            dtype=self.dtype,
+        )
+        self.decoder_stage1 = ClassifierDecoder(head["feats_channels"], self.num_classes, head.get("dropout", 0.1), self.dtype)
+        self.decoder_stage2 = ClassifierDecoder(head["out_channels"], self.num_classes, head.get("dropout", 0.1), self.dtype)
+        if len(self.auxiliary) == 1:
+            self.auxiliary_decoder = _auxiliary_decoder(self.auxiliary[0], self.num_classes, self.dtype, None)
+        elif len(self.auxiliary) > 1:
+            self.auxiliary_decoder = AuxiliaryDecoders(tuple(self.auxiliary), self.num_classes, self.dtype)
+
+    def backbone_levels(self, images: Array, train: bool) -> list[Array]:
+        """Backbone outputs picked by ``selected_indices``, normalised and downsampled."""
+        outputs = self.backbone_net(images.astype(self.dtype or jnp.float32), train)
+        indices = self.backbone.get("selected_indices") or tuple(range(len(outputs)))
+        levels = [outputs[i] for i in indices]
+        if self.head.get("level_norm_channels"):
+            levels = self.norm_layers(levels)
+        if self.head.get("downsample_stride", 1) > 1:
+            levels = [self.downsample_backbone(x, train) for x in levels]
+        return levels
+
+    def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
+        levels = self.backbone_levels(images, train)
+        top = levels[-1]
+        context = self.context_within_image_module(top, train) if self.head.get("context_dilations") else None
+        features = self.bottleneck(top, train)
+        stage1 = self.decoder_stage1(features, train)
+        fused = self.memory_module(features, stage1, context, train)
+        stage2 = self.decoder_stage2(fused, train)
+        aux: tuple[Array, ...] = ()
+        if len(self.auxiliary) == 1:
+            aux = (self.auxiliary_decoder(levels[-2], train),)
+        elif len(self.auxiliary) > 1:
+            aux = tuple(self.auxiliary_decoder(levels[:-1], train))
+        return {"stage1": stage1, "stage2": stage2, "aux": aux, "features": features}
+
+    def classify_memory(self, memory: Array, train: bool = False) -> Array:
+        """Stage-2 logits of every memory vector: (K, F, C) -> (K * F, num_classes)."""
+        vectors = memory.reshape(-1, 1, 1, memory.shape[-1]).astype(self.dtype or jnp.float32)
+        return self.decoder_stage2(vectors, train)[:, 0, 0, :]
+
+
+def build_model(model_config: Mapping[str, Any], dtype: Any = None) -> MCIBI:
+    """The MCIBI module described by ``config.model``."""
+    cfg = _to_plain(model_config)
+    return MCIBI(
+        num_classes=cfg["num_classes"],
+        backbone=cfg["backbone"],
+        head=cfg["head"],
+        auxiliary=tuple(cfg.get("auxiliary") or ()),
+        align_corners=cfg.get("align_corners", False),
+        dtype=dtype,
+    )
+
+
+def _to_plain(value: Any) -> Any:
+    """ConfigDict / FrozenDict / list -> plain dicts and tuples (hashable-friendly)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_plain(v) for v in value)
+    return value

@@ -1,0 +1,72 @@
+"""Losses of MCIBI training, with the reference's names and weighting."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mcibi_jax.models.resize import resize
+
+Array = jax.Array
+
+
+def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100) -> Array:
+    """Mean softmax cross-entropy over the pixels whose label is not ``ignore_label``.
+
+    logits (..., K), labels (...) int. Labels outside [0, K) other than the ignore label
+    count as class 0 with zero loss, as the reference's one-hot trick does; data pipelines
+    should never produce them.
+    """
+    num_classes = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_label
+    in_range = valid & (labels >= 0) & (labels < num_classes)
+    safe = jnp.where(in_range, labels, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(in_range, nll, 0.0)
+    return jnp.sum(nll) / jnp.sum(valid)
+
+
+def segmentation_losses(
+    outputs: Mapping[str, Any],
+    labels: Array,
+    loss_weights: Mapping[str, Any],
+    *,
+    ignore_label: int = -100,
+    align_corners: bool = False,
+) -> dict[str, Array]:
+    """Weighted losses of both stages and the auxiliary heads, named as the reference logs them.
+
+    Logits are upsampled (bilinear) to the label size (N, H, W) before the loss.
+    """
+    size = labels.shape[1:3]
+
+    def loss(logits: Array) -> Array:
+        return cross_entropy(resize(logits.astype(jnp.float32), size, "bilinear", align_corners), labels, ignore_label)
+
+    losses = {}
+    aux = outputs.get("aux", ())
+    aux_weights = tuple(loss_weights.get("aux", ()))
+    if len(aux) != len(aux_weights):
+        raise ValueError(f"{len(aux)} auxiliary outputs but {len(aux_weights)} auxiliary loss weights")
+    if len(aux) == 1:
+        losses["loss_aux"] = aux_weights[0] * loss(aux[0])
+    else:
+        for i, (logits, weight) in enumerate(zip(aux, aux_weights)):
+            losses[f"loss_aux{i + 1}"] = weight * loss(logits)
+    losses["loss_cls_stage1"] = loss_weights["stage1"] * loss(outputs["stage1"])
+    losses["loss_cls_stage2"] = loss_weights["stage2"] * loss(outputs["stage2"])
+    return losses
+
+
+def memory_loss(memory_logits: Array, num_feats_per_cls: int, weight: float) -> Array:
+    """Each memory vector, through the stage-2 decoder, should be classified as its class.
+
+    memory_logits (K * F, K), rows ordered class-major as ``memory.reshape(K * F, C)``.
+    """
+    num_classes = memory_logits.shape[-1]
+    targets = jnp.repeat(jnp.arange(num_classes), num_feats_per_cls)
+    return weight * cross_entropy(memory_logits, targets)
