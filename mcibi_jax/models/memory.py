@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mcibi_jax.models.attention import SelfAttentionBlock
 from mcibi_jax.models.layers import ConvBNReLU
+from mcibi_jax.models.resize import resize
 
 Array = jax.Array
 
@@ -38,22 +39,45 @@ class MemoryModule(nn.Module):
     num_feats_per_cls: int = 1
     use_context_within_image: bool = True
     use_hard_aggregate: bool = False
+    update_strategy: str = "cosine_similarity"
+    ignore_label: int = -100
+    align_corners: bool = False
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, feats: Array, class_logits: Array, context: Array | None, train: bool) -> Array:
-        """feats (N, H, W, C), class_logits (N, H, W, K), context (N, H, W, C) -> (N, H, W, out)."""
+    def __call__(
+        self,
+        feats: Array,
+        class_logits: Array,
+        context: Array | None,
+        train: bool,
+        labels: Array | None = None,
+        momentum: Array | float | None = None,
+    ) -> tuple[Array, Array | None]:
+        """Fused features and, when ``labels`` are given, the updated memory.
+
+        feats (N, h, w, C), class_logits (N, h, w, K), context (N, h, w, C) or None,
+        labels (N, H, W) int -> ((N, h, w, out_channels), (K, F, C) or None).
+        The memory update sees ``feats`` upsampled to the label size. The reference reads
+        the memory in place, so its backward pass sees the updated memory while its forward
+        pass saw the old one; we reproduce that.
+        """
         if self.num_feats_per_cls < 1:
             raise ValueError("num_feats_per_cls must be at least 1")
-        memory = self.variable(
-            "memory", "memory",
-            lambda: jnp.zeros((self.num_classes, self.num_feats_per_cls, self.feats_channels), jnp.float32),
-        ).value
+        shape = (self.num_classes, self.num_feats_per_cls, self.feats_channels)
+        memory = self.variable("memory", "memory", lambda: jnp.zeros(shape, jnp.float32)).value
+        updated_memory = None
+        if labels is not None:
+            upsampled = resize(jax.lax.stop_gradient(feats).astype(jnp.float32), labels.shape[1:3], "bilinear", self.align_corners)
+            updated_memory = update_memory(
+                memory, upsampled, labels, momentum=momentum, strategy=self.update_strategy, ignore_label=self.ignore_label
+            )
         weights = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype)
+        gradient_memory = memory if updated_memory is None else jax.lax.stop_gradient(updated_memory)
         # (N, H, W, K) x (K, F, C) -> (N, H, W, F, C): each pixel's expected memory vectors.
-        selected = jnp.einsum("nhwk,kfc->nhwfc", weights, memory, precision="highest").astype(feats.dtype)
+        selected = read_memory(weights, memory, gradient_memory).astype(feats.dtype)
         attention_kwargs = dict(transform_channels=self.transform_channels, out_channels=self.feats_channels, dtype=self.dtype)
         if self.num_feats_per_cls > 1:
             attended = SlotAttentions(self.num_feats_per_cls, attention_kwargs, name="self_attentions")(feats, selected, train)
@@ -68,7 +92,26 @@ class MemoryModule(nn.Module):
             output = ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck_ms")(
                 jnp.concatenate([context, output], axis=-1), train
             )
-        return output
+        return output, updated_memory
+
+
+@jax.custom_vjp
+def read_memory(weights: Array, memory: Array, gradient_memory: Array) -> Array:
+    """(N, H, W, K) x (K, F, C) -> (N, H, W, F, C); d/dweights uses ``gradient_memory``."""
+    return jnp.einsum("nhwk,kfc->nhwfc", weights, memory, precision="highest")
+
+
+def _read_memory_fwd(weights, memory, gradient_memory):
+    return read_memory(weights, memory, gradient_memory), (weights, memory, gradient_memory)
+
+
+def _read_memory_bwd(residuals, grad):
+    weights, memory, gradient_memory = residuals
+    grad_weights = jnp.einsum("nhwfc,kfc->nhwk", grad, gradient_memory, precision="highest")
+    return grad_weights.astype(weights.dtype), jnp.zeros_like(memory), jnp.zeros_like(gradient_memory)
+
+
+read_memory.defvjp(_read_memory_fwd, _read_memory_bwd)
 
 
 class SlotAttentions(nn.Module):

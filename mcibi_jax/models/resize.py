@@ -88,13 +88,11 @@ def resize(
     in_h, in_w = x.shape[1], x.shape[2]
     if (out_h, out_w) == (in_h, in_w) and scale_factor in (None, 1, 1.0):
         return x
-    dtype = x.dtype
-    mh = jnp.asarray(interpolation_matrix(in_h, out_h, mode, align_corners, scale_factor), dtype)
-    mw = jnp.asarray(interpolation_matrix(in_w, out_w, mode, align_corners, scale_factor), dtype)
+    mh = interpolation_matrix(in_h, out_h, mode, align_corners, scale_factor)
+    mw = interpolation_matrix(in_w, out_w, mode, align_corners, scale_factor)
     if mode == "nearest":
-        rows = np.argmax(np.asarray(mh), axis=1)
-        cols = np.argmax(np.asarray(mw), axis=1)
-        return x[:, rows][:, :, cols]
+        return x[:, np.argmax(mh, axis=1)][:, :, np.argmax(mw, axis=1)]
+    mh, mw = jnp.asarray(mh, x.dtype), jnp.asarray(mw, x.dtype)
     x = jnp.einsum("oh,nhwc->nowc", mh, x, precision="highest")
     return jnp.einsum("pw,nowc->nopc", mw, x, precision="highest")
 

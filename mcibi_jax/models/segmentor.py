@@ -64,10 +64,11 @@ def _auxiliary_decoder(cfg: Mapping[str, Any], num_classes: int, dtype: Any, nam
 class MCIBI(nn.Module):
     """The full model. Fields follow ``config.model`` (see ``configs/``).
 
-    ``__call__(images (N, H, W, 3), train)`` returns a dict with the logits of both stages
-    ``stage1``/``stage2`` (N, h, w, K) at head resolution, the auxiliary logits ``aux``
-    (a tuple, possibly empty) and the memory-read input ``features`` (N, h, w, C) that the
-    training step uses to update the memory.
+    ``__call__(images (N, H, W, 3), train, labels, memory_momentum)`` returns a dict with the
+    logits of both stages ``stage1``/``stage2`` (N, h, w, K) at head resolution, the
+    auxiliary logits ``aux`` (a tuple, possibly empty) and, when ``labels`` (N, H, W) are
+    given, ``updated_memory`` (K, F, C): the memory moved toward this batch (the variable
+    itself is left alone; the train step stores it).
     """
 
     num_classes: int
@@ -100,6 +101,9 @@ class MCIBI(nn.Module):
             num_feats_per_cls=head.get("num_feats_per_cls", 1),
             use_context_within_image=bool(head.get("context_dilations")),
             use_hard_aggregate=head.get("use_hard_aggregate", False),
+            update_strategy=head.get("update", {}).get("strategy", "cosine_similarity"),
+            ignore_label=head.get("update", {}).get("ignore_label", -100),
+            align_corners=self.align_corners,
             dtype=self.dtype,
         )
         self.decoder_stage1 = ClassifierDecoder(head["feats_channels"], self.num_classes, head.get("dropout", 0.1), self.dtype)
@@ -120,20 +124,22 @@ class MCIBI(nn.Module):
             levels = [self.downsample_backbone(x, train) for x in levels]
         return levels
 
-    def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
+    def __call__(
+        self, images: Array, train: bool = False, labels: Array | None = None, memory_momentum: Array | float | None = None
+    ) -> dict[str, Any]:
         levels = self.backbone_levels(images, train)
         top = levels[-1]
         context = self.context_within_image_module(top, train) if self.head.get("context_dilations") else None
         features = self.bottleneck(top, train)
         stage1 = self.decoder_stage1(features, train)
-        fused = self.memory_module(features, stage1, context, train)
+        fused, updated_memory = self.memory_module(features, stage1, context, train, labels, memory_momentum)
         stage2 = self.decoder_stage2(fused, train)
         aux: tuple[Array, ...] = ()
         if len(self.auxiliary) == 1:
             aux = (self.auxiliary_decoder(levels[-2], train),)
         elif len(self.auxiliary) > 1:
             aux = tuple(self.auxiliary_decoder(levels[:-1], train))
-        return {"stage1": stage1, "stage2": stage2, "aux": aux, "features": features}
+        return {"stage1": stage1, "stage2": stage2, "aux": aux, "updated_memory": updated_memory}
 
     def classify_memory(self, memory: Array, train: bool = False) -> Array:
         """Stage-2 logits of every memory vector: (K, F, C) -> (K * F, num_classes)."""

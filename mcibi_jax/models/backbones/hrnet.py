@@ -295,6 +295,18 @@ class _FuseRow(nn.Module):
         return nn.relu(y)
 
 
+class _FuseLayers(nn.Module):
+    """The first ``num_out`` output branches of a module, named "0", "1", ..."""
+
+    channels: tuple[int, ...]
+    num_out: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, xs: list[Array], train: bool) -> list[Array]:
+        return [_FuseRow(i, self.channels, self.dtype, name=str(i))(xs, train) for i in range(self.num_out)]
+
+
 class _HRModule(nn.Module):
     """One multi-resolution module: ``branches`` then ``fuse_layers``."""
 
@@ -310,16 +322,6 @@ class _HRModule(nn.Module):
             return xs
         num_out = self.stage.num_branches if self.multiscale_output else 1
         return _FuseLayers(self.stage.out_channels, num_out, self.dtype, name="fuse_layers")(xs, train)
-
-
-class _FuseLayers(nn.Module):
-    channels: tuple[int, ...]
-    num_out: int
-    dtype: Dtype | None = None
-
-    @nn.compact
-    def __call__(self, xs: list[Array], train: bool) -> list[Array]:
-        return [_FuseRow(i, self.channels, self.dtype, name=str(i))(xs, train) for i in range(self.num_out)]
 
 
 class _Stage(nn.Module):

@@ -286,11 +286,12 @@ class VisionTransformer(nn.Module):
     entry of ``out_indices`` (plus one before the first layer if ``out_origin``); with
     ``output_cls_token`` each entry is a pair ``(map, cls (N, C))``.
 
+    In training with non-zero drop rates, ``apply`` needs ``rngs={"dropout": key}``.
     ``pretrained`` / ``pretrained_model_path`` are accepted for config compatibility only:
     weights come from the checkpoint porter.
     """
 
-    structure_type: str
+    structure_type: str = ""  # only selects the architecture checks of _STRUCTURE_CHECKS
     img_size: int | Sequence[int] = 224
     patch_size: int = 16
     patch_pad: str | int = "corner"
