@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, conv
+from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, compute_dtype, conv
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -59,7 +59,7 @@ class ImageLevelBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        pooled = jnp.mean(x.astype(compute_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = conv(self.out_channels, 1, name="1", dtype=self.dtype)(pooled)
         pooled = nn.relu(BatchNorm(dtype=self.dtype, name="2")(pooled, train))
         return resize(pooled, x.shape[1:3], "bilinear", self.align_corners)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import ConvBNReLU
+from mcibi_jax.models.layers import ConvBNReLU, compute_dtype
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ class SelfAttentionBlock(nn.Module):
         key = key.reshape(n, -1, key.shape[-1])
         value = value.reshape(n, -1, value.shape[-1])
         logits = jnp.einsum("nqc,nkc->nqk", query, key, precision="highest") * self.transform_channels**-0.5
-        attention = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+        attention = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(value.dtype)
         context = jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest").reshape(n, h, w, -1)
         return ConvBNReLU(self.out_channels, 1, **kwargs, name="out_project")(context, train)
 

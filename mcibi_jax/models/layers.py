@@ -17,6 +17,11 @@ Array = jax.Array
 Dtype = Any
 
 
+def compute_dtype(dtype: Dtype) -> Dtype:
+    """The dtype for statistics, softmaxes and losses: at least float32 (float64 stays)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class BatchNorm(nn.Module):
     """Batch normalisation over every axis but the last, with PyTorch's semantics.
 
@@ -37,9 +42,9 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if train:
             axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
+            wide = x.astype(compute_dtype(x.dtype))
+            mean = jnp.mean(wide, axes)
+            var = jnp.mean(jnp.square(wide - mean), axes)
             if not self.is_initializing():
                 count = x.size // features
                 # PyTorch keeps the unbiased batch variance in its running statistics.
@@ -77,7 +82,7 @@ def conv(
         kernel_dilation=(dilation, dilation),
         feature_group_count=groups,
         use_bias=use_bias,
-        precision=jax.lax.Precision.HIGHEST if dtype in (None, jnp.float32) else None,
+        precision=jax.lax.Precision.HIGHEST if dtype in (None, jnp.float32, jnp.float64) else None,
         dtype=dtype,
         name=name,
     )

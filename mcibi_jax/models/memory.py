@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mcibi_jax.models.attention import SelfAttentionBlock
-from mcibi_jax.models.layers import ConvBNReLU
+from mcibi_jax.models.layers import ConvBNReLU, compute_dtype
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -68,11 +68,11 @@ class MemoryModule(nn.Module):
         memory = self.variable("memory", "memory", lambda: jnp.zeros(shape, jnp.float32)).value
         updated_memory = None
         if labels is not None:
-            upsampled = resize(jax.lax.stop_gradient(feats).astype(jnp.float32), labels.shape[1:3], "bilinear", self.align_corners)
+            upsampled = resize(jax.lax.stop_gradient(feats).astype(memory.dtype), labels.shape[1:3], "bilinear", self.align_corners)
             updated_memory = update_memory(
                 memory, upsampled, labels, momentum=momentum, strategy=self.update_strategy, ignore_label=self.ignore_label
             )
-        weights = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
+        weights = jax.nn.softmax(class_logits.astype(compute_dtype(class_logits.dtype)), axis=-1)
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype)
         gradient_memory = memory if updated_memory is None else jax.lax.stop_gradient(updated_memory)
@@ -173,13 +173,13 @@ def update_memory(
     num_classes, num_feats, channels = memory.shape
     if strategy == "mean" and num_feats > 1:
         raise ValueError("the 'mean' strategy needs one memory vector per class")
-    memory = memory.astype(jnp.float32)
-    feats = jax.lax.stop_gradient(features).reshape(-1, channels).astype(jnp.float32)
+    memory = memory.astype(compute_dtype(memory.dtype))
+    feats = jax.lax.stop_gradient(features).reshape(-1, channels).astype(memory.dtype)
     labels = labels.reshape(-1).astype(jnp.int32)
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    count = jax.ops.segment_sum(valid.astype(jnp.float32), segment, num_classes + 1)[:num_classes]
+    count = jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[:num_classes]
     class_sum = jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes]
     class_mean = class_sum / jnp.maximum(count, 1.0)[:, None]
     present = count > 0
@@ -202,7 +202,7 @@ def update_memory(
         weighted = jax.ops.segment_sum(feats * dissimilarity[:, None], slot_segment, num_segments)[:-1]
         # A slot that no pixel chose gets a zero batch vector: the reference then only decays it.
         batch_vectors = (weighted / jnp.where(total == 0, 1.0, total)[:, None]).reshape(num_classes, num_feats, channels)
-    momentum = jnp.asarray(momentum, jnp.float32)
+    momentum = jnp.asarray(momentum, memory.dtype)
     moved = (1.0 - momentum) * memory + momentum * batch_vectors
 
     is_zero = jnp.all(memory == 0, axis=-1)  # (K, F)

@@ -50,7 +50,7 @@ def interpolation_matrix(
         scale = (1.0 / scale_factor) if scale_factor else in_size / out_size
         src = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
         matrix[rows, src] = 1.0
-        return matrix.astype(np.float32)
+        return matrix
     if align_corners:
         scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
         src = dst * scale
@@ -73,7 +73,7 @@ def interpolation_matrix(
             np.add.at(matrix, (rows, idx), weights[:, tap])
     else:
         raise ValueError(f"unknown interpolation mode {mode!r}")
-    return matrix.astype(np.float32)
+    return matrix
 
 
 def resize(

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from mcibi_jax.models.layers import compute_dtype
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -20,7 +21,7 @@ def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100) -> Arr
     should never produce them.
     """
     num_classes = logits.shape[-1]
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(compute_dtype(logits.dtype))
     valid = labels != ignore_label
     in_range = valid & (labels >= 0) & (labels < num_classes)
     safe = jnp.where(in_range, labels, 0)
@@ -45,7 +46,7 @@ def segmentation_losses(
     size = labels.shape[1:3]
 
     def loss(logits: Array) -> Array:
-        return cross_entropy(resize(logits.astype(jnp.float32), size, "bilinear", align_corners), labels, ignore_label)
+        return cross_entropy(resize(logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners), labels, ignore_label)
 
     losses = {}
     aux = outputs.get("aux", ())

@@ -100,6 +100,7 @@ class Downsample(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         """x: (N, H, W, C) -> (N, ceil(H / stride), ceil(W / stride), features)."""
         if self.use_avg:
+            # the reference keeps this Sequential (pool "0") even at stride 1, where it is a no-op
             if self.stride > 1:
                 x = avg_pool_ceil(x, self.stride, self.stride)
             x = conv(self.features, 1, name="1", dtype=self.dtype)(x)
@@ -147,6 +148,7 @@ class Bottleneck(nn.Module):
             radix=self.radix, reduction_factor=self.reduction_factor, dtype=self.dtype, name="conv2",
         )(out, train)
         if avg_after_conv2:
+            # as the reference: zero padding counts in this mean (unlike the shortcut's pool)
             out = avg_pool_3x3(out, conv2_stride)
         out = conv(self.planes * EXPANSION, 1, name="conv3", dtype=self.dtype)(out)
         out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)

@@ -1,0 +1,71 @@
+import ast
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax.traverse_util import flatten_dict
+
+from mcibi_jax.models.backbones.resnest import ResNeSt
+from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
+
+SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+KEY_FILES = sorted((SHARED / "keys").glob("resnest101os8_*.txt"))
+PREFIX = "backbone_net."
+
+
+def released_backbone_layout(path: Path) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax path -> Flax shape of every ``backbone_net.*`` entry of a keys file."""
+    layout = {}
+    for line in path.read_text().splitlines():
+        name, shape, _ = line.split("\t")
+        if not name.startswith(PREFIX):
+            continue
+        shape = tuple(ast.literal_eval(shape))
+        flax = flax_path(name[len(PREFIX):], len(shape))
+        if flax is not None:
+            layout[flax] = torch_shape_to_flax(flax, shape)
+    return layout
+
+
+@pytest.fixture(scope="module")
+def released_layout() -> dict[tuple[str, ...], tuple[int, ...]]:
+    model = ResNeSt(depth=101, outstride=8)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
+    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(dict(variables)).items()}
+
+
+@pytest.mark.skipif(not KEY_FILES, reason="no resnest101os8 key files under MCIBI_SHARED")
+@pytest.mark.parametrize("key_file", KEY_FILES, ids=lambda p: p.stem)
+def test_released_key_layout(key_file: Path, released_layout) -> None:
+    expected = released_backbone_layout(key_file)
+    assert expected, f"no {PREFIX} keys in {key_file}"
+    assert set(released_layout) - set(expected) == set(), "Flax leaves with no released key"
+    assert set(expected) - set(released_layout) == set(), "released keys with no Flax leaf"
+    mismatched = {k: (released_layout[k], v) for k, v in expected.items() if released_layout[k] != v}
+    assert not mismatched
+
+
+def test_small_output_shapes() -> None:
+    model = ResNeSt(depth=50, base_channels=4, stem_channels=8, outstride=8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 35, 42, 3))
+    variables = jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(1), x, False)
+    before = flatten_dict(variables["batch_stats"])
+    for train in (False, True):
+        outs, updates = jax.jit(model.apply, static_argnums=2, static_argnames="mutable")(
+            variables, x, train, mutable=("batch_stats",)
+        )
+        # stem /2 -> 18x21, max-pool /2 -> 9x11, layer2 /2 (ceil) -> 5x6, then dilated
+        assert [o.shape for o in outs] == [(2, 9, 11, 16), (2, 5, 6, 32), (2, 5, 6, 64), (2, 5, 6, 128)]
+        assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
+        after = flatten_dict(updates["batch_stats"])
+        changed = any(bool(jnp.any(before[k] != after[k])) for k in before)
+        assert changed == train
+
+
+def test_out_indices_and_output_stride_16() -> None:
+    model = ResNeSt(depth=50, base_channels=4, stem_channels=8, outstride=16, out_indices=(1, 3))
+    x = jnp.zeros((1, 32, 32, 3))
+    outs = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, False)[0])
+    assert [o.shape for o in outs] == [(1, 4, 4, 32), (1, 2, 2, 128)]
