@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 
@@ -161,11 +162,11 @@ def build_model(model_config: Mapping[str, Any], dtype: Any = None) -> MCIBI:
 
 
 def _to_plain(value: Any) -> Any:
-    """ConfigDict / FrozenDict / list -> plain dicts and tuples (hashable-friendly)."""
+    """ConfigDict / dict / list -> FrozenDicts and tuples, so that the module is hashable."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return FrozenDict({k: _to_plain(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return tuple(_to_plain(v) for v in value)
     return value

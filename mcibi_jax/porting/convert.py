@@ -43,7 +43,7 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_varia
         if torch_shape_to_flax(path, value.shape) != expected:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {expected} as {'/'.join(path)}")
             continue
-        filled[path] = to_flax_array(path, value).astype(targets[path].dtype)
+        filled[path] = to_flax_array(path, value).astype(targets[path].dtype, copy=False)
     missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in filled and p not in _unmatched_paths(mismatched)]
     problems = []
     if mismatched:

@@ -1,0 +1,1 @@
+"""Makes the repository importable for pytest and locates the shared reference data."""
