@@ -212,13 +212,9 @@ _KEYS_PREFIX = {"r50": "resnet50os8", "r101": "resnet101os8", "s101": "resnest10
                 "hrnet48": "hrnetv2w48", "vitl": "vitlarge"}
 KEYS_FILES: dict[tuple[str, str], str] = {(d, b): f"{_KEYS_PREFIX[b]}_{d}" for d, b in RELEASED}
 
-# The reference trains these two with LeakyReLU(0.01) in every head/auxiliary activation (the
-# backbone keeps ReLU). ``config.model`` has no activation option yet, so our model builds ReLU
-# there; the weights port all the same, but the outputs differ from the released models.
-REFERENCE_HEAD_ACTIVATION: dict[tuple[str, str], tuple[str, float]] = {
-    ("lip", "r50"): ("leaky_relu", 0.01),
-    ("lip", "r101"): ("leaky_relu", 0.01),
-}
+# The reference trains these two with LeakyReLU(0.01) in every head and auxiliary activation
+# (the backbone keeps ReLU): model.head.negative_slope.
+_HEAD_NEGATIVE_SLOPE: dict[tuple[str, str], float] = {("lip", "r50"): 0.01, ("lip", "r101"): 0.01}
 
 # Single-scale / multi-scale(+flip) mIoU (%) published with the checkpoints.
 PUBLISHED_MIOU: dict[tuple[str, str], tuple[float | None, float]] = {
@@ -258,6 +254,7 @@ def _model(dataset: str, backbone: str, recipe: dict[str, Any]) -> dict[str, Any
             "num_feats_per_cls": 1,
             "use_hard_aggregate": False,
             "dropout": 0.1,
+            "negative_slope": _HEAD_NEGATIVE_SLOPE.get((dataset, backbone), 0.0),
             "downsample_stride": recipe.get("downsample_stride", 1),
             "context_dilations": list(recipe.get("aspp_dilations", (1, 12, 24, 36))),
             "level_norm_channels": list(net.get("level_norm_channels", ())),
@@ -366,5 +363,5 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     )
 
 
-__all__ = ["BACKBONES", "DATASETS", "KEYS_FILES", "PUBLISHED_MIOU", "REFERENCE_HEAD_ACTIVATION", "RELEASED",
+__all__ = ["BACKBONES", "DATASETS", "KEYS_FILES", "PUBLISHED_MIOU", "RELEASED",
            "released_config"]

@@ -65,6 +65,10 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
     inference = ref.get("inference", {})
     forward = inference.get("forward", {"mode": "whole"})
     tta = inference.get("tta", {})
+    activation = dict(ref.get("act_cfg") or {"type": "ReLU"})
+    if activation.get("type") not in ("ReLU", "LeakyReLU"):
+        raise ValueError(f"head activation {activation.get('type')!r} is not supported (ReLU or LeakyReLU)")
+    negative_slope = float(activation.get("negative_slope", 0.01)) if activation["type"] == "LeakyReLU" else 0.0
     backbone = dict(ref["backbone"])
     backbone.pop("pretrained", None)
     return ml_collections.ConfigDict(
@@ -80,6 +84,7 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
                 "num_feats_per_cls": head.get("num_feats_per_cls", 1),
                 "use_hard_aggregate": head.get("use_hard_aggregate", False),
                 "dropout": head.get("dropout", 0.1),
+                "negative_slope": negative_slope,
                 "downsample_stride": downsample.get("stride", 1),
                 "context_dilations": list(context["cfg"]["dilations"]) if context.get("is_on") else [],
                 "level_norm_channels": list(norm_cfg["in_channels_list"]) if norm_cfg else [],

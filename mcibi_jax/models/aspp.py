@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, compute_dtype, conv
+from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, compute_dtype, conv, relu
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -20,16 +20,17 @@ class ASPP(nn.Module):
     out_channels: int
     dilations: Sequence[int] = (1, 12, 24, 36)
     align_corners: bool = False
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         """(N, H, W, C) -> (N, H, W, out_channels)."""
-        outputs = [
-            Branch(self.out_channels, self.dilations, self.dtype, name="parallel_branches")(x, train)
-        ]
-        outputs.append(ImageLevelBranch(self.out_channels, self.align_corners, self.dtype, name="global_branch")(x, train))
-        return ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck")(jnp.concatenate(outputs, axis=-1), train)
+        slope = self.negative_slope
+        outputs = [Branch(self.out_channels, self.dilations, slope, self.dtype, name="parallel_branches")(x, train)]
+        outputs.append(ImageLevelBranch(self.out_channels, self.align_corners, slope, self.dtype, name="global_branch")(x, train))
+        bottleneck = ConvBNReLU(self.out_channels, 3, negative_slope=slope, dtype=self.dtype, name="bottleneck")
+        return bottleneck(jnp.concatenate(outputs, axis=-1), train)
 
 
 class Branch(nn.Module):
@@ -37,13 +38,17 @@ class Branch(nn.Module):
 
     out_channels: int
     dilations: Sequence[int]
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         return jnp.concatenate(
             [
-                ConvBNReLU(self.out_channels, 1 if d == 1 else 3, dilation=d, dtype=self.dtype, name=str(i))(x, train)
+                ConvBNReLU(
+                    self.out_channels, 1 if d == 1 else 3, dilation=d, negative_slope=self.negative_slope,
+                    dtype=self.dtype, name=str(i),
+                )(x, train)
                 for i, d in enumerate(self.dilations)
             ],
             axis=-1,
@@ -55,11 +60,12 @@ class ImageLevelBranch(nn.Module):
 
     out_channels: int
     align_corners: bool = False
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         pooled = jnp.mean(x.astype(compute_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(x.dtype)
         pooled = conv(self.out_channels, 1, name="1", dtype=self.dtype)(pooled)
-        pooled = nn.relu(BatchNorm(dtype=self.dtype, name="2")(pooled, train))
+        pooled = relu(BatchNorm(dtype=self.dtype, name="2")(pooled, train), self.negative_slope)
         return resize(pooled, x.shape[1:3], "bilinear", self.align_corners)

@@ -22,13 +22,14 @@ class SelfAttentionBlock(nn.Module):
 
     transform_channels: int
     out_channels: int
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, query_feats: Array, key_feats: Array, train: bool) -> Array:
         """(N, H, W, Cq), (N, H', W', Ck) -> (N, H, W, out_channels)."""
         n, h, w, _ = query_feats.shape
-        kwargs = dict(dtype=self.dtype)
+        kwargs = dict(negative_slope=self.negative_slope, dtype=self.dtype)
         query = TwoLayerProjection(self.transform_channels, **kwargs, name="query_project")(query_feats, train)
         key = TwoLayerProjection(self.transform_channels, **kwargs, name="key_project")(key_feats, train)
         value = ConvBNReLU(self.transform_channels, 1, **kwargs, name="value_project")(key_feats, train)
@@ -45,10 +46,11 @@ class TwoLayerProjection(nn.Module):
     """Two 1x1 conv-BN-ReLU layers named "0" and "1"."""
 
     features: int
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in range(2):
-            x = ConvBNReLU(self.features, 1, dtype=self.dtype, name=str(i))(x, train)
+            x = ConvBNReLU(self.features, 1, negative_slope=self.negative_slope, dtype=self.dtype, name=str(i))(x, train)
         return x

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mcibi_jax.models.layers import BatchNorm, ChannelDropout, conv
+from mcibi_jax.models.layers import BatchNorm, ChannelDropout, conv, relu
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -19,13 +19,14 @@ class ClassifierDecoder(nn.Module):
     channels: int
     num_classes: int
     dropout: float = 0.1
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         """(N, H, W, C) -> logits (N, H, W, num_classes)."""
         x = conv(self.channels, 1, name="0", dtype=self.dtype)(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="1")(x, train))
+        x = relu(BatchNorm(dtype=self.dtype, name="1")(x, train), self.negative_slope)
         x = ChannelDropout(self.dropout)(x, train)
         return conv(self.num_classes, 1, use_bias=True, name="4", dtype=self.dtype)(x)
 
@@ -43,6 +44,7 @@ class AuxiliaryDecoder(nn.Module):
     num_convs: int = 1
     dropout: float = 0.1
     upsample_scale: int | None = None
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
@@ -50,7 +52,7 @@ class AuxiliaryDecoder(nn.Module):
         index = 0
         for _ in range(self.num_convs):
             x = conv(self.out_channels, 3, name=str(index), dtype=self.dtype)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=str(index + 1))(x, train))
+            x = relu(BatchNorm(dtype=self.dtype, name=str(index + 1))(x, train), self.negative_slope)
             index += 3
             if self.upsample_scale:
                 size = (x.shape[1] * self.upsample_scale, x.shape[2] * self.upsample_scale)

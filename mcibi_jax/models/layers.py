@@ -88,8 +88,13 @@ def conv(
     )
 
 
+def relu(x: Array, negative_slope: float = 0.0) -> Array:
+    """ReLU, or LeakyReLU when ``negative_slope`` is set (the reference's LIP r50/r101 heads)."""
+    return nn.relu(x) if negative_slope == 0.0 else nn.leaky_relu(x, negative_slope)
+
+
 class ConvBNReLU(nn.Module):
-    """Conv (``"0"``) -> BatchNorm (``"1"``) -> optional ReLU, PyTorch's usual Sequential."""
+    """Conv (``"0"``) -> BatchNorm (``"1"``) -> optional (leaky) ReLU, PyTorch's usual Sequential."""
 
     features: int
     kernel_size: int = 1
@@ -98,6 +103,7 @@ class ConvBNReLU(nn.Module):
     padding: int | None = None
     use_bias: bool = False
     activate: bool = True
+    negative_slope: float = 0.0
     dtype: Dtype | None = None
 
     @nn.compact
@@ -107,7 +113,7 @@ class ConvBNReLU(nn.Module):
             padding=self.padding, use_bias=self.use_bias, name="0", dtype=self.dtype,
         )(x)
         x = BatchNorm(dtype=self.dtype, name="1")(x, train)
-        return nn.relu(x) if self.activate else x
+        return relu(x, self.negative_slope) if self.activate else x
 
 
 class ChannelDropout(nn.Module):

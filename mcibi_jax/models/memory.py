@@ -42,6 +42,7 @@ class MemoryModule(nn.Module):
     update_strategy: str = "cosine_similarity"
     ignore_label: int = -100
     align_corners: bool = False
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
@@ -78,18 +79,22 @@ class MemoryModule(nn.Module):
         gradient_memory = memory if updated_memory is None else jax.lax.stop_gradient(updated_memory)
         # (N, H, W, K) x (K, F, C) -> (N, H, W, F, C): each pixel's expected memory vectors.
         selected = read_memory(weights, memory, gradient_memory).astype(feats.dtype)
-        attention_kwargs = dict(transform_channels=self.transform_channels, out_channels=self.feats_channels, dtype=self.dtype)
+        attention_kwargs = dict(
+            transform_channels=self.transform_channels, out_channels=self.feats_channels,
+            negative_slope=self.negative_slope, dtype=self.dtype,
+        )
+        conv_kwargs = dict(negative_slope=self.negative_slope, dtype=self.dtype)
         if self.num_feats_per_cls > 1:
             attended = SlotAttentions(self.num_feats_per_cls, attention_kwargs, name="self_attentions")(feats, selected, train)
-            selected_memory = ConvBNReLU(self.feats_channels, 1, dtype=self.dtype, name="fuse_memory_conv")(attended, train)
+            selected_memory = ConvBNReLU(self.feats_channels, 1, **conv_kwargs, name="fuse_memory_conv")(attended, train)
         else:
             selected_memory = SelfAttentionBlock(**attention_kwargs, name="self_attention")(feats, selected[..., 0, :], train)
-        output = ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck")(
+        output = ConvBNReLU(self.out_channels, 3, **conv_kwargs, name="bottleneck")(
             jnp.concatenate([feats, selected_memory], axis=-1), train
         )
         if self.use_context_within_image:
             context = SelfAttentionBlock(**attention_kwargs, name="self_attention_ms")(feats, context, train)
-            output = ConvBNReLU(self.out_channels, 3, dtype=self.dtype, name="bottleneck_ms")(
+            output = ConvBNReLU(self.out_channels, 3, **conv_kwargs, name="bottleneck_ms")(
                 jnp.concatenate([context, output], axis=-1), train
             )
         return output, updated_memory

@@ -39,24 +39,28 @@ class AuxiliaryDecoders(nn.Module):
 
     configs: Sequence[Mapping[str, Any]]
     num_classes: int
+    negative_slope: float = 0.0
     dtype: Any = None
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> list[Array]:
         levels = list(levels)[-len(self.configs):]
         return [
-            _auxiliary_decoder(cfg, self.num_classes, self.dtype, str(i))(x, train)
+            _auxiliary_decoder(cfg, self.num_classes, self.negative_slope, self.dtype, str(i))(x, train)
             for i, (cfg, x) in enumerate(zip(self.configs, levels))
         ]
 
 
-def _auxiliary_decoder(cfg: Mapping[str, Any], num_classes: int, dtype: Any, name: str) -> AuxiliaryDecoder:
+def _auxiliary_decoder(
+    cfg: Mapping[str, Any], num_classes: int, negative_slope: float, dtype: Any, name: str | None
+) -> AuxiliaryDecoder:
     return AuxiliaryDecoder(
         out_channels=cfg["out_channels"],
         num_classes=num_classes,
         num_convs=cfg.get("num_convs", 1),
         dropout=cfg.get("dropout", 0.1),
         upsample_scale=cfg.get("upsample_scale"),
+        negative_slope=negative_slope,
         dtype=dtype,
         name=name,
     )
@@ -81,19 +85,20 @@ class MCIBI(nn.Module):
 
     def setup(self):
         head = self.head
+        slope = float(head.get("negative_slope", 0.0))
         self.backbone_net = build_backbone(self.backbone, dtype=self.dtype)
         norm_channels = tuple(head.get("level_norm_channels", ()))
         if norm_channels:
             self.norm_layers = LevelNorms(len(norm_channels), head.get("level_norm_eps", 1e-6))
         if head.get("downsample_stride", 1) > 1:
             self.downsample_backbone = ConvBNReLU(
-                head["in_channels"], 3, stride=head["downsample_stride"], padding=1, dtype=self.dtype
+                head["in_channels"], 3, stride=head["downsample_stride"], padding=1, negative_slope=slope, dtype=self.dtype
             )
         if head.get("context_dilations"):
             self.context_within_image_module = ASPP(
-                head["feats_channels"], tuple(head["context_dilations"]), self.align_corners, dtype=self.dtype
+                head["feats_channels"], tuple(head["context_dilations"]), self.align_corners, slope, dtype=self.dtype
             )
-        self.bottleneck = ConvBNReLU(head["feats_channels"], 3, dtype=self.dtype)
+        self.bottleneck = ConvBNReLU(head["feats_channels"], 3, negative_slope=slope, dtype=self.dtype)
         self.memory_module = MemoryModule(
             num_classes=self.num_classes,
             feats_channels=head["feats_channels"],
@@ -105,14 +110,16 @@ class MCIBI(nn.Module):
             update_strategy=head.get("update", {}).get("strategy", "cosine_similarity"),
             ignore_label=head.get("update", {}).get("ignore_label", -100),
             align_corners=self.align_corners,
+            negative_slope=slope,
             dtype=self.dtype,
         )
-        self.decoder_stage1 = ClassifierDecoder(head["feats_channels"], self.num_classes, head.get("dropout", 0.1), self.dtype)
-        self.decoder_stage2 = ClassifierDecoder(head["out_channels"], self.num_classes, head.get("dropout", 0.1), self.dtype)
+        dropout = head.get("dropout", 0.1)
+        self.decoder_stage1 = ClassifierDecoder(head["feats_channels"], self.num_classes, dropout, slope, self.dtype)
+        self.decoder_stage2 = ClassifierDecoder(head["out_channels"], self.num_classes, dropout, slope, self.dtype)
         if len(self.auxiliary) == 1:
-            self.auxiliary_decoder = _auxiliary_decoder(self.auxiliary[0], self.num_classes, self.dtype, None)
+            self.auxiliary_decoder = _auxiliary_decoder(self.auxiliary[0], self.num_classes, slope, self.dtype, None)
         elif len(self.auxiliary) > 1:
-            self.auxiliary_decoder = AuxiliaryDecoders(tuple(self.auxiliary), self.num_classes, self.dtype)
+            self.auxiliary_decoder = AuxiliaryDecoders(tuple(self.auxiliary), self.num_classes, slope, self.dtype)
 
     def backbone_levels(self, images: Array, train: bool) -> list[Array]:
         """Backbone outputs picked by ``selected_indices``, normalised and downsampled."""

@@ -1,0 +1,61 @@
+"""Convert a released MCIBI ``.pth`` checkpoint into an orbax checkpoint.
+
+    python -m mcibi_jax.port --config=configs/cityscapes.py:r50 \\
+        --pth=memorynet_deeplabv3_resnet50os8_cityscapes.pth --out=ckpt/r50_cityscapes
+
+Dotted overrides (``--config.model.num_classes=7``) apply to the config. The file is read
+without torch and without executing anything in it; every key must find its place in the
+model and every model variable must be filled, or nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from mcibi_jax.config import ConfigError, load_config
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.port import save_variables, variables_from_pth
+from mcibi_jax.porting.pth import PthError
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50")
+    parser.add_argument("--pth", required=True, help="released PyTorch checkpoint (.pth)")
+    parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
+    parser.add_argument("--entry", default=None, help="checkpoint entry holding the weights (default: 'model', then 'state_dict', then the file itself); e.g. model_ema")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item}")
+        overrides.append(item[len("--config."):])
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, overrides)
+        variables = variables_from_pth(args.pth, config, entry=args.entry)
+        out = save_variables(args.out, variables)
+    except (ConfigError, PthError, PortError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    leaves = {k: jax.tree_util.tree_leaves(v) for k, v in variables.items()}
+    counts = {k: sum(int(np.prod(x.shape)) for x in v) for k, v in leaves.items()}
+    memory = variables["memory"]["memory_module"]["memory"]
+    print(
+        f"ported {args.pth} -> {out}: {counts['params']:,} parameters in {len(leaves['params'])} arrays, "
+        f"{len(leaves['batch_stats'])} BatchNorm statistics, memory {tuple(memory.shape)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
