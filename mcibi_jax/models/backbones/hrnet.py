@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, conv
 from mcibi_jax.models.resize import resize
+from mcibi_jax.models.backbones.resnet import BasicBlock, Bottleneck
 
 Array = jax.Array
 Dtype = Any
@@ -125,54 +126,7 @@ def _check_cfgs(norm_cfg: Mapping[str, Any] | None, act_cfg: Mapping[str, Any] |
         raise NotImplementedError(f"HRNet supports ReLU only, got {act_cfg}")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN with an identity (or 1x1 ``downsample``) shortcut, then ReLU."""
-
-    planes: int
-    stride: int = 1
-    dtype: Dtype | None = None
-
-    expansion = 1
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        out = conv(self.planes, 3, stride=self.stride, name="conv1", dtype=self.dtype)(x)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = conv(self.planes, 3, name="conv2", dtype=self.dtype)(out)
-        out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
-        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.dtype, train))
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4) conv-BN with a shortcut, then ReLU."""
-
-    planes: int
-    stride: int = 1
-    dtype: Dtype | None = None
-
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        out = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = conv(self.planes, 3, stride=self.stride, name="conv2", dtype=self.dtype)(out)
-        out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, train))
-        out = conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out)
-        out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)
-        return nn.relu(out + _shortcut(x, self.planes * 4, self.stride, self.dtype, train))
-
-
-def _shortcut(x: Array, features: int, stride: int, dtype: Dtype | None, train: bool) -> Array:
-    """Identity, or a 1x1 conv-BN named ``downsample`` where the shape changes.
-
-    Must be called inside the block's compact ``__call__`` (it creates a child there).
-    """
-    if stride == 1 and x.shape[-1] == features:
-        return x
-    return ConvBNReLU(features, 1, stride=stride, activate=False, dtype=dtype, name="downsample")(x, train)
-
-
+# HRNet's residual blocks are ResNet's (stride 1, projection where the width changes).
 BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
 
 
@@ -191,7 +145,8 @@ class _ResLayer(nn.Module):
         if self.use_checkpoint:
             block = nn.remat(block, static_argnums=(2,))
         for k in range(self.num_blocks):
-            x = block(self.planes, dtype=self.dtype, name=str(k))(x, train)
+            projection = k == 0 and x.shape[-1] != self.planes * EXPANSION[self.block]
+            x = block(self.planes, downsample=projection, dtype=self.dtype, name=str(k))(x, train)
         return x
 
 
