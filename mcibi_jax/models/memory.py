@@ -8,6 +8,7 @@ features of the batch (:func:`update_memory`), never by gradients.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -54,29 +55,33 @@ class MemoryModule(nn.Module):
         train: bool,
         labels: Array | None = None,
         momentum: Array | float | None = None,
+        num_replicas: int = 1,
     ) -> tuple[Array, Array | None]:
-        """Fused features and, when ``labels`` are given, the updated memory.
+        """Fused features and, when ``labels`` are given, each replica's updated memory.
 
         feats (N, h, w, C), class_logits (N, h, w, K), context (N, h, w, C) or None,
-        labels (N, H, W) int -> ((N, h, w, out_channels), (K, F, C) or None).
-        The memory update sees ``feats`` upsampled to the label size. The reference reads
-        the memory in place, so its backward pass sees the updated memory while its forward
-        pass saw the old one; we reproduce that.
+        labels (N, H, W) int -> ((N, h, w, out_channels), (R, K, F, C) or None).
+        The batch is split into ``num_replicas`` equal consecutive parts, the way the
+        reference's data-parallel GPUs each hold a part: each part updates its own copy of
+        the memory (from ``feats`` upsampled to the label size); the caller averages them.
+        The reference reads the memory in place, so its backward pass sees the (replica's)
+        updated memory while its forward pass saw the old one; we reproduce that.
         """
         if self.num_feats_per_cls < 1:
             raise ValueError("num_feats_per_cls must be at least 1")
         shape = (self.num_classes, self.num_feats_per_cls, self.feats_channels)
         memory = self.variable("memory", "memory", lambda: jnp.zeros(shape, jnp.float32)).value
-        updated_memory = None
+        replica_memories = None
         if labels is not None:
             upsampled = resize(jax.lax.stop_gradient(feats).astype(memory.dtype), labels.shape[1:3], "bilinear", self.align_corners)
-            updated_memory = update_memory(
-                memory, upsampled, labels, momentum=momentum, strategy=self.update_strategy, ignore_label=self.ignore_label
+            replica_memories = update_memory_per_replica(
+                memory, upsampled, labels, num_replicas,
+                momentum=momentum, strategy=self.update_strategy, ignore_label=self.ignore_label,
             )
         weights = jax.nn.softmax(class_logits.astype(compute_dtype(class_logits.dtype)), axis=-1)
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype)
-        gradient_memory = memory if updated_memory is None else jax.lax.stop_gradient(updated_memory)
+        gradient_memory = memory[None] if replica_memories is None else jax.lax.stop_gradient(replica_memories)
         # (N, H, W, K) x (K, F, C) -> (N, H, W, F, C): each pixel's expected memory vectors.
         selected = read_memory(weights, memory, gradient_memory).astype(feats.dtype)
         attention_kwargs = dict(
@@ -97,12 +102,16 @@ class MemoryModule(nn.Module):
             output = ConvBNReLU(self.out_channels, 3, **conv_kwargs, name="bottleneck_ms")(
                 jnp.concatenate([context, output], axis=-1), train
             )
-        return output, updated_memory
+        return output, replica_memories
 
 
 @jax.custom_vjp
 def read_memory(weights: Array, memory: Array, gradient_memory: Array) -> Array:
-    """(N, H, W, K) x (K, F, C) -> (N, H, W, F, C); d/dweights uses ``gradient_memory``."""
+    """(N, H, W, K) x (K, F, C) -> (N, H, W, F, C).
+
+    The gradient with respect to ``weights`` uses ``gradient_memory`` (R, K, F, C): replica r's
+    memory for the r-th of R equal consecutive parts of the batch.
+    """
     return jnp.einsum("nhwk,kfc->nhwfc", weights, memory, precision="highest")
 
 
@@ -112,7 +121,9 @@ def _read_memory_fwd(weights, memory, gradient_memory):
 
 def _read_memory_bwd(residuals, grad):
     weights, memory, gradient_memory = residuals
-    grad_weights = jnp.einsum("nhwfc,kfc->nhwk", grad, gradient_memory, precision="highest")
+    replicas = gradient_memory.shape[0]
+    grad = grad.reshape(replicas, -1, *grad.shape[1:])
+    grad_weights = jnp.einsum("rnhwfc,rkfc->rnhwk", grad, gradient_memory, precision="highest").reshape(weights.shape)
     return grad_weights.astype(weights.dtype), jnp.zeros_like(memory), jnp.zeros_like(gradient_memory)
 
 
@@ -151,6 +162,29 @@ def _normalize(x: Array) -> Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
 
 
+def update_memory_per_replica(
+    memory: Array,
+    features: Array,
+    labels: Array,
+    num_replicas: int,
+    *,
+    momentum: Array | float,
+    strategy: str = "cosine_similarity",
+    ignore_label: int = -100,
+) -> Array:
+    """:func:`update_memory` on each of ``num_replicas`` equal consecutive parts of the batch.
+
+    Returns (R, K, F, C); their mean is the memory the reference's data-parallel GPUs agree on
+    after their all-reduce.
+    """
+    batch = features.shape[0]
+    if num_replicas < 1 or batch % num_replicas:
+        raise ValueError(f"a batch of {batch} cannot be split into {num_replicas} equal replica parts")
+    split = lambda x: x.reshape(num_replicas, batch // num_replicas, *x.shape[1:])
+    update = functools.partial(update_memory, momentum=momentum, strategy=strategy, ignore_label=ignore_label)
+    return jax.vmap(update, in_axes=(None, 0, 0))(memory, split(features), split(labels))
+
+
 def update_memory(
     memory: Array,
     features: Array,
@@ -178,6 +212,7 @@ def update_memory(
     num_classes, num_feats, channels = memory.shape
     if strategy == "mean" and num_feats > 1:
         raise ValueError("the 'mean' strategy needs one memory vector per class")
+    memory = jnp.asarray(memory)
     memory = memory.astype(compute_dtype(memory.dtype))
     feats = jax.lax.stop_gradient(features).reshape(-1, channels).astype(memory.dtype)
     labels = labels.reshape(-1).astype(jnp.int32)

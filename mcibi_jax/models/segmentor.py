@@ -72,8 +72,9 @@ class MCIBI(nn.Module):
     ``__call__(images (N, H, W, 3), train, labels, memory_momentum)`` returns a dict with the
     logits of both stages ``stage1``/``stage2`` (N, h, w, K) at head resolution, the
     auxiliary logits ``aux`` (a tuple, possibly empty) and, when ``labels`` (N, H, W) are
-    given, ``updated_memory`` (K, F, C): the memory moved toward this batch (the variable
-    itself is left alone; the train step stores it).
+    given, ``replica_memories`` (R, K, F, C): the memory moved toward each of the
+    ``num_replicas`` parts of the batch (the variable itself is left alone; the train step
+    averages and stores it).
     """
 
     num_classes: int
@@ -133,24 +134,29 @@ class MCIBI(nn.Module):
         return levels
 
     def __call__(
-        self, images: Array, train: bool = False, labels: Array | None = None, memory_momentum: Array | float | None = None
+        self,
+        images: Array,
+        train: bool = False,
+        labels: Array | None = None,
+        memory_momentum: Array | float | None = None,
+        num_replicas: int = 1,
     ) -> dict[str, Any]:
         levels = self.backbone_levels(images, train)
         top = levels[-1]
         context = self.context_within_image_module(top, train) if self.head.get("context_dilations") else None
         features = self.bottleneck(top, train)
         stage1 = self.decoder_stage1(features, train)
-        fused, updated_memory = self.memory_module(features, stage1, context, train, labels, memory_momentum)
+        fused, replica_memories = self.memory_module(features, stage1, context, train, labels, memory_momentum, num_replicas)
         stage2 = self.decoder_stage2(fused, train)
         aux: tuple[Array, ...] = ()
         if len(self.auxiliary) == 1:
             aux = (self.auxiliary_decoder(levels[-2], train),)
         elif len(self.auxiliary) > 1:
             aux = tuple(self.auxiliary_decoder(levels[:-1], train))
-        return {"stage1": stage1, "stage2": stage2, "aux": aux, "updated_memory": updated_memory}
+        return {"stage1": stage1, "stage2": stage2, "aux": aux, "replica_memories": replica_memories}
 
     def classify_memory(self, memory: Array, train: bool = False) -> Array:
-        """Stage-2 logits of every memory vector: (K, F, C) -> (K * F, num_classes)."""
+        """Stage-2 logits of every memory vector: (..., C) -> (prod(...), num_classes)."""
         vectors = memory.reshape(-1, 1, 1, memory.shape[-1]).astype(self.dtype or jnp.float32)
         return self.decoder_stage2(vectors, train)[:, 0, 0, :]
 

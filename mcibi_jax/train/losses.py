@@ -13,10 +13,12 @@ from mcibi_jax.models.resize import resize
 Array = jax.Array
 
 
-def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100) -> Array:
+def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100, num_replicas: int = 1) -> Array:
     """Mean softmax cross-entropy over the pixels whose label is not ``ignore_label``.
 
-    logits (..., K), labels (...) int. Labels outside [0, K) other than the ignore label
+    logits (N, ..., K), labels (N, ...) int. With ``num_replicas`` R, the mean is taken within
+    each of R equal consecutive parts of the batch and then averaged, as data-parallel
+    training with per-GPU losses does. Labels outside [0, K) other than the ignore label
     count as class 0 with zero loss, as the reference's one-hot trick does; data pipelines
     should never produce them.
     """
@@ -28,7 +30,8 @@ def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100) -> Arr
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
     nll = jnp.where(in_range, nll, 0.0)
-    return jnp.sum(nll) / jnp.sum(valid)
+    per_replica = lambda x: jnp.sum(x.reshape(num_replicas, -1), axis=1)
+    return jnp.mean(per_replica(nll) / per_replica(valid))
 
 
 def segmentation_losses(
@@ -38,6 +41,7 @@ def segmentation_losses(
     *,
     ignore_label: int = -100,
     align_corners: bool = False,
+    num_replicas: int = 1,
 ) -> dict[str, Array]:
     """Weighted losses of both stages and the auxiliary heads, named as the reference logs them.
 
@@ -46,7 +50,8 @@ def segmentation_losses(
     size = labels.shape[1:3]
 
     def loss(logits: Array) -> Array:
-        return cross_entropy(resize(logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners), labels, ignore_label)
+        upsampled = resize(logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners)
+        return cross_entropy(upsampled, labels, ignore_label, num_replicas)
 
     losses = {}
     aux = outputs.get("aux", ())
@@ -63,11 +68,12 @@ def segmentation_losses(
     return losses
 
 
-def memory_loss(memory_logits: Array, num_feats_per_cls: int, weight: float) -> Array:
+def memory_loss(memory_logits: Array, num_feats_per_cls: int, weight: float, num_replicas: int = 1) -> Array:
     """Each memory vector, through the stage-2 decoder, should be classified as its class.
 
-    memory_logits (K * F, K), rows ordered class-major as ``memory.reshape(K * F, C)``.
+    memory_logits (R * K * F, K): each replica's memory, rows ordered class-major as
+    ``memory.reshape(R * K * F, C)``.
     """
     num_classes = memory_logits.shape[-1]
-    targets = jnp.repeat(jnp.arange(num_classes), num_feats_per_cls)
-    return weight * cross_entropy(memory_logits, targets)
+    targets = jnp.tile(jnp.repeat(jnp.arange(num_classes), num_feats_per_cls), num_replicas)
+    return weight * cross_entropy(memory_logits, targets, num_replicas=num_replicas)

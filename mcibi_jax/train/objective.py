@@ -40,6 +40,7 @@ def loss_and_updates(
     epoch: Array | int,
     dropout_rng: Array | None = None,
     ignore_label: int = -100,
+    num_replicas: int = 1,
 ) -> tuple[Array, tuple[dict[str, Array], Any, Any]]:
     """Total loss and (logged losses, new batch_stats, new memory collection).
 
@@ -48,6 +49,11 @@ def loss_and_updates(
     upsampled memory-read features, the weighted segmentation losses and, after the first
     epoch where enabled, the memory loss on the *updated* memory (which passes the stage-2
     decoder in training mode once more, so its BatchNorm statistics move twice).
+
+    ``num_replicas`` R reproduces the reference trained on R data-parallel GPUs, each holding
+    N / R consecutive images: per-replica loss means (and so gradients) averaged, per-replica
+    memory updates averaged, synchronised BatchNorm over the whole batch. It depends only on
+    R, not on how many devices run this function.
     """
     head = model_config["head"]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
@@ -60,24 +66,27 @@ def loss_and_updates(
         adjust_by_learning_rate=update["adjust_by_learning_rate"],
     )
     outputs, mutated = model.apply(
-        variables, images, train=True, labels=labels, memory_momentum=momentum, rngs=rngs, mutable=["batch_stats"]
+        variables, images, train=True, labels=labels, memory_momentum=momentum, num_replicas=num_replicas,
+        rngs=rngs, mutable=["batch_stats"],
     )
     new_batch_stats = mutated["batch_stats"]
-    new_memory = outputs["updated_memory"]
+    replica_memories = outputs["replica_memories"]
     losses = segmentation_losses(
-        outputs, labels, model_config["loss_weights"], ignore_label=ignore_label, align_corners=model_config.get("align_corners", False)
+        outputs, labels, model_config["loss_weights"], ignore_label=ignore_label,
+        align_corners=model_config.get("align_corners", False), num_replicas=num_replicas,
     )
 
     if head.get("use_memory_loss", False):
         memory_logits, mutated = model.apply(
             {"params": params, "batch_stats": new_batch_stats, "memory": memory_collection},
-            new_memory, train=True, rngs=rngs, mutable=["batch_stats"], method=MCIBI.classify_memory,
+            replica_memories, train=True, rngs=rngs, mutable=["batch_stats"], method=MCIBI.classify_memory,
         )
         after_first_epoch = jnp.asarray(epoch) > 1
-        value = memory_loss(memory_logits, new_memory.shape[1], head.get("memory_loss_weight", 1.0))
+        value = memory_loss(memory_logits, replica_memories.shape[2], head.get("memory_loss_weight", 1.0), num_replicas)
         losses["loss_memory"] = jnp.where(after_first_epoch, value, 0.0)
         new_batch_stats = jax.tree_util.tree_map(
             lambda after, before: jnp.where(after_first_epoch, after, before), mutated["batch_stats"], new_batch_stats
         )
     total = sum(losses.values())
+    new_memory = jnp.mean(replica_memories, axis=0)  # the reference's all-reduce of the memory
     return total, (losses, new_batch_stats, with_memory(memory_collection, new_memory))
