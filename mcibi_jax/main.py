@@ -1,0 +1,261 @@
+"""Train and/or evaluate MCIBI.
+
+    python -m mcibi_jax.main --config=configs/demo.py --workdir=/tmp/demo
+    python -m mcibi_jax.main --config=configs/cityscapes.py:r50 --workdir=DIR --config.train.batch_size=2
+
+``--mode``: ``train``, ``eval`` (the newest checkpoint in DIR/checkpoints) or
+``train_and_eval`` (default). Training writes DIR/config.json, the final variables as an
+orbax checkpoint in DIR/checkpoints/final (or, if that is taken, DIR/checkpoints/step_<N>),
+and DIR/results.json (training summary, evaluation metrics).
+
+Only the generated ``synthetic`` dataset (configs/demo.py) has a data pipeline so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcibi_jax.config import ConfigError, apply_override
+from mcibi_jax.data import synthetic
+from mcibi_jax.evaluation.inference import check_inference_config, evaluate
+from mcibi_jax.evaluation.metrics import format_table, to_json
+from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.porting.port import load_variables, save_variables
+from mcibi_jax.train.loop import TrainingDiverged, train
+
+MODES = ("train", "eval", "train_and_eval")
+_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+class DatasetUnavailable(RuntimeError):
+    """The config names a dataset without a data pipeline (yet)."""
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _require_synthetic(config: Mapping[str, Any]) -> None:
+    name = config["dataset"]["name"]
+    if name != "synthetic":
+        raise DatasetUnavailable(
+            f"dataset {name!r}: the data pipelines for real datasets are not available yet (issue 3). "
+            "For now only the generated 'synthetic' dataset can be trained and evaluated, e.g. "
+            "python -m mcibi_jax.main --config=configs/demo.py --workdir=/tmp/demo"
+        )
+    if config["dataset"]["num_classes"] != config["model"]["num_classes"]:
+        raise ConfigError(f"dataset.num_classes={config['dataset']['num_classes']} but "
+                         f"model.num_classes={config['model']['num_classes']}")
+
+
+def _dtype(config: Mapping[str, Any]):
+    name = config.get("dtype", "float32")
+    if name not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def check_train_config(config: Mapping[str, Any]) -> None:
+    """Raises ConfigError for training settings this trainer cannot run."""
+    train_config = config["train"]
+    if int(train_config["num_epochs"]) < 1:
+        raise ConfigError(f"train.num_epochs must be at least 1, got {train_config['num_epochs']}")
+    batch_size, devices = int(train_config["batch_size"]), jax.device_count()
+    if batch_size < 1 or batch_size % devices:
+        raise ConfigError(f"train.batch_size={batch_size} must be a positive multiple of the {devices} device(s)")
+    num_replicas = int(train_config.get("num_replicas", 1))
+    if num_replicas < 1 or batch_size % num_replicas:
+        raise ConfigError(f"train.num_replicas={num_replicas} must divide train.batch_size={batch_size}")
+    if str(train_config["optimizer"].get("name", "sgd")).lower() != "sgd":
+        raise ConfigError(f"train.optimizer.name={train_config['optimizer']['name']!r}: only 'sgd' is implemented")
+    if train_config["schedule"].get("name", "poly") != "poly":
+        raise ConfigError(f"train.schedule.name={train_config['schedule']['name']!r}: only 'poly' is implemented")
+
+
+def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarray]:
+    data = config["dataset"]
+    return synthetic.make_split(int(data[which]["seed"]), int(data[which]["num_images"]), tuple(data["image_size"]),
+                                int(data["num_classes"]))
+
+
+def new_checkpoint_dir(workdir: Path, step: int) -> Path:
+    """DIR/checkpoints/final, or DIR/checkpoints/step_<N>[_<i>] when that is already taken."""
+    root = workdir / "checkpoints"
+    candidates = [root / "final", root / f"step_{step}"] + [root / f"step_{step}_{i}" for i in range(1, 1000)]
+    for path in candidates:
+        if not path.exists() or not any(path.iterdir()):
+            return path
+    raise FileExistsError(f"no free checkpoint directory under {root}")
+
+
+def latest_checkpoint(workdir: Path) -> Path:
+    root = workdir / "checkpoints"
+    found = [p for p in root.glob("*") if p.is_dir() and any(p.iterdir())] if root.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or train_and_eval)")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def _write_results(workdir: Path, update: dict[str, Any], merge: bool) -> Path:
+    """Writes DIR/results.json; ``merge`` keeps what an earlier run wrote (an eval after training)."""
+    path = workdir / "results.json"
+    results = json.loads(path.read_text()) if merge and path.exists() else {}
+    results.update(update)
+    path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Runs ``mode`` for ``config`` in ``workdir`` and returns what went into results.json."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    _require_synthetic(config)
+    check_inference_config(config["model"]["inference"])
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = build_model(config["model"], dtype=_dtype(config))
+    num_classes = int(config["dataset"]["num_classes"])
+    ignore_label = int(config["dataset"].get("ignore_label", -100))
+    update: dict[str, Any] = {"name": config.get("name", ""), "dataset": config["dataset"]["name"]}
+
+    if mode in ("train", "train_and_eval"):
+        check_train_config(config)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        images, labels = _split(config, "train")
+        batch_size = int(config["train"]["batch_size"])
+        steps_per_epoch = len(images) // batch_size
+        if steps_per_epoch < 1:
+            raise ConfigError(f"{len(images)} training images do not make one batch of {batch_size}")
+        seed, flip_prob = int(config["train"].get("seed", 0)), float(config["dataset"]["train"].get("flip_prob", 0.0))
+
+        def epoch_batches(epoch: int):
+            return synthetic.batches(images, labels, batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+
+        started = time.perf_counter()
+        state, history = train(model, config, epoch_batches, steps_per_epoch, tuple(config["dataset"]["image_size"]), log=log)
+        seconds = time.perf_counter() - started
+        checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), state.variables)
+        log(f"saved the variables to {checkpoint}")
+        variables = state.variables
+        update["train"] = {
+            "steps": int(state.step), "seconds": round(seconds, 1),
+            "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "history": history,
+        }
+        update["checkpoint"] = str(checkpoint)
+    else:
+        checkpoint = latest_checkpoint(workdir)
+        log(f"evaluating {checkpoint}")
+        variables = load_variables(checkpoint, config)
+        update["checkpoint"] = str(checkpoint)
+
+    if mode in ("eval", "train_and_eval"):
+        images, labels = _split(config, "test")
+        eval_batch = max(1, int(config["eval"].get("batch_size", 1)))
+        batches = ({"images": images[i:i + eval_batch], "labels": labels[i:i + eval_batch]} for i in range(0, len(images), eval_batch))
+        started = time.perf_counter()
+        metrics = evaluate(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
+                           align_corners=bool(config["model"].get("align_corners", False)))
+        names = synthetic.class_names(num_classes)
+        log(f"evaluation on {len(images)} held-out images ({time.perf_counter() - started:.1f}s):")
+        log(format_table(metrics, names))
+        clean = to_json(metrics)
+        update["eval"] = {
+            "num_images": len(images), "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
+            "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
+        }
+    path = _write_results(workdir, update, merge=mode == "eval")
+    log(f"wrote {path}")
+    return update
+
+
+# The command line absl parses: sys.argv without the --config.<key> overrides, which we apply
+# ourselves after the file is loaded. ml_collections would resolve them by attribute first,
+# so keys such as model.head.update.* (ConfigDict.update is a method) could not be set, and an
+# unknown key would end in a traceback instead of a message.
+_ARGV: list[str] = []
+# The absl flag holders, defined only when this module runs as the program.
+_CONFIG = _WORKDIR = _MODE = None
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, ["a.b=value", ...]) of a command line with --config.a.b=value."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--config.", "-config.")):
+            key = arg.split("config.", 1)[1]
+            if "=" not in key:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+                key, i = f"{key}={argv[i + 1]}", i + 1
+            overrides.append(key)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parse_command_line(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    _ARGV[:] = rest
+    try:
+        remaining = flags.FLAGS(rest)
+    except flags.Error as error:
+        raise SystemExit(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.") from None
+    try:
+        for override in overrides:
+            apply_override(_CONFIG.value, override)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    return remaining
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file(
+        "config", None, "config file, e.g. configs/demo.py or configs/cityscapes.py:r50; "
+        "then --config.<key>=<value> to change single values", sys_argv=_ARGV,
+    )
+    workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints and results")
+    mode = flags.DEFINE_enum("mode", "train_and_eval", MODES, "what to run")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return config, workdir, mode
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+    from absl import logging as absl_logging
+
+    # Our progress lines go to stdout; keep the libraries' (orbax's) INFO chatter out of them.
+    if absl_logging.get_verbosity() == absl_logging.INFO:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except (ConfigError, DatasetUnavailable, TrainingDiverged, NotImplementedError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _CONFIG, _WORKDIR, _MODE = _define_flags()
+    app.run(main, flags_parser=_parse_command_line)

@@ -1,0 +1,120 @@
+"""One training step (pure), and its jitted, data-parallel form."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mcibi_jax.models.segmentor import MCIBI
+from mcibi_jax.train.objective import loss_and_updates
+from mcibi_jax.train.optimizer import Schedule
+from mcibi_jax.train.state import TrainState
+
+Array = jax.Array
+Batch = Mapping[str, Array]  # {"images": (N, H, W, 3) float32, "labels": (N, H, W) int32}
+StepFn = Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]
+
+
+def epoch_of(step: Array | int, steps_per_epoch: int) -> Array:
+    """1-based epoch of the update that follows ``step`` updates (the reference counts from 1)."""
+    return jnp.asarray(step) // steps_per_epoch + 1
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: Array,
+    *,
+    model: MCIBI,
+    model_config: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    steps_per_epoch: int,
+    ignore_label: int = -100,
+    num_replicas: int = 1,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One SGD update: gradients of the MCIBI objective, new BatchNorm statistics and memory.
+
+    The memory momentum follows the un-multiplied schedule lr of this update; the memory
+    loss joins after the first epoch. ``rng`` is the run's dropout key (folded with the step).
+    ``num_replicas``: the reference's number of data-parallel GPUs to reproduce (see
+    :func:`mcibi_jax.train.objective.loss_and_updates`), whatever the number of devices.
+    Returns the new state and the step's metrics: ``loss`` (total), each logged loss, ``lr``,
+    ``epoch``.
+    """
+    lr = schedule(state.step)
+    epoch = epoch_of(state.step, steps_per_epoch)
+    objective = functools.partial(
+        loss_and_updates, model, model_config,
+        learning_rate=lr, epoch=epoch, dropout_rng=jax.random.fold_in(rng, state.step), ignore_label=ignore_label,
+        num_replicas=num_replicas,
+    )
+    grad_fn = jax.value_and_grad(lambda params: objective(params, state.batch_stats, state.memory, batch["images"], batch["labels"]), has_aux=True)
+    (total, (losses, batch_stats, memory)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, memory=memory, opt_state=opt_state)
+    metrics = {"loss": total, "lr": lr, "epoch": epoch, **losses}
+    return new_state, metrics
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh ``('data',)`` over the devices (default: all of them)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def make_train_step(
+    model: MCIBI,
+    model_config: Mapping[str, Any],
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    steps_per_epoch: int,
+    mesh: Mesh,
+    ignore_label: int = -100,
+    num_replicas: int = 1,
+) -> StepFn:
+    """``train_step`` jitted over ``mesh``: the batch split along 'data', the state replicated.
+
+    XLA partitions the step written for the global batch, so the result does not depend on
+    the number of devices: BatchNorm uses global batch statistics (the reference's SyncBN),
+    and the reference's per-GPU losses and memory updates follow ``num_replicas``.
+    TODO: the per-replica memory updates are computed by the partitioner from the global
+    arrays; running each under shard_map on its own shard, then a pmean over 'data' (the
+    reference's all_reduce / world_size), would keep that work and its traffic local.
+    """
+    step = functools.partial(
+        train_step, model=model, model_config=model_config, tx=tx, schedule=schedule,
+        steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas,
+    )
+    state_sharding, data = replicated(mesh), batch_sharding(mesh)
+    # Donating the old state halves the memory on accelerators; CPU cannot use donations.
+    donate = () if all(d.platform == "cpu" for d in mesh.devices.flat) else (0,)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, data, state_sharding),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=donate,
+    )
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
+    """Host batch -> device arrays split along 'data' (the batch must divide evenly)."""
+    n = next(iter(batch.values())).shape[0]
+    if n % mesh.size:
+        raise ValueError(f"batch size {n} does not divide evenly over {mesh.size} devices")
+    sharding = batch_sharding(mesh)
+    return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
