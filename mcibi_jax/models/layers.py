@@ -7,7 +7,7 @@ leaves: see ``mcibi_jax.porting.mapping``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -149,8 +149,3 @@ def avg_pool_ceil(x: Array, window: int, stride: int, padding: int = 0) -> Array
     ones = jnp.ones((1, h, w, 1), x.dtype)
     count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, dims, strides, pads)
     return total / count
-
-
-def sequential_names(indices: Sequence[int]) -> list[str]:
-    """Names of the members of a PyTorch ``nn.Sequential`` at the given positions."""
-    return [str(i) for i in indices]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 from flax import traverse_util
 
-from mcibi_jax.porting.mapping import SKIPPED_LEAVES, flax_path, to_flax_array, to_torch_array, torch_shape_to_flax
+from mcibi_jax.porting.mapping import flax_path, to_flax_array, to_torch_array, torch_shape_to_flax
 
 
 class PortError(ValueError):
@@ -28,9 +27,9 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_varia
     shapes; otherwise :class:`PortError` lists the unused keys, the unfilled leaves and the
     shape mismatches (a checkpoint of another config shows up as exactly that).
     """
-    targets = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: x, dict(abstract_variables)))
+    targets = traverse_util.flatten_dict(dict(abstract_variables))
     filled: dict[tuple, np.ndarray] = {}
-    unused, mismatched = [], []
+    unused, mismatched, mismatched_paths = [], [], set()
     for key, value in state_dict.items():
         value = np.asarray(value)
         path = flax_path(key, value.ndim)
@@ -42,9 +41,10 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_varia
         expected = tuple(targets[path].shape)
         if torch_shape_to_flax(path, value.shape) != expected:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {expected} as {'/'.join(path)}")
+            mismatched_paths.add(path)
             continue
         filled[path] = to_flax_array(path, value).astype(targets[path].dtype, copy=False)
-    missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in filled and p not in _unmatched_paths(mismatched)]
+    missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in filled and p not in mismatched_paths]
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches:" + _describe(mismatched))
@@ -55,10 +55,6 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_varia
     if problems:
         raise PortError("the checkpoint does not match the model config.\n" + "\n".join(problems))
     return traverse_util.unflatten_dict(filled)
-
-
-def _unmatched_paths(mismatched: list[str]) -> set:
-    return {tuple(m.rsplit(" as ", 1)[1].split("/")) for m in mismatched}
 
 
 def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -91,4 +87,4 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
     return out
 
 
-__all__ = ["PortError", "state_dict_to_variables", "variables_to_state_dict", "SKIPPED_LEAVES"]
+__all__ = ["PortError", "state_dict_to_variables", "variables_to_state_dict"]
