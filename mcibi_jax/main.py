@@ -8,7 +8,9 @@
 orbax checkpoint in DIR/checkpoints/final (or, if that is taken, DIR/checkpoints/step_<N>),
 and DIR/results.json (training summary, evaluation metrics).
 
-Only the generated ``synthetic`` dataset (configs/demo.py) has a data pipeline so far.
+The generated ``synthetic`` dataset (configs/demo.py) needs nothing on disk; the released
+recipes read their dataset from ``config.dataset.root`` (layouts: docs/datasets.md) through the
+Grain pipeline. Evaluation of real datasets runs whole images, single scale, without flip, so far.
 """
 
 from __future__ import annotations
@@ -37,21 +39,14 @@ _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class DatasetUnavailable(RuntimeError):
-    """The config names a dataset without a data pipeline (yet)."""
+    """The config names a dataset that cannot be read."""
 
 
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _require_synthetic(config: Mapping[str, Any]) -> None:
-    name = config["dataset"]["name"]
-    if name != "synthetic":
-        raise DatasetUnavailable(
-            f"dataset {name!r}: the data pipelines for real datasets are not available yet (issue 3). "
-            "For now only the generated 'synthetic' dataset can be trained and evaluated, e.g. "
-            "python -m mcibi_jax.main --config=configs/demo.py --workdir=/tmp/demo"
-        )
+def _check_dataset(config: Mapping[str, Any]) -> None:
     if config["dataset"]["num_classes"] != config["model"]["num_classes"]:
         raise ConfigError(f"dataset.num_classes={config['dataset']['num_classes']} but "
                          f"model.num_classes={config['model']['num_classes']}")
@@ -87,6 +82,63 @@ def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarra
                                 int(data["num_classes"]))
 
 
+def _training_data(config: Mapping[str, Any]) -> tuple[Callable[[int], Any], int, tuple[int, int]]:
+    """(epoch -> that epoch's host batches, steps per epoch, training image size)."""
+    batch_size = int(config["train"]["batch_size"])
+    if config["dataset"]["name"] == "synthetic":
+        images, labels = _split(config, "train")
+        steps_per_epoch = len(images) // batch_size
+        if steps_per_epoch < 1:
+            raise ConfigError(f"{len(images)} training images do not make one batch of {batch_size}")
+        seed, flip_prob = int(config["train"].get("seed", 0)), float(config["dataset"]["train"].get("flip_prob", 0.0))
+
+        def synthetic_epoch(epoch: int):
+            return synthetic.batches(images, labels, batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+
+        return synthetic_epoch, steps_per_epoch, tuple(config["dataset"]["image_size"])
+
+    from mcibi_jax.data import pipeline
+
+    source = _source(config, config["dataset"]["train_set"])
+    steps_per_epoch = len(source) // batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{len(source)} training images do not make one batch of {batch_size}")
+    iterator = iter(pipeline.train_loader(config, source=source))
+
+    def dataset_epoch(epoch: int):
+        for _ in range(steps_per_epoch):
+            batch = next(iterator)
+            yield {"images": batch["image"], "labels": batch["label"]}
+
+    return dataset_epoch, steps_per_epoch, tuple(config["dataset"]["train"]["crop_size"])
+
+
+def _evaluation_data(config: Mapping[str, Any]) -> tuple[Any, int, list[str]]:
+    """(batches of {"images", "labels"}, number of images, class names) of the held-out set."""
+    num_classes = int(config["dataset"]["num_classes"])
+    if config["dataset"]["name"] == "synthetic":
+        images, labels = _split(config, "test")
+        eval_batch = max(1, int(config["eval"].get("batch_size", 1)))
+        batches = ({"images": images[i:i + eval_batch], "labels": labels[i:i + eval_batch]} for i in range(0, len(images), eval_batch))
+        return batches, len(images), synthetic.class_names(num_classes)
+
+    from mcibi_jax.data import pipeline
+
+    source = _source(config, config["dataset"]["eval_set"])
+    # Each image at its own size; padding items of a host (valid=False) are not scored.
+    batches = ({"images": item["image"], "labels": item["label"]} for item in pipeline.eval_loader(config, source=source) if item["valid"].all())
+    return batches, len(source), list(source.class_names)
+
+
+def _source(config: Mapping[str, Any], split: str):
+    from mcibi_jax.data.datasets import DatasetError, build_source
+
+    try:
+        return build_source(config["dataset"], split)
+    except DatasetError as error:
+        raise DatasetUnavailable(f"{error}\n(see docs/datasets.md for the expected layout; set --config.dataset.root=...)") from None
+
+
 def new_checkpoint_dir(workdir: Path, step: int) -> Path:
     """DIR/checkpoints/final, or DIR/checkpoints/step_<N>[_<i>] when that is already taken."""
     root = workdir / "checkpoints"
@@ -118,7 +170,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     """Runs ``mode`` for ``config`` in ``workdir`` and returns what went into results.json."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    _require_synthetic(config)
+    _check_dataset(config)
     check_inference_config(config["model"]["inference"])
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -130,18 +182,9 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     if mode in ("train", "train_and_eval"):
         check_train_config(config)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        images, labels = _split(config, "train")
-        batch_size = int(config["train"]["batch_size"])
-        steps_per_epoch = len(images) // batch_size
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{len(images)} training images do not make one batch of {batch_size}")
-        seed, flip_prob = int(config["train"].get("seed", 0)), float(config["dataset"]["train"].get("flip_prob", 0.0))
-
-        def epoch_batches(epoch: int):
-            return synthetic.batches(images, labels, batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
-
+        epoch_batches, steps_per_epoch, image_size = _training_data(config)
         started = time.perf_counter()
-        state, history = train(model, config, epoch_batches, steps_per_epoch, tuple(config["dataset"]["image_size"]), log=log)
+        state, history = train(model, config, epoch_batches, steps_per_epoch, image_size, log=log)
         seconds = time.perf_counter() - started
         checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), state.variables)
         log(f"saved the variables to {checkpoint}")
@@ -158,18 +201,15 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         update["checkpoint"] = str(checkpoint)
 
     if mode in ("eval", "train_and_eval"):
-        images, labels = _split(config, "test")
-        eval_batch = max(1, int(config["eval"].get("batch_size", 1)))
-        batches = ({"images": images[i:i + eval_batch], "labels": labels[i:i + eval_batch]} for i in range(0, len(images), eval_batch))
+        batches, num_images, names = _evaluation_data(config)
         started = time.perf_counter()
         metrics = evaluate(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
                            align_corners=bool(config["model"].get("align_corners", False)))
-        names = synthetic.class_names(num_classes)
-        log(f"evaluation on {len(images)} held-out images ({time.perf_counter() - started:.1f}s):")
+        log(f"evaluation on {num_images} held-out images ({time.perf_counter() - started:.1f}s):")
         log(format_table(metrics, names))
         clean = to_json(metrics)
         update["eval"] = {
-            "num_images": len(images), "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
+            "num_images": num_images, "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
             "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
         }
     path = _write_results(workdir, update, merge=mode == "eval")

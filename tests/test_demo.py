@@ -110,7 +110,13 @@ def test_cli_rejects_unknown_key_and_real_datasets(tmp_path):
     assert "unknown config key 'train.no_such_key'" in result.stderr
     assert "Traceback" not in result.stderr
 
-    result = _cli(f"--config={REPO / 'configs' / 'cityscapes.py'}:r50", f"--workdir={tmp_path}", "--config.train.batch_size=2")
+    missing = tmp_path / "no_dataset_here"
+    result = _cli(f"--config={REPO / 'configs' / 'ade20k.py'}:r50", f"--workdir={tmp_path}", f"--config.dataset.root={missing}")
     assert result.returncode == 1
-    assert "data pipelines for real datasets are not available yet" in result.stderr
+    assert str(missing) in result.stderr and "docs/datasets.md" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = _cli(f"--config={REPO / 'configs' / 'cityscapes.py'}:r50", f"--workdir={tmp_path}")
+    assert result.returncode == 1
+    assert "inference mode='slide'" in result.stderr and "not implemented yet" in result.stderr
     assert "Traceback" not in result.stderr

@@ -32,21 +32,28 @@ def check_inference_config(inference: Mapping[str, Any]) -> None:
         )
 
 
-def predict_logits(model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False) -> Array:
-    """Stage-2 logits upsampled (bilinear) to the input size: (N, H, W, 3) -> (N, H, W, K) float32."""
+def predict_logits(
+    model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False, size: tuple[int, int] | None = None
+) -> Array:
+    """Stage-2 logits upsampled (bilinear) to ``size`` (default: the input's):
+    (N, H, W, 3) -> (N, *size, K) float32. Evaluation passes the original label size, since
+    the test pipeline may have resized the image."""
     outputs = model.apply(variables, images, train=False)
     logits = outputs["stage2"].astype(jnp.float32)
-    return resize(logits, images.shape[1:3], "bilinear", align_corners)
+    return resize(logits, size or images.shape[1:3], "bilinear", align_corners)
 
 
-def predict(model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False) -> Array:
-    """Per-pixel classes (N, H, W) int32 of normalised images (N, H, W, 3)."""
-    return jnp.argmax(predict_logits(model, variables, images, align_corners), axis=-1).astype(jnp.int32)
+def predict(
+    model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False, size: tuple[int, int] | None = None
+) -> Array:
+    """Per-pixel classes (N, *size) int32 of normalised images (N, H, W, 3)."""
+    return jnp.argmax(predict_logits(model, variables, images, align_corners, size), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "align_corners", "num_classes", "ignore_label"))
 def _batch_confusion(model, variables, images, labels, *, align_corners, num_classes, ignore_label):
-    return confusion_matrix(predict(model, variables, images, align_corners), labels, num_classes, ignore_label)
+    predictions = predict(model, variables, images, align_corners, labels.shape[1:3])
+    return confusion_matrix(predictions, labels, num_classes, ignore_label)
 
 
 def evaluate(
