@@ -10,7 +10,8 @@ and DIR/results.json (training summary, evaluation metrics).
 
 The generated ``synthetic`` dataset (configs/demo.py) needs nothing on disk; the released
 recipes read their dataset from ``config.dataset.root`` (layouts: docs/datasets.md) through the
-Grain pipeline. Evaluation of real datasets runs whole images, single scale, without flip, so far.
+Grain pipeline. Evaluation follows ``model.inference`` (whole image or sliding windows,
+scales, flip), or ``eval.tta_*`` with ``--config.eval.use_tta=True``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarra
     data = config["dataset"]
     return synthetic.make_split(int(data[which]["seed"]), int(data[which]["num_images"]), tuple(data["image_size"]),
                                 int(data["num_classes"]))
+
+
+def _inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.inference``, or the ``eval.tta_*`` settings when ``eval.use_tta``."""
+    settings = dict(config["model"]["inference"])
+    evaluation = config.get("eval", {})
+    if evaluation.get("use_tta", False):
+        for key in ("mode", "cropsize", "stride", "multiscale", "flip", "use_probs_before_resize"):
+            if f"tta_{key}" in evaluation:
+                settings[key] = evaluation[f"tta_{key}"]
+    return settings
 
 
 def _training_data(config: Mapping[str, Any]) -> tuple[Callable[[int], Any], int, tuple[int, int]]:
@@ -171,7 +183,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     _check_dataset(config)
-    check_inference_config(config["model"]["inference"])
+    inference = _inference_settings(config)
+    check_inference_config(inference)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(config["model"], dtype=_dtype(config))
@@ -204,7 +217,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         batches, num_images, names = _evaluation_data(config)
         started = time.perf_counter()
         metrics = evaluate(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
-                           align_corners=bool(config["model"].get("align_corners", False)))
+                           align_corners=bool(config["model"].get("align_corners", False)), inference=inference,
+                           flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())))
         log(f"evaluation on {num_images} held-out images ({time.perf_counter() - started:.1f}s):")
         log(format_table(metrics, names))
         clean = to_json(metrics)

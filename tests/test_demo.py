@@ -116,7 +116,7 @@ def test_cli_rejects_unknown_key_and_real_datasets(tmp_path):
     assert str(missing) in result.stderr and "docs/datasets.md" in result.stderr
     assert "Traceback" not in result.stderr
 
-    result = _cli(f"--config={REPO / 'configs' / 'cityscapes.py'}:r50", f"--workdir={tmp_path}")
+    result = _cli(f"--config={REPO / 'configs' / 'cityscapes.py'}:r50", f"--workdir={tmp_path}", "--config.model.inference.mode=tiles")
     assert result.returncode == 1
-    assert "inference mode='slide'" in result.stderr and "not implemented yet" in result.stderr
+    assert "inference mode 'tiles' is unknown" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,58 +1,57 @@
-"""Inference over a dataset: whole-image prediction and confusion-matrix accumulation.
-
-Only the 'whole' mode at a single scale without flipping is implemented so far: the
-stage-2 logits (at head resolution) are upsampled bilinearly to the input size and the
-argmax is the prediction. Sliding windows, multi-scale and flip are still missing.
-"""
+"""Inference over a dataset: predictions under the config's inference settings and the
+confusion-matrix accumulation behind the metrics."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcibi_jax.config import ConfigError
 from mcibi_jax.evaluation.metrics import ConfusionMatrix, confusion_matrix
-from mcibi_jax.models.resize import resize
+from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.models.segmentor import MCIBI
 
 Array = jax.Array
+WHOLE_IMAGE = {"mode": "whole", "multiscale": [1.0], "flip": False, "use_probs_before_resize": False}
 
 
 def check_inference_config(inference: Mapping[str, Any]) -> None:
-    """Raises NotImplementedError for inference settings beyond single-scale whole images."""
+    """Raises ConfigError for inference settings that cannot run."""
     mode = inference.get("mode", "whole")
-    scales = [float(s) for s in (inference.get("multiscale") or [1])]
-    if mode != "whole" or scales != [1.0] or inference.get("flip", False):
-        raise NotImplementedError(
-            f"inference mode={mode!r}, multiscale={scales}, flip={inference.get('flip', False)} is not implemented yet; "
-            "only whole-image, single-scale inference without flip is"
-        )
-
-
-def predict_logits(
-    model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False, size: tuple[int, int] | None = None
-) -> Array:
-    """Stage-2 logits upsampled (bilinear) to ``size`` (default: the input's):
-    (N, H, W, 3) -> (N, *size, K) float32. Evaluation passes the original label size, since
-    the test pipeline may have resized the image."""
-    outputs = model.apply(variables, images, train=False)
-    logits = outputs["stage2"].astype(jnp.float32)
-    return resize(logits, size or images.shape[1:3], "bilinear", align_corners)
+    if mode not in ("whole", "slide"):
+        raise ConfigError(f"inference mode {mode!r} is unknown; choose 'whole' or 'slide'")
+    if mode == "slide":
+        for key in ("cropsize", "stride"):
+            value = inference.get(key) or ()
+            if len(value) != 2 or min(int(v) for v in value) < 1:
+                raise ConfigError(f"sliding-window inference needs inference.{key}=(h, w), got {value!r}")
+    scales = [float(s) for s in (inference.get("multiscale") or [1.0])]
+    if min(scales) <= 0:
+        raise ConfigError(f"inference.multiscale must be positive, got {scales}")
 
 
 def predict(
-    model: MCIBI, variables: Mapping[str, Any], images: Array, align_corners: bool = False, size: tuple[int, int] | None = None
+    model: MCIBI,
+    variables: Mapping[str, Any],
+    images: Array,
+    inference: Mapping[str, Any] = WHOLE_IMAGE,
+    *,
+    align_corners: bool = False,
+    flip_label_pairs: Sequence[Sequence[int]] = (),
+    output_size: tuple[int, int] | None = None,
 ) -> Array:
-    """Per-pixel classes (N, *size) int32 of normalised images (N, H, W, 3)."""
-    return jnp.argmax(predict_logits(model, variables, images, align_corners, size), axis=-1).astype(jnp.int32)
+    """Per-pixel classes (N, *output_size) int32 of normalised images (N, H, W, 3)."""
+    scores = tta_scores(model, variables, images, inference, align_corners=align_corners,
+                        flip_label_pairs=flip_label_pairs, output_size=output_size)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "align_corners", "num_classes", "ignore_label"))
-def _batch_confusion(model, variables, images, labels, *, align_corners, num_classes, ignore_label):
-    predictions = predict(model, variables, images, align_corners, labels.shape[1:3])
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore_label"))
+def _confusion(predictions: Array, labels: Array, num_classes: int, ignore_label: int) -> Array:
     return confusion_matrix(predictions, labels, num_classes, ignore_label)
 
 
@@ -64,13 +63,17 @@ def evaluate(
     num_classes: int,
     ignore_label: int = -100,
     align_corners: bool = False,
+    inference: Mapping[str, Any] = WHOLE_IMAGE,
+    flip_label_pairs: Sequence[Sequence[int]] = (),
 ) -> dict[str, Any]:
     """Metrics (see :func:`mcibi_jax.evaluation.metrics.segmentation_metrics`) over ``batches``
-    of {"images": (B, H, W, 3), "labels": (B, H, W)}; only the (K, K) counts leave the device."""
+    of {"images": (B, H, W, 3), "labels": (B, H0, W0)}: predictions are made at the labels'
+    size (the test pipeline may have resized the images); only (K, K) counts leave the device."""
+    check_inference_config(inference)
     matrix = ConfusionMatrix(num_classes)
     for batch in batches:
-        matrix.add(_batch_confusion(
-            model, variables, jnp.asarray(batch["images"], jnp.float32), jnp.asarray(batch["labels"]),
-            align_corners=align_corners, num_classes=num_classes, ignore_label=ignore_label,
-        ))
+        labels = jnp.asarray(batch["labels"])
+        predictions = predict(model, variables, batch["images"], inference, align_corners=align_corners,
+                              flip_label_pairs=flip_label_pairs, output_size=tuple(labels.shape[1:3]))
+        matrix.add(_confusion(predictions, labels, num_classes, ignore_label))
     return matrix.compute()
