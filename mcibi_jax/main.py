@@ -33,6 +33,7 @@ from mcibi_jax.evaluation.inference import check_inference_config, evaluate
 from mcibi_jax.evaluation.metrics import format_table, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables
+from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.loop import TrainingDiverged, train
 
 MODES = ("train", "eval", "train_and_eval")
@@ -94,35 +95,46 @@ def _inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _training_data(config: Mapping[str, Any]) -> tuple[Callable[[int], Any], int, tuple[int, int]]:
-    """(epoch -> that epoch's host batches, steps per epoch, training image size)."""
-    batch_size = int(config["train"]["batch_size"])
-    if config["dataset"]["name"] == "synthetic":
-        images, labels = _split(config, "train")
-        steps_per_epoch = len(images) // batch_size
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{len(images)} training images do not make one batch of {batch_size}")
-        seed, flip_prob = int(config["train"].get("seed", 0)), float(config["dataset"]["train"].get("flip_prob", 0.0))
+class TrainingData:
+    """The training batches of a run: ``epoch(e)`` yields epoch e's host batches; ``state()`` and
+    ``restore(state)`` save and restore the input pipeline's position with the checkpoints."""
 
-        def synthetic_epoch(epoch: int):
-            return synthetic.batches(images, labels, batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+    def __init__(self, config: Mapping[str, Any]):
+        self.batch_size = int(config["train"]["batch_size"])
+        self._config = config
+        if config["dataset"]["name"] == "synthetic":
+            self._images, self._labels = _split(config, "train")
+            self.num_images = len(self._images)
+            self.image_size = tuple(config["dataset"]["image_size"])
+        else:
+            from mcibi_jax.data import pipeline
 
-        return synthetic_epoch, steps_per_epoch, tuple(config["dataset"]["image_size"])
+            self._pipeline = pipeline
+            source = _source(config, config["dataset"]["train_set"])
+            self.num_images = len(source)
+            self.image_size = tuple(config["dataset"]["train"]["crop_size"])
+            self._loader = pipeline.train_loader(config, source=source)
+            self._iterator = iter(self._loader)
+        self.steps_per_epoch = self.num_images // self.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"{self.num_images} training images do not make one batch of {self.batch_size}")
 
-    from mcibi_jax.data import pipeline
-
-    source = _source(config, config["dataset"]["train_set"])
-    steps_per_epoch = len(source) // batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"{len(source)} training images do not make one batch of {batch_size}")
-    iterator = iter(pipeline.train_loader(config, source=source))
-
-    def dataset_epoch(epoch: int):
-        for _ in range(steps_per_epoch):
-            batch = next(iterator)
+    def epoch(self, epoch: int):
+        if self._config["dataset"]["name"] == "synthetic":  # a pure function of the epoch
+            seed = int(self._config["train"].get("seed", 0))
+            flip_prob = float(self._config["dataset"]["train"].get("flip_prob", 0.0))
+            yield from synthetic.batches(self._images, self._labels, self.batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+            return
+        for _ in range(self.steps_per_epoch):
+            batch = next(self._iterator)
             yield {"images": batch["image"], "labels": batch["label"]}
 
-    return dataset_epoch, steps_per_epoch, tuple(config["dataset"]["train"]["crop_size"])
+    def state(self) -> Any:
+        return {} if self._config["dataset"]["name"] == "synthetic" else self._pipeline.iterator_state(self._iterator)
+
+    def restore(self, state: Any) -> None:
+        if self._config["dataset"]["name"] != "synthetic" and state:
+            self._iterator = self._pipeline.restore_iterator(self._loader, state)
 
 
 def _evaluation_data(config: Mapping[str, Any]) -> tuple[Any, int, list[str]]:
@@ -195,16 +207,22 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     if mode in ("train", "train_and_eval"):
         check_train_config(config)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        epoch_batches, steps_per_epoch, image_size = _training_data(config)
+        data = TrainingData(config)
+        checkpoints = TrainCheckpoints(workdir / "train_state", keep=int(config["train"].get("keep_checkpoints", 3)))
         started = time.perf_counter()
-        state, history = train(model, config, epoch_batches, steps_per_epoch, image_size, log=log)
+        try:
+            state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=log,
+                                   checkpoints=checkpoints, data_state=data.state, restore_data=data.restore)
+        finally:
+            checkpoints.close()
         seconds = time.perf_counter() - started
         checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), state.variables)
         log(f"saved the variables to {checkpoint}")
         variables = state.variables
         update["train"] = {
             "steps": int(state.step), "seconds": round(seconds, 1),
-            "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "history": history,
+            "first_loss": history[0]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else None, "history": history,
         }
         update["checkpoint"] = str(checkpoint)
     else:

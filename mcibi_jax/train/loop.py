@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from mcibi_jax.models.segmentor import MCIBI
+from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
 from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
@@ -36,6 +37,9 @@ def train(
     image_size: tuple[int, int],
     *,
     log: Callable[[str], None] = print,
+    checkpoints: TrainCheckpoints | None = None,
+    data_state: Callable[[], Any] | None = None,
+    restore_data: Callable[[Any], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
     the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
@@ -44,6 +48,10 @@ def train(
     epoch. Logs every ``config.train.log_every`` steps (loss averaged since the last line, lr,
     images/s, ETA). Returns the final state and the logged history. Raises
     :class:`TrainingDiverged` as soon as a step's loss is not finite.
+
+    With ``checkpoints``, training resumes from the newest one (``restore_data`` gets the input
+    pipeline's saved position) and saves the state and ``data_state()`` at the end of every
+    ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     """
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
@@ -58,6 +66,16 @@ def train(
     variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
     tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
     state = jax.device_put(create_train_state(variables, tx), replicated(mesh))
+    checkpoint_every = max(1, int(train_config.get("checkpoint_every", 1)))
+    start_epoch = 1
+    if checkpoints is not None:
+        restored = checkpoints.restore_latest(state)
+        if restored is not None:
+            state, saved_data = restored
+            if restore_data is not None:
+                restore_data(saved_data)
+            start_epoch = int(state.step) // steps_per_epoch + 1
+            log(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})")
     dropout_key = jax.device_put(jax.random.key(seed + 1), replicated(mesh))
     num_replicas = int(train_config.get("num_replicas", 1))
     if int(train_config["batch_size"]) % num_replicas:
@@ -72,7 +90,7 @@ def train(
     pending = None  # the previous step's metrics, read one step late to keep the device busy
     start = window_start = time.perf_counter()
     compiled_at = start
-    step = window_first_step = 0
+    step = window_first_step = int(state.step)
 
     def check(metrics: dict[str, Any], at_step: int) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -84,7 +102,10 @@ def train(
             )
         return values
 
-    for epoch in range(1, num_epochs + 1):
+    first_step = step + 1
+    if step >= total_steps:
+        log(f"already trained: the checkpoint is at step {step} of {total_steps}")
+    for epoch in range(start_epoch, num_epochs + 1):
         for batch in epoch_batches(epoch):
             if step >= total_steps:
                 break
@@ -93,17 +114,17 @@ def train(
             if pending is not None:
                 window.append(check(*pending))
             pending = (metrics, step)
-            if step == 1:
+            if compiled_at == start:  # the first step of this run
                 jax.block_until_ready(metrics["loss"])
                 compiled_at = window_start = time.perf_counter()
-                window_first_step = 1  # the compilation does not count toward the speed
-                log(f"step 1 compiled and ran in {compiled_at - start:.1f}s")
+                window_first_step = step  # the compilation does not count toward the speed
+                log(f"step {step} compiled and ran in {compiled_at - start:.1f}s")
             if step % log_every == 0 or step == total_steps:
                 window.append(check(*pending))
                 pending = None
                 now = time.perf_counter()
                 rate = (step - window_first_step) * int(train_config["batch_size"]) / max(now - window_start, 1e-9)
-                per_step = (now - compiled_at) / max(step - 1, 1)
+                per_step = (now - compiled_at) / max(step - first_step, 1)
                 entry = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k.startswith("loss")}
                 entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], images_per_s=rate)
                 history.append(entry)
@@ -113,6 +134,11 @@ def train(
                 window, window_start, window_first_step = [], now, step
         if step < epoch * steps_per_epoch and step < total_steps:
             raise ValueError(f"epoch {epoch} gave {step - (epoch - 1) * steps_per_epoch} batches, expected {steps_per_epoch}")
+        if checkpoints is not None and (epoch % checkpoint_every == 0 or epoch == num_epochs):
+            if pending is not None:
+                window.append(check(*pending))
+                pending = None
+            checkpoints.save(state, data_state() if data_state is not None else None)
     if pending is not None:
         check(*pending)
     log(f"trained {step} steps in {_format_duration(time.perf_counter() - start)}")

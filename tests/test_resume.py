@@ -1,0 +1,62 @@
+"""Interrupted training resumes exactly: train state, memory and the input pipeline's position."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+
+from mcibi_jax import main
+from mcibi_jax.porting.port import load_variables
+from tests.test_datasets import write_ade20k
+from tests.test_main_datasets import tiny_ade20k_config
+
+
+def _train(config, workdir):
+    lines = []
+    results = main.run(config, workdir, mode="train", log=lines.append)
+    return results, lines
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    write_ade20k(tmp_path / "ade")
+    config = tiny_ade20k_config(tmp_path / "ade")
+    config.train.num_epochs = 3
+    straight, _ = _train(config, tmp_path / "a")
+
+    _train(config, tmp_path / "b")
+    steps = sorted(int(p.name) for p in (tmp_path / "b" / "train_state").iterdir() if p.name.isdigit())
+    assert steps == [1, 2, 3]  # one checkpoint per epoch (one step each here)
+    shutil.rmtree(tmp_path / "b" / "train_state" / "3")  # as if the run died during epoch 3
+    shutil.rmtree(tmp_path / "b" / "checkpoints")
+    resumed, lines = _train(config, tmp_path / "b")
+    assert any("resuming from" in line and "step 2" in line for line in lines)
+
+    a = load_variables(straight["checkpoint"], config)
+    b = load_variables(resumed["checkpoint"], config)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    write_ade20k(tmp_path / "ade")
+    config = tiny_ade20k_config(tmp_path / "ade")
+    _train(config, tmp_path / "w")
+    results, lines = _train(config, tmp_path / "w")
+    assert any("already trained" in line for line in lines)
+    assert results["train"]["steps"] == 2
+
+
+def test_incompatible_checkpoint_in_workdir_is_a_clear_error(tmp_path):
+    write_ade20k(tmp_path / "ade")
+    config = tiny_ade20k_config(tmp_path / "ade")
+    _train(config, tmp_path / "w")
+    config.model.head.feats_channels = 24
+    try:
+        _train(config, tmp_path / "w")
+    except main.ConfigError as error:
+        assert "does not fit this config" in str(error) and "--workdir" in str(error)
+    else:
+        raise AssertionError("expected a ConfigError")
+    assert sorted(p.name for p in (tmp_path / "w" / "train_state").iterdir() if p.name.isdigit()) == ["1", "2"]
