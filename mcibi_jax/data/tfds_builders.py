@@ -48,7 +48,7 @@ from mcibi_jax.data.datasets import (
     Source,
     build_source,
 )
-from mcibi_jax.data.datasets.core import read_image
+from mcibi_jax.data.datasets.core import DescribedBySpec, read_image
 
 STORED_IGNORE = 255  # value of ignored pixels in the stored label PNGs
 FILE_FORMAT = "array_record"
@@ -273,7 +273,7 @@ def builder_class(name: str) -> type[_Builder]:
 # Reading
 
 
-class TfdsSource:
+class TfdsSource(DescribedBySpec):
     """Random-access samples of one prepared split, the same dicts as ``build_source`` gives.
 
     ``source[i]`` is ``{"image": (H, W, 3) uint8 RGB, "label": (H, W) int32, "id": str}``
@@ -293,9 +293,6 @@ class TfdsSource:
         table[: self.spec.num_classes] = np.arange(self.spec.num_classes)
         table[STORED_IGNORE] = self.ignore_label
         self._table = table
-        palette = np.asarray(self.spec.palette, dtype=np.uint8).reshape(-1, 3)
-        palette.flags.writeable = False
-        self._palette = palette
         self._records = self._open()
 
     def _open(self) -> Any:
@@ -318,27 +315,6 @@ class TfdsSource:
         self.tfds_split = tfds_split
         self.location = f"{builder.data_dir}[{tfds_split}]"
         return builder.as_data_source(split=tfds_split, decoders={"image": skip, "label": skip})
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.spec.class_names
-
-    @property
-    def palette(self) -> np.ndarray:
-        """(num_classes, 3) uint8 RGB colour of each class (read-only)."""
-        return self._palette
-
-    @property
-    def flip_label_pairs(self) -> tuple[tuple[int, int], ...]:
-        return self.spec.flip_label_pairs
 
     def __len__(self) -> int:
         return len(self._records)

@@ -217,24 +217,10 @@ def _ranges(values: np.ndarray) -> str:
 # Source
 
 
-class Source:
-    """Random-access samples of one split, as a grain ``RandomAccessDataSource`` expects.
+class DescribedBySpec:
+    """Name, classes, palette and flip pairs of a sample source, from its ``spec``."""
 
-    ``source[i]`` is ``{"image": (H, W, 3) uint8 RGB, "label": (H, W) int32, "id": str}``;
-    labels hold class indices in ``[0, num_classes)`` or ``ignore_label``. Without labels
-    (``with_labels=False``) the label is all ``ignore_label``. Problems with one sample raise
-    :class:`CorruptSample`.
-    """
-
-    def __init__(self, spec: DatasetSpec, split: str, samples: Sequence[Sample], ignore_label: int = IGNORE_LABEL):
-        self.spec = spec
-        self.split = split
-        self.ignore_label = int(ignore_label)
-        self.samples: tuple[Sample, ...] = tuple(samples)
-        self._table = lookup_table(spec.label_map, self.ignore_label)
-        palette = np.asarray(spec.palette, dtype=np.uint8).reshape(-1, 3)
-        palette.flags.writeable = False
-        self._palette = palette
+    spec: DatasetSpec
 
     @property
     def name(self) -> str:
@@ -251,12 +237,31 @@ class Source:
     @property
     def palette(self) -> np.ndarray:
         """(num_classes, 3) uint8 RGB colour of each class (read-only)."""
-        return self._palette
+        palette = np.asarray(self.spec.palette, dtype=np.uint8).reshape(-1, 3)
+        palette.flags.writeable = False
+        return palette
 
     @property
     def flip_label_pairs(self) -> tuple[tuple[int, int], ...]:
         """Class pairs that swap when the image is mirrored (LIP's left/right parts), else ()."""
         return self.spec.flip_label_pairs
+
+
+class Source(DescribedBySpec):
+    """Random-access samples of one split, as a grain ``RandomAccessDataSource`` expects.
+
+    ``source[i]`` is ``{"image": (H, W, 3) uint8 RGB, "label": (H, W) int32, "id": str}``;
+    labels hold class indices in ``[0, num_classes)`` or ``ignore_label``. Without labels
+    (``with_labels=False``) the label is all ``ignore_label``. Problems with one sample raise
+    :class:`CorruptSample`.
+    """
+
+    def __init__(self, spec: DatasetSpec, split: str, samples: Sequence[Sample], ignore_label: int = IGNORE_LABEL):
+        self.spec = spec
+        self.split = split
+        self.ignore_label = int(ignore_label)
+        self.samples: tuple[Sample, ...] = tuple(samples)
+        self._table = lookup_table(spec.label_map, self.ignore_label)
 
     def __len__(self) -> int:
         return len(self.samples)
