@@ -8,7 +8,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mcibi_jax.config import ConfigError
+from mcibi_jax.evaluation.inference import check_inference_config, inference_settings
+from mcibi_jax.evaluation.inference import predict as predict_classes
 from mcibi_jax.models.segmentor import MCIBI, build_model
 from mcibi_jax.porting.port import load_variables, model_config_of, variables_from_pth
 
@@ -22,6 +26,7 @@ class Segmenter:
     >>> seg = mcibi_jax.Segmenter.from_pth("memorynet_deeplabv3_resnet50os8_cityscapes.pth", config)
     >>> out = seg.forward(images)  # (N, H, W, 3) float32, normalised
     >>> out["stage2"].shape        # (N, ceil(H / 8), ceil(W / 8), num_classes)
+    >>> labels = seg.predict(image)  # uint8 (H, W, 3) RGB -> int32 (H, W) class ids
     """
 
     def __init__(self, model: MCIBI, variables: Mapping[str, Any], config: Mapping[str, Any]):
@@ -53,6 +58,69 @@ class Segmenter:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N, H, W, 3), got shape {tuple(images.shape)}")
         return _forward(self.model, self.variables, images)
+
+    def predict(self, image: np.ndarray, use_tta: bool | None = None) -> np.ndarray:
+        """Class ids int32 (H, W) of one uint8 RGB image (H, W, 3), as the config evaluates.
+
+        The image goes through the config's test pipeline (``dataset.test`` resize, then
+        ``dataset.mean`` / ``dataset.std`` normalisation), is scored under the config's
+        inference settings (``model.inference``, or the ``eval.tta_*`` ones when
+        ``eval.use_tta`` or ``use_tta``; flips swap ``dataset.train.flip_label_pairs``) and the
+        scores are resized back to (H, W) before the argmax. Needs a full experiment config
+        (with ``dataset``), not only a model config.
+        """
+        image = check_image(image)
+        normalised = preprocessor(self.config)(image)
+        settings = inference_settings(self.config, use_tta)
+        check_inference_config(settings)
+        pairs = self.config["dataset"].get("train", {}).get("flip_label_pairs", ())
+        labels = predict_classes(self.model, self.variables, normalised[None], settings,
+                                 align_corners=bool(model_config_of(self.config).get("align_corners", False)),
+                                 flip_label_pairs=tuple(tuple(int(c) for c in p) for p in pairs),
+                                 output_size=image.shape[:2])
+        return np.asarray(labels[0], np.int32)
+
+
+def check_image(image: Any) -> np.ndarray:
+    """``image`` as a uint8 (H, W, 3) RGB numpy array, or a ValueError saying what is wrong."""
+    dtype = getattr(image, "dtype", None)
+    shape = tuple(getattr(image, "shape", ()))
+    if dtype is None or np.dtype(dtype) != np.uint8:
+        floating = dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
+        hint = (" (for floats in 0..1 use (image * 255).round().astype(np.uint8); for 0..255 "
+                "image.round().astype(np.uint8))") if floating else ""
+        raise ValueError(f"image must be a uint8 (H, W, 3) RGB array with values 0..255, got dtype {dtype}{hint}")
+    if len(shape) != 3 or shape[-1] != 3 or min(shape) < 1:
+        hint = " (grey: np.stack([image] * 3, -1); RGBA: image[..., :3])" if len(shape) in (2, 3) else ""
+        raise ValueError(f"image must be a uint8 (H, W, 3) RGB array, got shape {shape}{hint}")
+    return np.asarray(image)
+
+
+def preprocessor(config: Mapping[str, Any]):
+    """``fn(image uint8 (H, W, 3)) -> float32 (h, w, 3)``: the config's test pipeline.
+
+    The released datasets resize for ``dataset.test.output_size`` and normalise with
+    ``dataset.mean`` / ``dataset.std`` (:func:`mcibi_jax.data.transforms.eval_transform`); the
+    generated ``synthetic`` dataset of configs/demo.py only normalises, as its evaluation does.
+    """
+    dataset = config.get("dataset") if "model" in config else None
+    if not dataset:
+        raise ConfigError("prediction needs a full experiment config with a 'dataset' section "
+                          "(test resize, mean and std), not only a model config")
+    if dataset.get("name") == "synthetic":
+        from mcibi_jax.data import synthetic
+        from mcibi_jax.data.transforms import normalize_image
+
+        mean, std = 255 * synthetic.MEAN, 255 * synthetic.STD  # its images are (rgb / 255 - MEAN) / STD
+        return lambda image: normalize_image(image, (mean,) * 3, (std,) * 3)
+    missing = [key for key in ("mean", "std", "test") if key not in dataset]
+    if missing or "output_size" not in dataset["test"]:
+        missing = missing or ["test.output_size"]
+        raise ConfigError(f"config.dataset lacks {', '.join(missing)}, needed for the test pipeline")
+    from mcibi_jax.data.transforms import eval_transform
+
+    transform = eval_transform(dataset)
+    return lambda image: transform({"image": image})["image"]
 
 
 @functools.partial(jax.jit, static_argnums=0)

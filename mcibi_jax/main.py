@@ -29,7 +29,7 @@ import numpy as np
 
 from mcibi_jax.config import ConfigError, apply_override
 from mcibi_jax.data import synthetic
-from mcibi_jax.evaluation.inference import check_inference_config, evaluate
+from mcibi_jax.evaluation.inference import check_inference_config, evaluate, inference_settings
 from mcibi_jax.evaluation.metrics import format_table, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables
@@ -82,17 +82,6 @@ def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarra
     data = config["dataset"]
     return synthetic.make_split(int(data[which]["seed"]), int(data[which]["num_images"]), tuple(data["image_size"]),
                                 int(data["num_classes"]))
-
-
-def _inference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``model.inference``, or the ``eval.tta_*`` settings when ``eval.use_tta``."""
-    settings = dict(config["model"]["inference"])
-    evaluation = config.get("eval", {})
-    if evaluation.get("use_tta", False):
-        for key in ("mode", "cropsize", "stride", "multiscale", "flip", "use_probs_before_resize"):
-            if f"tta_{key}" in evaluation:
-                settings[key] = evaluation[f"tta_{key}"]
-    return settings
 
 
 class TrainingData:
@@ -195,7 +184,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     _check_dataset(config)
-    inference = _inference_settings(config)
+    inference = inference_settings(config)
     check_inference_config(inference)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,21 @@ def check_inference_config(inference: Mapping[str, Any]) -> None:
         raise ConfigError(f"inference.multiscale must be positive, got {scales}")
 
 
+def inference_settings(config: Mapping[str, Any], use_tta: bool | None = None) -> dict[str, Any]:
+    """The settings an experiment config evaluates with: ``model.inference``, with the
+    ``eval.tta_*`` values in place of its own when ``use_tta`` is true (``None``: when
+    ``eval.use_tta`` is)."""
+    settings = dict(config["model"]["inference"])
+    evaluation = config.get("eval", None) or {}
+    if use_tta is None:
+        use_tta = bool(evaluation.get("use_tta", False))
+    if use_tta:
+        for key in ("mode", "cropsize", "stride", "multiscale", "flip", "use_probs_before_resize"):
+            if f"tta_{key}" in evaluation:
+                settings[key] = evaluation[f"tta_{key}"]
+    return settings
+
+
 def predict(
     model: MCIBI,
     variables: Mapping[str, Any],

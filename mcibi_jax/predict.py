@@ -1,0 +1,297 @@
+"""Segment image files with a trained or ported MCIBI model.
+
+    python -m mcibi_jax.predict --config=configs/ade20k.py:r50 --checkpoint=ckpt/r50_ade20k \\
+        --input=photos/ --output=masks/ [--overlay_alpha=0.5] [--tta] [--recursive] [--overwrite]
+
+``--pth=FILE`` reads a released PyTorch checkpoint instead of ``--checkpoint=DIR`` (ported on
+the fly, as ``python -m mcibi_jax.port`` would); ``--config.<key>=<value>`` changes the config.
+Each image (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, in sorted order; a folder is searched
+non-recursively unless ``--recursive``, which mirrors its sub-folders in the output) goes
+through the config's test pipeline and inference settings (``--tta``: the ``eval.tta_*``
+ones) and gives, at its original size:
+
+    NAME_mask.png      the classes in the dataset's colours
+    NAME_labels.png    the class ids (8-bit; 16-bit for more than 256 classes)
+    NAME_overlay.jpg   the image blended with the mask (--overlay_alpha of mask)
+
+Existing files are kept unless ``--overwrite``. Unreadable images are reported and skipped.
+Exit status: 0 done, 1 some images could not be read or written, 2 nothing could run (bad
+arguments, config, checkpoint or input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mcibi_jax.config import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
+
+
+# --------------------------------------------------------------------------------------------
+# Colours
+
+
+def generated_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 distinct colours, the same for every run: the bits of each class id are
+    spread over the three channels from the most significant bit down (class 0 is black)."""
+    ids = np.arange(num_classes, dtype=np.int64)
+    colours = np.zeros((num_classes, 3), np.int64)
+    for level in range(8):
+        for channel in range(3):
+            colours[:, channel] |= ((ids >> (3 * level + channel)) & 1) << (7 - level)
+    return colours.astype(np.uint8)
+
+
+def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 colours: the dataset's own palette for the released datasets, else (the
+    synthetic demo, unknown datasets, classes beyond the palette) :func:`generated_palette`."""
+    from mcibi_jax.data.datasets import SPECS
+
+    colours = generated_palette(num_classes)
+    spec = SPECS.get((dataset_config or {}).get("name", ""))
+    if spec is not None:
+        own = np.asarray(spec.palette, np.uint8).reshape(-1, 3)[:num_classes]
+        colours[:len(own)] = own
+    return colours
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """int (H, W) class ids -> uint8 (H, W, 3) colours."""
+    return palette[labels]
+
+
+def blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """uint8 (H, W, 3) ``(1 - alpha) * image + alpha * mask``, rounded."""
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * mask.astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def find_images(source: Path, recursive: bool = False, exclude: Path | None = None) -> tuple[Path, list[Path]]:
+    """(folder the output names are relative to, the image files of ``source`` sorted).
+
+    ``source`` is one file (taken whatever its extension) or a folder. Files this tool wrote
+    under ``exclude`` (the output folder) are left out, so outputs inside the input folder are
+    never read back as inputs.
+    """
+    if source.is_file():
+        return source.parent, [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"input {source} does not exist")
+    candidates = source.rglob("*") if recursive else source.iterdir()
+    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if exclude is not None:
+        exclude = exclude.resolve()
+
+        def ours(p: Path) -> bool:
+            return p.name.endswith(OUTPUT_SUFFIXES) and p.resolve().is_relative_to(exclude)
+
+        images = [p for p in images if not ours(p)]
+    return source, sorted(images, key=lambda p: p.relative_to(source).as_posix())
+
+
+def output_stems(images: Sequence[Path], root: Path) -> list[Path]:
+    """Per image the output path without suffix, relative to the output folder: the image's
+    path under ``root`` without its extension, plus ``_<ext>`` where two images would share it
+    (``a.jpg`` and ``a.png`` -> ``a_jpg`` and ``a_png``)."""
+    plain = [p.relative_to(root).with_suffix("") for p in images]
+    counts: dict[str, int] = {}
+    for stem in plain:
+        counts[stem.as_posix().lower()] = counts.get(stem.as_posix().lower(), 0) + 1
+    return [stem.with_name(f"{stem.name}_{p.suffix[1:].lower()}") if counts[stem.as_posix().lower()] > 1 else stem
+            for stem, p in zip(plain, images)]
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file, turned upright by its EXIF orientation (as OpenCV's
+    imread does); any decoding problem raises ValueError."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I", "I;16", "F"):  # 16-bit or float grey: scale to 8 bits
+                grey = np.asarray(image, np.float64)
+                top = 65535.0 if grey.max() > 255 else 255.0
+                return np.repeat(np.rint(np.clip(grey, 0, top) * 255 / top).astype(np.uint8)[..., None], 3, -1)
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except Exception as error:  # Pillow raises many types for damaged or foreign files
+        raise ValueError(f"{type(error).__name__}: {error}") from None
+
+
+def write_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Class ids as a grey PNG: 8-bit when they fit (K <= 256), else 16-bit."""
+    _save(np.asarray(labels, np.uint8 if num_classes <= 256 else np.uint16), path, "PNG")
+
+
+def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
+    """Writes through a temporary name, so an interrupted run leaves no partial file behind."""
+    from PIL import Image
+
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(array).save(temporary, format=fmt, **options)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config file and argument, e.g. configs/ade20k.py:r50")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port)")
+    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
+    parser.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1")
+    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
+    parser.add_argument("--recursive", action="store_true", help="also search the input folder's sub-folders")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item}")
+        key = item[len("--config."):]
+        if "=" not in key:  # --config.a.b VALUE
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                parser.error(f"{item} needs a value: {item}=VALUE")
+            key, i = f"{key}={rest[i + 1]}", i + 1
+        overrides.append(key)
+        i += 1
+    return args, overrides
+
+
+def _describe(settings: Mapping[str, Any]) -> str:
+    mode = settings.get("mode", "whole")
+    if mode == "slide":
+        mode += f" {tuple(settings['cropsize'])} windows, stride {tuple(settings['stride'])}"
+    scales = [float(s) for s in settings.get("multiscale") or [1.0]]
+    return f"{mode}, scales {scales}, flip {bool(settings.get('flip', False))}"
+
+
+def _prepare(args: argparse.Namespace, overrides: list[str]):
+    """(config, inference settings, segmenter, input root, images, output folder); raises
+    ConfigError, PthError, PortError or OSError for anything that keeps the run from starting."""
+    from mcibi_jax.api import Segmenter, preprocessor
+    from mcibi_jax.config import load_config
+    from mcibi_jax.evaluation.inference import check_inference_config, inference_settings
+
+    if not 0.0 <= args.overlay_alpha <= 1.0:
+        raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError:
+        raise
+    except Exception as error:  # anything a config file may raise while it runs
+        raise ConfigError(f"cannot load the config {args.config}: {type(error).__name__}: {error}") from None
+    preprocessor(config)  # the config can run the test pipeline
+    settings = inference_settings(config, True if args.tta else None)
+    check_inference_config(settings)
+    weights = Path(args.checkpoint or args.pth)
+    if not weights.exists():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    output = Path(args.output)
+    root, images = find_images(Path(args.input), args.recursive, exclude=output)
+    if not images:
+        below = "or below " if args.recursive else ""
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
+    if args.pth:
+        segmenter = Segmenter.from_pth(weights, config)
+    else:
+        try:
+            segmenter = Segmenter.from_checkpoint(weights, config)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
+    output.mkdir(parents=True, exist_ok=True)
+    return config, settings, segmenter, root, images, output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mcibi_jax.porting.convert import PortError
+    from mcibi_jax.porting.pth import PthError
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+
+    def out(message: str) -> None:
+        print(message, flush=True)
+
+    def warn(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        config, settings, segmenter, root, images, output = _prepare(args, overrides)
+    except (ConfigError, PthError, PortError, OSError) as error:  # OSError: missing files, unusable --output
+        warn(f"error: {error}")
+        return 2
+    use_tta = True if args.tta else None
+
+    num_classes = int(config["model"]["num_classes"])
+    palette = dataset_palette(config.get("dataset"), num_classes)
+    stems = output_stems(images, root)
+    out(f"{len(images)} image(s) from {args.input} -> {output}; inference: {_describe(settings)}")
+    done, skipped, failed = 0, [], []
+    started = time.perf_counter()
+    for index, (path, stem) in enumerate(zip(images, stems), 1):
+        tick = time.perf_counter()
+        prefix = f"[{index}/{len(images)}] {path}"
+        targets = {suffix: output / stem.parent / f"{stem.name}{suffix}" for suffix in OUTPUT_SUFFIXES}
+        todo = {s: p for s, p in targets.items() if args.overwrite or not p.exists()}
+        kept = [p.name for s, p in targets.items() if s not in todo]
+        if not todo:
+            skipped.append(str(path))
+            out(f"{prefix} ... skipped, outputs exist ({', '.join(kept)}); --overwrite to redo")
+            continue
+        try:
+            image = read_rgb(path)
+        except ValueError as error:
+            failed.append(str(path))
+            warn(f"{prefix} ... unreadable, skipped: {error}")
+            continue
+        labels = segmenter.predict(image, use_tta=use_tta)
+        mask = colorize(labels, palette)
+        try:
+            targets["_mask.png"].parent.mkdir(parents=True, exist_ok=True)
+            if "_mask.png" in todo:
+                _save(mask, todo["_mask.png"], "PNG")
+            if "_labels.png" in todo:
+                write_label_png(todo["_labels.png"], labels, num_classes)
+            if "_overlay.jpg" in todo:
+                _save(blend(image, mask, args.overlay_alpha), todo["_overlay.jpg"], "JPEG", quality=90)
+        except OSError as error:
+            failed.append(str(path))
+            warn(f"{prefix} ... cannot write the outputs: {error}")
+            continue
+        done += 1
+        note = f" (kept existing {', '.join(kept)})" if kept else ""
+        out(f"{prefix} {image.shape[1]}x{image.shape[0]} ... {time.perf_counter() - tick:.2f} s{note}")
+
+    summary = f"{done} segmented, {len(skipped)} skipped (outputs exist), {len(failed)} failed"
+    out(f"{summary} in {time.perf_counter() - started:.1f} s; outputs in {output}")
+    if failed:
+        warn("failed: " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
