@@ -1,0 +1,212 @@
+"""Multi-process (multi-host) start-up: one call before any other JAX work.
+
+    from mcibi_jax import distributed
+    distributed.initialize()          # flags or MCIBI_* env vars; no-op on one process
+    if distributed.is_main_process():
+        ...                           # write results, logs, checkpoints metadata
+
+Settings, each from the argument or else its environment variable:
+
+    coordinator_address  MCIBI_COORDINATOR       "host:port" of process 0 (it listens there)
+    num_processes        MCIBI_NUM_PROCESSES     number of processes (usually one per host)
+    process_id           MCIBI_PROCESS_ID        0 .. num_processes - 1
+    local_device_ids     MCIBI_LOCAL_DEVICE_IDS  optional, e.g. "0,1,2,3": devices this process uses
+
+The first three go together: all or none. With none, a managed cluster (Cloud TPU pod
+slice, SLURM with more than one task, Open MPI) is left to ``jax.distributed.initialize()``'s
+own detection; anywhere else nothing happens and JAX runs as a single process.
+
+CPU processes (tests, debugging) exchange data through gloo collectives, which this JAX
+version uses by default (``jax_cpu_collectives_implementation='gloo'``); ``initialize``
+selects it explicitly when the CPU is the only platform.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+ENV_COORDINATOR = "MCIBI_COORDINATOR"
+ENV_NUM_PROCESSES = "MCIBI_NUM_PROCESSES"
+ENV_PROCESS_ID = "MCIBI_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "MCIBI_LOCAL_DEVICE_IDS"
+
+
+class DistributedConfigError(ValueError):
+    """Incomplete or inconsistent multi-process settings."""
+
+
+def _int(value: int | str, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedConfigError(f"{what} must be an integer, got {value!r}") from None
+
+
+def resolve_settings(
+    coordinator_address: str | None = None,
+    num_processes: int | str | None = None,
+    process_id: int | str | None = None,
+    local_device_ids: Sequence[int] | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict | None:
+    """The explicit settings (arguments first, then MCIBI_* variables), checked.
+
+    Returns None when none of coordinator / num_processes / process_id is given, else a dict
+    with keys ``coordinator_address`` (str), ``num_processes``, ``process_id`` (int) and
+    ``local_device_ids`` (list[int] or None). Raises DistributedConfigError for a partial or
+    invalid combination.
+    """
+    env = os.environ if environ is None else environ
+    values = {
+        "coordinator_address": (coordinator_address, ENV_COORDINATOR),
+        "num_processes": (num_processes, ENV_NUM_PROCESSES),
+        "process_id": (process_id, ENV_PROCESS_ID),
+    }
+    found = {}
+    for key, (value, var) in values.items():
+        if value is None or value == "":
+            value = env.get(var) or None
+        found[key] = value
+    given = [key for key, value in found.items() if value is not None]
+    if not given:
+        return None
+    missing = [key for key in found if found[key] is None]
+    if missing:
+        hint = ", ".join(f"{key} ({values[key][1]})" for key in missing)
+        raise DistributedConfigError(
+            f"multi-process settings are partial: {', '.join(given)} given but {hint} missing; "
+            f"set all three, or none for a single process / an auto-detected cluster")
+    address = str(found["coordinator_address"])
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DistributedConfigError(f"coordinator address must be host:port, got {address!r}")
+    count = _int(found["num_processes"], "num_processes")
+    index = _int(found["process_id"], "process_id")
+    if count < 1:
+        raise DistributedConfigError(f"num_processes must be at least 1, got {count}")
+    if not 0 <= index < count:
+        raise DistributedConfigError(f"process_id must be in [0, {count}), got {index}")
+    devices = local_device_ids
+    if devices is None or devices == "":
+        devices = env.get(ENV_LOCAL_DEVICE_IDS) or None
+    if isinstance(devices, str):
+        devices = [_int(d, "local_device_ids entry") for d in devices.split(",") if d.strip()]
+    elif devices is not None:
+        devices = [_int(d, "local_device_ids entry") for d in devices]
+    return {"coordinator_address": address, "num_processes": count, "process_id": index,
+            "local_device_ids": devices}
+
+
+def managed_cluster(environ: Mapping[str, str] | None = None) -> str | None:
+    """The name of a multi-process environment JAX detects itself ("slurm", "ompi", "tpu"), or None.
+
+    SLURM and Open MPI count only with more than one task; a Cloud TPU VM counts when it has
+    TPU devices and libtpu (a single-host VM initialises as one process, which is harmless).
+    ``environ`` (default: the process environment) replaces os.environ and skips the device check.
+    """
+    env = os.environ if environ is None else environ
+    # The variables JAX's SLURM detection reads; the task count of the job step (srun) when set,
+    # so that a plain `python` in a multi-task batch script is not left waiting for its peers.
+    if all(v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")):
+        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+        if _int(tasks, "SLURM_STEP_NUM_TASKS") > 1:
+            return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and _int(env.get("OMPI_COMM_WORLD_SIZE", "1"), "OMPI_COMM_WORLD_SIZE") > 1:
+        return "ompi"
+    platforms = env.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms:
+        return None
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    # A TPU VM: TPU device files and libtpu (JAX's own test for a Cloud TPU VM).
+    if environ is None and (glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")) \
+            and importlib.util.find_spec("libtpu") is not None:
+        return "tpu"
+    return None
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | str | None = None,
+    *,
+    auto_detect: bool = True,
+    initialization_timeout: int = 300,
+) -> bool:
+    """Joins this process to the others of a multi-process run (``jax.distributed.initialize``).
+
+    Call it once, before any other JAX call that touches devices. Settings come from the
+    arguments or the MCIBI_* environment variables (see the module docstring); a single
+    process (``num_processes == 1``, or nothing set outside a managed cluster) is a no-op.
+    With nothing set inside a Cloud TPU pod, SLURM or Open MPI job (``auto_detect``), JAX's
+    own detection supplies the settings. Calling it again after success does nothing.
+
+    Returns True when the distributed system is (now) running, False for a single process.
+    Raises DistributedConfigError for partial or invalid settings.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    settings = resolve_settings(coordinator_address, num_processes, process_id, local_device_ids)
+    if settings is None:
+        if not auto_detect or managed_cluster() is None:
+            return False
+        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+        return True
+    if settings["num_processes"] == 1:
+        return False
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        # Gloo carries the cross-process collectives of CPU devices (the default here; explicit
+        # so that a different global default does not leave the processes unable to talk).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=settings["coordinator_address"],
+        num_processes=settings["num_processes"],
+        process_id=settings["process_id"],
+        local_device_ids=settings["local_device_ids"],
+        initialization_timeout=initialization_timeout,
+    )
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that should write files and log), and in single-process runs."""
+    return jax.process_index() == 0
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` copied to every device of ``mesh`` (``PartitionSpec()``), from one or many processes.
+
+    With one process this is ``jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))``.
+    With several, where ``device_put`` refuses devices of other processes, every process must
+    call it with the same values (the same seed gives the same initialisation); each puts its
+    own copy on its local devices. Typed PRNG keys are handled.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def describe() -> str:
+    """One line: process index / count, local and global devices (for the start of a log)."""
+    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+            f"{jax.device_count()} {jax.default_backend()} device(s)")
+
+
+__all__ = ["DistributedConfigError", "describe", "initialize", "is_main_process", "managed_cluster", "replicate",
+           "resolve_settings"]
