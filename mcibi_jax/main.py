@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcibi_jax import distributed
 from mcibi_jax.config import ConfigError, apply_override
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.inference import check_inference_config, evaluate, inference_settings
@@ -112,7 +113,10 @@ class TrainingData:
         if self._config["dataset"]["name"] == "synthetic":  # a pure function of the epoch
             seed = int(self._config["train"].get("seed", 0))
             flip_prob = float(self._config["dataset"]["train"].get("flip_prob", 0.0))
-            yield from synthetic.batches(self._images, self._labels, self.batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+            host, hosts = jax.process_index(), jax.process_count()
+            for batch in synthetic.batches(self._images, self._labels, self.batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob):
+                part = self.batch_size // hosts  # each host feeds its slice of the global batch
+                yield {k: v[host * part:(host + 1) * part] for k, v in batch.items()}
             return
         for _ in range(self.steps_per_epoch):
             batch = next(self._iterator)
@@ -195,7 +199,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
 
     if mode in ("train", "train_and_eval"):
         check_train_config(config)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        if distributed.is_main_process():
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         data = TrainingData(config)
         checkpoints = TrainCheckpoints(workdir / "train_state", keep=int(config["train"].get("keep_checkpoints", 3)))
         started = time.perf_counter()
@@ -233,8 +238,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
             "num_images": num_images, "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
             "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
         }
-    path = _write_results(workdir, update, merge=mode == "eval")
-    log(f"wrote {path}")
+    if distributed.is_main_process():
+        log(f"wrote {_write_results(workdir, update, merge=mode == 'eval')}")
     return update
 
 
@@ -309,8 +314,11 @@ def main(argv: list[str]) -> None:
     if absl_logging.get_verbosity() == absl_logging.INFO:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    except (ConfigError, DatasetUnavailable, TrainingDiverged, NotImplementedError, FileNotFoundError, FileExistsError) as error:
+        distributed.initialize()
+        log = _log if distributed.is_main_process() else (lambda message: None)
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value, log=log)
+    except (ConfigError, DatasetUnavailable, TrainingDiverged, NotImplementedError, FileNotFoundError, FileExistsError,
+            distributed.DistributedConfigError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

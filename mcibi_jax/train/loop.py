@@ -13,7 +13,8 @@ from mcibi_jax.models.segmentor import MCIBI
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
-from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
+from mcibi_jax.distributed import replicate
+from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
 
 Batch = Mapping[str, np.ndarray]
 
@@ -65,7 +66,7 @@ def train(
     # An 'rbg' key for the initialisation: XLA compiles it in a fraction of threefry's time on CPU.
     variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
     tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
-    state = jax.device_put(create_train_state(variables, tx), replicated(mesh))
+    state = replicate(create_train_state(variables, tx), mesh)
     checkpoint_every = max(1, int(train_config.get("checkpoint_every", 1)))
     start_epoch = 1
     if checkpoints is not None:
@@ -76,7 +77,7 @@ def train(
                 restore_data(saved_data)
             start_epoch = int(state.step) // steps_per_epoch + 1
             log(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})")
-    dropout_key = jax.device_put(jax.random.key(seed + 1), replicated(mesh))
+    dropout_key = replicate(jax.random.key(seed + 1), mesh)
     num_replicas = int(train_config.get("num_replicas", 1))
     if int(train_config["batch_size"]) % num_replicas:
         raise ValueError(f"train.batch_size={train_config['batch_size']} does not split into {num_replicas} replicas")

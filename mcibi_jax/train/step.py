@@ -112,9 +112,10 @@ def make_train_step(
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-    """Host batch -> device arrays split along 'data' (the batch must divide evenly)."""
-    n = next(iter(batch.values())).shape[0]
+    """This host's part of the global batch -> global arrays split along 'data' (with one
+    process, the host batch is the global batch; it must divide evenly over the devices)."""
+    n = next(iter(batch.values())).shape[0] * jax.process_count()
     if n % mesh.size:
         raise ValueError(f"batch size {n} does not divide evenly over {mesh.size} devices")
     sharding = batch_sharding(mesh)
-    return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
