@@ -71,8 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
         "schedule": {"name": "poly", "power": 0.9, "min_lr": lr * 0.01},
         "seed": 0,
         "log_every": 32,
-        "checkpoint_every": 1,  # not used yet: only the final checkpoint is written
+        "checkpoint_every": 1,  # epochs
+        "keep_checkpoints": 3,
         "eval_every": 10,  # not used yet: evaluation runs after training
+        "num_replicas": 1,
+        "init_from": "",
     }
     eval_ = {"batch_size": 16, "use_tta": False}
     return ml_collections.ConfigDict(

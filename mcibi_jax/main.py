@@ -33,7 +33,7 @@ from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.inference import check_inference_config, evaluate, inference_settings
 from mcibi_jax.evaluation.metrics import format_table, to_json
 from mcibi_jax.models.segmentor import build_model
-from mcibi_jax.porting.port import load_variables, save_variables
+from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.loop import TrainingDiverged, train
 
@@ -83,6 +83,22 @@ def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarra
     data = config["dataset"]
     return synthetic.make_split(int(data[which]["seed"]), int(data[which]["num_images"]), tuple(data["image_size"]),
                                 int(data["num_classes"]))
+
+
+def _initial_variables(config: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """``train.init_from``: an orbax checkpoint directory or a released .pth (fine-tuning)."""
+    source = str(config["train"].get("init_from", "") or "")
+    if not source:
+        return None
+    from mcibi_jax.porting.convert import PortError
+    from mcibi_jax.porting.pth import PthError
+
+    try:
+        variables = variables_from_pth(source, config) if source.endswith((".pth", ".pt")) else load_variables(source, config)
+    except (PortError, PthError) as error:
+        raise ConfigError(f"train.init_from={source}: {error}") from None
+    log(f"initialised from {source}")
+    return variables
 
 
 class TrainingData:
@@ -206,7 +222,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         started = time.perf_counter()
         try:
             state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=log,
-                                   checkpoints=checkpoints, data_state=data.state, restore_data=data.restore)
+                                   checkpoints=checkpoints, data_state=data.state, restore_data=data.restore,
+                                   initial_variables=_initial_variables(config, log))
         finally:
             checkpoints.close()
         seconds = time.perf_counter() - started

@@ -325,7 +325,14 @@ def _train(recipe: dict[str, Any]) -> dict[str, Any]:
         "seed": 0,
         "log_every": 50,  # iterations
         "checkpoint_every": 1,  # epochs
+        "keep_checkpoints": 3,
         "eval_every": 10,  # epochs (and after the last one)
+        # The reference's data-parallel GPU count whose per-GPU losses and memory updates to
+        # reproduce (1: one loss mean and one memory update over the whole batch).
+        "num_replicas": 1,
+        # Start from these weights instead of a random initialisation (fine-tuning): an orbax
+        # checkpoint directory (python -m mcibi_jax.port) or a released .pth file.
+        "init_from": "",
     }
 
 

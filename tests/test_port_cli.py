@@ -86,3 +86,13 @@ def test_forward_accepts_any_input_size(case):
         assert np.isfinite(np.asarray(out["stage2"])).all()
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         segmenter.forward(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_checkpoint_of_another_config_is_refused_on_load(config_file, tmp_path):
+    from mcibi_jax.porting.convert import PortError
+
+    out = tmp_path / "ckpt"
+    assert port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]) == 0
+    config = mcibi_jax.load_config(f"{config_file}:{CASE}", ["model.num_classes=7"])
+    with pytest.raises(PortError, match="memory_module/memory: checkpoint \\(5, 1, 16\\), model expects \\(7, 1, 16\\)"):
+        mcibi_jax.Segmenter.from_checkpoint(out, config)

@@ -60,3 +60,27 @@ def test_incompatible_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     else:
         raise AssertionError("expected a ConfigError")
     assert sorted(p.name for p in (tmp_path / "w" / "train_state").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    from mcibi_jax import load_config
+    from tests.test_demo import DEMO, FAST
+
+    config = load_config(DEMO, FAST + ["train.num_epochs=1"])
+    first = main.run(config, tmp_path / "a", mode="train", log=lambda _: None)
+    tuned = load_config(DEMO, FAST + ["train.num_epochs=1", "train.optimizer.lr=0.0", "train.schedule.min_lr=0.0",
+                                      "train.optimizer.weight_decay=0.0", f"train.init_from={first['checkpoint']!r}"])
+    lines = []
+    second = main.run(tuned, tmp_path / "b", mode="train", log=lines.append)
+    assert any(line.startswith("initialised from") for line in lines)
+    before, after = load_variables(first["checkpoint"], config), load_variables(second["checkpoint"], config)
+    for x, y in zip(jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # lr 0: the weights stay the loaded ones
+
+    tuned.model.head.feats_channels = 24
+    try:
+        main.run(tuned, tmp_path / "c", mode="train", log=lambda _: None)
+    except main.ConfigError as error:
+        assert "train.init_from" in str(error)
+    else:
+        raise AssertionError("expected a ConfigError")

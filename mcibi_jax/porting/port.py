@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mcibi_jax.models.segmentor import MCIBI, build_model
 from mcibi_jax.porting.convert import PortError, state_dict_to_variables
@@ -80,4 +81,16 @@ def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> d
             restored = checkpointer.restore(directory, target)
         except (ValueError, KeyError) as error:
             raise PortError(f"the checkpoint at {directory} does not match the model config: {error}") from None
+    # orbax restores the stored shapes whatever the target says: compare them ourselves.
+    wanted = traverse_util.flatten_dict(target)
+    got = traverse_util.flatten_dict(dict(restored))
+    mismatches = [
+        f"{'/'.join(path)}: checkpoint {tuple(np.shape(got[path])) if path in got else 'missing'}, model expects {tuple(leaf.shape)}"
+        for path, leaf in wanted.items()
+        if path not in got or tuple(np.shape(got[path])) != tuple(leaf.shape)
+    ]
+    mismatches += [f"{'/'.join(path)}: in the checkpoint, not in the model" for path in got if path not in wanted]
+    if mismatches:
+        shown = "\n  ".join(mismatches[:20]) + (f"\n  ... and {len(mismatches) - 20} more" if len(mismatches) > 20 else "")
+        raise PortError(f"the checkpoint at {directory} does not match the model config ({len(mismatches)} variables):\n  {shown}")
     return jax.tree_util.tree_map(jnp.asarray, restored)

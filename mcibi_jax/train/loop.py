@@ -41,6 +41,7 @@ def train(
     checkpoints: TrainCheckpoints | None = None,
     data_state: Callable[[], Any] | None = None,
     restore_data: Callable[[Any], None] | None = None,
+    initial_variables: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
     the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
@@ -53,6 +54,7 @@ def train(
     With ``checkpoints``, training resumes from the newest one (``restore_data`` gets the input
     pipeline's saved position) and saves the state and ``data_state()`` at the end of every
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
+    ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
     """
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
@@ -64,7 +66,10 @@ def train(
 
     mesh = data_mesh()
     # An 'rbg' key for the initialisation: XLA compiles it in a fraction of threefry's time on CPU.
-    variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
+    if initial_variables is not None:
+        variables = dict(initial_variables)
+    else:
+        variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
     tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
     state = replicate(create_train_state(variables, tx), mesh)
     checkpoint_every = max(1, int(train_config.get("checkpoint_every", 1)))
