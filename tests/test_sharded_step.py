@@ -1,0 +1,60 @@
+"""The jitted step over 8 (simulated CPU) devices equals the step on one device, and the
+memory follows the per-replica-update-then-mean rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.test_distributed import REPO, _env
+
+SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from mcibi_jax import load_config
+from mcibi_jax.data import synthetic
+from mcibi_jax.models.memory import memory_momentum
+from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.train.optimizer import optimizer_from_config
+from mcibi_jax.train.state import create_train_state, init_variables
+from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
+from mcibi_jax.distributed import replicate
+
+config = load_config("configs/demo.py", ["dataset.image_size=(32, 32)", "train.num_replicas=8"])
+model_config = config.model.to_dict()
+model = build_model(config.model)
+variables = init_variables(model, jax.random.key(0, impl="rbg"), (32, 32))
+memory = np.array(jax.random.normal(jax.random.key(3), variables["memory"]["memory_module"]["memory"].shape))
+memory[::2] = 0.0  # some rows initialised from class means, the others moved
+variables = {**variables, "memory": {"memory_module": {"memory": jnp.asarray(memory)}}}
+images, labels = synthetic.make_split(1, 8, (32, 32), 4)
+out = {}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = data_mesh(devices)
+    tx, schedule = optimizer_from_config(variables["params"], config.train, 10)
+    step = make_train_step(model, model_config, tx, schedule, 10, mesh, -100, 8)
+    state = replicate(create_train_state(variables, tx), mesh)
+    state, metrics = step(state, shard_batch({"images": images, "labels": labels}, mesh), replicate(jax.random.key(1), mesh))
+    out[name] = {"loss": float(metrics["loss"]),
+                 "params": [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.params)[:6]],
+                 "memory": np.asarray(state.memory["memory_module"]["memory"]).tolist(),
+                 "devices": len(devices)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_eight_devices_equal_one():
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+    one, eight = out["one"], out["eight"]
+    assert (one["devices"], eight["devices"]) == (1, 8)
+    assert abs(one["loss"] - eight["loss"]) <= 1e-5 * abs(one["loss"])
+    import numpy as np
+
+    for a, b in zip(one["params"], eight["params"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(eight["memory"]), np.asarray(one["memory"]), rtol=1e-4, atol=1e-6)
