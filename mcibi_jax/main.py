@@ -36,6 +36,7 @@ from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.loop import TrainingDiverged, train
+from mcibi_jax.train.writers import MetricWriter, NullWriter
 
 MODES = ("train", "eval", "train_and_eval")
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -219,13 +220,15 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         data = TrainingData(config)
         checkpoints = TrainCheckpoints(workdir / "train_state", keep=int(config["train"].get("keep_checkpoints", 3)))
+        writer = MetricWriter(workdir) if distributed.is_main_process() else NullWriter()
         started = time.perf_counter()
         try:
             state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=log,
                                    checkpoints=checkpoints, data_state=data.state, restore_data=data.restore,
-                                   initial_variables=_initial_variables(config, log))
+                                   initial_variables=_initial_variables(config, log), record=writer.write_scalars)
         finally:
             checkpoints.close()
+            writer.close()
         seconds = time.perf_counter() - started
         checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), state.variables)
         log(f"saved the variables to {checkpoint}")

@@ -59,6 +59,16 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     assert 0.0 <= ev["mIoU"] <= 1.0 and 0.0 <= ev["aAcc"] <= 1.0 and 0.0 <= ev["mAcc"] <= 1.0
     assert saved == json.loads(json.dumps(results))
 
+    # the logged values also go to metrics.jsonl (and TensorBoard when tensorboardX is installed)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    assert records[-1]["loss"] == pytest.approx(history[-1]["loss"])
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
     checkpoint = Path(saved["checkpoint"])
     assert checkpoint == tmp_path / "checkpoints" / "final" and any(checkpoint.iterdir())
     variables = load_variables(checkpoint, config)

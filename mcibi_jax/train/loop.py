@@ -42,6 +42,7 @@ def train(
     data_state: Callable[[], Any] | None = None,
     restore_data: Callable[[Any], None] | None = None,
     initial_variables: Mapping[str, Any] | None = None,
+    record: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
     the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
@@ -55,6 +56,7 @@ def train(
     pipeline's saved position) and saves the state and ``data_state()`` at the end of every
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
+    ``record(step, scalars)`` receives every logged line's values (losses, lr, images/s, epoch).
     """
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
@@ -134,6 +136,8 @@ def train(
                 entry = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k.startswith("loss")}
                 entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], images_per_s=rate)
                 history.append(entry)
+                if record is not None:
+                    record(step, {k: v for k, v in entry.items() if k != "step"})
                 losses = " ".join(f"{k}={v:.4f}" for k, v in entry.items() if k.startswith("loss_"))
                 log(f"step {step}/{total_steps} epoch {epoch}/{num_epochs} loss {entry['loss']:.4f} ({losses}) "
                     f"lr {entry['lr']:.3e} {rate:.1f} img/s ETA {_format_duration(per_step * (total_steps - step))}")
