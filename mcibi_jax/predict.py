@@ -57,10 +57,20 @@ def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) 
     from mcibi_jax.data.datasets import SPECS
 
     colours = generated_palette(num_classes)
-    spec = SPECS.get((dataset_config or {}).get("name", ""))
-    if spec is not None:
-        own = np.asarray(spec.palette, np.uint8).reshape(-1, 3)[:num_classes]
-        colours[:len(own)] = own
+    name = (dataset_config or {}).get("name", "")
+    if name == "custom":  # the palette of the dataset's own dataset.json
+        from mcibi_jax.data.datasets import DatasetError
+        from mcibi_jax.data.datasets.custom import read_description
+
+        try:
+            palette = read_description(dataset_config["root"])["palette"]
+        except DatasetError:
+            palette = ()
+    else:
+        spec = SPECS.get(name)
+        palette = spec.palette if spec is not None else ()
+    own = np.asarray(palette, np.uint8).reshape(-1, 3)[:num_classes]
+    colours[:len(own)] = own
     return colours
 
 

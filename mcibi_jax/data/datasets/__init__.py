@@ -1,4 +1,4 @@
-"""Readers of Cityscapes, ADE20K, COCO-Stuff-10k and LIP from their on-disk layouts.
+"""Readers of Cityscapes, ADE20K, COCO-Stuff-10k, LIP and your own ("custom") datasets.
 
 ``build_source(config.dataset, config.dataset.train_set)`` gives a random-access
 :class:`Source` of ``{"image", "label", "id"}`` samples; docs/datasets.md describes the layouts.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import ade20k, cityscapes, cocostuff, lip
+from . import ade20k, cityscapes, cocostuff, custom, lip
 from .core import (
     IGNORE_LABEL,
     CorruptSample,
@@ -23,10 +23,12 @@ from .core import (
 )
 
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (cityscapes.SPEC, ade20k.SPEC, cocostuff.SPEC, lip.SPEC)}
+# Kinds whose spec depends on the root (``name: "custom"``: classes from <root>/dataset.json).
+KINDS: tuple[str, ...] = (*SPECS, custom.NAME)
 
 __all__ = [
     "IGNORE_LABEL", "SPECS", "CorruptSample", "DatasetConfigError", "DatasetError", "DatasetLayoutError",
-    "DatasetSpec", "Sample", "Source", "build_source",
+    "DatasetSpec", "KINDS", "Sample", "Source", "build_source",
 ]
 
 
@@ -41,7 +43,7 @@ def build_source(dataset_config: Any, split: str, *, with_labels: bool = True, c
 
     Args:
       dataset_config: ``config.dataset`` (a ConfigDict or mapping) with ``name`` (one of
-        ``SPECS``), ``root``, and optionally ``num_classes`` (checked) and ``ignore_label``
+        ``SPECS``, or "custom"), ``root``, and optionally ``num_classes`` (checked) and ``ignore_label``
         (default -100).
       split: the set's name: "train", "val", "test" or "trainval" (Cityscapes); "train",
         "val", "test" (ADE20K, LIP); "train", "test", "all" (COCO-Stuff-10k). Pass
@@ -55,9 +57,12 @@ def build_source(dataset_config: Any, split: str, *, with_labels: bool = True, c
       DatasetLayoutError: a missing root, folder, list file, image or label file.
     """
     name = _get(dataset_config, "name")
-    if name not in SPECS:
-        raise DatasetConfigError(f"unknown dataset {name!r}; known: {', '.join(SPECS)}")
-    spec = SPECS[name]
+    if name == custom.NAME:
+        spec = custom.load_spec(_get(dataset_config, "root") or "")
+    elif name not in SPECS:
+        raise DatasetConfigError(f"unknown dataset {name!r}; known: {', '.join(KINDS)}")
+    else:
+        spec = SPECS[name]
     if split not in spec.splits:
         raise DatasetConfigError(f"{name} has no split {split!r}; choose one of {', '.join(spec.splits)}")
     num_classes = _get(dataset_config, "num_classes")
