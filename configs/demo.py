@@ -76,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_every": 10,  # not used yet: evaluation runs after training
         "num_replicas": 1,
         "init_from": "",
+        "ema_decay": 0.0,
     }
-    eval_ = {"batch_size": 16, "use_tta": False}
+    eval_ = {"batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False}
     return ml_collections.ConfigDict(
         {"name": "mcibi_r18_synthetic_demo", "model": model, "dataset": dataset, "train": train, "eval": eval_,
          "dtype": "float32"}

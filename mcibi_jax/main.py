@@ -11,7 +11,13 @@ and DIR/results.json (training summary, evaluation metrics).
 The generated ``synthetic`` dataset (configs/demo.py) needs nothing on disk; the released
 recipes read their dataset from ``config.dataset.root`` (layouts: docs/datasets.md) through the
 Grain pipeline. Evaluation follows ``model.inference`` (whole image or sliding windows,
-scales, flip), or ``eval.tta_*`` with ``--config.eval.use_tta=True``.
+scales, flip), or ``eval.tta_*`` with ``--config.eval.use_tta=True``; it writes
+DIR/confusion.{csv,png} unless ``--config.eval.save_confusion=False``. With
+``--config.eval.format_only=True`` it scores nothing and writes the predictions of
+``dataset.eval_set`` (read without labels, e.g. ``--config.dataset.eval_set=test``) for the
+dataset's evaluation server to DIR/submission/<dataset>/ (see mcibi_jax.evaluation.submission).
+``--config.train.ema_decay=0.9995`` keeps an EMA of the weights; the saved checkpoint and the
+evaluation then use the EMA weights.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import numpy as np
 from mcibi_jax import distributed
 from mcibi_jax.config import ConfigError, apply_override
 from mcibi_jax.data import synthetic
-from mcibi_jax.evaluation.inference import check_inference_config, evaluate, inference_settings
-from mcibi_jax.evaluation.metrics import format_table, to_json
+from mcibi_jax.evaluation.confusion import save_confusion
+from mcibi_jax.evaluation.inference import check_inference_config, confusion_counts, inference_settings
+from mcibi_jax.evaluation.metrics import format_table, segmentation_metrics, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
 from mcibi_jax.train.checkpoints import TrainCheckpoints
@@ -39,6 +46,8 @@ from mcibi_jax.train.loop import TrainingDiverged, train
 from mcibi_jax.train.writers import MetricWriter, NullWriter
 
 MODES = ("train", "eval", "train_and_eval")
+# Options a config may lack, with their defaults.
+OPTIONAL_KEYS = {"train": {"ema_decay": 0.0}, "eval": {"save_confusion": True, "format_only": False}}
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -78,6 +87,14 @@ def check_train_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.optimizer.name={train_config['optimizer']['name']!r}: only 'sgd' is implemented")
     if train_config["schedule"].get("name", "poly") != "poly":
         raise ConfigError(f"train.schedule.name={train_config['schedule']['name']!r}: only 'poly' is implemented")
+    ema_decay = float(train_config.get("ema_decay", 0.0) or 0.0)
+    if not 0.0 <= ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 = off; decay = 1 - the reference's EMA momentum)")
+
+
+def _option(config: Mapping[str, Any], section: str, key: str) -> Any:
+    node = config.get(section, None) or {}
+    return node.get(key, OPTIONAL_KEYS[section][key])
 
 
 def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +181,22 @@ def _evaluation_data(config: Mapping[str, Any]) -> tuple[Any, int, list[str]]:
     return batches, len(source), list(source.class_names)
 
 
-def _source(config: Mapping[str, Any], split: str):
+def _submission_data(config: Mapping[str, Any]) -> tuple[Any, int]:
+    """(evaluation-loader items with "id", number of images) of ``dataset.eval_set``, read
+    without labels."""
+    if config["dataset"]["name"] == "synthetic":
+        raise ConfigError("eval.format_only writes files for a dataset's evaluation server; the synthetic dataset has none")
+    from mcibi_jax.data import pipeline
+
+    source = _source(config, config["dataset"]["eval_set"], with_labels=False)
+    return pipeline.eval_loader(config, source=source), len(source)
+
+
+def _source(config: Mapping[str, Any], split: str, with_labels: bool = True):
     from mcibi_jax.data.datasets import DatasetError, build_source
 
     try:
-        return build_source(config["dataset"], split)
+        return build_source(config["dataset"], split, with_labels=with_labels)
     except DatasetError as error:
         raise DatasetUnavailable(f"{error}\n(see docs/datasets.md for the expected layout; set --config.dataset.root=...)") from None
 
@@ -230,27 +258,47 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
             checkpoints.close()
             writer.close()
         seconds = time.perf_counter() - started
-        checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), state.variables)
-        log(f"saved the variables to {checkpoint}")
-        variables = state.variables
+        variables = state.export_variables
+        checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), variables)
+        if state.ema_params is not None:
+            log(f"using the EMA weights (train.ema_decay={config['train']['ema_decay']}) for the checkpoint and the evaluation")
+        log(f"saved the {'EMA ' if state.ema_params is not None else ''}variables to {checkpoint}")
         update["train"] = {
             "steps": int(state.step), "seconds": round(seconds, 1),
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None, "history": history,
         }
         update["checkpoint"] = str(checkpoint)
+        if state.ema_params is not None:
+            update["ema_decay"] = float(config["train"]["ema_decay"])
     else:
         checkpoint = latest_checkpoint(workdir)
         log(f"evaluating {checkpoint}")
         variables = load_variables(checkpoint, config)
         update["checkpoint"] = str(checkpoint)
 
-    if mode in ("eval", "train_and_eval"):
+    align_corners = bool(config["model"].get("align_corners", False))
+    flip_label_pairs = tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ()))
+    if mode in ("eval", "train_and_eval") and _option(config, "eval", "format_only"):
+        from mcibi_jax.evaluation.submission import write_submission
+
+        items, num_images = _submission_data(config)
+        directory = workdir / "submission" / config["dataset"]["name"]
+        started = time.perf_counter()
+        written = write_submission(model, variables, items, config["dataset"]["name"], directory, align_corners=align_corners,
+                                   inference=inference, flip_label_pairs=flip_label_pairs, log=log)
+        log(f"wrote {len(written)} predictions of {num_images} {config['dataset']['eval_set']} images to {directory} "
+            f"({time.perf_counter() - started:.1f}s); no metrics (eval.format_only)")
+        update["submission"] = {"directory": str(directory), "num_images": len(written), "split": str(config["dataset"]["eval_set"])}
+    elif mode in ("eval", "train_and_eval"):
         batches, num_images, names = _evaluation_data(config)
         started = time.perf_counter()
-        metrics = evaluate(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
-                           align_corners=bool(config["model"].get("align_corners", False)), inference=inference,
-                           flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())))
+        counts = confusion_counts(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
+                                  align_corners=align_corners, inference=inference, flip_label_pairs=flip_label_pairs)
+        metrics = segmentation_metrics(counts)
+        if _option(config, "eval", "save_confusion") and distributed.is_main_process():
+            csv_path, png_path = save_confusion(workdir, counts, names)
+            log(f"wrote the confusion matrix to {csv_path} and {png_path}")
         log(f"evaluation on {num_images} held-out images ({time.perf_counter() - started:.1f}s):")
         log(format_table(metrics, names))
         clean = to_json(metrics)

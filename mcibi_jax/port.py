@@ -3,6 +3,8 @@
     python -m mcibi_jax.port --config=configs/cityscapes.py:r50 \\
         --pth=memorynet_deeplabv3_resnet50os8_cityscapes.pth --out=ckpt/r50_cityscapes
 
+``--ema`` ports the ``model_ema`` entry of a checkpoint trained with EMA (``--entry=model_ema``).
+
 Dotted overrides (``--config.model.num_classes=7``) apply to the config. The file is read
 without torch and without executing anything in it; every key must find its place in the
 model and every model variable must be filled, or nothing is written.
@@ -29,7 +31,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--pth", required=True, help="released PyTorch checkpoint (.pth)")
     parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
     parser.add_argument("--entry", default=None, help="checkpoint entry holding the weights (default: 'model', then 'state_dict', then the file itself); e.g. model_ema")
+    parser.add_argument("--ema", action="store_true", help="port the EMA weights of a checkpoint trained with EMA (= --entry=model_ema)")
     args, rest = parser.parse_known_args(argv)
+    if args.ema:
+        if args.entry not in (None, "model_ema"):
+            parser.error(f"--ema reads the entry 'model_ema'; it cannot go with --entry={args.entry}")
+        args.entry = "model_ema"
     overrides = []
     for item in rest:
         if not item.startswith("--config."):

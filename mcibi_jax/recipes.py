@@ -333,6 +333,9 @@ def _train(recipe: dict[str, Any]) -> dict[str, Any]:
         # Start from these weights instead of a random initialisation (fine-tuning): an orbax
         # checkpoint directory (python -m mcibi_jax.port) or a released .pth file.
         "init_from": "",
+        # Exponential moving average of the weights (0: off): ema = decay * ema + (1 - decay) * new;
+        # the reference's EMA momentum m is decay = 1 - m. Export and evaluation then use it.
+        "ema_decay": 0.0,
     }
 
 
@@ -343,6 +346,9 @@ def _eval(recipe: dict[str, Any]) -> dict[str, Any]:
         # False: evaluate with model.inference; True: with the tta_* settings below.
         "use_tta": False,
         **{f"tta_{k}": _copy(v) for k, v in tta.items()},
+        "save_confusion": True,  # WORKDIR/confusion.{csv,png}
+        # True: write the predictions for the dataset's evaluation server instead of scoring.
+        "format_only": False,
     }
 
 

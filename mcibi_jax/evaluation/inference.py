@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax.config import ConfigError
-from mcibi_jax.evaluation.metrics import ConfusionMatrix, confusion_matrix
+from mcibi_jax.evaluation.metrics import ConfusionMatrix, confusion_matrix, segmentation_metrics
 from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.models.segmentor import MCIBI
 
@@ -70,7 +70,7 @@ def _confusion(predictions: Array, labels: Array, num_classes: int, ignore_label
     return confusion_matrix(predictions, labels, num_classes, ignore_label)
 
 
-def evaluate(
+def confusion_counts(
     model: MCIBI,
     variables: Mapping[str, Any],
     batches: Iterable[Mapping[str, np.ndarray]],
@@ -80,10 +80,10 @@ def evaluate(
     align_corners: bool = False,
     inference: Mapping[str, Any] = WHOLE_IMAGE,
     flip_label_pairs: Sequence[Sequence[int]] = (),
-) -> dict[str, Any]:
-    """Metrics (see :func:`mcibi_jax.evaluation.metrics.segmentation_metrics`) over ``batches``
-    of {"images": (B, H, W, 3), "labels": (B, H0, W0)}: predictions are made at the labels'
-    size (the test pipeline may have resized the images); only (K, K) counts leave the device."""
+) -> np.ndarray:
+    """(K, K) int64 counts (rows: ground truth, columns: prediction) over ``batches`` of
+    {"images": (B, H, W, 3), "labels": (B, H0, W0)}: predictions are made at the labels' size
+    (the test pipeline may have resized the images); only (K, K) counts leave the device."""
     check_inference_config(inference)
     matrix = ConfusionMatrix(num_classes)
     for batch in batches:
@@ -91,4 +91,10 @@ def evaluate(
         predictions = predict(model, variables, batch["images"], inference, align_corners=align_corners,
                               flip_label_pairs=flip_label_pairs, output_size=tuple(labels.shape[1:3]))
         matrix.add(_confusion(predictions, labels, num_classes, ignore_label))
-    return matrix.compute()
+    return np.asarray(matrix.counts, np.int64)
+
+
+def evaluate(model: MCIBI, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]], **kwargs: Any) -> dict[str, Any]:
+    """Metrics (see :func:`mcibi_jax.evaluation.metrics.segmentation_metrics`) of
+    :func:`confusion_counts` (same arguments)."""
+    return segmentation_metrics(confusion_counts(model, variables, batches, **kwargs))

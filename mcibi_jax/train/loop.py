@@ -57,6 +57,8 @@ def train(
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
     ``record(step, scalars)`` receives every logged line's values (losses, lr, images/s, epoch).
+    ``train.ema_decay`` > 0 keeps an exponential moving average of the variables in the state
+    (``state.ema_params``; ``state.export_variables`` are then the averaged ones).
     """
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
@@ -73,7 +75,10 @@ def train(
     else:
         variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
     tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
-    state = replicate(create_train_state(variables, tx), mesh)
+    ema_decay = float(train_config.get("ema_decay", 0.0) or 0.0)
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 = off)")
+    state = replicate(create_train_state(variables, tx, ema=ema_decay > 0), mesh)
     checkpoint_every = max(1, int(train_config.get("checkpoint_every", 1)))
     start_epoch = 1
     if checkpoints is not None:
@@ -88,7 +93,10 @@ def train(
     num_replicas = int(train_config.get("num_replicas", 1))
     if int(train_config["batch_size"]) % num_replicas:
         raise ValueError(f"train.batch_size={train_config['batch_size']} does not split into {num_replicas} replicas")
-    step_fn = make_train_step(model, model_config, tx, schedule, steps_per_epoch, mesh, ignore_label, num_replicas)
+    step_fn = make_train_step(model, model_config, tx, schedule, steps_per_epoch, mesh, ignore_label, num_replicas,
+                              ema_decay=ema_decay)
+    if ema_decay > 0:
+        log(f"keeping an EMA of the weights (decay {ema_decay}, i.e. the reference's momentum {1 - ema_decay:.6g})")
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
     log(f"training {num_params:,} parameters for {num_epochs} epochs x {steps_per_epoch} steps "
         f"(batch {train_config['batch_size']}) on {mesh.size} {jax.devices()[0].platform} device(s)")

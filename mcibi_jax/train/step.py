@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mcibi_jax.models.segmentor import MCIBI
 from mcibi_jax.train.objective import loss_and_updates
 from mcibi_jax.train.optimizer import Schedule
-from mcibi_jax.train.state import TrainState
+from mcibi_jax.train.state import TrainState, ema_update
 
 Array = jax.Array
 Batch = Mapping[str, Array]  # {"images": (N, H, W, 3) float32, "labels": (N, H, W) int32}
@@ -38,6 +38,7 @@ def train_step(
     steps_per_epoch: int,
     ignore_label: int = -100,
     num_replicas: int = 1,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One SGD update: gradients of the MCIBI objective, new BatchNorm statistics and memory.
 
@@ -45,6 +46,7 @@ def train_step(
     loss joins after the first epoch. ``rng`` is the run's dropout key (folded with the step).
     ``num_replicas``: the reference's number of data-parallel GPUs to reproduce (see
     :func:`mcibi_jax.train.objective.loss_and_updates`), whatever the number of devices.
+    ``ema_decay`` > 0: ``state.ema_params`` follows the new variables (:func:`ema_update`).
     Returns the new state and the step's metrics: ``loss`` (total), each logged loss, ``lr``,
     ``epoch``.
     """
@@ -60,6 +62,8 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, memory=memory, opt_state=opt_state)
+    if ema_decay > 0 and state.ema_params is not None:
+        new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.variables, ema_decay))
     metrics = {"loss": total, "lr": lr, "epoch": epoch, **losses}
     return new_state, metrics
 
@@ -86,6 +90,7 @@ def make_train_step(
     mesh: Mesh,
     ignore_label: int = -100,
     num_replicas: int = 1,
+    ema_decay: float = 0.0,
 ) -> StepFn:
     """``train_step`` jitted over ``mesh``: the batch split along 'data', the state replicated.
 
@@ -98,7 +103,7 @@ def make_train_step(
     """
     step = functools.partial(
         train_step, model=model, model_config=model_config, tx=tx, schedule=schedule,
-        steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas,
+        steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas, ema_decay=ema_decay,
     )
     state_sharding, data = replicated(mesh), batch_sharding(mesh)
     # Donating the old state halves the memory on accelerators; CPU cannot use donations.
