@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import os
@@ -64,3 +65,34 @@ def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     for override in overrides:
         apply_override(config, override)
     return config
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, ["a.b=value", ...]) of a command line with --config.a.b=value."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--config.", "-config.")):
+            key = arg.split("config.", 1)[1]
+            if "=" not in key:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+                key, i = f"{key}={argv[i + 1]}", i + 1
+            overrides.append(key)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def config_overrides(parser: argparse.ArgumentParser, unparsed: list[str]) -> list[str]:
+    """The ``--config.k=v`` overrides among what ``parser.parse_known_args`` left over; anything
+    else (or an override without a value) is a usage error of ``parser``."""
+    try:
+        rest, overrides = split_overrides(list(unparsed))
+    except ConfigError as error:
+        parser.error(str(error))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return overrides

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax import distributed
-from mcibi_jax.config import ConfigError, apply_override
+from mcibi_jax.config import ConfigError, apply_override, split_overrides
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.confusion import save_confusion
 from mcibi_jax.evaluation.inference import check_inference_config, confusion_counts, inference_settings
@@ -318,25 +318,6 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
 _ARGV: list[str] = []
 # The absl flag holders, defined only when this module runs as the program.
 _CONFIG = _WORKDIR = _MODE = None
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the other arguments, ["a.b=value", ...]) of a command line with --config.a.b=value."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(("--config.", "-config.")):
-            key = arg.split("config.", 1)[1]
-            if "=" not in key:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-                key, i = f"{key}={argv[i + 1]}", i + 1
-            overrides.append(key)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
 
 
 def _parse_command_line(argv: list[str]) -> list[str]:

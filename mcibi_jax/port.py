@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mcibi_jax.config import ConfigError, load_config
+from mcibi_jax.config import ConfigError, config_overrides, load_config
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.port import save_variables, variables_from_pth
 from mcibi_jax.porting.pth import PthError
@@ -37,12 +37,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         if args.entry not in (None, "model_ema"):
             parser.error(f"--ema reads the entry 'model_ema'; it cannot go with --entry={args.entry}")
         args.entry = "model_ema"
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item}")
-        overrides.append(item[len("--config."):])
-    return args, overrides
+    return args, config_overrides(parser, rest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

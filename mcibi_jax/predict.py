@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mcibi_jax.config import ConfigError
+from mcibi_jax.config import ConfigError, config_overrides
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
@@ -177,19 +177,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--recursive", action="store_true", help="also search the input folder's sub-folders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item}")
-        key = item[len("--config."):]
-        if "=" not in key:  # --config.a.b VALUE
-            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                parser.error(f"{item} needs a value: {item}=VALUE")
-            key, i = f"{key}={rest[i + 1]}", i + 1
-        overrides.append(key)
-        i += 1
-    return args, overrides
+    return args, config_overrides(parser, rest)
 
 
 def _describe(settings: Mapping[str, Any]) -> str:

@@ -279,25 +279,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(``--config.k=v`` / ``--config.k v`` overrides as ``k=v``, the other arguments)."""
-    overrides, rest, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            body = arg[len("--config."):]
-            if "=" not in body:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{arg} needs a value")
-                body, i = f"{body}={argv[i + 1]}", i + 1
-            overrides.append(body)
-        else:
-            rest.append(arg)
-        i += 1
-    return overrides, rest
-
-
 def _error(message: str, stream: TextIO) -> int:
     print(f"error: {message}", file=stream, flush=True)
     return EXIT_UNUSABLE
@@ -305,13 +286,13 @@ def _error(message: str, stream: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Runs the command line (``argv`` without the program name) and returns the exit status."""
-    from mcibi_jax.config import load_config
+    from mcibi_jax.config import load_config, split_overrides
 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        overrides, rest = _split_overrides(argv)
+        rest, overrides = split_overrides(argv)
     except ValueError as error:
         return _error(str(error), stderr)
     try:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.config import ConfigError, load_config
+from mcibi_jax.config import ConfigError, config_overrides, load_config
 from mcibi_jax.models.segmentor import build_model
 
 
@@ -100,11 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50")
     parser.add_argument("--size", default=None, help="image size HxW (default: dataset.train.crop_size)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item}")
-        overrides.append(item[len("--config."):])
+    overrides = config_overrides(parser, rest)
     try:
         config = load_config(args.config, overrides)
         counts = model_counts(config, parse_size(args.size) if args.size else None)
