@@ -1,20 +1,28 @@
-"""Training-step throughput, compile time and peak device memory of the released recipes.
+"""Training-step throughput, compile time and peak memory of the released recipes.
 
-    python benchmarks/train_step.py                      # every backbone, its recipe's crop, 2 images per device
+    python benchmarks/train_step.py                      # every backbone, its recipe's crop and per-device batch, float32 and bfloat16
     python benchmarks/train_step.py --configs=configs/cityscapes.py:r50 --size=128x128 --iters=2
-    python benchmarks/train_step.py --per_device_batch=4 --dtype=bfloat16
+    python benchmarks/train_step.py --per_device_batch=4 --dtypes=bfloat16
 
 Runs the real jitted, data-parallel step (``make_train_step`` over all devices, the recipe's
 SGD and poly schedule) on randomly initialised variables and a random batch of
-``per_device_batch * device_count`` images. Throughput counts images per second over
-``--iters`` steps after one warm-up step; compile time is the step's lower + compile. Peak
-memory is ``peak_bytes_in_use`` of device 0 after the run (``n/a`` where the backend does not
-report it, e.g. CPU). Prints one line per config.
+``per_device_batch * device_count`` images. ``--per_device_batch`` defaults to each recipe's
+per-device batch, ``train.batch_size // train.num_replicas`` (the reference's batch per GPU),
+and each device then holds one of the reference's replicas (``num_replicas = device_count``:
+per-replica losses and memory updates, as on the reference's GPUs). Throughput counts images
+per second over ``--iters`` steps after one warm-up step; compile time is the step's lower +
+compile. Peak memory is ``peak_bytes_in_use`` of device 0 after the run; where the backend
+keeps no device statistics (CPU) it is the growth of the process's peak resident set size
+(``ru_maxrss``) during that run, printed as ``host peak RSS +...`` (0 when an earlier run of
+the same process peaked higher). Prints one line per config and dtype (``--dtypes``, default
+``float32,bfloat16``; ``--dtype`` is an alias).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 
 import jax
@@ -35,6 +43,17 @@ DEFAULT_CONFIGS = [
     "configs/ade20k.py:vitl",
 ]
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+DEFAULT_DTYPES = "float32,bfloat16"
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _DTYPES]
+    if unknown or not names:
+        what = f"unknown dtype(s) {', '.join(map(repr, unknown))}" if unknown else "no dtype given"
+        raise argparse.ArgumentTypeError(f"{what}: expected a comma-separated list of {', '.join(_DTYPES)}")
+    return list(dict.fromkeys(names))
 
 
 def peak_memory(device: jax.Device) -> int | None:
@@ -46,22 +65,41 @@ def peak_memory(device: jax.Device) -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _format_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+def host_peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (``ru_maxrss``: KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
-def benchmark(spec: str, iters: int, per_device_batch: int, size: tuple[int, int] | None, dtype_name: str | None,
+def recipe_per_device_batch(train_config: dict) -> int:
+    """The reference's images per GPU: ``train.batch_size // train.num_replicas`` (at least 1)."""
+    replicas = max(1, int(train_config.get("num_replicas", 1)))
+    return max(1, int(train_config["batch_size"]) // replicas)
+
+
+def format_memory(result: dict) -> str:
+    """``peak memory 1.23 GiB`` (device statistics) or ``host peak RSS +0.45 GiB`` (CPU)."""
+    if result["peak_bytes"] is not None:
+        return f"peak memory {result['peak_bytes'] / 2**30:.2f} GiB"
+    return f"host peak RSS +{result['host_rss_growth_bytes'] / 2**30:.2f} GiB"
+
+
+def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
               seed: int = 0) -> dict:
-    """Times ``iters`` training steps of the recipe ``spec``; returns the figures as a dict."""
+    """Times ``iters`` training steps of the recipe ``spec`` in ``dtype_name``; returns the figures as a dict.
+
+    ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
+    None: the recipe's training crop.
+    """
+    rss_before = host_peak_rss()
     config = mcibi_jax.load_config(spec)
-    dtype_name = dtype_name or config.get("dtype", "float32")
     height, width = size or tuple(config.dataset.train.crop_size)
     mesh = data_mesh()
-    batch_size = per_device_batch * mesh.size
     train_config = config.train.to_dict()
-    num_replicas = int(train_config.get("num_replicas", 1))
-    if batch_size % num_replicas:
-        num_replicas = 1
+    per_device_batch = per_device_batch or recipe_per_device_batch(train_config)
+    batch_size = per_device_batch * mesh.size
+    # one reference replica (its per-GPU losses and memory update) per device
+    num_replicas = mesh.size if batch_size % mesh.size == 0 else 1
     model = build_model(config.model, dtype=_DTYPES[dtype_name])
     steps_per_epoch = max(1, iters + 1)
 
@@ -93,9 +131,11 @@ def benchmark(spec: str, iters: int, per_device_batch: int, size: tuple[int, int
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - started
     return {
-        "config": spec, "dtype": dtype_name, "batch": batch_size, "size": (height, width), "init_s": init_s,
+        "config": spec, "dtype": dtype_name, "per_device_batch": per_device_batch, "batch": batch_size,
+        "num_replicas": num_replicas, "size": (height, width), "init_s": init_s,
         "compile_s": compile_s, "step_s": elapsed / iters, "images_per_s": batch_size * iters / elapsed,
         "loss": float(metrics["loss"]), "peak_bytes": peak_memory(mesh.devices.flat[0]),
+        "host_rss_growth_bytes": max(0, host_peak_rss() - rss_before),
     }
 
 
@@ -113,21 +153,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config specs")
     parser.add_argument("--iters", type=int, default=10, help="timed steps (after one warm-up step)")
-    parser.add_argument("--per_device_batch", type=int, default=2, help="images per device and step")
+    parser.add_argument("--per_device_batch", type=int, default=None,
+                        help="images per device and step (default: each recipe's batch_size // num_replicas)")
     parser.add_argument("--size", type=_size, default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
-    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: the recipe's dtype")
+    parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
+                        help=f"comma-separated compute dtypes among {', '.join(_DTYPES)} (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.per_device_batch < 1:
+    if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):
         parser.error("--iters and --per_device_batch must be at least 1")
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"{args.per_device_batch} image(s) per device", flush=True)
+    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
     for spec in args.configs.split(","):
-        r = benchmark(spec.strip(), args.iters, args.per_device_batch, args.size, args.dtype)
-        size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
-        print(f"{r['config']:<28} {r['dtype']:<8} {size:>14}  compile {r['compile_s']:7.1f} s  "
-              f"step {r['step_s'] * 1000:9.1f} ms  {r['images_per_s']:8.2f} images/s  "
-              f"peak memory {_format_bytes(r['peak_bytes'])}  (init {r['init_s']:.1f} s, loss {r['loss']:.3f})", flush=True)
+        for dtype_name in args.dtypes:
+            r = benchmark(spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name)
+            size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
+            print(f"{r['config']:<28} {r['dtype']:<8} {r['per_device_batch']:>3}/device {size:>14}  "
+                  f"compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1000:9.1f} ms  "
+                  f"{r['images_per_s']:8.2f} images/s  {format_memory(r)}  "
+                  f"(init {r['init_s']:.1f} s, loss {r['loss']:.3f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,12 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
         "log_every": 32,
         "checkpoint_every": 1,  # epochs
         "keep_checkpoints": 3,
-        "eval_every": 10,  # not used yet: evaluation runs after training
+        "eval_every": 5,  # epochs; the best evaluation is kept in WORKDIR/checkpoints/best
         "num_replicas": 1,
         "init_from": "",
         "ema_decay": 0.0,
     }
-    eval_ = {"batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False}
+    eval_ = {"batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False, "checkpoint": ""}
     return ml_collections.ConfigDict(
         {"name": "mcibi_r18_synthetic_demo", "model": model, "dataset": dataset, "train": train, "eval": eval_,
          "dtype": "float32"}

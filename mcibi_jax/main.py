@@ -1,12 +1,15 @@
 """Train and/or evaluate MCIBI.
 
     python -m mcibi_jax.main --config=configs/demo.py --workdir=/tmp/demo
-    python -m mcibi_jax.main --config=configs/cityscapes.py:r50 --workdir=DIR --config.train.batch_size=2
+    python -m mcibi_jax.main --config=configs/cityscapes.py:r50 --workdir=DIR --config.dataset.root=DATA
 
-``--mode``: ``train``, ``eval`` (the newest checkpoint in DIR/checkpoints) or
-``train_and_eval`` (default). Training writes DIR/config.json, the final variables as an
-orbax checkpoint in DIR/checkpoints/final (or, if that is taken, DIR/checkpoints/step_<N>),
-and DIR/results.json (training summary, evaluation metrics).
+``--mode``: ``train``, ``eval`` (``eval.checkpoint``: '' the newest checkpoint in
+DIR/checkpoints, 'best', or a directory) or ``train_and_eval`` (default). Training writes
+DIR/config.json, the final variables as an orbax checkpoint in DIR/checkpoints/final (or, if
+that is taken, DIR/checkpoints/step_<N>), and DIR/results.json (training summary, evaluation
+metrics). With ``train.eval_every=N`` (epochs; 0: off) it evaluates during training and keeps
+the best variables in DIR/checkpoints/best. Evaluation spreads the images over all hosts and
+their devices.
 
 The generated ``synthetic`` dataset (configs/demo.py) needs nothing on disk; the released
 recipes read their dataset from ``config.dataset.root`` (layouts: docs/datasets.md) through the
@@ -41,13 +44,16 @@ from mcibi_jax.evaluation.inference import check_inference_config, confusion_cou
 from mcibi_jax.evaluation.metrics import format_table, segmentation_metrics, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
-from mcibi_jax.train.checkpoints import TrainCheckpoints
+from mcibi_jax.progress import ProgressBar
+from mcibi_jax.train.checkpoints import BestCheckpoint, TrainCheckpoints
 from mcibi_jax.train.loop import TrainingDiverged, train
 from mcibi_jax.train.writers import MetricWriter, NullWriter
 
 MODES = ("train", "eval", "train_and_eval")
 # Options a config may lack, with their defaults.
-OPTIONAL_KEYS = {"train": {"ema_decay": 0.0}, "eval": {"save_confusion": True, "format_only": False}}
+OPTIONAL_KEYS = {"train": {"ema_decay": 0.0, "eval_every": 0},
+                 "eval": {"save_confusion": True, "format_only": False, "checkpoint": ""}}
+BEST = "best"  # DIR/checkpoints/best: the variables of the best evaluation during training
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -82,7 +88,9 @@ def check_train_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.batch_size={batch_size} must be a positive multiple of the {devices} device(s)")
     num_replicas = int(train_config.get("num_replicas", 1))
     if num_replicas < 1 or batch_size % num_replicas:
-        raise ConfigError(f"train.num_replicas={num_replicas} must divide train.batch_size={batch_size}")
+        raise ConfigError(f"train.num_replicas={num_replicas} must divide train.batch_size={batch_size} (it is the "
+                          "reference's GPU count whose per-GPU loss means and memory updates are reproduced; "
+                          "--config.train.num_replicas=1 uses the whole batch at once)")
     if str(train_config["optimizer"].get("name", "sgd")).lower() != "sgd":
         raise ConfigError(f"train.optimizer.name={train_config['optimizer']['name']!r}: only 'sgd' is implemented")
     if train_config["schedule"].get("name", "poly") != "poly":
@@ -165,12 +173,16 @@ class TrainingData:
 
 
 def _evaluation_data(config: Mapping[str, Any]) -> tuple[Any, int, list[str]]:
-    """(batches of {"images", "labels"}, number of images, class names) of the held-out set."""
+    """(this process's batches of {"images", "labels"}, number of images of all processes, class
+    names) of the held-out set."""
     num_classes = int(config["dataset"]["num_classes"])
     if config["dataset"]["name"] == "synthetic":
         images, labels = _split(config, "test")
+        share = np.array_split(np.arange(len(images)), jax.process_count())[jax.process_index()]
+        mine_images, mine_labels = images[share], labels[share]  # each process scores its own share
         eval_batch = max(1, int(config["eval"].get("batch_size", 1)))
-        batches = ({"images": images[i:i + eval_batch], "labels": labels[i:i + eval_batch]} for i in range(0, len(images), eval_batch))
+        batches = ({"images": mine_images[i:i + eval_batch], "labels": mine_labels[i:i + eval_batch]}
+                   for i in range(0, len(mine_images), eval_batch))
         return batches, len(images), synthetic.class_names(num_classes)
 
     from mcibi_jax.data import pipeline
@@ -212,11 +224,24 @@ def new_checkpoint_dir(workdir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(workdir: Path) -> Path:
+    """The newest exported checkpoint under DIR/checkpoints (the best-so-far one aside)."""
     root = workdir / "checkpoints"
-    found = [p for p in root.glob("*") if p.is_dir() and any(p.iterdir())] if root.is_dir() else []
+    found = [p for p in root.glob("*") if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())] if root.is_dir() else []
     if not found:
         raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or train_and_eval)")
     return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def checkpoint_to_evaluate(workdir: Path, choice: str) -> Path:
+    """``eval.checkpoint``: '' (the newest), 'best' (the best evaluation during training) or a
+    checkpoint directory."""
+    if not choice:
+        return latest_checkpoint(workdir)
+    path = workdir / "checkpoints" / BEST if choice == BEST else Path(choice).absolute()
+    if not path.is_dir():
+        hint = " (it is written when train.eval_every > 0 or in --mode=train_and_eval)" if choice == BEST else ""
+        raise FileNotFoundError(f"eval.checkpoint={choice!r}: no checkpoint at {path}{hint}")
+    return path
 
 
 def _write_results(workdir: Path, update: dict[str, Any], merge: bool) -> Path:
@@ -226,6 +251,86 @@ def _write_results(workdir: Path, update: dict[str, Any], merge: bool) -> Path:
     results.update(update)
     path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def evaluate_variables(model: Any, variables: Mapping[str, Any], config: Mapping[str, Any], workdir: Path,
+                       log: Callable[[str], None], *, detailed: bool = True) -> dict[str, Any]:
+    """Scores ``variables`` on ``dataset.eval_set`` under the config's inference settings, spread
+    over all processes and their devices; returns the ``eval`` section of results.json. ``detailed``
+    logs the per-class table and writes the confusion matrix (``eval.save_confusion``)."""
+    batches, num_images, names = _evaluation_data(config)
+    started = time.perf_counter()
+    progress = ProgressBar(num_images, "evaluating", enabled=None if detailed and distributed.is_main_process() else False)
+
+    def on_batch(n: int) -> None:  # images of all processes, assuming they keep pace with this one
+        progress.update(min(n * jax.process_count(), num_images - progress.done))
+
+    with progress:
+        counts = confusion_counts(
+            model, variables, batches, num_classes=int(config["dataset"]["num_classes"]),
+            ignore_label=int(config["dataset"].get("ignore_label", -100)),
+            align_corners=bool(config["model"].get("align_corners", False)), inference=inference_settings(config),
+            flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())), on_batch=on_batch)
+    metrics = segmentation_metrics(counts)
+    seconds = time.perf_counter() - started
+    if detailed:
+        if _option(config, "eval", "save_confusion") and distributed.is_main_process():
+            csv_path, png_path = save_confusion(workdir, counts, names)
+            log(f"wrote the confusion matrix to {csv_path} and {png_path}")
+        log(f"evaluation on {num_images} held-out images ({seconds:.1f}s on {jax.device_count()} device(s)):")
+        log(format_table(metrics, names))
+    if counts.sum() == 0:
+        log(f"warning: {config['dataset']['eval_set']!r} has no labelled pixels, so no metrics (a test split? "
+            "score it with --config.eval.format_only=True, or evaluate --config.dataset.eval_set=val)")
+    clean = to_json(metrics)
+    return {
+        "num_images": num_images, "seconds": round(seconds, 1), "mIoU": clean["mIoU"], "aAcc": clean["aAcc"],
+        "mAcc": clean["mAcc"], "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
+    }
+
+
+def _scalar(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class EpochEvaluation:
+    """The ``after_epoch`` hook of training: evaluates the exported variables every
+    ``train.eval_every`` epochs (0: never) and, with ``final``, after the last one (in detail);
+    keeps the best result in DIR/checkpoints/best and records ``eval/*`` scalars."""
+
+    def __init__(self, model: Any, config: Mapping[str, Any], workdir: Path, log: Callable[[str], None],
+                 writer: Any, steps_per_epoch: int, final: bool):
+        self.model, self.config, self.workdir, self.log, self.writer = model, config, workdir, log, writer
+        self.every = max(0, int(_option(config, "train", "eval_every") or 0))
+        self.num_epochs, self.steps_per_epoch, self.final = int(config["train"]["num_epochs"]), steps_per_epoch, final
+        self.enabled = self.final or self.every > 0
+        self.best = BestCheckpoint(workdir / "checkpoints" / BEST) if self.enabled else None
+        self.last_result: dict[str, Any] | None = None
+        self.training_bar: ProgressBar | None = None  # closed before the final evaluation draws its own
+
+    def due(self, epoch: int) -> bool:
+        last = epoch == self.num_epochs
+        return (last and self.final) or (self.every > 0 and (epoch % self.every == 0 or last))
+
+    def __call__(self, epoch: int, state: Any) -> None:
+        if self.due(epoch):
+            self.evaluate(state.export_variables, int(state.step), epoch)
+
+    def evaluate(self, variables: Mapping[str, Any], step: int, epoch: int) -> dict[str, Any]:
+        last = epoch == self.num_epochs
+        if last and self.training_bar is not None:
+            self.training_bar.close()
+        result = evaluate_variables(self.model, variables, self.config, self.workdir, self.log, detailed=last)
+        self.writer.write_scalars(step, {f"eval/{k}": _scalar(result[k]) for k in ("mIoU", "aAcc", "mAcc")})
+        improved = self.best.offer(variables, result, step=step, epoch=epoch)
+        best = self.best.record or {}
+        self.log(f"epoch {epoch} evaluation: mIoU {_scalar(result['mIoU']):.4f} aAcc {_scalar(result['aAcc']):.4f} "
+                 f"mAcc {_scalar(result['mAcc']):.4f} ({result['seconds']:.1f}s)"
+                 + (f"; new best, saved to {self.best.directory}" if improved else
+                    f"; best {best['mIoU']:.4f} at epoch {best['epoch']}" if best else ""))
+        if last:
+            self.last_result = result
+        return result
 
 
 def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -238,9 +343,9 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(config["model"], dtype=_dtype(config))
-    num_classes = int(config["dataset"]["num_classes"])
-    ignore_label = int(config["dataset"].get("ignore_label", -100))
     update: dict[str, Any] = {"name": config.get("name", ""), "dataset": config["dataset"]["name"]}
+    format_only = mode in ("eval", "train_and_eval") and _option(config, "eval", "format_only")
+    evaluation = None
 
     if mode in ("train", "train_and_eval"):
         check_train_config(config)
@@ -249,16 +354,30 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         data = TrainingData(config)
         checkpoints = TrainCheckpoints(workdir / "train_state", keep=int(config["train"].get("keep_checkpoints", 3)))
         writer = MetricWriter(workdir) if distributed.is_main_process() else NullWriter()
+        writer.write_hparams(config)
+        bar = ProgressBar(int(config["train"]["num_epochs"]) * data.steps_per_epoch, "training",
+                          enabled=None if distributed.is_main_process() else False)
+        train_log = bar.interleave(log)
+        if not format_only:
+            evaluation = EpochEvaluation(model, config, workdir, train_log, writer, data.steps_per_epoch,
+                                         final=mode == "train_and_eval")
+            evaluation.training_bar = bar
         started = time.perf_counter()
         try:
-            state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=log,
-                                   checkpoints=checkpoints, data_state=data.state, restore_data=data.restore,
-                                   initial_variables=_initial_variables(config, log), record=writer.write_scalars)
+            with bar:
+                state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=train_log,
+                                       checkpoints=checkpoints, data_state=data.state, restore_data=data.restore,
+                                       initial_variables=_initial_variables(config, train_log), record=writer.write_scalars,
+                                       after_epoch=evaluation if evaluation is not None and evaluation.enabled else None,
+                                       progress=bar)
+            seconds = time.perf_counter() - started
+            variables = state.export_variables
+            if mode == "train_and_eval" and evaluation is not None and evaluation.last_result is None:
+                # resumed after the last epoch: no epoch ended in this run
+                evaluation.evaluate(variables, int(state.step), evaluation.num_epochs)
         finally:
             checkpoints.close()
             writer.close()
-        seconds = time.perf_counter() - started
-        variables = state.export_variables
         checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), variables)
         if state.ema_params is not None:
             log(f"using the EMA weights (train.ema_decay={config['train']['ema_decay']}) for the checkpoint and the evaluation")
@@ -271,41 +390,31 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         update["checkpoint"] = str(checkpoint)
         if state.ema_params is not None:
             update["ema_decay"] = float(config["train"]["ema_decay"])
+        if evaluation is not None and evaluation.best is not None and evaluation.best.record is not None:
+            update["best"] = {**evaluation.best.record, "checkpoint": str(evaluation.best.directory)}
     else:
-        checkpoint = latest_checkpoint(workdir)
+        checkpoint = checkpoint_to_evaluate(workdir, str(_option(config, "eval", "checkpoint") or ""))
         log(f"evaluating {checkpoint}")
         variables = load_variables(checkpoint, config)
         update["checkpoint"] = str(checkpoint)
 
-    align_corners = bool(config["model"].get("align_corners", False))
-    flip_label_pairs = tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ()))
-    if mode in ("eval", "train_and_eval") and _option(config, "eval", "format_only"):
+    if format_only:
         from mcibi_jax.evaluation.submission import write_submission
 
         items, num_images = _submission_data(config)
         directory = workdir / "submission" / config["dataset"]["name"]
         started = time.perf_counter()
-        written = write_submission(model, variables, items, config["dataset"]["name"], directory, align_corners=align_corners,
-                                   inference=inference, flip_label_pairs=flip_label_pairs, log=log)
+        written = write_submission(model, variables, items, config["dataset"]["name"], directory,
+                                   align_corners=bool(config["model"].get("align_corners", False)), inference=inference,
+                                   flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())),
+                                   log=log)
         log(f"wrote {len(written)} predictions of {num_images} {config['dataset']['eval_set']} images to {directory} "
             f"({time.perf_counter() - started:.1f}s); no metrics (eval.format_only)")
         update["submission"] = {"directory": str(directory), "num_images": len(written), "split": str(config["dataset"]["eval_set"])}
-    elif mode in ("eval", "train_and_eval"):
-        batches, num_images, names = _evaluation_data(config)
-        started = time.perf_counter()
-        counts = confusion_counts(model, variables, batches, num_classes=num_classes, ignore_label=ignore_label,
-                                  align_corners=align_corners, inference=inference, flip_label_pairs=flip_label_pairs)
-        metrics = segmentation_metrics(counts)
-        if _option(config, "eval", "save_confusion") and distributed.is_main_process():
-            csv_path, png_path = save_confusion(workdir, counts, names)
-            log(f"wrote the confusion matrix to {csv_path} and {png_path}")
-        log(f"evaluation on {num_images} held-out images ({time.perf_counter() - started:.1f}s):")
-        log(format_table(metrics, names))
-        clean = to_json(metrics)
-        update["eval"] = {
-            "num_images": num_images, "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
-            "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
-        }
+    elif mode == "eval":
+        update["eval"] = evaluate_variables(model, variables, config, workdir, log)
+    elif mode == "train_and_eval":
+        update["eval"] = evaluation.last_result
     if distributed.is_main_process():
         log(f"wrote {_write_results(workdir, update, merge=mode == 'eval')}")
     return update

@@ -326,10 +326,13 @@ def _train(recipe: dict[str, Any]) -> dict[str, Any]:
         "log_every": 50,  # iterations
         "checkpoint_every": 1,  # epochs
         "keep_checkpoints": 3,
-        "eval_every": 10,  # epochs (and after the last one)
+        # evaluate dataset.eval_set every N epochs during training (0: only after training, in
+        # --mode=train_and_eval); the best result is kept in WORKDIR/checkpoints/best
+        "eval_every": 10,
         # The reference's data-parallel GPU count whose per-GPU losses and memory updates to
-        # reproduce (1: one loss mean and one memory update over the whole batch).
-        "num_replicas": 1,
+        # reproduce: its model zoo trains on 8 GPUs (1: one loss mean and one memory update
+        # over the whole batch). Must divide batch_size; independent of our device count.
+        "num_replicas": 8,
         # Start from these weights instead of a random initialisation (fine-tuning): an orbax
         # checkpoint directory (python -m mcibi_jax.port) or a released .pth file.
         "init_from": "",
@@ -349,6 +352,8 @@ def _eval(recipe: dict[str, Any]) -> dict[str, Any]:
         "save_confusion": True,  # WORKDIR/confusion.{csv,png}
         # True: write the predictions for the dataset's evaluation server instead of scoring.
         "format_only": False,
+        # --mode=eval scores: '' the newest exported checkpoint, 'best', or a checkpoint directory
+        "checkpoint": "",
     }
 
 

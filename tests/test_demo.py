@@ -61,7 +61,10 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
 
     # the logged values also go to metrics.jsonl (and TensorBoard when tensorboardX is installed)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval/mIoU" in r]
+    records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    assert [r["step"] for r in evaluations] == [24] and evaluations[0]["eval/mIoU"] == pytest.approx(ev["mIoU"])
     assert records[-1]["loss"] == pytest.approx(history[-1]["loss"])
     try:
         import tensorboardX  # noqa: F401

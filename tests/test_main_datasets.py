@@ -17,7 +17,7 @@ def tiny_ade20k_config(root):
         f"dataset.root={str(root)!r}",
         "dataset.train.output_size=(64, 48)", "dataset.train.crop_size=(32, 32)", "dataset.train.pad_size=(32, 32)",
         "dataset.test.output_size=(64, 48)",
-        "train.batch_size=2", "train.num_epochs=2", "train.log_every=1",
+        "train.batch_size=2", "train.num_replicas=2", "train.num_epochs=2", "train.log_every=1",
         "model.head.in_channels=128", "model.head.feats_channels=16", "model.head.transform_channels=8",
         "model.head.out_channels=16",
     ])

@@ -1,4 +1,4 @@
-"""Two processes on localhost train the demo together and get what one process gets."""
+"""Two processes on localhost train and evaluate the demo together and get what one process gets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from tests.test_demo import FAST
 from tests.test_distributed import REPO, _env, _free_port
 
-COMMAND = [sys.executable, "-m", "mcibi_jax.main", f"--config={REPO / 'configs' / 'demo.py'}", "--mode=train",
+COMMAND = [sys.executable, "-m", "mcibi_jax.main", f"--config={REPO / 'configs' / 'demo.py'}", "--mode=train_and_eval",
            *[f"--config.{o}" for o in FAST], "--config.train.num_epochs=1"]
 
 
@@ -39,10 +39,15 @@ def _run(workdir, processes: int, devices_per_process: int) -> list[subprocess.C
 def test_two_processes_train_like_one(tmp_path):
     _run(tmp_path / "one", processes=1, devices_per_process=2)
     outputs = _run(tmp_path / "two", processes=2, devices_per_process=1)
-    one = json.loads((tmp_path / "one" / "results.json").read_text())["train"]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())["train"]
+    one_results = json.loads((tmp_path / "one" / "results.json").read_text())
+    two_results = json.loads((tmp_path / "two" / "results.json").read_text())
+    one, two = one_results["train"], two_results["train"]
     assert one["steps"] == two["steps"] > 0
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
     assert "training" not in outputs[1][1]  # only process 0 reports progress
     assert (tmp_path / "two" / "checkpoints" / "final").is_dir()
+    # the evaluation: each process scores its half of the images, the counts are summed
+    assert one_results["eval"]["num_images"] == two_results["eval"]["num_images"] == 16
+    assert abs(one_results["eval"]["mIoU"] - two_results["eval"]["mIoU"]) < 1e-3
+    assert (tmp_path / "two" / "checkpoints" / "best" / "best.json").exists()

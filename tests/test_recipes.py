@@ -107,3 +107,16 @@ def test_configs_are_independent():
     assert b.model.backbone.out_indices == (9, 14, 19, 23)
     assert b.train.optimizer.param_rules.backbone_net.lr_multiplier == 0.1
     assert b.model.inference.multiscale == [1]
+
+
+def test_recipes_reproduce_the_reference_on_8_gpus():
+    from mcibi_jax.main import check_train_config
+
+    for dataset, backbone in RELEASED:
+        train = released_config(dataset, backbone).train
+        assert train.num_replicas == 8 and train.batch_size % 8 == 0, (dataset, backbone)
+    config = load_config("configs/ade20k.py:r50", ["train.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"num_replicas=8 must divide train.batch_size=2 .*num_replicas=1"):
+        check_train_config(config)
+    check_train_config(load_config("configs/ade20k.py:r50", ["train.batch_size=2", "train.num_replicas=1"]))
+    assert load_config("configs/custom_template.py:r50").train.num_replicas == 1

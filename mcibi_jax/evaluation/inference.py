@@ -4,7 +4,7 @@ confusion-matrix accumulation behind the metrics."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,25 @@ def _confusion(predictions: Array, labels: Array, num_classes: int, ignore_label
     return confusion_matrix(predictions, labels, num_classes, ignore_label)
 
 
+def host_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables as host numpy arrays (replicated multi-host arrays included), ready to be
+    placed on each local device."""
+    return jax.tree_util.tree_map(np.asarray, dict(variables))
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """Sums an int64 array over the processes of a multi-host run (every process gets the sum)."""
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(counts, np.int64)
+    # Without jax_enable_x64 the gather would cast to int32: send 31-bit halves.
+    low, high = (counts & 0x7FFFFFFF).astype(np.int32), (counts >> 31).astype(np.int32)
+    gathered = multihost_utils.process_allgather({"low": low, "high": high})
+    return (np.asarray(gathered["high"], np.int64) << 31).sum(0) + np.asarray(gathered["low"], np.int64).sum(0)
+
+
 def confusion_counts(
     model: MCIBI,
     variables: Mapping[str, Any],
@@ -80,18 +99,38 @@ def confusion_counts(
     align_corners: bool = False,
     inference: Mapping[str, Any] = WHOLE_IMAGE,
     flip_label_pairs: Sequence[Sequence[int]] = (),
+    devices: Sequence[jax.Device] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """(K, K) int64 counts (rows: ground truth, columns: prediction) over ``batches`` of
     {"images": (B, H, W, 3), "labels": (B, H0, W0)}: predictions are made at the labels' size
-    (the test pipeline may have resized the images); only (K, K) counts leave the device."""
+    (the test pipeline may have resized the images); only (K, K) counts leave the device.
+
+    Batches go round-robin to ``devices`` (default: this process's local devices), each holding
+    a copy of the variables, so every device works on its own images (of any size). In a
+    multi-host run each process passes its own share of the images and gets the sum over all
+    processes. ``on_batch(num_images)`` is called after each batch is dispatched.
+    """
     check_inference_config(inference)
+    devices = list(devices or jax.local_devices())
+    local = host_variables(variables)
+    placed = [jax.device_put(local, device) for device in devices]
     matrix = ConfusionMatrix(num_classes)
-    for batch in batches:
-        labels = jnp.asarray(batch["labels"])
-        predictions = predict(model, variables, batch["images"], inference, align_corners=align_corners,
+    pending: list[Array] = []  # read one round late so that every device stays busy
+    for index, batch in enumerate(batches):
+        device = devices[index % len(devices)]
+        labels = jax.device_put(np.asarray(batch["labels"]), device)
+        images = jax.device_put(np.asarray(batch["images"], np.float32), device)
+        predictions = predict(model, placed[index % len(devices)], images, inference, align_corners=align_corners,
                               flip_label_pairs=flip_label_pairs, output_size=tuple(labels.shape[1:3]))
-        matrix.add(_confusion(predictions, labels, num_classes, ignore_label))
-    return np.asarray(matrix.counts, np.int64)
+        pending.append(_confusion(predictions, labels, num_classes, ignore_label))
+        if len(pending) > len(devices):
+            matrix.add(pending.pop(0))
+        if on_batch is not None:
+            on_batch(int(labels.shape[0]))
+    for counts in pending:
+        matrix.add(counts)
+    return sum_over_processes(matrix.counts)
 
 
 def evaluate(model: MCIBI, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]], **kwargs: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from mcibi_jax.models.segmentor import MCIBI
+from mcibi_jax.progress import ProgressBar, format_duration
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
@@ -21,13 +22,6 @@ Batch = Mapping[str, np.ndarray]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped and nothing was saved."""
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def train(
@@ -43,6 +37,8 @@ def train(
     restore_data: Callable[[Any], None] | None = None,
     initial_variables: Mapping[str, Any] | None = None,
     record: Callable[[int, dict[str, float]], None] | None = None,
+    after_epoch: Callable[[int, TrainState], None] | None = None,
+    progress: ProgressBar | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
     the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
@@ -59,7 +55,11 @@ def train(
     ``record(step, scalars)`` receives every logged line's values (losses, lr, images/s, epoch).
     ``train.ema_decay`` > 0 keeps an exponential moving average of the variables in the state
     (``state.ema_params``; ``state.export_variables`` are then the averaged ones).
+    ``after_epoch(epoch, state)`` runs after each epoch (and its checkpoint), e.g. an evaluation.
+    ``progress`` (a bar over all steps, on interactive terminals) advances every step; ``log``
+    should then print above it (``progress.interleave``).
     """
+    progress = progress or ProgressBar(0, enabled=False)
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
     ignore_label = int(config["dataset"].get("ignore_label", -100))
@@ -89,6 +89,7 @@ def train(
                 restore_data(saved_data)
             start_epoch = int(state.step) // steps_per_epoch + 1
             log(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})")
+    progress.set_position(int(state.step))
     dropout_key = replicate(jax.random.key(seed + 1), mesh)
     num_replicas = int(train_config.get("num_replicas", 1))
     if int(train_config["batch_size"]) % num_replicas:
@@ -105,7 +106,7 @@ def train(
     window: list[dict[str, float]] = []
     pending = None  # the previous step's metrics, read one step late to keep the device busy
     start = window_start = time.perf_counter()
-    compiled_at = start
+    compiled_at, compiled = start, False
     step = window_first_step = int(state.step)
 
     def check(metrics: dict[str, Any], at_step: int) -> dict[str, float]:
@@ -127,10 +128,12 @@ def train(
                 break
             state, metrics = step_fn(state, shard_batch(batch, mesh), dropout_key)
             step += 1
+            progress.update(1, epoch=f"{epoch}/{num_epochs}")
             if pending is not None:
                 window.append(check(*pending))
             pending = (metrics, step)
-            if compiled_at == start:  # the first step of this run
+            if not compiled:  # the first step of this run
+                compiled = True
                 jax.block_until_ready(metrics["loss"])
                 compiled_at = window_start = time.perf_counter()
                 window_first_step = step  # the compilation does not count toward the speed
@@ -144,20 +147,28 @@ def train(
                 entry = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k.startswith("loss")}
                 entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], images_per_s=rate)
                 history.append(entry)
+                progress.update(0, loss=entry["loss"], lr=entry["lr"])
                 if record is not None:
                     record(step, {k: v for k, v in entry.items() if k != "step"})
                 losses = " ".join(f"{k}={v:.4f}" for k, v in entry.items() if k.startswith("loss_"))
                 log(f"step {step}/{total_steps} epoch {epoch}/{num_epochs} loss {entry['loss']:.4f} ({losses}) "
-                    f"lr {entry['lr']:.3e} {rate:.1f} img/s ETA {_format_duration(per_step * (total_steps - step))}")
+                    f"lr {entry['lr']:.3e} {rate:.1f} img/s ETA {format_duration(per_step * (total_steps - step))}")
                 window, window_start, window_first_step = [], now, step
         if step < epoch * steps_per_epoch and step < total_steps:
             raise ValueError(f"epoch {epoch} gave {step - (epoch - 1) * steps_per_epoch} batches, expected {steps_per_epoch}")
-        if checkpoints is not None and (epoch % checkpoint_every == 0 or epoch == num_epochs):
-            if pending is not None:
-                window.append(check(*pending))
-                pending = None
+        saving = checkpoints is not None and (epoch % checkpoint_every == 0 or epoch == num_epochs)
+        if (saving or after_epoch is not None) and pending is not None:
+            window.append(check(*pending))
+            pending = None
+        paused = time.perf_counter()
+        if saving:
             checkpoints.save(state, data_state() if data_state is not None else None)
+        if after_epoch is not None:
+            after_epoch(epoch, state)
+        # Saving and evaluating are not training steps: keep them out of img/s and the ETA.
+        paused = time.perf_counter() - paused
+        window_start, compiled_at = window_start + paused, compiled_at + paused
     if pending is not None:
         check(*pending)
-    log(f"trained {step} steps in {_format_duration(time.perf_counter() - start)}")
+    log(f"trained {step} steps in {format_duration(time.perf_counter() - start)}")
     return state, history

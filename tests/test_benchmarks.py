@@ -1,0 +1,118 @@
+"""Smoke tests of benchmarks/train_step.py and benchmarks/forward.py on a tiny demo model."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_step = _load("train_step")
+forward = _load("forward")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    """configs/demo.py without the auxiliary head, memory loss and context branches (faster
+    compiles), with a recipe per-device batch of 2 // 2 = 1."""
+    path = tmp_path_factory.mktemp("configs") / "tiny.py"
+    path.write_text(textwrap.dedent(f"""
+        from mcibi_jax.config import load_config
+
+
+        def get_config():
+            config = load_config({str(REPO / "configs" / "demo.py")!r})
+            config.model.auxiliary = []
+            config.model.loss_weights.aux = []
+            config.model.head.use_memory_loss = False
+            config.model.head.context_dilations = []
+            config.train.batch_size = 2
+            config.train.num_replicas = 2
+            return config
+        """))
+    return str(path)
+
+
+def _rows(out: str) -> list[str]:
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("device: ")
+    return lines[1:]
+
+
+def test_train_step_reports_both_dtypes_at_the_recipe_per_device_batch(tiny_config, capsys):
+    train_step.main([f"--configs={tiny_config}", "--size=32x32", "--iters=1"])
+    rows = _rows(capsys.readouterr().out)
+    assert [row.split()[1] for row in rows] == ["float32", "bfloat16"]
+    n = jax.device_count()
+    for row in rows:
+        assert row.startswith(tiny_config)
+        assert " 1/device  " in row and f" {n}x32x32 " in row, row
+        assert re.search(r"\d+\.\d+ images/s", row), row
+        memory = "peak memory " if train_step.peak_memory(jax.devices()[0]) is not None else "host peak RSS +"
+        assert re.search(re.escape(memory) + r"\d+\.\d\d GiB", row), row
+        assert "nan" not in row
+
+
+def test_forward_reports_both_dtypes(tiny_config, capsys):
+    forward.main([f"--configs={tiny_config}", "--size=32x32", "--iters=1"])
+    rows = _rows(capsys.readouterr().out)
+    assert [row.split()[1] for row in rows] == ["float32", "bfloat16"]
+    for row in rows:
+        assert row.split()[2] == "1x32x32" and re.search(r"\d+\.\d+ images/s$", row), row
+
+
+@pytest.mark.parametrize("module", [train_step, forward], ids=["train_step", "forward"])
+def test_dtype_options(module, monkeypatch, capsys):
+    calls = []
+
+    def fake_benchmark(spec, iters, batch, size, dtype_name):
+        calls.append((spec, dtype_name, batch))
+        return {"config": spec, "dtype": dtype_name, "per_device_batch": batch or 3, "batch": batch or 3,
+                "size": (8, 8) if module is train_step else "1x8x8", "compile_s": 0.0, "step_s": 0.1,
+                "images_per_s": 1.0, "init_s": 0.0, "loss": 1.0, "peak_bytes": 2**30, "host_rss_growth_bytes": 0}
+
+    monkeypatch.setattr(module, "benchmark", fake_benchmark)
+    module.main(["--configs=a.py,b.py", "--dtype=bfloat16"])  # the old single-dtype option
+    assert [c[:2] for c in calls] == [("a.py", "bfloat16"), ("b.py", "bfloat16")]
+    calls.clear()
+    module.main(["--configs=a.py", "--dtypes=bfloat16, float32,bfloat16"])
+    assert [c[1] for c in calls] == ["bfloat16", "float32"]
+    calls.clear()
+    module.main(["--configs=a.py"])
+    assert [c[1] for c in calls] == ["float32", "bfloat16"]
+    if module is train_step:
+        assert all(c[2] is None for c in calls)  # None: each recipe's per-device batch
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(not line.startswith("device: ") for line in lines) == 2 + 2 + 2
+    for bad in ["--dtypes=float16", "--dtypes=", "--dtype=float32,fp8"]:
+        with pytest.raises(SystemExit):
+            module.main(["--configs=a.py", bad])
+        assert "expected a comma-separated list of float32, bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, per_device", [
+    ("configs/cityscapes.py:r50", 2), ("configs/lip.py:s101", 5), ("configs/cocostuff10k.py:s101", 4),
+    ("configs/demo.py", 8),
+])
+def test_recipe_per_device_batch(spec, per_device):
+    config = train_step.mcibi_jax.load_config(REPO / spec)
+    assert train_step.recipe_per_device_batch(config.train.to_dict()) == per_device
+
+
+def test_format_memory():
+    assert train_step.format_memory({"peak_bytes": 3 * 2**29}) == "peak memory 1.50 GiB"
+    assert train_step.format_memory({"peak_bytes": None, "host_rss_growth_bytes": 2**29}) == "host peak RSS +0.50 GiB"
