@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/train_step.py and benchmarks/forward.py on a tiny demo model."""
+"""Smoke tests of benchmarks/train_step.py, forward.py and bf16_fidelity.py on a tiny demo model."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def _load(name: str) -> ModuleType:
 
 train_step = _load("train_step")
 forward = _load("forward")
+bf16_fidelity = _load("bf16_fidelity")
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,15 @@ def test_recipe_per_device_batch(spec, per_device):
 def test_format_memory():
     assert train_step.format_memory({"peak_bytes": 3 * 2**29}) == "peak memory 1.50 GiB"
     assert train_step.format_memory({"peak_bytes": None, "host_rss_growth_bytes": 2**29}) == "host peak RSS +0.50 GiB"
+
+
+def test_bf16_fidelity_reports_losses_logits_and_gradients(tiny_config, capsys):
+    bf16_fidelity.main([f"--config={tiny_config}", "--set=dataset.image_size=(32, 32)", "--worst=2"])
+    lines = _rows(capsys.readouterr().out)
+    assert lines[0].startswith("loss        float32 ") and " bfloat16 " in lines[0]
+    agreement = float(re.search(r"argmax agreement ([0-9.]+) %", lines[1]).group(1))
+    assert 50.0 <= agreement <= 100.0
+    cosine = float(re.search(r"gradients   cosine (-?[0-9.]+)", lines[2]).group(1))
+    assert -1.0 <= cosine <= 1.0
+    assert len(lines) == 3 + 2 and all(line.startswith("  cosine ") for line in lines[3:])
+
