@@ -168,7 +168,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config file and argument, e.g. configs/ade20k.py:r50")
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port)")
+    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
+                         "or a training workdir (its best checkpoint, else its newest)")
     weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
@@ -217,12 +218,26 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if args.pth:
         segmenter = Segmenter.from_pth(weights, config)
     else:
+        weights = workdir_checkpoint(weights)
         try:
             segmenter = Segmenter.from_checkpoint(weights, config)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
+
+
+def workdir_checkpoint(path: Path) -> Path:
+    """``path`` itself, or for a training workdir (``python -m mcibi_jax.main --workdir``) its
+    best checkpoint, else its newest one."""
+    if (path / "_METADATA").exists() or not (path / "checkpoints").is_dir():
+        return path
+    from mcibi_jax.main import BEST, latest_checkpoint
+
+    best = path / "checkpoints" / BEST
+    chosen = best if (best / "_METADATA").exists() else latest_checkpoint(path)
+    print(f"{path} is a training workdir: using {chosen}", flush=True)
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -196,3 +196,18 @@ def test_finding_images(tmp_path):
     stems = predict.output_stems(deep, tmp_path)
     assert [s.as_posix() for s in stems] == ["a_jpeg", "a_png", "a_mask", "b", "sub/c"]
     assert predict.find_images(tmp_path / "a.png") == (tmp_path, [tmp_path / "a.png"])
+
+
+def test_a_training_workdir_means_its_best_else_its_newest_checkpoint(tmp_path):
+    from mcibi_jax.predict import workdir_checkpoint
+
+    final = tmp_path / "checkpoints" / "final"
+    final.mkdir(parents=True)
+    (final / "_METADATA").write_text("{}")
+    assert workdir_checkpoint(final) == final
+    assert workdir_checkpoint(tmp_path) == final
+    best = tmp_path / "checkpoints" / "best"
+    best.mkdir()
+    (best / "_METADATA").write_text("{}")
+    assert workdir_checkpoint(tmp_path) == best
+    assert workdir_checkpoint(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # reported later as missing
