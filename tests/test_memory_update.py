@@ -41,3 +41,24 @@ def test_absent_classes_and_ignored_pixels_leave_memory_alone():
     after = np.asarray(update_memory(memory, features, labels, momentum=0.5))
     np.testing.assert_array_equal(after[1:], memory[1:])
     assert not np.allclose(after[0], memory[0])
+
+
+@pytest.mark.parametrize("strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_banded_update_equals_the_update_of_the_upsampled_features(strategy, num_feats, align_corners):
+    from mcibi_jax.models.resize import resize
+
+    rng = np.random.default_rng(0)
+    memory = rng.standard_normal((5, num_feats, 8)).astype(np.float32)
+    memory[1] = 0.0  # a class whose memory is still empty: set to its mean
+    low = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    labels = rng.integers(-1, 5, (2, 29, 45)).astype(np.int32)  # 29 rows: the last band is padded
+    labels[:, :, :10] = 255
+    kwargs = dict(momentum=0.3, strategy=strategy, ignore_label=255)
+    whole = update_memory(memory, resize(low, (29, 45), align_corners=align_corners), labels, band_values=10**9, **kwargs)
+    for band_values in (2 * 45 * 8 * 3, 2 * 45 * 8, 1):  # 3 rows, 1 row, at least 1 row per band
+        banded = update_memory(memory, low, labels, align_corners=align_corners, band_values=band_values, **kwargs)
+        np.testing.assert_allclose(banded, whole, rtol=2e-5, atol=2e-6)
+        # features already at the labels' size are cut into bands without resampling
+        same = update_memory(memory, resize(low, (29, 45), align_corners=align_corners), labels, band_values=band_values, **kwargs)
+        np.testing.assert_allclose(same, whole, rtol=2e-5, atol=2e-6)

@@ -14,16 +14,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcibi_jax.models.attention import SelfAttentionBlock
 from mcibi_jax.models.layers import ConvBNReLU, compute_dtype
-from mcibi_jax.models.resize import resize
+from mcibi_jax.models.resize import interpolation_matrix
 
 Array = jax.Array
 
 STRATEGIES = ("cosine_similarity", "mean")
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+DEFAULT_BAND_VALUES = 2**24  # 64 MiB of float32 label-resolution features at a time
 
 
 class MemoryModule(nn.Module):
@@ -73,10 +75,10 @@ class MemoryModule(nn.Module):
         memory = self.variable("memory", "memory", lambda: jnp.zeros(shape, jnp.float32)).value
         replica_memories = None
         if labels is not None:
-            upsampled = resize(jax.lax.stop_gradient(feats).astype(memory.dtype), labels.shape[1:3], "bilinear", self.align_corners)
+            # feats are upsampled to the labels' size inside, a band of rows at a time
             replica_memories = update_memory_per_replica(
-                memory, upsampled, labels, num_replicas,
-                momentum=momentum, strategy=self.update_strategy, ignore_label=self.ignore_label,
+                memory, feats, labels, num_replicas, momentum=momentum, strategy=self.update_strategy,
+                ignore_label=self.ignore_label, align_corners=self.align_corners,
             )
         weights = jax.nn.softmax(class_logits.astype(compute_dtype(class_logits.dtype)), axis=-1)
         if self.use_hard_aggregate:
@@ -171,6 +173,7 @@ def update_memory_per_replica(
     momentum: Array | float,
     strategy: str = "cosine_similarity",
     ignore_label: int = -100,
+    align_corners: bool = False,
 ) -> Array:
     """:func:`update_memory` on each of ``num_replicas`` equal consecutive parts of the batch.
 
@@ -181,7 +184,8 @@ def update_memory_per_replica(
     if num_replicas < 1 or batch % num_replicas:
         raise ValueError(f"a batch of {batch} cannot be split into {num_replicas} equal replica parts")
     split = lambda x: x.reshape(num_replicas, batch // num_replicas, *x.shape[1:])
-    update = functools.partial(update_memory, momentum=momentum, strategy=strategy, ignore_label=ignore_label)
+    update = functools.partial(update_memory, momentum=momentum, strategy=strategy, ignore_label=ignore_label,
+                               align_corners=align_corners)
     return jax.vmap(update, in_axes=(None, 0, 0))(memory, split(features), split(labels))
 
 
@@ -193,16 +197,22 @@ def update_memory(
     momentum: Array | float,
     strategy: str = "cosine_similarity",
     ignore_label: int = -100,
+    align_corners: bool = False,
+    band_values: int = DEFAULT_BAND_VALUES,
 ) -> Array:
     """Moves the memory toward the features of each class present in the batch.
 
     Args:
       memory: (K, F, C) float32, K classes with F vectors each.
-      features: (N, H, W, C) features at label resolution (no gradient flows).
+      features: (N, h, w, C) features (no gradient flows) at the labels' resolution, or lower:
+        then bilinearly upsampled to it (like ``resize(..., align_corners)``).
       labels: (N, H, W) int class ids; ``ignore_label`` (and any id outside [0, K)) is skipped.
       momentum: weight of the batch in the new memory.
       strategy: ``cosine_similarity`` weights each pixel by its dissimilarity to the current
         memory vector; ``mean`` uses the plain class mean (only with F == 1).
+      band_values: the label-resolution features are formed and summed one band of rows at a
+        time, each of about this many values, so that the full-resolution (N, H, W, C) array
+        never exists (it is 1 GiB per 512x1024 image with 512 channels).
     Returns:
       The new memory (K, F, C). For each class present, the first all-zero vector is set to
       the class mean instead (and nothing else of that class moves this step).
@@ -214,16 +224,57 @@ def update_memory(
         raise ValueError("the 'mean' strategy needs one memory vector per class")
     memory = jnp.asarray(memory)
     memory = memory.astype(compute_dtype(memory.dtype))
-    feats = jax.lax.stop_gradient(features).reshape(-1, channels).astype(memory.dtype)
-    labels = labels.reshape(-1).astype(jnp.int32)
+    features = jax.lax.stop_gradient(jnp.asarray(features)).astype(memory.dtype)
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    (batch, in_h, in_w, _), (out_h, out_w) = features.shape, labels.shape[1:3]
+    rows = int(max(1, min(out_h, band_values // max(1, batch * out_w * channels))))
+    num_bands = -(-out_h // rows)
+    pad = num_bands * rows - out_h
+    # Rows past the labels' height get label -1 (skipped) and zero features.
+    band_labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
+    band_labels = band_labels.reshape(batch, num_bands, rows, out_w).transpose(1, 0, 2, 3)
+    if (in_h, in_w) == (out_h, out_w):
+        padded = jnp.pad(features, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+        def band_features(index):
+            return jax.lax.dynamic_slice_in_dim(padded, index * rows, rows, axis=1)
+    else:
+        row_matrix = np.zeros((num_bands * rows, in_h))
+        row_matrix[:out_h] = interpolation_matrix(in_h, out_h, "bilinear", align_corners)
+        row_bands = jnp.asarray(row_matrix.reshape(num_bands, rows, in_h), memory.dtype)
+        column_matrix = jnp.asarray(interpolation_matrix(in_w, out_w, "bilinear", align_corners), memory.dtype)
+
+        def band_features(index):  # the rows of resize(features, (out_h, out_w)) in this band
+            band = jnp.einsum("oh,nhwc->nowc", row_bands[index], features, precision="highest")
+            return jnp.einsum("pw,nowc->nopc", column_matrix, band, precision="highest")
+
+    def add_band(totals, band):
+        index, labels_of_band = band
+        stats = _class_statistics(memory, band_features(index).reshape(-1, channels), labels_of_band.reshape(-1),
+                                  strategy, ignore_label)
+        return jax.tree_util.tree_map(jnp.add, totals, stats), None
+
+    shapes = jax.eval_shape(lambda: _class_statistics(memory, features[:1, :1, :1].reshape(-1, channels),
+                                                      labels[:1, :1, :1].reshape(-1), strategy, ignore_label))
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    stats, _ = jax.lax.scan(add_band, zeros, (jnp.arange(num_bands), band_labels))
+    return _moved_memory(memory, stats, momentum, strategy)
+
+
+def _class_statistics(memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int) -> dict[str, Array]:
+    """Sums over pixels (feats (P, C), labels (P,)) that the update needs; they add up over
+    parts of the batch: pixel count and feature sum per class, and for ``cosine_similarity``
+    the dissimilarity weight and weighted feature sum per memory slot."""
+    num_classes, num_feats, channels = memory.shape
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    count = jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[:num_classes]
-    class_sum = jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes]
-    class_mean = class_sum / jnp.maximum(count, 1.0)[:, None]
-    present = count > 0
-
+    stats = {
+        "count": jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[:num_classes],
+        "sum": jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes],
+    }
+    if strategy == "mean":
+        return stats
     safe_labels = jnp.minimum(segment, num_classes - 1)
     class_memory = memory[safe_labels]  # (P, F, C)
     if num_feats == 1:
@@ -231,17 +282,26 @@ def update_memory(
     else:
         relation = jnp.einsum("pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest")
         slot = jnp.argmax(relation, axis=-1)
+    own_memory = jnp.take_along_axis(class_memory, slot[:, None, None], axis=1)[:, 0]
+    dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
+    slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
+    num_segments = num_classes * num_feats + 1
+    stats["weight"] = jax.ops.segment_sum(dissimilarity, slot_segment, num_segments)[:-1]
+    stats["weighted"] = jax.ops.segment_sum(feats * dissimilarity[:, None], slot_segment, num_segments)[:-1]
+    return stats
+
+
+def _moved_memory(memory: Array, stats: dict[str, Array], momentum: Array | float, strategy: str) -> Array:
+    num_classes, num_feats, channels = memory.shape
+    count = stats["count"]
+    class_mean = stats["sum"] / jnp.maximum(count, 1.0)[:, None]
+    present = count > 0
     if strategy == "mean":
         batch_vectors = class_mean[:, None, :]
     else:
-        own_memory = jnp.take_along_axis(class_memory, slot[:, None, None], axis=1)[:, 0]
-        dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
-        slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
-        num_segments = num_classes * num_feats + 1
-        total = jax.ops.segment_sum(dissimilarity, slot_segment, num_segments)[:-1]
-        weighted = jax.ops.segment_sum(feats * dissimilarity[:, None], slot_segment, num_segments)[:-1]
+        total = stats["weight"]
         # A slot that no pixel chose gets a zero batch vector: the reference then only decays it.
-        batch_vectors = (weighted / jnp.where(total == 0, 1.0, total)[:, None]).reshape(num_classes, num_feats, channels)
+        batch_vectors = (stats["weighted"] / jnp.where(total == 0, 1.0, total)[:, None]).reshape(num_classes, num_feats, channels)
     momentum = jnp.asarray(momentum, memory.dtype)
     moved = (1.0 - momentum) * memory + momentum * batch_vectors
 
