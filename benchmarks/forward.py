@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import mcibi_jax
+from mcibi_jax.config import COMPUTE_DTYPES, ConfigError, compute_dtype, compute_dtype_names
 from mcibi_jax.models.segmentor import build_model
 
 DEFAULT_CONFIGS = [
@@ -26,25 +27,22 @@ DEFAULT_CONFIGS = [
     "configs/cityscapes.py:hrnet48",
     "configs/ade20k.py:vitl",
 ]
-_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-DEFAULT_DTYPES = "float32,bfloat16"
+DEFAULT_DTYPES = ",".join(COMPUTE_DTYPES)
 
 
 def parse_dtypes(text: str) -> list[str]:
     """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in _DTYPES]
-    if unknown or not names:
-        what = f"unknown dtype(s) {', '.join(map(repr, unknown))}" if unknown else "no dtype given"
-        raise argparse.ArgumentTypeError(f"{what}: expected a comma-separated list of {', '.join(_DTYPES)}")
-    return list(dict.fromkeys(names))
+    try:
+        return compute_dtype_names(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str) -> dict:
     """Times ``iters`` jitted eval-mode forwards of ``spec``'s model on (batch, H, W, 3) zeros."""
     config = mcibi_jax.load_config(spec)
     height, width = size or tuple(config.dataset.train.crop_size)
-    model = build_model(config.model, dtype=_DTYPES[dtype_name])
+    model = build_model(config.model, dtype=compute_dtype(dtype_name))
     images = jnp.zeros((batch, height, width, 3), jnp.float32)
     # rbg keys: the initialisation compiles about 3x faster than with threefry keys
     variables = jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(0, impl="rbg"))
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
     parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
-                        help=f"comma-separated compute dtypes among {', '.join(_DTYPES)} (default: %(default)s)")
+                        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)")
     args = parser.parse_args(argv)
     size = tuple(int(s) for s in args.size.split("x")) if args.size else None
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)

@@ -26,10 +26,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import mcibi_jax
+from mcibi_jax.config import COMPUTE_DTYPES, ConfigError, compute_dtype, compute_dtype_names
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
@@ -42,18 +42,15 @@ DEFAULT_CONFIGS = [
     "configs/cityscapes.py:hrnet48",
     "configs/ade20k.py:vitl",
 ]
-_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-DEFAULT_DTYPES = "float32,bfloat16"
+DEFAULT_DTYPES = ",".join(COMPUTE_DTYPES)
 
 
 def parse_dtypes(text: str) -> list[str]:
     """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in _DTYPES]
-    if unknown or not names:
-        what = f"unknown dtype(s) {', '.join(map(repr, unknown))}" if unknown else "no dtype given"
-        raise argparse.ArgumentTypeError(f"{what}: expected a comma-separated list of {', '.join(_DTYPES)}")
-    return list(dict.fromkeys(names))
+    try:
+        return compute_dtype_names(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def peak_memory(device: jax.Device) -> int | None:
@@ -100,7 +97,7 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
     batch_size = per_device_batch * mesh.size
     # one reference replica (its per-GPU losses and memory update) per device
     num_replicas = mesh.size if batch_size % mesh.size == 0 else 1
-    model = build_model(config.model, dtype=_DTYPES[dtype_name])
+    model = build_model(config.model, dtype=compute_dtype(dtype_name))
     steps_per_epoch = max(1, iters + 1)
 
     started = time.perf_counter()
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="images per device and step (default: each recipe's batch_size // num_replicas)")
     parser.add_argument("--size", type=_size, default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
     parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
-                        help=f"comma-separated compute dtypes among {', '.join(_DTYPES)} (default: %(default)s)")
+                        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):
         parser.error("--iters and --per_device_batch must be at least 1")

@@ -96,3 +96,28 @@ def config_overrides(parser: argparse.ArgumentParser, unparsed: list[str]) -> li
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return overrides
+
+
+# The compute dtypes ``config.dtype`` may name (parameters, memory and statistics stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype_names(text: str) -> list[str]:
+    """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (duplicates dropped); ConfigError for
+    unknown names."""
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    unknown = [name for name in names if name not in COMPUTE_DTYPES]
+    if unknown or not names:
+        what = f"unknown dtype(s) {', '.join(map(repr, unknown))}" if unknown else "no dtype given"
+        raise ConfigError(f"{what}: expected a comma-separated list of {', '.join(COMPUTE_DTYPES)}")
+    return list(dict.fromkeys(names))
+
+
+def compute_dtype(name: str) -> Any:
+    """What ``build_model(..., dtype=)`` takes for a ``config.dtype`` name: None for float32."""
+    names = compute_dtype_names(name)
+    if len(names) != 1:
+        raise ConfigError(f"dtype={name!r}: name one of {', '.join(COMPUTE_DTYPES)}")
+    import jax.numpy as jnp
+
+    return None if names[0] == "float32" else jnp.bfloat16

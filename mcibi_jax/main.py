@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax import distributed
-from mcibi_jax.config import ConfigError, apply_override, split_overrides
+from mcibi_jax.config import ConfigError, apply_override, compute_dtype, split_overrides
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.confusion import save_confusion
 from mcibi_jax.evaluation.inference import check_inference_config, confusion_counts, inference_settings
@@ -54,7 +53,6 @@ MODES = ("train", "eval", "train_and_eval")
 OPTIONAL_KEYS = {"train": {"ema_decay": 0.0, "eval_every": 0},
                  "eval": {"save_confusion": True, "format_only": False, "checkpoint": ""}}
 BEST = "best"  # DIR/checkpoints/best: the variables of the best evaluation during training
-_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class DatasetUnavailable(RuntimeError):
@@ -72,10 +70,7 @@ def _check_dataset(config: Mapping[str, Any]) -> None:
 
 
 def _dtype(config: Mapping[str, Any]):
-    name = config.get("dtype", "float32")
-    if name not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return compute_dtype(config.get("dtype", "float32"))
 
 
 def check_train_config(config: Mapping[str, Any]) -> None:
