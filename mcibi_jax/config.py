@@ -115,9 +115,8 @@ def compute_dtype_names(text: str) -> list[str]:
 
 def compute_dtype(name: str) -> Any:
     """What ``build_model(..., dtype=)`` takes for a ``config.dtype`` name: None for float32."""
-    names = compute_dtype_names(name)
-    if len(names) != 1:
-        raise ConfigError(f"dtype={name!r}: name one of {', '.join(COMPUTE_DTYPES)}")
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype={name!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}")
     import jax.numpy as jnp
 
-    return None if names[0] == "float32" else jnp.bfloat16
+    return None if name == "float32" else jnp.bfloat16
