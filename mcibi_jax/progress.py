@@ -108,6 +108,11 @@ class ProgressBar:
         self.done = int(done)
         self._draw(self.clock())
 
+    def restart_clock(self) -> None:
+        """Counts rate and ETA from now on (e.g. after a compilation that is not representative)."""
+        if self.enabled:
+            self._start, self._steps = self.clock(), 0
+
     def clear(self) -> None:
         """Erases the bar line if it is on screen."""
         if not self.enabled or not self._shown:

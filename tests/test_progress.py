@@ -195,3 +195,13 @@ def test_formatting_helpers():
     assert format_value(np.array(0.25, np.float32)) == "0.25"
     assert format_value(7) == "7"
     assert format_value("sgd") == "sgd"
+
+
+def test_restart_clock_leaves_a_slow_first_step_out_of_the_rate():
+    bar, stream, clock = make_bar(total=100)
+    clock.now = 60.0  # compiling
+    bar.update(1)
+    bar.restart_clock()
+    clock.now = 70.0
+    bar.update(10)
+    assert "11/100 [0:10<1:29, 1.00 it/s]" in last_line(stream)

@@ -138,6 +138,7 @@ def train(
                 compiled_at = window_start = time.perf_counter()
                 window_first_step = step  # the compilation does not count toward the speed
                 log(f"step {step} compiled and ran in {compiled_at - start:.1f}s")
+                progress.restart_clock()
             if step % log_every == 0 or step == total_steps:
                 window.append(check(*pending))
                 pending = None
