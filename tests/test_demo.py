@@ -54,6 +54,8 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     assert history[0]["loss_memory"] == history[1]["loss_memory"] == 0.0
     assert history[2]["loss_memory"] > history[-1]["loss_memory"] > 0.0
     assert history[-1]["lr"] < history[0]["lr"]
+    # the memory momentum follows the learning rate (demo: base momentum 0.9 at base lr 0.02)
+    assert all(h["memory_momentum"] == pytest.approx(0.9 / 0.02 * h["lr"], rel=1e-5) for h in history)
     ev = saved["eval"]
     assert set(ev["IoU"]) == {"background", "shape1", "shape2", "shape3"}
     assert 0.0 <= ev["mIoU"] <= 1.0 and 0.0 <= ev["aAcc"] <= 1.0 and 0.0 <= ev["mAcc"] <= 1.0

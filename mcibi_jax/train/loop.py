@@ -52,7 +52,8 @@ def train(
     pipeline's saved position) and saves the state and ``data_state()`` at the end of every
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
-    ``record(step, scalars)`` receives every logged line's values (losses, lr, images/s, epoch).
+    ``record(step, scalars)`` receives every logged line's values (losses, lr, memory momentum,
+    images/s, epoch).
     ``train.ema_decay`` > 0 keeps an exponential moving average of the variables in the state
     (``state.ema_params``; ``state.export_variables`` are then the averaged ones).
     ``after_epoch(epoch, state)`` runs after each epoch (and its checkpoint), e.g. an evaluation.
@@ -146,14 +147,15 @@ def train(
                 rate = (step - window_first_step) * int(train_config["batch_size"]) / max(now - window_start, 1e-9)
                 per_step = (now - compiled_at) / max(step - first_step, 1)
                 entry = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k.startswith("loss")}
-                entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], images_per_s=rate)
+                entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], memory_momentum=window[-1]["memory_momentum"],
+                             images_per_s=rate)
                 history.append(entry)
                 progress.update(0, loss=entry["loss"], lr=entry["lr"])
                 if record is not None:
                     record(step, {k: v for k, v in entry.items() if k != "step"})
                 losses = " ".join(f"{k}={v:.4f}" for k, v in entry.items() if k.startswith("loss_"))
                 log(f"step {step}/{total_steps} epoch {epoch}/{num_epochs} loss {entry['loss']:.4f} ({losses}) "
-                    f"lr {entry['lr']:.3e} {rate:.1f} img/s ETA {format_duration(per_step * (total_steps - step))}")
+                    f"lr {entry['lr']:.3e} memory momentum {entry['memory_momentum']:.3e} {rate:.1f} img/s ETA {format_duration(per_step * (total_steps - step))}")
                 window, window_start, window_first_step = [], now, step
         if step < epoch * steps_per_epoch and step < total_steps:
             raise ValueError(f"epoch {epoch} gave {step - (epoch - 1) * steps_per_epoch} batches, expected {steps_per_epoch}")

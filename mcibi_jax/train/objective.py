@@ -27,6 +27,13 @@ def with_memory(memory_collection: Mapping[str, Any], memory: Array) -> dict:
     return {**memory_collection, "memory_module": {**memory_collection["memory_module"], "memory": memory}}
 
 
+def memory_momentum_of(model_config: Mapping[str, Any], learning_rate: Array | float) -> Array | float:
+    """The memory update's momentum at ``learning_rate`` (``model.head.update`` settings)."""
+    update = model_config["head"]["update"]
+    return memory_momentum(learning_rate, base_momentum=update["base_momentum"], base_lr=update["base_lr"],
+                           adjust_by_learning_rate=update["adjust_by_learning_rate"])
+
+
 def loss_and_updates(
     model: MCIBI,
     model_config: Mapping[str, Any],
@@ -58,13 +65,7 @@ def loss_and_updates(
     head = model_config["head"]
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params, "batch_stats": batch_stats, "memory": memory_collection}
-    update = head["update"]
-    momentum = memory_momentum(
-        learning_rate,
-        base_momentum=update["base_momentum"],
-        base_lr=update["base_lr"],
-        adjust_by_learning_rate=update["adjust_by_learning_rate"],
-    )
+    momentum = memory_momentum_of(model_config, learning_rate)
     outputs, mutated = model.apply(
         variables, images, train=True, labels=labels, memory_momentum=momentum, num_replicas=num_replicas,
         rngs=rngs, mutable=["batch_stats"],

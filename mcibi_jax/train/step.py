@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mcibi_jax.models.segmentor import MCIBI
-from mcibi_jax.train.objective import loss_and_updates
+from mcibi_jax.train.objective import loss_and_updates, memory_momentum_of
 from mcibi_jax.train.optimizer import Schedule
 from mcibi_jax.train.state import TrainState, ema_update
 
@@ -48,7 +48,7 @@ def train_step(
     :func:`mcibi_jax.train.objective.loss_and_updates`), whatever the number of devices.
     ``ema_decay`` > 0: ``state.ema_params`` follows the new variables (:func:`ema_update`).
     Returns the new state and the step's metrics: ``loss`` (total), each logged loss, ``lr``,
-    ``epoch``.
+    ``memory_momentum``, ``epoch``.
     """
     lr = schedule(state.step)
     epoch = epoch_of(state.step, steps_per_epoch)
@@ -64,7 +64,8 @@ def train_step(
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, memory=memory, opt_state=opt_state)
     if ema_decay > 0 and state.ema_params is not None:
         new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.variables, ema_decay))
-    metrics = {"loss": total, "lr": lr, "epoch": epoch, **losses}
+    momentum = jnp.asarray(memory_momentum_of(model_config, lr), jnp.float32)
+    metrics = {"loss": total, "lr": lr, "memory_momentum": momentum, "epoch": epoch, **losses}
     return new_state, metrics
 
 
