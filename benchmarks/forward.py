@@ -15,27 +15,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from benchmark_args import add_common_arguments
 
 import mcibi_jax
-from mcibi_jax.config import COMPUTE_DTYPES, ConfigError, compute_dtype, compute_dtype_names
+from mcibi_jax.config import compute_dtype
 from mcibi_jax.models.segmentor import build_model
-
-DEFAULT_CONFIGS = [
-    "configs/cityscapes.py:r50",
-    "configs/cityscapes.py:r101",
-    "configs/cityscapes.py:s101",
-    "configs/cityscapes.py:hrnet48",
-    "configs/ade20k.py:vitl",
-]
-DEFAULT_DTYPES = ",".join(COMPUTE_DTYPES)
-
-
-def parse_dtypes(text: str) -> list[str]:
-    """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
-    try:
-        return compute_dtype_names(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str) -> dict:
@@ -62,14 +46,11 @@ def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, d
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config specs")
+    add_common_arguments(parser)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
-    parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
-                        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)")
     args = parser.parse_args(argv)
-    size = tuple(int(s) for s in args.size.split("x")) if args.size else None
+    size = args.size
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
     for spec in args.configs.split(","):
         for dtype_name in args.dtypes:

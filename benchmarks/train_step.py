@@ -27,31 +27,14 @@ import time
 
 import jax
 import numpy as np
+from benchmark_args import add_common_arguments
 
 import mcibi_jax
-from mcibi_jax.config import COMPUTE_DTYPES, ConfigError, compute_dtype, compute_dtype_names
+from mcibi_jax.config import compute_dtype
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
 from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
-
-DEFAULT_CONFIGS = [
-    "configs/cityscapes.py:r50",
-    "configs/cityscapes.py:r101",
-    "configs/cityscapes.py:s101",
-    "configs/cityscapes.py:hrnet48",
-    "configs/ade20k.py:vitl",
-]
-DEFAULT_DTYPES = ",".join(COMPUTE_DTYPES)
-
-
-def parse_dtypes(text: str) -> list[str]:
-    """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
-    try:
-        return compute_dtype_names(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
 
 def peak_memory(device: jax.Device) -> int | None:
     """``peak_bytes_in_use`` of ``device``, or None where the backend keeps no statistics."""
@@ -136,25 +119,12 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
     }
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(s) for s in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x1024, got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return height, width
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config specs")
+    add_common_arguments(parser)
     parser.add_argument("--iters", type=int, default=10, help="timed steps (after one warm-up step)")
     parser.add_argument("--per_device_batch", type=int, default=None,
                         help="images per device and step (default: each recipe's batch_size // num_replicas)")
-    parser.add_argument("--size", type=_size, default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
-    parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
-                        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):
         parser.error("--iters and --per_device_batch must be at least 1")
