@@ -66,6 +66,7 @@ def test_best_checkpoint_only_moves_up(tmp_path):
     best = BestCheckpoint(tmp_path / "best")
     assert best.record is None
     assert not best.offer(_variables(0.0), {"mIoU": float("nan")}, step=1)  # nothing scored
+    assert not best.offer(_variables(0.0), {"mIoU": None}, step=1)  # ... as results.json writes it
     assert best.offer(_variables(1.0), {"mIoU": 0.5}, step=2)
     assert not best.offer(_variables(2.0), {"mIoU": 0.4}, step=3)
     assert not best.offer(_variables(2.0), {"mIoU": 0.5}, step=4)  # a tie keeps the earlier one

@@ -101,11 +101,11 @@ class BestCheckpoint:
         return json.loads(info.read_text()) if info.exists() else None
 
     def offer(self, variables: Mapping[str, Any], metrics: Mapping[str, Any], **details: Any) -> bool:
-        """Makes ``variables`` the best if ``metrics[self.metric]`` beats the current best (a NaN
-        value never does); returns whether it did."""
+        """Makes ``variables`` the best if ``metrics[self.metric]`` beats the current best (no
+        score, NaN or None as in results.json, never does); returns whether it did."""
         from mcibi_jax.porting.port import save_variables
 
-        value = float(metrics[self.metric])
+        value = float("nan") if metrics[self.metric] is None else float(metrics[self.metric])
         current = self.record
         if not math.isfinite(value) or (current is not None and value <= float(current[self.metric])):
             return False
