@@ -294,10 +294,10 @@ class EpochEvaluation:
     keeps the best result in DIR/checkpoints/best and records ``eval/*`` scalars."""
 
     def __init__(self, model: Any, config: Mapping[str, Any], workdir: Path, log: Callable[[str], None],
-                 writer: Any, steps_per_epoch: int, final: bool):
+                 writer: Any, final: bool):
         self.model, self.config, self.workdir, self.log, self.writer = model, config, workdir, log, writer
         self.every = max(0, int(_option(config, "train", "eval_every") or 0))
-        self.num_epochs, self.steps_per_epoch, self.final = int(config["train"]["num_epochs"]), steps_per_epoch, final
+        self.num_epochs, self.final = int(config["train"]["num_epochs"]), final
         self.enabled = self.final or self.every > 0
         self.best = BestCheckpoint(workdir / "checkpoints" / BEST) if self.enabled else None
         self.last_result: dict[str, Any] | None = None
@@ -354,8 +354,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
                           enabled=None if distributed.is_main_process() else False)
         train_log = bar.interleave(log)
         if not format_only:
-            evaluation = EpochEvaluation(model, config, workdir, train_log, writer, data.steps_per_epoch,
-                                         final=mode == "train_and_eval")
+            evaluation = EpochEvaluation(model, config, workdir, train_log, writer, final=mode == "train_and_eval")
             evaluation.training_bar = bar
         started = time.perf_counter()
         try:
