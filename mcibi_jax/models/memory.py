@@ -18,7 +18,7 @@ import numpy as np
 
 from mcibi_jax.models.attention import SelfAttentionBlock
 from mcibi_jax.models.layers import ConvBNReLU, compute_dtype
-from mcibi_jax.models.resize import interpolation_matrix
+from mcibi_jax.models.resize import interpolation_matrix, resample
 
 Array = jax.Array
 
@@ -245,8 +245,7 @@ def update_memory(
         column_matrix = jnp.asarray(interpolation_matrix(in_w, out_w, "bilinear", align_corners), memory.dtype)
 
         def band_features(index):  # the rows of resize(features, (out_h, out_w)) in this band
-            band = jnp.einsum("oh,nhwc->nowc", row_bands[index], features, precision="highest")
-            return jnp.einsum("pw,nowc->nopc", column_matrix, band, precision="highest")
+            return resample(features, row_bands[index], column_matrix)
 
     def add_band(totals, band):
         index, labels_of_band = band

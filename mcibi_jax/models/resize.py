@@ -92,9 +92,15 @@ def resize(
     mw = interpolation_matrix(in_w, out_w, mode, align_corners, scale_factor)
     if mode == "nearest":
         return x[:, np.argmax(mh, axis=1)][:, :, np.argmax(mw, axis=1)]
-    mh, mw = jnp.asarray(mh, x.dtype), jnp.asarray(mw, x.dtype)
-    x = jnp.einsum("oh,nhwc->nowc", mh, x, precision="highest")
-    return jnp.einsum("pw,nowc->nopc", mw, x, precision="highest")
+    return resample(x, jnp.asarray(mh, x.dtype), jnp.asarray(mw, x.dtype))
+
+
+def resample(x: jnp.ndarray, rows: jnp.ndarray, columns: jnp.ndarray) -> jnp.ndarray:
+    """``rows @ x @ columns.T`` over the spatial axes: x (N, H, W, C), rows (H', H) and
+    columns (W', W) interpolation matrices (see :func:`interpolation_matrix`) -> (N, H', W', C).
+    ``rows`` may hold only some output rows (a band of them)."""
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision="highest")
+    return jnp.einsum("pw,nowc->nopc", columns, x, precision="highest")
 
 
 def scaled_size(size: Sequence[int], scale_factor: float) -> tuple[int, int]:
