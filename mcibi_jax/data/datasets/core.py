@@ -121,43 +121,40 @@ def check_files(samples: Sequence[Sample], layout: str) -> None:
                 f"should be {getattr(first, kind)} (sample {first.id!r}); expected layout: {layout}")
 
 
-def read_image(path: str, sample_id: str | None = None) -> np.ndarray:
-    """Decodes an image file to (H, W, 3) uint8 RGB (grey, palette and RGBA images converted)."""
+def decode_with_pil(path: Any, sample_id: str | None, *, modes: tuple[str, ...], bad_mode: str, what: str,
+                    cannot: str, convert: str | None = None) -> np.ndarray:
+    """Decodes ``path`` with PIL to a uint8 array; every failure is a :class:`CorruptSample`:
+    a mode outside ``modes`` (``bad_mode`` formatted with ``mode``), a missing file ("``what``
+    file is missing") or anything PIL raises ("``cannot``: error"). ``convert``: the mode to
+    convert to first."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            if image.mode not in ("RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr"):
-                raise CorruptSample(path, f"unsupported image mode {image.mode!r} (expected 8-bit RGB or grey)", sample_id)
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            array = np.array(image, dtype=np.uint8)
+            if image.mode not in modes:
+                raise CorruptSample(path, bad_mode.format(mode=repr(image.mode)), sample_id)
+            if convert is not None and image.mode != convert:
+                image = image.convert(convert)
+            return np.array(image, dtype=np.uint8)  # 'P': the palette indices, not the colours
     except CorruptSample:
         raise
     except FileNotFoundError:
-        raise CorruptSample(path, "image file is missing", sample_id) from None
+        raise CorruptSample(path, f"{what} file is missing", sample_id) from None
     except Exception as error:  # PIL raises many types for damaged files
-        raise CorruptSample(path, f"cannot decode image: {error}", sample_id) from error
-    return array
+        raise CorruptSample(path, f"{cannot}: {error}", sample_id) from error
+
+
+def read_image(path: str, sample_id: str | None = None) -> np.ndarray:
+    """Decodes an image file to (H, W, 3) uint8 RGB (grey, palette and RGBA images converted)."""
+    return decode_with_pil(path, sample_id, modes=("RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr"),
+                           bad_mode="unsupported image mode {mode} (expected 8-bit RGB or grey)", what="image",
+                           cannot="cannot decode image", convert="RGB")
 
 
 def read_png_label(path: str, sample_id: str | None = None) -> np.ndarray:
     """Raw ids of a single-channel 8-bit label PNG, as a (H, W) uint8 array."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.mode != "L":
-                raise CorruptSample(path, f"label image has mode {image.mode!r}; expected a single-channel "
-                                          "8-bit ('L') PNG of label ids", sample_id)
-            array = np.array(image, dtype=np.uint8)
-    except CorruptSample:
-        raise
-    except FileNotFoundError:
-        raise CorruptSample(path, "label file is missing", sample_id) from None
-    except Exception as error:
-        raise CorruptSample(path, f"cannot decode label image: {error}", sample_id) from error
-    return array
+    return decode_with_pil(path, sample_id, modes=("L",), what="label", cannot="cannot decode label image",
+                           bad_mode="label image has mode {mode}; expected a single-channel 8-bit ('L') PNG of label ids")
 
 
 # ------------------------------------------------------------------------------------------

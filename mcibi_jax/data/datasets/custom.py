@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from ml_collections import config_dict
 
-from .core import CorruptSample, DatasetConfigError, DatasetLayoutError, DatasetSpec, Sample, read_id_list, require_dir
+from .core import (DatasetConfigError, DatasetLayoutError, DatasetSpec, Sample, decode_with_pil, read_id_list,
+                   require_dir)
 
 NAME = "custom"
 DESCRIPTION = "dataset.json"
@@ -184,21 +185,9 @@ def find_samples(root: Path, split: str, with_labels: bool) -> list[Sample]:
 
 def read_mask(path: str, sample_id: str | None = None) -> np.ndarray:
     """Class ids of a single-channel mask PNG ('L', or 'P' whose indices are the ids), (H, W) uint8."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise CorruptSample(path, f"mask has mode {image.mode!r}; expected a single-channel 8-bit PNG "
-                                          "('L' or palette 'P') whose values are class ids", sample_id)
-            array = np.array(image, dtype=np.uint8)  # 'P': the palette indices, not the colours
-    except CorruptSample:
-        raise
-    except FileNotFoundError:
-        raise CorruptSample(path, "mask file is missing", sample_id) from None
-    except Exception as error:  # PIL raises many types for damaged files
-        raise CorruptSample(path, f"cannot decode mask: {error}", sample_id) from error
-    return array
+    return decode_with_pil(path, sample_id, modes=("L", "P"), what="mask", cannot="cannot decode mask",
+                           bad_mode="mask has mode {mode}; expected a single-channel 8-bit PNG "
+                                    "('L' or palette 'P') whose values are class ids")
 
 
 def load_spec(root: str | os.PathLike) -> DatasetSpec:
