@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax.config import ConfigError
-from mcibi_jax.evaluation.inference import check_inference_config, inference_settings
+from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.evaluation.inference import predict as predict_classes
 from mcibi_jax.models.segmentor import MCIBI, build_model
 from mcibi_jax.porting.port import load_variables, model_config_of, variables_from_pth
@@ -71,13 +71,8 @@ class Segmenter:
         """
         image = check_image(image)
         normalised = preprocessor(self.config)(image)
-        settings = inference_settings(self.config, use_tta)
-        check_inference_config(settings)
-        pairs = self.config["dataset"].get("train", {}).get("flip_label_pairs", ())
-        labels = predict_classes(self.model, self.variables, normalised[None], settings,
-                                 align_corners=bool(model_config_of(self.config).get("align_corners", False)),
-                                 flip_label_pairs=tuple(tuple(int(c) for c in p) for p in pairs),
-                                 output_size=image.shape[:2])
+        labels = predict_classes(self.model, self.variables, normalised[None], output_size=image.shape[:2],
+                                 **evaluation_options(self.config, use_tta))
         return np.asarray(labels[0], np.int32)
 
 

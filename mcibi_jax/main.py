@@ -39,7 +39,7 @@ from mcibi_jax import distributed
 from mcibi_jax.config import ConfigError, apply_override, compute_dtype, split_overrides
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.confusion import save_confusion
-from mcibi_jax.evaluation.inference import check_inference_config, confusion_counts, inference_settings
+from mcibi_jax.evaluation.inference import confusion_counts, evaluation_options
 from mcibi_jax.evaluation.metrics import format_table, segmentation_metrics, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
@@ -261,11 +261,9 @@ def evaluate_variables(model: Any, variables: Mapping[str, Any], config: Mapping
         progress.update(min(n * jax.process_count(), num_images - progress.done))
 
     with progress:
-        counts = confusion_counts(
-            model, variables, batches, num_classes=int(config["dataset"]["num_classes"]),
-            ignore_label=int(config["dataset"].get("ignore_label", -100)),
-            align_corners=bool(config["model"].get("align_corners", False)), inference=inference_settings(config),
-            flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())), on_batch=on_batch)
+        counts = confusion_counts(model, variables, batches, num_classes=int(config["dataset"]["num_classes"]),
+                                  ignore_label=int(config["dataset"].get("ignore_label", -100)), on_batch=on_batch,
+                                  **evaluation_options(config))
     metrics = segmentation_metrics(counts)
     seconds = time.perf_counter() - started
     if detailed:
@@ -333,8 +331,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     _check_dataset(config)
-    inference = inference_settings(config)
-    check_inference_config(inference)
+    evaluation_options(config)  # bad inference settings fail before any training
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(config["model"], dtype=_dtype(config))
@@ -398,10 +395,8 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         items, num_images = _submission_data(config)
         directory = workdir / "submission" / config["dataset"]["name"]
         started = time.perf_counter()
-        written = write_submission(model, variables, items, config["dataset"]["name"], directory,
-                                   align_corners=bool(config["model"].get("align_corners", False)), inference=inference,
-                                   flip_label_pairs=tuple(config["dataset"].get("train", {}).get("flip_label_pairs", ())),
-                                   log=log)
+        written = write_submission(model, variables, items, config["dataset"]["name"], directory, log=log,
+                                   **evaluation_options(config))
         log(f"wrote {len(written)} predictions of {num_images} {config['dataset']['eval_set']} images to {directory} "
             f"({time.perf_counter() - started:.1f}s); no metrics (eval.format_only)")
         update["submission"] = {"directory": str(directory), "num_images": len(written), "split": str(config["dataset"]["eval_set"])}

@@ -194,7 +194,7 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     ConfigError, PthError, PortError or OSError for anything that keeps the run from starting."""
     from mcibi_jax.api import Segmenter, preprocessor
     from mcibi_jax.config import load_config
-    from mcibi_jax.evaluation.inference import check_inference_config, inference_settings
+    from mcibi_jax.evaluation.inference import evaluation_options
 
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
@@ -205,8 +205,7 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     except Exception as error:  # anything a config file may raise while it runs
         raise ConfigError(f"cannot load the config {args.config}: {type(error).__name__}: {error}") from None
     preprocessor(config)  # the config can run the test pipeline
-    settings = inference_settings(config, True if args.tta else None)
-    check_inference_config(settings)
+    settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
     weights = Path(args.checkpoint or args.pth)
     if not weights.exists():
         raise FileNotFoundError(f"no checkpoint at {weights}")

@@ -49,6 +49,17 @@ def inference_settings(config: Mapping[str, Any], use_tta: bool | None = None) -
     return settings
 
 
+def evaluation_options(config: Mapping[str, Any], use_tta: bool | None = None) -> dict[str, Any]:
+    """What an experiment config fixes for :func:`predict`, :func:`confusion_counts` and the
+    submission writer: ``inference`` (:func:`inference_settings`, checked), ``align_corners``
+    and ``flip_label_pairs`` (``dataset.train.flip_label_pairs``, swapped back after a flip)."""
+    settings = inference_settings(config, use_tta)
+    check_inference_config(settings)
+    pairs = (config["dataset"].get("train", None) or {}).get("flip_label_pairs", ())
+    return {"inference": settings, "align_corners": bool(config["model"].get("align_corners", False)),
+            "flip_label_pairs": tuple(tuple(int(c) for c in pair) for pair in pairs)}
+
+
 def predict(
     model: MCIBI,
     variables: Mapping[str, Any],
