@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MCIBI_SHARED", REPO.parent / "shared" / "reference"))
-FIXTURES = Path(os.environ.get("MCIBI_FIXTURES", SHARED / "fixtures"))
-KEYS = SHARED / "keys"
+# The reference's golden data ships with the tests (tests/reference/, a copy of what the reference's
+# generator wrote); MCIBI_SHARED points at another copy, MCIBI_FIXTURES at another fixture set.
+REFERENCE = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parent / "reference"))
+FIXTURES = Path(os.environ.get("MCIBI_FIXTURES", REFERENCE / "fixtures"))
+KEYS = REFERENCE / "keys"
 
 
 def model_cases() -> list[str]:
@@ -28,6 +29,11 @@ def read_case(case: str) -> tuple[dict, dict]:
     meta = json.loads((FIXTURES / f"{case}.json").read_text())
     arrays = dict(np.load(FIXTURES / f"{case}.npz"))
     return meta, arrays
+
+
+def read_float64_truth(case: str) -> dict:
+    """The same training step run by the reference in float64 (``<case>.f64.npz``)."""
+    return dict(np.load(FIXTURES / f"{case}.f64.npz"))
 
 
 def nhwc(x: np.ndarray) -> np.ndarray:

@@ -1,5 +1,3 @@
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +7,8 @@ from flax.traverse_util import flatten_dict
 
 from mcibi_jax.models.backbones.hrnet import ARCH_SETTINGS, HRNet, HRStage, hrnet_out_channels, hrnet_stages
 from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
+from tests.reference_data import KEYS
 
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 PREFIX = "backbone_net."
 
 
@@ -22,7 +20,7 @@ def _variable_shapes(model: HRNet, size: tuple[int, int] = (64, 64)) -> dict[tup
 
 def _backbone_keys(name: str) -> dict[str, tuple[int, ...]]:
     keys = {}
-    for line in (SHARED / "keys" / name).read_text().splitlines():
+    for line in (KEYS / name).read_text().splitlines():
         key, shape, _ = line.split("\t")
         if key.startswith(PREFIX):
             keys[key[len(PREFIX):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
@@ -31,7 +29,7 @@ def _backbone_keys(name: str) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("keys_file, mcibi_version", [("hrnetv2w48_ade20k.txt", False), ("hrnetv2w48_cityscapes.txt", True)])
 def test_released_layout(keys_file: str, mcibi_version: bool) -> None:
-    path = SHARED / "keys" / keys_file
+    path = KEYS / keys_file
     if not path.exists():
         pytest.skip(f"{path} not available")
     flax_shapes = _variable_shapes(HRNet(arch="hrnetv2_w48", mcibi_version=mcibi_version))

@@ -1,5 +1,4 @@
 import ast
-import os
 from pathlib import Path
 
 import jax
@@ -9,9 +8,9 @@ from flax.traverse_util import flatten_dict
 
 from mcibi_jax.models.backbones.resnest import ResNeSt
 from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
+from tests.reference_data import KEYS
 
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-KEY_FILES = sorted((SHARED / "keys").glob("resnest101os8_*.txt"))
+KEY_FILES = sorted(KEYS.glob("resnest101os8_*.txt"))
 PREFIX = "backbone_net."
 
 
@@ -36,7 +35,7 @@ def released_layout() -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in flatten_dict(dict(variables)).items()}
 
 
-@pytest.mark.skipif(not KEY_FILES, reason="no resnest101os8 key files under MCIBI_SHARED")
+@pytest.mark.skipif(not KEY_FILES, reason="no resnest101os8 key files in tests/reference (or MCIBI_SHARED)")
 @pytest.mark.parametrize("key_file", KEY_FILES, ids=lambda p: p.stem)
 def test_released_key_layout(key_file: Path, released_layout) -> None:
     expected = released_backbone_layout(key_file)

@@ -1,5 +1,4 @@
 import ast
-import os
 from pathlib import Path
 
 import jax
@@ -10,8 +9,8 @@ from flax import traverse_util
 
 from mcibi_jax.models.backbones.vit import VisionTransformer
 from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
+from tests.reference_data import KEYS
 
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 # Backbone options of the released mcibi_deeplabv3_vitlarge_{ade20k,cocostuff10k} configs.
 VIT_LARGE = dict(
@@ -44,7 +43,7 @@ def _expected_variables(keys_file: Path) -> dict[tuple[str, ...], tuple[int, ...
 
 @pytest.mark.parametrize("case", ["vitlarge_ade20k", "vitlarge_cocostuff10k"])
 def test_released_key_layout(case):
-    keys_file = SHARED / "keys" / f"{case}.txt"
+    keys_file = KEYS / f"{case}.txt"
     if not keys_file.exists():
         pytest.skip(f"{keys_file} not available")
     model = VisionTransformer(**VIT_LARGE)

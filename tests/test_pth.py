@@ -3,16 +3,15 @@ import os
 import pickle
 import struct
 import zipfile
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from mcibi_jax.porting.pth import PthError, load_checkpoint, load_state_dict, save_state_dict
+from tests.reference_data import KEYS, FIXTURES as REFERENCE_FIXTURES
 
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-FIXTURES = sorted((SHARED / "fixtures").glob("*.pth"))
+FIXTURES = sorted(REFERENCE_FIXTURES.glob("*.pth"))
 
 ALL_DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.int16,
               np.int8, np.uint8, np.bool_]
@@ -120,7 +119,7 @@ def assert_same(a, b):
 
 def _layout(case: str) -> dict[str, tuple[int, str]]:
     family, dataset = case.split("_", 1)
-    (keys_file,) = (SHARED / "keys").glob(f"{family}*_{dataset}.txt")
+    (keys_file,) = KEYS.glob(f"{family}*_{dataset}.txt")
     layout = {}
     for line in keys_file.read_text().splitlines():
         if line.strip():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,10 @@ from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.convert import PortError, state_dict_to_variables
 from mcibi_jax.porting.port import abstract_variables
 from mcibi_jax.recipes import KEYS_FILES, RELEASED, released_config
+from tests.reference_data import KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-KEYS = SHARED / "keys"
 
 IDS = [f"{d}-{b}" for d, b in RELEASED]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ from mcibi_jax.config import load_config
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.tools import count
 from mcibi_jax.train.state import init_variables
+from tests.reference_data import KEYS
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -80,11 +80,10 @@ def test_eval_writes_the_confusion_matrix(tmp_path):
     assert (tmp_path / "confusion.png").is_file() and any("confusion" in line for line in lines)
 
 
-SHARED = Path(os.environ.get("MCIBI_SHARED", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
 def test_released_recipe_counts_the_released_parameters():
-    keys = SHARED / "keys" / "resnet50os8_cityscapes.txt"
+    keys = KEYS / "resnet50os8_cityscapes.txt"
     if not keys.is_file():
         pytest.skip(f"no {keys}")
     trainable = 0
