@@ -564,3 +564,27 @@ def test_overlapping_records_are_refused(tmp_path):
     patch_entry(path, "archive/data/1", header_offset=first)
     with pytest.raises(PthError, match="refusing to load .*archive/data/1 overlaps another record"):
         load_checkpoint(path)
+
+
+def test_broadcast_views_cannot_multiply_memory(tmp_path):
+    # One stored float viewed as 2**26 elements (stride 0): a 256 MiB copy from a 4-byte storage.
+    obj = {"model": {"w": Tensor("0", "FloatStorage", 1, 0, (1 << 26,), (0,))}}
+    path = tmp_path / "broadcast.pth"
+    write_zip(path, dumps(obj), {"0": np.float32(1).tobytes()})
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "refusing to load" in str(result)
+    assert "would take 268435456 bytes" in str(result)
+    assert peak < 8 << 20
+    legacy = tmp_path / "broadcast_legacy.pth"
+    write_legacy(legacy, dumps(obj, legacy=True), {"0": (np.float32(1).tobytes(), 1)})
+    with pytest.raises(PthError, match="would take 268435456 bytes"):
+        load_checkpoint(legacy)
+    # tied weights (two tensors on one storage) still load
+    tied = tmp_path / "tied.pth"
+    storage = np.arange(6, dtype=np.float32)
+    write_zip(tied, dumps({"model": {"a": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1)),
+                                     "b": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1))}}),
+              {"0": storage.tobytes()})
+    sd = load_state_dict(tied)
+    assert_same(sd["a"], storage.reshape(2, 3))
+    assert_same(sd["b"], storage.reshape(2, 3))

@@ -138,15 +138,39 @@ class _TensorClass(_Frozen):
     __slots__ = ("name",)
 
 
+class _Budget:
+    """Bytes the tensor copies of one load may still take: twice the storages read plus
+    ``_COPY_SLACK``, so that broadcast (stride 0) or repeated views cannot blow a small file
+    up into any amount of memory, while tied weights and views of a storage still load."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = _COPY_SLACK
+
+    def add_storage(self, nbytes: int) -> None:
+        self.left += 2 * nbytes
+
+    def charge(self, nbytes: int, size: tuple[int, ...]) -> None:
+        if nbytes > self.left:
+            raise _Bad(f"a tensor of shape {size} would take {nbytes} bytes: more than the file's storages "
+                       "can fill (broadcast or repeated views of the same data)", verb="refusing to load")
+        self.left -= nbytes
+
+
+_COPY_SLACK = 1 << 26
+
+
 class _Buffer:
     """The raw bytes of one stored storage; ``raw`` is None while only the layout is known."""
 
-    __slots__ = ("raw", "big_endian", "handed_out")
+    __slots__ = ("raw", "big_endian", "handed_out", "budget")
 
-    def __init__(self, raw: np.ndarray | None, big_endian: bool = False, handed_out: bool = False):
+    def __init__(self, raw: np.ndarray | None, budget: _Budget, big_endian: bool = False, handed_out: bool = False):
         self.raw = raw
         self.big_endian = big_endian
         self.handed_out = handed_out
+        self.budget = budget
 
 
 class _Storage(_Frozen):
@@ -213,6 +237,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype |
         # Any later tensor on the same storage gets a copy, so no two results alias.
         buffer.handed_out = True
         return flat.reshape(size)
+    buffer.budget.charge(numel * dtype.itemsize, size)
     view = np.lib.stride_tricks.as_strided(
         flat[offset:], shape=size, strides=tuple(s * dtype.itemsize for s in stride), writeable=False
     )
@@ -525,6 +550,7 @@ def _load_zip(file: io.BufferedIOBase) -> Any:
 
     buffers: dict[str, _Buffer] = {}
     storages: dict[tuple[str, np.dtype], _Storage] = {}
+    budget = _Budget()
 
     def persistent_load(pid: Any) -> _Storage:
         storage_type, key, numel, _ = _storage_id(pid, legacy=False)
@@ -534,7 +560,8 @@ def _load_zip(file: io.BufferedIOBase) -> Any:
                 info = archive.getinfo(f"{root}/data/{key}")
             except KeyError:
                 raise _Bad(f"storage record data/{key} is missing") from None
-            buffers[key] = _Buffer(records.read(info, size), big_endian)
+            buffers[key] = _Buffer(records.read(info, size), budget, big_endian)
+            budget.add_storage(size)
         elif buffers[key].raw.nbytes != size:
             raise _Bad(f"storage {key} is referenced with two sizes ({buffers[key].raw.nbytes} and {size} bytes)")
         ident = (key, storage_type.dtype)
@@ -571,13 +598,14 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
     buffers: dict[str, _Buffer] = {}
     dtypes: dict[str, np.dtype] = {}
     numels: dict[str, int] = {}
+    budget = _Budget()
     views: dict[tuple[str, np.dtype], _Storage] = {}
 
     def persistent_load(pid: Any) -> _Storage:
         storage_type, key, numel, view = _storage_id(pid, legacy=True)
         dtype = storage_type.dtype
         if key not in buffers:
-            buffers[key], dtypes[key], numels[key] = _Buffer(None), dtype, numel
+            buffers[key], dtypes[key], numels[key] = _Buffer(None, budget), dtype, numel
         elif dtypes[key] != dtype:
             raise _Bad(f"storage {key} is referenced with two element types")
         elif numels[key] != numel:
@@ -596,7 +624,7 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
                 if offset < 0 or count < 0 or hi > buffer.raw.nbytes:
                     raise _Bad(f"storage view {view_key} lies outside storage {key}")
                 raw = buffer.raw[lo:hi]
-            views[(view_key, dtype)] = _Storage(_Buffer(raw, handed_out=True), dtype)
+            views[(view_key, dtype)] = _Storage(_Buffer(raw, budget, handed_out=True), dtype)
         return views[(view_key, dtype)]
 
     _unpickle(file, persistent_load)  # first pass: learn which storages exist
@@ -622,6 +650,7 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
             raise _Bad(f"file is truncated inside storage {key} ({size} bytes declared, "
                        f"{length - file.tell()} left in the file)")
         buffers[key].raw = _read_exact(file, size, f"storage {key}")
+        budget.add_storage(size)
     missing = [k for k, b in buffers.items() if b.raw is None]
     if missing:
         raise _Bad(f"storage record {missing[0]} is missing")
