@@ -4,7 +4,9 @@ Supported on read: the zip format of ``torch.save`` (PyTorch >= 1.6) and the
 older stream format (a sequence of pickles followed by raw storages). Tensors
 come back as C-contiguous numpy arrays. The pickle is unpacked by a restricted
 unpickler that resolves only the handful of names a tensor checkpoint needs,
-each to a local stand-in, so no code from the file is ever run.
+each to a local stand-in, so no code from the file is ever run. Nothing is allocated on the
+file's say alone: storage sizes in the pickle must match their records and the bytes present,
+compressed records inflate in bounded chunks, and tensor copies are bounded by the storages.
 
 Writing produces the zip format, readable by ``torch.load(path, weights_only=True)``.
 """
