@@ -106,7 +106,10 @@ def main() -> None:
     import mcibi_jax
     from mcibi_jax.data.datasets import build_source
 
-    config = mcibi_jax.load_config(args.config, overrides)
+    try:
+        config = mcibi_jax.load_config(args.config, overrides)
+    except mcibi_jax.ConfigError as error:
+        parser.error(str(error))
     real = any(o.startswith("dataset.root=") for o in overrides)
     if real:
         source = build_source(config.dataset, config.dataset.train_set)

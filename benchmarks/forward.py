@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
     for spec in args.configs.split(","):
         for dtype_name in args.dtypes:
-            r = benchmark(spec.strip(), args.iters, args.batch, size, dtype_name)
+            try:
+                r = benchmark(spec.strip(), args.iters, args.batch, size, dtype_name)
+            except mcibi_jax.ConfigError as error:
+                parser.error(str(error))
             print(f"{r['config']:<32} {r['dtype']:<8} {r['size']:>14}  compile {r['compile_s']:7.1f} s  "
                   f"{r['images_per_s']:8.2f} images/s", flush=True)
 

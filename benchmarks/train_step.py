@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
     for spec in args.configs.split(","):
         for dtype_name in args.dtypes:
-            r = benchmark(spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name)
+            try:
+                r = benchmark(spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name)
+            except mcibi_jax.ConfigError as error:
+                parser.error(str(error))
             size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
             print(f"{r['config']:<28} {r['dtype']:<8} {r['per_device_batch']:>3}/device {size:>14}  "
                   f"compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1000:9.1f} ms  "

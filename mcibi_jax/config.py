@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
+import inspect
 import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import ml_collections
 
@@ -49,22 +52,136 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str) -> None:
         raise ConfigError(f"override {dotted!r}: {error}") from None
 
 
+def _one_line(error: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}" if not isinstance(error, (ValueError, ConfigError)) else text
+
+
+def _missing_file(file: Path) -> ConfigError:
+    """The error for a config path that is not a file, naming the config files next to it."""
+    what = "is a directory, not a config file" if file.is_dir() else "does not exist"
+    folder = file if file.is_dir() else file.parent
+    found = sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+    close = difflib.get_close_matches(file.name, found, n=1) if not file.is_dir() else []
+    hint = f"; did you mean {folder / close[0]}?" if close else ""
+    listing = f" (config files in {folder}: {', '.join(found)})" if found else ""
+    return ConfigError(f"config file {file} {what}{hint}{listing}")
+
+
+def _positional(function: Any) -> tuple[bool, bool]:
+    """(takes a positional argument, needs one) of ``get_config``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True, False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return bool(positional), any(p.default is p.empty and p.kind != p.VAR_POSITIONAL for p in positional)
+
+
 def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """``load_config("configs/cityscapes.py:r50", ["model.num_classes=7"])``."""
+    """``load_config("configs/cityscapes.py:r50", ["model.num_classes=7"])``.
+
+    Raises ConfigError, with a one-line message, for a missing or broken config file, an
+    argument the file does not take (or lacks) and an unknown override key.
+    """
     spec = str(spec)
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
+        raise _missing_file(file)
     module_spec = importlib.util.spec_from_file_location(f"_mcibi_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f"{file}:{error.lineno}: syntax error in the config file: {error.msg}") from None
+    except Exception as error:  # anything the file raises while it runs
+        raise ConfigError(f"cannot load the config file {file}: {_one_line(error)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
         raise ConfigError(f"{file} has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    takes_arg, needs_arg = _positional(get_config)
+    if arg and not takes_arg:
+        raise ConfigError(f"{file} takes no argument (got {spec!r}); use {path} alone")
+    if not arg and needs_arg:
+        raise ConfigError(f"{file} needs an argument: {path}:<arg>")
+    try:
+        config = get_config(arg) if arg else get_config()
+    except Exception as error:  # e.g. the ValueError of an unknown backbone, which names the choices
+        message = _one_line(error)
+        raise ConfigError(message if message.startswith(spec) else f"{spec}: {message}") from None
     for override in overrides:
         apply_override(config, override)
     return config
+
+
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=V`` / ``--name V`` (the last one) in an absl command line, else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        for prefix in (f"--{name}", f"-{name}"):
+            if arg.startswith(prefix + "="):
+                value = arg[len(prefix) + 1:]
+            elif arg == prefix and i + 1 < len(argv):
+                value = argv[i + 1]
+    return value
+
+
+def check_config_flag(argv: Sequence[str]) -> None:
+    """Loads the ``--config`` file of an absl command line ahead of absl's config flag, so that a
+    mistyped path or argument, or a broken file, is a one-line ConfigError instead of a traceback."""
+    spec = flag_value(argv, "config")
+    if spec is not None:
+        load_config(spec)
+
+
+def flags_error_message(error: Exception) -> str:
+    """One line for an absl ``flags.Error`` (a missing required flag, an unknown flag, a bad value)."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    marker = " must have a value other than None"
+    if marker in text:  # absl's "flag --x=None: Flag --x must have a value other than None."
+        name = text.split(marker)[0].rsplit("Flag ", 1)[-1]
+        return f"{name} is required (see --helpshort)"
+    return f"{text} (see --helpshort)"
+
+
+def parse_absl_command_line(argv: list[str], config_flag: Any, config_argv: list[str],
+                            flag_values: Any = None) -> list[str]:
+    """absl ``flags_parser`` of a program with a config-file flag (``--config``) and dotted overrides.
+
+    ``config_flag`` is the holder ``config_flags.DEFINE_config_file(..., sys_argv=config_argv)``
+    returned: absl sees the command line without the ``--config.<key>=<value>`` overrides (in
+    ``config_argv``), which are applied here after the file is loaded, through
+    :func:`apply_override` (ml_collections would resolve them by attribute, so keys such as
+    ``model.head.update.*`` could not be set). Command-line mistakes (a missing or broken config
+    file, a wrong argument or key, a missing or unknown flag) print one line and exit with status 2.
+    ``flag_values``: where the flags are defined (default ``absl.flags.FLAGS``).
+    """
+    from absl import flags
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    try:
+        rest, overrides = split_overrides(argv)
+        check_config_flag(rest)
+    except ConfigError as error:
+        usage_error(error)
+    config_argv[:] = rest
+    try:
+        remaining = flag_values(rest)
+    except flags.Error as error:
+        usage_error(flags_error_message(error))
+    try:
+        for override in overrides:
+            apply_override(config_flag.value, override)
+    except ConfigError as error:
+        usage_error(error)
+    return remaining
+
+
+def usage_error(message: Any) -> NoReturn:
+    """Prints ``error: message`` on stderr and exits with status 2 (a command-line mistake)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -84,6 +201,13 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(arg)
         i += 1
     return rest, overrides
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one ``error: ...`` line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(f"{message} (see {self.prog} --help)")
 
 
 def config_overrides(parser: argparse.ArgumentParser, unparsed: list[str]) -> list[str]:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from mcibi_jax import distributed
-from mcibi_jax.config import ConfigError, apply_override, compute_dtype, split_overrides
+from mcibi_jax.config import ConfigError, compute_dtype, parse_absl_command_line, usage_error
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.confusion import save_confusion
 from mcibi_jax.evaluation.inference import confusion_counts, evaluation_options
@@ -419,23 +419,7 @@ _CONFIG = _WORKDIR = _MODE = None
 
 
 def _parse_command_line(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        rest, overrides = split_overrides(argv)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    _ARGV[:] = rest
-    try:
-        remaining = flags.FLAGS(rest)
-    except flags.Error as error:
-        raise SystemExit(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.") from None
-    try:
-        for override in overrides:
-            apply_override(_CONFIG.value, override)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
-    return remaining
+    return parse_absl_command_line(argv, _CONFIG, _ARGV)
 
 
 def _define_flags():
@@ -454,7 +438,7 @@ def _define_flags():
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+        usage_error(f"unexpected arguments {argv[1:]}")
     from absl import logging as absl_logging
 
     # Our progress lines go to stdout; keep the libraries' (orbax's) INFO chatter out of them.

@@ -19,14 +19,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mcibi_jax.config import ConfigError, config_overrides, load_config
+from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides, load_config
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.port import save_variables, variables_from_pth
 from mcibi_jax.porting.pth import PthError
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50")
     parser.add_argument("--pth", required=True, help="released PyTorch checkpoint (.pth)")
     parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mcibi_jax.config import ConfigError, config_overrides
+from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
@@ -164,8 +164,8 @@ def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="python -m mcibi_jax.predict", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config file and argument, e.g. configs/ade20k.py:r50")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "

@@ -365,9 +365,10 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     """
     key = (dataset, backbone)
     if key not in _RECIPES:
-        released = ", ".join(f"{d}:{b}" for d, b in RELEASED)
-        raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone {backbone!r}; "
-                         f"released: {released}")
+        backbones = [b for d, b in RELEASED if d == dataset]
+        choices = (f"backbones for {dataset}: {', '.join(backbones)}" if backbones
+                   else f"datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone {backbone!r}; {choices}")
     recipe = _RECIPES[key]
     return ml_collections.ConfigDict(
         {

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mcibi_jax.config import load_config
+from mcibi_jax.config import load_config, split_overrides
 from mcibi_jax.data.synthetic import IGNORE_LABEL, make_split
-from mcibi_jax.main import latest_checkpoint, new_checkpoint_dir, run, split_overrides
+from mcibi_jax.main import latest_checkpoint, new_checkpoint_dir, run
 from mcibi_jax.porting.port import load_variables
 from mcibi_jax.train.loop import TrainingDiverged
 

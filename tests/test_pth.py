@@ -1,5 +1,7 @@
 import ast
 import os
+import tracemalloc
+import zlib
 import pickle
 import struct
 import zipfile
@@ -75,8 +77,9 @@ def dumps(obj, legacy=False) -> bytes:
     return bytes(out + b".")
 
 
-def write_zip(path, pickled: bytes, storages: dict, byteorder="little", root="archive", skip=()):
-    with zipfile.ZipFile(path, "w") as z:
+def write_zip(path, pickled: bytes, storages: dict, byteorder="little", root="archive", skip=(),
+              compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr(f"{root}/data.pkl", pickled)
         z.writestr(f"{root}/byteorder", byteorder)
         for key, data in storages.items():
@@ -400,3 +403,187 @@ def test_bad_files(tmp_path):
 
     with pytest.raises(PthError, match="dtype object"):
         save_state_dict({"x": np.array([None])}, tmp_path / "obj.pth")
+
+
+# --- hostile files: no attribute tampering, no allocation on the file's say -------------------------
+
+
+def patch_entry(path, name, file_size=None, compress_size=None, header_offset=None):
+    """Rewrites the sizes / offset a zip declares for record ``name`` (central directory and local header)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        local, pos = z.getinfo(name).header_offset, z.start_dir
+    while data[pos : pos + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+        if data[pos + 46 : pos + 46 + n].decode() == name:
+            for offset, value in ((20, compress_size), (24, file_size), (42, header_offset)):
+                if value is not None:
+                    struct.pack_into("<I", data, pos + offset, value)
+        pos += 46 + n + m + k
+    for offset, value in ((18, compress_size), (22, file_size)):
+        if value is not None and header_offset is None:
+            struct.pack_into("<I", data, local + offset, value)
+    path.write_bytes(bytes(data))
+
+
+def load_with_peak(path, loader=load_checkpoint):
+    """(result or PthError, peak bytes traced while loading)."""
+    tracemalloc.start()
+    try:
+        try:
+            result = loader(path)
+        except PthError as e:
+            result = e
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+FOUR_FLOATS = {"model": {"w": Tensor("0", "FloatStorage", 4, 0, (4,), (1,))}}
+
+
+@pytest.mark.parametrize("state", ["slots", "dict"])
+def test_build_cannot_empty_an_ordered_dict(tmp_path, state):
+    # OrderedDict(w=...), then BUILD shadowing its keys()/items() with set(): an OrderedDict
+    # stand-in would then look empty to everything that reads it.
+    pickled = bytearray(b"\x80\x02}X\x05\x00\x00\x00modelccollections\nOrderedDict\n)R")
+    _emit("w", pickled, False)
+    _emit(FOUR_FLOATS["model"]["w"], pickled, False)
+    pickled += b"s"
+    shadow = b"}X\x04\x00\x00\x00keyscbuiltins\nset\nsX\x05\x00\x00\x00itemscbuiltins\nset\ns"
+    pickled += (b"N" + shadow + b"\x86b" if state == "slots" else shadow + b"b") + b"s."
+    path = tmp_path / "tamper.pth"
+    write_zip(path, bytes(pickled), {"0": np.arange(4, dtype=np.float32).tobytes()})
+    assert type(load_checkpoint(path)["model"]) is dict
+    assert_same(load_state_dict(path)["w"], np.arange(4, dtype=np.float32))
+
+
+def test_ordered_dict_metadata_is_dropped(tmp_path):
+    # torch pickles a state_dict as OrderedDict + BUILD {'_metadata': ...}; it reads as a plain dict.
+    pickled = bytearray(b"\x80\x02}X\x05\x00\x00\x00modelccollections\nOrderedDict\n)R")
+    _emit("w", pickled, False)
+    _emit(FOUR_FLOATS["model"]["w"], pickled, False)
+    pickled += b"s}X\t\x00\x00\x00_metadata}sbsX\x04\x00\x00\x00list]ccollections\nOrderedDict\n)Ras."
+    path = tmp_path / "metadata.pth"
+    write_zip(path, bytes(pickled), {"0": np.arange(4, dtype=np.float32).tobytes()})
+    ckpt = load_checkpoint(path)
+    assert type(ckpt["model"]) is dict and not hasattr(ckpt["model"], "_metadata")
+    assert type(ckpt["model"]["w"]) is np.ndarray and type(ckpt["list"][0]) is dict
+
+
+def test_build_on_a_container_is_refused(tmp_path):
+    path = tmp_path / "build_list.pth"
+    write_zip(path, b"\x80\x02]}X\x01\x00\x00\x00aJ\x01\x00\x00\x00sb.", {})
+    with pytest.raises(PthError, match="refusing to load .*tries to set attributes"):
+        load_checkpoint(path)
+
+
+def test_bytearray_cannot_allocate(tmp_path):
+    path = tmp_path / "bytearray.pth"
+    write_zip(path, b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R.", {})  # bytearray(256 MiB)
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "unsupported bytearray call" in str(result)
+    assert peak < 16 << 20
+    ok = tmp_path / "bytearray_ok.pth"
+    write_zip(ok, pickle.dumps([bytearray(b"ab"), bytearray()], protocol=2), {})
+    assert load_checkpoint(ok) == [bytearray(b"ab"), bytearray()]
+
+
+def test_zip_bomb_member_is_not_inflated(tmp_path):
+    # A storage record that honestly declares 64 MiB of zeros where the pickle needs 16 bytes.
+    path = tmp_path / "bomb.pth"
+    write_zip(path, dumps(FOUR_FLOATS), {"0": bytes(64 << 20)}, compression=zipfile.ZIP_DEFLATED)
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "holds 67108864 bytes, but the pickle needs 16" in str(result)
+    assert peak < 8 << 20
+
+
+def test_zip_bomb_member_lying_about_its_size(tmp_path):
+    # The same bomb declaring the 16 bytes the pickle needs: inflation stops there.
+    path = tmp_path / "liar.pth"
+    write_zip(path, dumps(FOUR_FLOATS), {"0": bytes(64 << 20)}, compression=zipfile.ZIP_DEFLATED)
+    patch_entry(path, "archive/data/0", file_size=16)
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "cannot decompress archive/data/0" in str(result)
+    assert peak < 8 << 20
+
+
+def test_impossible_compression_ratio_is_refused(tmp_path):
+    # Pickle and record agree on 1 GiB, but 16 compressed bytes cannot inflate to that.
+    obj = {"model": {"w": Tensor("0", "FloatStorage", 1 << 28, 0, (4,), (1,))}}
+    path = tmp_path / "ratio.pth"
+    write_zip(path, dumps(obj), {"0": bytes(16)}, compression=zipfile.ZIP_DEFLATED)
+    patch_entry(path, "archive/data/0", file_size=1 << 30)
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "more than deflate can" in str(result)
+    assert peak < 8 << 20
+
+
+def test_oversized_pickle_record_is_refused(tmp_path):
+    path = tmp_path / "big_pickle.pth"
+    write_zip(path, dumps(FOUR_FLOATS), {"0": bytes(16)}, compression=zipfile.ZIP_DEFLATED)
+    patch_entry(path, "archive/data.pkl", file_size=1 << 30)
+    with pytest.raises(PthError, match="refusing to load .*data.pkl claims 1073741824 bytes"):
+        load_checkpoint(path)
+
+
+def test_storage_size_must_match_its_record(tmp_path):
+    path = tmp_path / "sizes.pth"
+    write_zip(path, dumps(FOUR_FLOATS), {"0": bytes(32)})
+    with pytest.raises(PthError, match="archive/data/0 holds 32 bytes, but the pickle needs 16"):
+        load_checkpoint(path)
+
+
+def test_storage_size_checked_against_the_file_before_allocation(tmp_path):
+    # Pickle and zip directory both claim a 2 GiB storage; the file holds 16 bytes of it.
+    obj = {"model": {"w": Tensor("0", "FloatStorage", 1 << 29, 0, (4,), (1,))}}
+    path = tmp_path / "claims.pth"
+    write_zip(path, dumps(obj), {"0": bytes(16)})
+    patch_entry(path, "archive/data/0", file_size=1 << 31, compress_size=1 << 31)
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "truncated inside archive/data/0" in str(result)
+    assert peak < 8 << 20
+
+    legacy = tmp_path / "claims_legacy.pth"
+    write_legacy(legacy, dumps(obj, legacy=True), {"0": (bytes(16), 1 << 29)})
+    result, peak = load_with_peak(legacy)
+    assert isinstance(result, PthError)
+    assert "truncated inside storage 0 (2147483648 bytes declared, 16 left in the file)" in str(result)
+    assert peak < 8 << 20
+
+
+def test_overlapping_records_are_refused(tmp_path):
+    # Two storages whose directory entries point at the same bytes (N of them would multiply memory).
+    obj = {"model": {"a": Tensor("0", "FloatStorage", 4, 0, (4,), (1,)),
+                     "b": Tensor("1", "FloatStorage", 4, 0, (4,), (1,))}}
+    path = tmp_path / "overlap.pth"
+    write_zip(path, dumps(obj), {"0": bytes(16), "1": bytes(16)})
+    with zipfile.ZipFile(path) as z:
+        first = z.getinfo("archive/data/0").header_offset
+    patch_entry(path, "archive/data/1", header_offset=first)
+    with pytest.raises(PthError, match="refusing to load .*archive/data/1 overlaps another record"):
+        load_checkpoint(path)
+
+
+def test_broadcast_views_cannot_multiply_memory(tmp_path):
+    # One stored float viewed as 2**26 elements (stride 0): a 256 MiB copy from a 4-byte storage.
+    obj = {"model": {"w": Tensor("0", "FloatStorage", 1, 0, (1 << 26,), (0,))}}
+    path = tmp_path / "broadcast.pth"
+    write_zip(path, dumps(obj), {"0": np.float32(1).tobytes()})
+    result, peak = load_with_peak(path)
+    assert isinstance(result, PthError) and "refusing to load" in str(result)
+    assert "would take 268435456 bytes" in str(result)
+    assert peak < 8 << 20
+    legacy = tmp_path / "broadcast_legacy.pth"
+    write_legacy(legacy, dumps(obj, legacy=True), {"0": (np.float32(1).tobytes(), 1)})
+    with pytest.raises(PthError, match="would take 268435456 bytes"):
+        load_checkpoint(legacy)
+    # tied weights (two tensors on one storage) still load
+    tied = tmp_path / "tied.pth"
+    storage = np.arange(6, dtype=np.float32)
+    write_zip(tied, dumps({"model": {"a": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1)),
+                                     "b": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1))}}),
+              {"0": storage.tobytes()})
+    sd = load_state_dict(tied)
+    assert_same(sd["a"], storage.reshape(2, 3))
+    assert_same(sd["b"], storage.reshape(2, 3))

@@ -263,7 +263,9 @@ def format_report(report: Report, *, max_listed: int = 20) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from mcibi_jax.config import CommandLineParser
+
+    parser = CommandLineParser(
         prog="python -m mcibi_jax.data.inspect",
         description="Check a dataset split's files; print class frequencies and image sizes. "
                     "Exit 0: clean, 1: problems found, 2: config or layout unusable.",

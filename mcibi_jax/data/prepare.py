@@ -87,12 +87,18 @@ def _counts(builder: Any) -> str:
     return ", ".join(f"{split}: {info.num_examples}" for split, info in builder.info.splits.items())
 
 
+# The command line absl parses: sys.argv without the --config.<key> overrides (applied by
+# parse_absl_command_line after the file is loaded, with one-line errors).
+_ARGV: list[str] = []
+
+
 def _define_flags() -> Any:
     from absl import flags
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
-        "config", None, "experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared")
+        "config", None, "experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared",
+        sys_argv=_ARGV)
     flags.DEFINE_string("data_dir", None, "where the records go (DIR/mcibi_<dataset>/<version>/)")
     flags.DEFINE_list("splits", None, "only these sets (default: every set found)")
     flags.DEFINE_integer("num_threads", 4, "threads reading and encoding samples")
@@ -107,8 +113,10 @@ def main(argv: list[str]) -> None:
     from absl import flags
     from absl import logging as absl_logging
 
+    from mcibi_jax.config import usage_error
+
     if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+        usage_error(f"unexpected arguments {argv[1:]}")
     if absl_logging.get_verbosity() == absl_logging.INFO:
         absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
@@ -123,5 +131,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from mcibi_jax.config import parse_absl_command_line
+
     _CONFIG = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: parse_absl_command_line(argv, _CONFIG, _ARGV))

@@ -4,14 +4,16 @@ Supported on read: the zip format of ``torch.save`` (PyTorch >= 1.6) and the
 older stream format (a sequence of pickles followed by raw storages). Tensors
 come back as C-contiguous numpy arrays. The pickle is unpacked by a restricted
 unpickler that resolves only the handful of names a tensor checkpoint needs,
-each to a local stand-in, so no code from the file is ever run.
+each to a local stand-in, so no code from the file is ever run. Nothing is allocated on the
+file's say alone: storage sizes in the pickle must match their records and the bytes present,
+compressed records inflate in bounded chunks, and tensor copies are bounded by the storages.
 
 Writing produces the zip format, readable by ``torch.load(path, weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import io
 import math
 import os
@@ -138,15 +140,39 @@ class _TensorClass(_Frozen):
     __slots__ = ("name",)
 
 
+class _Budget:
+    """Bytes the tensor copies of one load may still take: twice the storages read plus
+    ``_COPY_SLACK``, so that broadcast (stride 0) or repeated views cannot blow a small file
+    up into any amount of memory, while tied weights and views of a storage still load."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = _COPY_SLACK
+
+    def add_storage(self, nbytes: int) -> None:
+        self.left += 2 * nbytes
+
+    def charge(self, nbytes: int, size: tuple[int, ...]) -> None:
+        if nbytes > self.left:
+            raise _Bad(f"a tensor of shape {size} would take {nbytes} bytes: more than the file's storages "
+                       "can fill (broadcast or repeated views of the same data)", verb="refusing to load")
+        self.left -= nbytes
+
+
+_COPY_SLACK = 1 << 26
+
+
 class _Buffer:
     """The raw bytes of one stored storage; ``raw`` is None while only the layout is known."""
 
-    __slots__ = ("raw", "big_endian", "handed_out")
+    __slots__ = ("raw", "big_endian", "handed_out", "budget")
 
-    def __init__(self, raw: np.ndarray | None, big_endian: bool = False, handed_out: bool = False):
+    def __init__(self, raw: np.ndarray | None, budget: _Budget, big_endian: bool = False, handed_out: bool = False):
         self.raw = raw
         self.big_endian = big_endian
         self.handed_out = handed_out
+        self.budget = budget
 
 
 class _Storage(_Frozen):
@@ -213,6 +239,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype |
         # Any later tensor on the same storage gets a copy, so no two results alias.
         buffer.handed_out = True
         return flat.reshape(size)
+    buffer.budget.charge(numel * dtype.itemsize, size)
     view = np.lib.stride_tricks.as_strided(
         flat[offset:], shape=size, strides=tuple(s * dtype.itemsize for s in stride), writeable=False
     )
@@ -277,8 +304,54 @@ def _device(kind: Any, index: Any = None) -> str:
     return str(kind) if index is None else f"{kind}:{index}"
 
 
+def _bytearray(*args: Any) -> bytearray:
+    # How pickles spell a bytearray: (), (bytes,) or (str, 'latin-1'); never bytearray(n),
+    # which would allocate n bytes on the file's say.
+    if not args or (len(args) == 1 and isinstance(args[0], bytes)):
+        return bytearray(*args)
+    if len(args) == 2 and isinstance(args[0], str):
+        return bytearray(_encode(*args))
+    raise _Bad("unsupported bytearray call")
+
+
+class _Dict(dict):
+    """What ``collections.OrderedDict`` unpickles to until :func:`_plain` makes it a dict.
+
+    No instance attributes (``__slots__``), so a BUILD opcode cannot shadow its methods
+    (``keys``, ``items``) and empty the state dict; the BUILD state is dropped (torch
+    stores a state_dict's ``_metadata`` there, which a numpy state dict has no use for).
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _plain(obj: Any, seen: dict[int, Any]) -> Any:
+    """``obj`` with every :class:`_Dict` in it replaced by a plain dict (lists and dicts in place)."""
+    if id(obj) in seen:
+        return seen[id(obj)]
+    if isinstance(obj, dict):
+        out = dict(obj) if type(obj) is _Dict else obj
+        seen[id(obj)] = out
+        for key, value in out.items():
+            out[key] = _plain(value, seen)
+        return out
+    if isinstance(obj, list):
+        seen[id(obj)] = obj
+        obj[:] = [_plain(v, seen) for v in obj]
+        return obj
+    if isinstance(obj, tuple):
+        items = [_plain(v, seen) for v in obj]
+        out = obj if all(a is b for a, b in zip(items, obj)) else tuple(items)
+        seen[id(obj)] = out
+        return out
+    return obj
+
+
 _CALLABLES: dict[str, Callable[..., Any]] = {
-    "collections.OrderedDict": collections.OrderedDict,
+    "collections.OrderedDict": _Dict,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -289,7 +362,7 @@ _CALLABLES: dict[str, Callable[..., Any]] = {
     "torch.device": _device,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
     "builtins.complex": complex,
     "_codecs.encode": _encode,
 }
@@ -338,11 +411,14 @@ def _no_persistent(pid: Any) -> Any:
 
 def _unpickle(file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] = _no_persistent) -> Any:
     try:
-        return _Unpickler(file, persistent_load).load()
+        return _plain(_Unpickler(file, persistent_load).load(), {})
     except _Bad:
         raise
     except RecursionError:
         raise _Bad("its pickle nests too deeply") from None
+    except AttributeError as e:  # BUILD on an object without attributes (e.g. a list)
+        raise _Bad(f"it tries to set attributes ({e}); released checkpoints never do",
+                   verb="refusing to load") from None
     except Exception as e:  # anything the pickle machine raises on malformed input
         raise _Bad(f"corrupt or truncated pickle data ({type(e).__name__}: {e})") from None
 
@@ -376,25 +452,77 @@ def _read_exact(file: io.BufferedIOBase, size: int, what: str) -> np.ndarray:
     return out
 
 
-def _zip_record(file: io.BufferedIOBase, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """Bytes of one zip record as a writable uint8 array."""
-    if info.flag_bits & 0x1:
-        raise _Bad(f"{info.filename} is encrypted")
-    if info.compress_type != zipfile.ZIP_STORED:
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand its input more than ~1032-fold
+_MAX_PICKLE_BYTES = 1 << 28  # a state_dict pickle of 100k tensors is ~20 MB
+_CHUNK = 1 << 24
+
+
+class _Records:
+    """Reads zip records with every size checked before anything is allocated.
+
+    A record is read only when its size is known in advance (from the pickle, for a
+    storage), its bytes lie inside the file and overlap no record read before (so no
+    two storages can share, and multiply, the same bytes), and a compressed record is
+    inflated in bounded chunks, never past that size.
+    """
+
+    def __init__(self, file: io.BufferedIOBase, archive: zipfile.ZipFile):
+        self.file, self.archive = file, archive
+        self.length = file.seek(0, io.SEEK_END)
+        self.spans: list[tuple[int, int]] = []  # (start, end) of the records read, sorted
+
+    def read(self, info: zipfile.ZipInfo, size: int) -> np.ndarray:
+        """The ``size`` bytes of record ``info`` as a writable uint8 array."""
+        name = info.filename
+        if info.flag_bits & 0x1:
+            raise _Bad(f"{name} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _Bad(f"{name} uses zip compression method {info.compress_type}; "
+                       "only stored and deflated records are supported")
+        if info.file_size != size:
+            raise _Bad(f"{name} holds {info.file_size} bytes, but the pickle needs {size}")
+        self.file.seek(info.header_offset)
+        header = self.file.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise _Bad(f"corrupt zip entry {name}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        data_start = info.header_offset + 30 + name_len + extra_len
+        data_end = data_start + info.compress_size
+        if data_end > self.length:
+            raise _Bad(f"file is truncated inside {name}")
+        self._claim(info.header_offset, data_end, name)
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != size:
+                raise _Bad(f"corrupt zip entry {name} (stored with two different sizes)")
+            self.file.seek(data_start)
+            data = _read_exact(self.file, size, name)
+            if zlib.crc32(data) != info.CRC:
+                raise _Bad(f"checksum mismatch in {name}: the file is corrupt")
+            return data
+        if size > info.compress_size * _DEFLATE_MAX_RATIO + 1024:
+            raise _Bad(f"{name} claims to inflate {info.compress_size} bytes to {size}, "
+                       "more than deflate can (a zip bomb?)", verb="refusing to load")
+        out, done = np.empty(size, np.uint8), 0
         try:
-            return np.frombuffer(bytearray(archive.read(info)), np.uint8)
+            with self.archive.open(info) as stream:  # stops at file_size, checks the CRC there
+                while done < size:
+                    chunk = stream.read(min(_CHUNK, size - done))
+                    if not chunk:
+                        raise _Bad(f"{name} inflates to fewer bytes than its declared {size}")
+                    out[done : done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    done += len(chunk)
+        except _Bad:
+            raise
         except Exception as e:
-            raise _Bad(f"cannot decompress {info.filename} ({e})") from None
-    file.seek(info.header_offset)
-    header = file.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise _Bad(f"corrupt zip entry {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    file.seek(info.header_offset + 30 + name_len + extra_len)
-    data = _read_exact(file, info.file_size, info.filename)
-    if zlib.crc32(data) != info.CRC:
-        raise _Bad(f"checksum mismatch in {info.filename}: the file is corrupt")
-    return data
+            raise _Bad(f"cannot decompress {name} ({e})") from None
+        return out
+
+    def _claim(self, start: int, end: int, name: str) -> None:
+        i = bisect.bisect(self.spans, (start, end))
+        if (i > 0 and self.spans[i - 1][1] > start) or (i < len(self.spans) and self.spans[i][0] < end):
+            raise _Bad(f"{name} overlaps another record; torch never writes that",
+                       verb="refusing to load")
+        self.spans.insert(i, (start, end))
 
 
 def _load_zip(file: io.BufferedIOBase) -> Any:
@@ -410,35 +538,45 @@ def _load_zip(file: io.BufferedIOBase) -> Any:
         if any(n.startswith(f"{root}/code/") for n in names):
             raise _Bad("it is a TorchScript archive (torch.jit.save), not a checkpoint")
         raise _Bad("the zip archive has no data.pkl record; not a PyTorch checkpoint")
+    records = _Records(file, archive)
 
     big_endian = False
     if f"{root}/byteorder" in names:
-        order = archive.read(f"{root}/byteorder").decode("ascii", "replace").strip()
+        info = archive.getinfo(f"{root}/byteorder")
+        if info.file_size > 16:
+            raise _Bad(f"unknown byte order (a {info.file_size}-byte byteorder record)")
+        order = records.read(info, info.file_size).tobytes().decode("ascii", "replace").strip()
         if order not in ("little", "big"):
             raise _Bad(f"unknown byte order {order!r}")
         big_endian = order == "big"
 
     buffers: dict[str, _Buffer] = {}
     storages: dict[tuple[str, np.dtype], _Storage] = {}
+    budget = _Budget()
 
     def persistent_load(pid: Any) -> _Storage:
-        storage_type, key, _numel, _ = _storage_id(pid, legacy=False)
+        storage_type, key, numel, _ = _storage_id(pid, legacy=False)
+        size = numel * storage_type.dtype.itemsize
         if key not in buffers:
             try:
                 info = archive.getinfo(f"{root}/data/{key}")
             except KeyError:
                 raise _Bad(f"storage record data/{key} is missing") from None
-            buffers[key] = _Buffer(_zip_record(file, archive, info), big_endian)
+            buffers[key] = _Buffer(records.read(info, size), budget, big_endian)
+            budget.add_storage(size)
+        elif buffers[key].raw.nbytes != size:
+            raise _Bad(f"storage {key} is referenced with two sizes ({buffers[key].raw.nbytes} and {size} bytes)")
         ident = (key, storage_type.dtype)
         if ident not in storages:
             storages[ident] = _Storage(buffers[key], storage_type.dtype)
         return storages[ident]
 
-    try:
-        pickled = archive.read(f"{root}/data.pkl")
-    except Exception as e:
-        raise _Bad(f"cannot read data.pkl ({e})") from None
-    return _unpickle(io.BytesIO(pickled), persistent_load)
+    info = archive.getinfo(f"{root}/data.pkl")
+    if info.file_size > _MAX_PICKLE_BYTES:
+        raise _Bad(f"its data.pkl claims {info.file_size} bytes, more than the "
+                   f"{_MAX_PICKLE_BYTES >> 20} MiB a checkpoint's pickle needs", verb="refusing to load")
+    pickled = records.read(info, info.file_size)
+    return _unpickle(io.BytesIO(memoryview(pickled)), persistent_load)
 
 
 # ---------------------------------------------------------------------------
@@ -462,15 +600,18 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
     buffers: dict[str, _Buffer] = {}
     dtypes: dict[str, np.dtype] = {}
     numels: dict[str, int] = {}
+    budget = _Budget()
     views: dict[tuple[str, np.dtype], _Storage] = {}
 
     def persistent_load(pid: Any) -> _Storage:
         storage_type, key, numel, view = _storage_id(pid, legacy=True)
         dtype = storage_type.dtype
         if key not in buffers:
-            buffers[key], dtypes[key], numels[key] = _Buffer(None), dtype, numel
+            buffers[key], dtypes[key], numels[key] = _Buffer(None, budget), dtype, numel
         elif dtypes[key] != dtype:
             raise _Bad(f"storage {key} is referenced with two element types")
+        elif numels[key] != numel:
+            raise _Bad(f"storage {key} is referenced with two sizes ({numels[key]} and {numel} elements)")
         buffer = buffers[key]
         if view is None:
             return _Storage(buffer, dtype)
@@ -485,10 +626,13 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
                 if offset < 0 or count < 0 or hi > buffer.raw.nbytes:
                     raise _Bad(f"storage view {view_key} lies outside storage {key}")
                 raw = buffer.raw[lo:hi]
-            views[(view_key, dtype)] = _Storage(_Buffer(raw, handed_out=True), dtype)
+            views[(view_key, dtype)] = _Storage(_Buffer(raw, budget, handed_out=True), dtype)
         return views[(view_key, dtype)]
 
     _unpickle(file, persistent_load)  # first pass: learn which storages exist
+    keys_at = file.tell()
+    length = file.seek(0, io.SEEK_END)
+    file.seek(keys_at)
     keys = _unpickle(file)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise _Bad("malformed storage key list")
@@ -501,7 +645,14 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
         (numel,) = struct.unpack("<q", header)
         if numel != numels[key]:
             raise _Bad(f"storage {key} holds {numel} elements, expected {numels[key]}")
-        buffers[key].raw = _read_exact(file, numel * dtypes[key].itemsize, f"storage {key}")
+        if buffers[key].raw is not None:
+            raise _Bad(f"storage {key} is stored twice")
+        size = numel * dtypes[key].itemsize
+        if size > length - file.tell():  # checked before allocating the buffer
+            raise _Bad(f"file is truncated inside storage {key} ({size} bytes declared, "
+                       f"{length - file.tell()} left in the file)")
+        buffers[key].raw = _read_exact(file, size, f"storage {key}")
+        budget.add_storage(size)
     missing = [k for k, b in buffers.items() if b.raw is None]
     if missing:
         raise _Bad(f"storage record {missing[0]} is missing")
@@ -523,6 +674,8 @@ def _open_and(path: str | os.PathLike, action: Callable[[io.BufferedIOBase], Any
         raise PthError(f"{e.verb} {path}: {e}") from None
     except OSError as e:
         raise PthError(f"cannot read {path}: {e.strerror or e}") from e
+    except MemoryError:
+        raise PthError(f"cannot load {path}: not enough memory") from None
 
 
 def _load(file: io.BufferedIOBase) -> Any:

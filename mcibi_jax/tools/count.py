@@ -11,7 +11,6 @@ lowered from abstract shapes. XLA counts a multiply-add as 2 FLOPs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.config import ConfigError, config_overrides, load_config
+from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides, load_config
 from mcibi_jax.models.segmentor import build_model
 
 
@@ -96,7 +95,7 @@ def format_counts(counts: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.tools.count", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(prog="python -m mcibi_jax.tools.count", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50")
     parser.add_argument("--size", default=None, help="image size HxW (default: dataset.train.crop_size)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
