@@ -219,3 +219,39 @@ def test_port_once_and_from_pretrained(release, server, tiny_config, tiny_pth, t
     image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     np.testing.assert_array_equal(seg.predict(image), direct.predict(image))
     np.testing.assert_array_equal(again.predict(image), direct.predict(image))
+
+
+def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path, capsys):
+    from PIL import Image
+
+    from mcibi_jax import main, port, predict
+    from mcibi_jax.porting.port import load_variables
+
+    _, handler = server
+    out = tmp_path / "ported"
+    assert port.main([f"--pretrained={NAME}", f"--out={out}"]) == 0
+    assert "ported" in capsys.readouterr().out
+    ported = load_variables(out, tiny_config)
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(photos / "a.png")
+    assert predict.main([f"--pretrained={NAME}", f"--input={photos}", f"--output={tmp_path / 'masks'}"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "masks" / "a_labels.png"))
+    np.testing.assert_array_equal(labels, mcibi_jax.Segmenter.from_config(tiny_config, ported).predict(image))
+
+    config = mcibi_jax.load_config(DEMO, [f"train.init_from='pretrained:{NAME}'"])
+    lines = []
+    initial = main._initial_variables(config, lines.append)
+    assert lines[-1] == f"initialised from pretrained:{NAME}"
+    for x, y in zip(jax.tree_util.tree_leaves(initial), jax.tree_util.tree_leaves(ported)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert len(handler.requests) == 1  # one download served all three commands
+
+    bad = mcibi_jax.load_config(DEMO, ["train.init_from='pretrained:ade20k:r18'"])
+    with pytest.raises(mcibi_jax.ConfigError, match="no released checkpoint"):
+        main._initial_variables(bad, lines.append)
+    assert predict.main([f"--input={photos}", f"--output={tmp_path / 'x'}", f"--pretrained={NAME}",
+                         "--config.model.num_classes=5"]) == 2
+    assert "does not match" in capsys.readouterr().err
