@@ -1,0 +1,97 @@
+"""``python -m mcibi_jax.export``: the served function, run from its files in a fresh process
+that never imports the model code, gives the masks of ``Segmenter.predict``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import mcibi_jax
+from mcibi_jax import export
+from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.porting.port import abstract_variables, save_variables
+
+pytest.importorskip("flatbuffers", reason=f"jax.export serialization needs flatbuffers: {export.INSTALL}")
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+SIZE = (40, 56)
+# sliding windows over two scales with flip: the most the export has to carry
+SLIDE_TTA = ["model.inference.mode='slide'", "model.inference.cropsize=[32, 32]", "model.inference.stride=[20, 20]",
+             "model.inference.multiscale=[0.75, 1.0]", "model.inference.flip=True",
+             "model.inference.use_probs_before_resize=True"]
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    directory, images, out = sys.argv[1:]
+    spec = json.load(open(f"{directory}/model.json"))
+    exported = jax.export.deserialize(bytearray(open(f"{directory}/" + spec["function"], "rb").read()))
+    result = exported.call(np.load(images))
+    np.savez(out, **{k: np.asarray(v) for k, v in result.items()})
+    assert not any(name.startswith("mcibi_jax") for name in sys.modules), "the loader imported mcibi_jax"
+""")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Random weights of the demo model (positive variances)."""
+    config = mcibi_jax.load_config(DEMO)
+    rng = np.random.default_rng(5)
+    shapes = abstract_variables(build_model(config["model"]), config["model"])
+    variables = {collection: jax.tree_util.tree_map(
+        lambda leaf: (0.5 + rng.random(leaf.shape) if collection == "batch_stats" else 0.3 * rng.standard_normal(leaf.shape)
+                      ).astype(np.float32), dict(tree)) for collection, tree in shapes.items()}
+    return save_variables(tmp_path_factory.mktemp("ckpt") / "demo", variables)
+
+
+def _images(count: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 256, (count, *SIZE, 3), dtype=np.uint8)
+
+
+def _run_exported(directory: Path, images: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
+    np.save(tmp_path / "images.npy", images)
+    subprocess.run([sys.executable, "-c", LOADER, str(directory), str(tmp_path / "images.npy"), str(tmp_path / "out.npz")],
+                   check=True, cwd=tmp_path, timeout=300)
+    return dict(np.load(tmp_path / "out.npz"))
+
+
+@pytest.mark.parametrize("overrides", [[], SLIDE_TTA], ids=["whole", "slide_tta"])
+def test_exported_function_gives_the_masks_of_predict(checkpoint, tmp_path, capsys, overrides):
+    out = tmp_path / "served"
+    args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--out={out}", f"--size={SIZE[0]}x{SIZE[1]}"]
+    assert export.main(args + [f"--config.{o}" for o in overrides]) == 0
+    assert "exported" in capsys.readouterr().out
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["input"]["shape"] == ["batch", *SIZE, 3] and spec["symbolic_dims"] == ["batch"]
+    assert spec["classes"][0] and len(spec["palette"]) == spec["num_classes"] == 4
+
+    images = _images(3)  # any batch size runs: the batch is symbolic
+    result = _run_exported(out, images, tmp_path)
+    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, mcibi_jax.load_config(DEMO, overrides))
+    expected = np.stack([segmenter.predict(image) for image in images])
+    assert len(np.unique(expected)) > 1
+    np.testing.assert_array_equal(result["labels"], expected)
+    assert result["probabilities"].shape == (3, *SIZE, 4)
+    np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result["probabilities"].argmax(-1), expected)
+
+
+def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep").write_text("mine")
+    base = [f"--config={DEMO}", f"--checkpoint={checkpoint}"]
+    assert export.main(base + [f"--out={taken}"]) == 2
+    assert "not empty" in capsys.readouterr().err and (taken / "keep").read_text() == "mine"
+    assert export.main(base + [f"--out={tmp_path / 'a'}", "--size=40by56"]) == 2
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+    assert export.main([f"--config={DEMO}", f"--checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'b'}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
