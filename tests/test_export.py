@@ -30,14 +30,14 @@ SLIDE_TTA = ["model.inference.mode='slide'", "model.inference.cropsize=[32, 32]"
 LOADER = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    directory, images, out = sys.argv[1:]
-    spec = json.load(open(f"{directory}/model.json"))
-    exported = jax.export.deserialize(bytearray(open(f"{directory}/" + spec["function"], "rb").read()))
-    result = exported.call(np.load(images))
-    np.savez(out, **{k: np.asarray(v) for k, v in result.items()})
+    images = np.load(sys.argv[1])
+    for directory in sys.argv[2:]:
+        spec = json.load(open(f"{directory}/model.json"))
+        exported = jax.export.deserialize(bytearray(open(f"{directory}/" + spec["function"], "rb").read()))
+        result = exported.call(images)
+        np.savez(f"{directory}/result.npz", **{k: np.asarray(v) for k, v in result.items()})
     assert not any(name.startswith("mcibi_jax") for name in sys.modules), "the loader imported mcibi_jax"
 """)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -56,26 +56,31 @@ def _images(count: int) -> np.ndarray:
     return rng.integers(0, 256, (count, *SIZE, 3), dtype=np.uint8)
 
 
-def _run_exported(directory: Path, images: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
-    np.save(tmp_path / "images.npy", images)
-    subprocess.run([sys.executable, "-c", LOADER, str(directory), str(tmp_path / "images.npy"), str(tmp_path / "out.npz")],
-                   check=True, cwd=tmp_path, timeout=300)
-    return dict(np.load(tmp_path / "out.npz"))
+VARIANTS = {"whole": [], "slide_tta": SLIDE_TTA}
 
 
-@pytest.mark.parametrize("overrides", [[], SLIDE_TTA], ids=["whole", "slide_tta"])
-def test_exported_function_gives_the_masks_of_predict(checkpoint, tmp_path, capsys, overrides):
-    out = tmp_path / "served"
-    args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--out={out}", f"--size={SIZE[0]}x{SIZE[1]}"]
-    assert export.main(args + [f"--config.{o}" for o in overrides]) == 0
-    assert "exported" in capsys.readouterr().out
-    spec = json.loads((out / "model.json").read_text())
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    """{variant: (export directory, the loader's outputs)}: both exports run by one fresh process."""
+    root = tmp_path_factory.mktemp("served")
+    args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--size={SIZE[0]}x{SIZE[1]}"]
+    for name, overrides in VARIANTS.items():
+        assert export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in overrides]) == 0
+    np.save(root / "images.npy", _images(3))
+    subprocess.run([sys.executable, "-c", LOADER, str(root / "images.npy"), *(str(root / n) for n in VARIANTS)],
+                   check=True, cwd=root, timeout=600)
+    return {name: (root / name, dict(np.load(root / name / "result.npz"))) for name in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_function_gives_the_masks_of_predict(checkpoint, served, variant):
+    directory, result = served[variant]
+    spec = json.loads((directory / "model.json").read_text())
     assert spec["input"]["shape"] == ["batch", *SIZE, 3] and spec["symbolic_dims"] == ["batch"]
     assert spec["classes"][0] and len(spec["palette"]) == spec["num_classes"] == 4
 
     images = _images(3)  # any batch size runs: the batch is symbolic
-    result = _run_exported(out, images, tmp_path)
-    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, mcibi_jax.load_config(DEMO, overrides))
+    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, mcibi_jax.load_config(DEMO, VARIANTS[variant]))
     expected = np.stack([segmenter.predict(image) for image in images])
     assert len(np.unique(expected)) > 1
     np.testing.assert_array_equal(result["labels"], expected)
