@@ -198,6 +198,25 @@ def test_offline_or_bad_url_says_where_to_put_the_file(release, monkeypatch, cap
     assert code == 2 and err.startswith("error: cannot download tiny:r18") and str(target) in err
 
 
+def test_missing_file_on_the_server(release, server):
+    _, handler = server
+    handler.files = {}
+    with pytest.raises(pretrained.PretrainedError, match="HTTP 404") as error:
+        pretrained.download(NAME)
+    assert f"put it at {pretrained.cached_file(NAME)}" in str(error.value)
+    assert not pretrained.cached_file(NAME).with_name(FILE + ".part").exists()
+
+
+def test_the_table(release, server, capsys):
+    assert pretrained.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 19 + 1 and lines[1].split()[:3] == ["cityscapes:r50", "-", "79.97"]
+    assert lines[-2].split() == [NAME, "50.00", "51.00", "-"]
+    pretrained.download(NAME, log=lambda message: None)
+    assert pretrained.main([]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].split()[-1] == "downloaded"
+
+
 def test_a_file_put_by_hand_is_recorded_and_ported(release, tiny_pth, monkeypatch):
     monkeypatch.setenv(pretrained.URL_ENV, f"http://127.0.0.1:{_closed_port()}/")
     target = pretrained.cached_file(NAME)
