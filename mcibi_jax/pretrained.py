@@ -241,11 +241,12 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
             part.unlink()
             raise PretrainedError(f"{url}: the server refused to resume at byte {offset:,}; the partial download "
                                   "was removed, run again to download from the start") from None
-        raise PretrainedError(f"cannot download {release.name}: {url} answered HTTP {error.code} {error.reason}; "
+        raise PretrainedError(f"cannot download {release.name} (HTTP {error.code} {error.reason}): "
                               f"{_by_hand(release, file)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise PretrainedError(f"cannot download {release.name} from {url} ({reason}); {_by_hand(release, file)}") from None
+        reason = getattr(reason, "strerror", None) or reason
+        raise PretrainedError(f"cannot download {release.name} ({reason}): {_by_hand(release, file)}") from None
     with response:
         start, total = _total_size(response, offset)
         if start != offset:  # a 200 (no resume) or an unexpected range: start over
