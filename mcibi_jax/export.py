@@ -94,13 +94,33 @@ def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return normalize_image(levels, mean, std)[:, 0]
 
 
-def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Bilinear resize of uint8 images, rounded back to uint8 like OpenCV's INTER_LINEAR (which
-    works in fixed point: results may differ from it by one grey level)."""
-    from mcibi_jax.models.resize import resize
+def _opencv_taps(in_size: int, out_size: int, clip_weights: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first source index, second source index, their weights in 1/2048) per output pixel of
+    OpenCV's INTER_LINEAR along one axis: float32 source positions, weights rounded to 11 bits.
+    OpenCV zeroes the weight past the border along x (``clip_weights``) but not along y, where
+    it only clamps the row index."""
+    position = ((np.arange(out_size) + 0.5) * (1.0 / (out_size / in_size)) - 0.5).astype(np.float32)
+    start = np.floor(position).astype(np.int64)
+    fraction = (position - start).astype(np.float32)
+    if clip_weights:
+        fraction[(start < 0) | (start >= in_size - 1)] = 0
+        start = np.clip(start, 0, in_size - 1)
+    first, second = np.clip(start, 0, in_size - 1), np.clip(start + 1, 0, in_size - 1)
+    return (first, second, np.rint((1 - fraction) * 2048).astype(np.int32), np.rint(fraction * 2048).astype(np.int32))
 
-    resized = resize(images.astype(jnp.float32), size, "bilinear", False)
-    return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """uint8 (N, H, W, C) -> uint8 (N, *size, C), bit-identical to ``cv2.resize(...,
+    INTER_LINEAR)`` as the test pipeline calls it: 11-bit fixed-point weights, the horizontal
+    pass in integers, the vertical pass rounded as OpenCV's vectorised kernel rounds it."""
+    height, width = images.shape[1:3]
+    x0, x1, a0, a1 = _opencv_taps(width, size[1], clip_weights=True)
+    y0, y1, b0, b1 = _opencv_taps(height, size[0], clip_weights=False)
+    pixels = images.astype(jnp.int32)
+    rows = pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]  # (N, H, w, C), < 2 ** 20
+    top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
+    mixed = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    return jnp.clip((mixed + 2) >> 2, 0, 255).astype(jnp.uint8)
 
 
 def serving_function(segmenter: Any, size: tuple[int, int], use_tta: bool | None = None,

@@ -56,16 +56,31 @@ def _images(count: int) -> np.ndarray:
     return rng.integers(0, 256, (count, *SIZE, 3), dtype=np.uint8)
 
 
-VARIANTS = {"whole": [], "slide_tta": SLIDE_TTA}
+VARIANTS = {"whole": [], "slide_tta": SLIDE_TTA, "test_resize": []}
+# the demo model behind a released-style test pipeline: resize to fit (72, 54), keep the ratio
+RESIZING_DATASET = {"name": "cityscapes", "num_classes": 4, "ignore_label": -100, "mean": (123.675, 116.28, 103.53),
+                    "std": (58.395, 57.12, 57.375), "train": {"flip_label_pairs": ()},
+                    "test": {"output_size": (72, 54), "keep_ratio": True}}
+
+
+def _config(variant: str):
+    config = mcibi_jax.load_config(DEMO, VARIANTS[variant])
+    if variant == "test_resize":
+        config.dataset = RESIZING_DATASET
+    return config
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint, tmp_path_factory):
-    """{variant: (export directory, the loader's outputs)}: both exports run by one fresh process."""
+    """{variant: (export directory, the loader's outputs)}: all exports run by one fresh process."""
     root = tmp_path_factory.mktemp("served")
     args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--size={SIZE[0]}x{SIZE[1]}"]
-    for name, overrides in VARIANTS.items():
-        assert export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in overrides]) == 0
+    for name in ("whole", "slide_tta"):  # through the command line
+        assert export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in VARIANTS[name]]) == 0
+    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, _config("test_resize"))
+    exported, description = export.export_segmenter(segmenter, SIZE)
+    assert description["test_resize"] == [51, 72]  # 40x56 scaled to fit 72 x 54
+    export.save(root / "test_resize", exported, description)
     np.save(root / "images.npy", _images(3))
     subprocess.run([sys.executable, "-c", LOADER, str(root / "images.npy"), *(str(root / n) for n in VARIANTS)],
                    check=True, cwd=root, timeout=600)
@@ -80,7 +95,7 @@ def test_exported_function_gives_the_masks_of_predict(checkpoint, served, varian
     assert spec["classes"][0] and len(spec["palette"]) == spec["num_classes"] == 4
 
     images = _images(3)  # any batch size runs: the batch is symbolic
-    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, mcibi_jax.load_config(DEMO, VARIANTS[variant]))
+    segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, _config(variant))
     expected = np.stack([segmenter.predict(image) for image in images])
     assert len(np.unique(expected)) > 1
     np.testing.assert_array_equal(result["labels"], expected)
@@ -100,3 +115,14 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "HEIGHTxWIDTH" in capsys.readouterr().err
     assert export.main([f"--config={DEMO}", f"--checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'b'}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_the_test_resize_is_opencvs_bit_for_bit():
+    import cv2
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    for (h, w), (out_h, out_w) in [((30, 40), (51, 68)), ((64, 96), (32, 48)), ((57, 91), (40, 33)), ((5, 7), (3, 2))]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = np.asarray(export._resize_uint8(jnp.asarray(image[None]), (out_h, out_w))[0])
+        np.testing.assert_array_equal(ours, cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR))
