@@ -26,7 +26,6 @@ from mcibi_jax.config import ConfigError, config_overrides, load_config
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.port import save_variables, variables_from_pth
 from mcibi_jax.porting.pth import PthError
-from mcibi_jax.pretrained import PretrainedError
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config, overrides)
         variables = variables_from_pth(args.pth, config, entry=args.entry)
         out = save_variables(args.out, variables)
-    except (ConfigError, PthError, PortError, PretrainedError, FileExistsError) as error:
+    except (ConfigError, PthError, PortError, pretrained.PretrainedError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     leaves = {k: jax.tree_util.tree_leaves(v) for k, v in variables.items()}

@@ -221,6 +221,7 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
     from mcibi_jax.progress import ProgressBar
 
     part = file.with_name(file.name + ".part")
+    validator = part.with_name(part.name + ".etag")  # the version the part belongs to (If-Range)
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None and offset == expected_size:
         return
@@ -231,6 +232,8 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
     headers = {"User-Agent": "mcibi_jax"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator.exists():  # a changed file on the server comes whole (200) instead of a mixed part
+            headers["If-Range"] = validator.read_text().strip()
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
     except urllib.error.HTTPError as error:
@@ -249,8 +252,11 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
         raise PretrainedError(f"cannot download {release.name} ({reason}): {_by_hand(release, file)}") from None
     with response:
         start, total = _total_size(response, offset)
-        if start != offset:  # a 200 (no resume) or an unexpected range: start over
+        if start != offset:  # a 200 (no resume, or the file changed) or an unexpected range: start over
             offset = 0
+        if not offset:
+            tag = response.headers.get("ETag") or response.headers.get("Last-Modified")
+            validator.write_text(tag or "") if tag else validator.unlink(missing_ok=True)
         if expected_size is not None and total is not None and total != expected_size:
             raise PretrainedError(f"{url} offers {total:,} bytes but {file.name} was recorded with {expected_size:,} "
                                   f"({_record_path(file)}); the release changed or the mirror is wrong")
@@ -278,6 +284,7 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
     if total is not None and received != total:
         raise PretrainedError(f"the download of {release.name} stopped at {received:,} of {total:,} bytes; "
                               f"run again to resume it (kept in {part})")
+    validator.unlink(missing_ok=True)
 
 
 def download(name: str, log: Callable[[str], None] = print) -> Path:
