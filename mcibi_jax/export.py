@@ -8,7 +8,8 @@ The exported function takes uint8 RGB images ``(batch, H, W, 3)`` and returns
 ``{"labels": int32 (batch, H, W), "probabilities": float32 (batch, H, W, K)}``: the config's
 test resize and normalisation, its inference (whole image or sliding windows, scales, flip;
 ``--tta``: the ``eval.tta_*`` settings), the scores resized back to (H, W), softmax and argmax
--- what ``Segmenter.predict`` computes. The weights are constants inside it. The batch size
+-- the masks ``Segmenter.predict`` computes (the test resize reproduces OpenCV's fixed-point
+bilinear bit for bit). The weights are constants inside it. The batch size
 is symbolic (any batch runs); H and W are fixed by ``--size`` (default: the dataset's crop or
 image size), because the test resize, the sliding windows and the interpolation matrices of
 the network depend on them; export once per image size you serve.
@@ -17,7 +18,7 @@ OUT/model.jaxexport holds the serialized function, OUT/model.json the class name
 input and output specs and the settings it was made with. Loading needs only JAX (and the
 ``flatbuffers`` package), no model code::
 
-    exported = jax.export.deserialize(open("OUT/model.jaxexport", "rb").read())
+    exported = jax.export.deserialize(bytearray(open("OUT/model.jaxexport", "rb").read()))
     out = exported.call(images)   # uint8 (N, H, W, 3) -> out["labels"], out["probabilities"]
 """
 
