@@ -15,7 +15,8 @@ The cache is ``$MCIBI_CACHE`` (default ``~/.cache/mcibi_jax``) and holds, per mo
     deeplabv3_r50_ade20k.orbax/     the variables ported to our model (made once, then reused)
 
 A download goes to ``<file>.part`` and is renamed when complete and checked; an interrupted
-one resumes where it stopped (HTTP Range) on the next call. ``$MCIBI_PRETRAINED_URL`` replaces
+one resumes where it stopped on the next call (HTTP Range, with If-Range on the first response's
+ETag kept in ``<file>.part.etag``, so a file changed meanwhile is downloaded whole again). ``$MCIBI_PRETRAINED_URL`` replaces
 the base URL (a mirror). Without network the error says where to put the file by hand; a file
 put there is recorded (size, sha256) on first use like a download.
 """
@@ -256,7 +257,10 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
             offset = 0
         if not offset:
             tag = response.headers.get("ETag") or response.headers.get("Last-Modified")
-            validator.write_text(tag or "") if tag else validator.unlink(missing_ok=True)
+            if tag:
+                validator.write_text(tag)
+            else:
+                validator.unlink(missing_ok=True)
         if expected_size is not None and total is not None and total != expected_size:
             raise PretrainedError(f"{url} offers {total:,} bytes but {file.name} was recorded with {expected_size:,} "
                                   f"({_record_path(file)}); the release changed or the mirror is wrong")
