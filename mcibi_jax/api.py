@@ -27,6 +27,7 @@ class Segmenter:
     >>> out = seg.forward(images)  # (N, H, W, 3) float32, normalised
     >>> out["stage2"].shape        # (N, ceil(H / 8), ceil(W / 8), num_classes)
     >>> labels = seg.predict(image)  # uint8 (H, W, 3) RGB -> int32 (H, W) class ids
+    >>> seg = mcibi_jax.Segmenter.from_pretrained("ade20k:r50")  # downloaded and cached
     """
 
     def __init__(self, model: MCIBI, variables: Mapping[str, Any], config: Mapping[str, Any]):
@@ -47,6 +48,16 @@ class Segmenter:
     def from_checkpoint(cls, directory: str | os.PathLike, config: Mapping[str, Any]) -> "Segmenter":
         """From an orbax checkpoint written by ``python -m mcibi_jax.port`` (or training)."""
         return cls.from_config(config, load_variables(directory, config))
+
+    @classmethod
+    def from_pretrained(cls, name: str, config: Mapping[str, Any] | None = None) -> "Segmenter":
+        """A released model by name, e.g. ``"ade20k:r50"`` (see :mod:`mcibi_jax.pretrained`):
+        downloaded into the cache and ported the first time, then read from there. ``config``
+        defaults to the release's own experiment config."""
+        from mcibi_jax import pretrained
+
+        config = pretrained.config(name) if config is None else config
+        return cls.from_config(config, pretrained.load_variables(name, config))
 
     def forward(self, images: Array) -> dict[str, Array]:
         """Logits of both stages at head resolution, before upsampling.

@@ -107,16 +107,23 @@ def _split(config: Mapping[str, Any], which: str) -> tuple[np.ndarray, np.ndarra
 
 
 def _initial_variables(config: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
-    """``train.init_from``: an orbax checkpoint directory or a released .pth (fine-tuning)."""
+    """``train.init_from``: an orbax checkpoint directory, a released .pth or ``pretrained:<name>``
+    (a released checkpoint by name, downloaded and cached) (fine-tuning)."""
     source = str(config["train"].get("init_from", "") or "")
     if not source:
         return None
+    from mcibi_jax import pretrained
     from mcibi_jax.porting.convert import PortError
     from mcibi_jax.porting.pth import PthError
 
     try:
-        variables = variables_from_pth(source, config) if source.endswith((".pth", ".pt")) else load_variables(source, config)
-    except (PortError, PthError) as error:
+        if source.startswith(pretrained.PREFIX):
+            variables = pretrained.load_variables(source, config, log=log)
+        elif source.endswith((".pth", ".pt")):
+            variables = variables_from_pth(source, config)
+        else:
+            variables = load_variables(source, config)
+    except (PortError, PthError, pretrained.PretrainedError) as error:
         raise ConfigError(f"train.init_from={source}: {error}") from None
     log(f"initialised from {source}")
     return variables

@@ -4,7 +4,9 @@
         --input=photos/ --output=masks/ [--overlay_alpha=0.5] [--tta] [--recursive] [--overwrite]
 
 ``--pth=FILE`` reads a released PyTorch checkpoint instead of ``--checkpoint=DIR`` (ported on
-the fly, as ``python -m mcibi_jax.port`` would); ``--config.<key>=<value>`` changes the config.
+the fly, as ``python -m mcibi_jax.port`` would); ``--pretrained=ade20k:r50`` takes a released
+model by name (downloaded and cached, see ``mcibi_jax.pretrained``; ``--config`` then defaults
+to its released config); ``--config.<key>=<value>`` changes the config.
 Each image (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, in sorted order; a folder is searched
 non-recursively unless ``--recursive``, which mirrors its sub-folders in the output) goes
 through the config's test pipeline and inference settings (``--tta``: the ``eval.tta_*``
@@ -166,11 +168,14 @@ def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = CommandLineParser(prog="python -m mcibi_jax.predict", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="config file and argument, e.g. configs/ade20k.py:r50")
+    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
+                        "(default with --pretrained: the release's own)")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
                          "or a training workdir (its best checkpoint, else its newest)")
     weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
+    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded once into "
+                         "~/.cache/mcibi_jax or $MCIBI_CACHE)")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
     parser.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1")
@@ -178,6 +183,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--recursive", action="store_true", help="also search the input folder's sub-folders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args, rest = parser.parse_known_args(argv)
+    if args.config is None and args.pretrained is None:
+        parser.error("--config is required (it may be left out with --pretrained)")
     return args, config_overrides(parser, rest)
 
 
@@ -199,22 +206,29 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
     try:
-        config = load_config(args.config, overrides)
+        if args.config is None:
+            from mcibi_jax import pretrained
+
+            config = pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
+        else:
+            config = load_config(args.config, overrides)
     except ConfigError:
         raise
     except Exception as error:  # anything a config file may raise while it runs
         raise ConfigError(f"cannot load the config {args.config}: {type(error).__name__}: {error}") from None
     preprocessor(config)  # the config can run the test pipeline
     settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
-    weights = Path(args.checkpoint or args.pth)
-    if not weights.exists():
+    weights = Path(args.checkpoint or args.pth or ".")
+    if not args.pretrained and not weights.exists():
         raise FileNotFoundError(f"no checkpoint at {weights}")
     output = Path(args.output)
     root, images = find_images(Path(args.input), args.recursive, exclude=output)
     if not images:
         below = "or below " if args.recursive else ""
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
-    if args.pth:
+    if args.pretrained:
+        segmenter = Segmenter.from_pretrained(args.pretrained, config)
+    elif args.pth:
         segmenter = Segmenter.from_pth(weights, config)
     else:
         weights = workdir_checkpoint(weights)
@@ -242,6 +256,7 @@ def workdir_checkpoint(path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     from mcibi_jax.porting.convert import PortError
     from mcibi_jax.porting.pth import PthError
+    from mcibi_jax.pretrained import PretrainedError
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -253,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config, settings, segmenter, root, images, output = _prepare(args, overrides)
-    except (ConfigError, PthError, PortError, OSError) as error:  # OSError: missing files, unusable --output
+    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:  # OSError: missing files, unusable --output
         warn(f"error: {error}")
         return 2
     use_tta = True if args.tta else None

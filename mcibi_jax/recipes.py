@@ -334,7 +334,8 @@ def _train(recipe: dict[str, Any]) -> dict[str, Any]:
         # over the whole batch). Must divide batch_size; independent of our device count.
         "num_replicas": 8,
         # Start from these weights instead of a random initialisation (fine-tuning): an orbax
-        # checkpoint directory (python -m mcibi_jax.port) or a released .pth file.
+        # checkpoint directory (python -m mcibi_jax.port), a released .pth file, or a released
+        # checkpoint by name, 'pretrained:ade20k:r50' (downloaded and cached, mcibi_jax.pretrained).
         "init_from": "",
         # Exponential moving average of the weights (0: off): ema = decay * ema + (1 - decay) * new;
         # the reference's EMA momentum m is decay = 1 - m. Export and evaluation then use it.

@@ -1,0 +1,308 @@
+"""Export a model's whole inference for serving, with ``jax.export``.
+
+    python -m mcibi_jax.export --config=configs/ade20k.py:r50 --checkpoint=ckpt/r50_ade20k --out=served/r50 \\
+        [--size=512x683] [--tta] [--labels_only] [--platforms=cpu,cuda]
+    python -m mcibi_jax.export --pretrained=ade20k:r50 --out=served/r50 --size=512x683
+
+The exported function takes uint8 RGB images ``(batch, H, W, 3)`` and returns
+``{"labels": int32 (batch, H, W), "probabilities": float32 (batch, H, W, K)}``: the config's
+test resize and normalisation, its inference (whole image or sliding windows, scales, flip;
+``--tta``: the ``eval.tta_*`` settings), the scores resized back to (H, W), softmax and argmax
+-- the masks ``Segmenter.predict`` computes (the test resize reproduces OpenCV's fixed-point
+bilinear bit for bit). The weights are constants inside it. The batch size
+is symbolic (any batch runs); H and W are fixed by ``--size`` (default: the dataset's crop or
+image size), because the test resize, the sliding windows and the interpolation matrices of
+the network depend on them; export once per image size you serve.
+
+OUT/model.jaxexport holds the serialized function, OUT/model.json the class names, palette,
+input and output specs and the settings it was made with. Loading needs only JAX (and the
+``flatbuffers`` package), no model code::
+
+    exported = jax.export.deserialize(bytearray(open("OUT/model.jaxexport", "rb").read()))
+    out = exported.call(images)   # uint8 (N, H, W, 3) -> out["labels"], out["probabilities"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mcibi_jax.config import ConfigError, config_overrides, load_config
+
+FORMAT = "mcibi_jax.export/1"
+FUNCTION_FILE = "model.jaxexport"
+SPEC_FILE = "model.json"
+INSTALL = 'pip install -e ".[export]"'
+
+
+def default_size(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(H, W) to export for when none is given: the generated dataset's image size, else the
+    training crop size."""
+    dataset = config["dataset"]
+    if "image_size" in dataset:
+        return tuple(int(v) for v in dataset["image_size"])  # type: ignore[return-value]
+    return tuple(int(v) for v in dataset["train"]["crop_size"])  # type: ignore[return-value]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512x683"`` (height x width) -> (512, 683); ConfigError otherwise."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 512x683; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def class_names(config: Mapping[str, Any]) -> list[str]:
+    """The dataset's class names (``class <i>`` where the config does not say)."""
+    num_classes = int(config["model"]["num_classes"])
+    dataset = config.get("dataset") or {}
+    names: Sequence[str] = ()
+    if dataset.get("name") == "synthetic":
+        from mcibi_jax.data import synthetic
+
+        names = synthetic.class_names(num_classes)
+    elif dataset.get("name") == "custom":
+        from mcibi_jax.data.datasets import DatasetError
+        from mcibi_jax.data.datasets.custom import read_description
+
+        try:
+            names = read_description(dataset["root"])["classes"]
+        except DatasetError:
+            names = ()
+    else:
+        from mcibi_jax.data.datasets import SPECS
+
+        spec = SPECS.get(dataset.get("name", ""))
+        names = spec.class_names if spec is not None else ()
+    names = list(names)[:num_classes]
+    return names + [f"class {i}" for i in range(len(names), num_classes)]
+
+
+def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(256, 3) float32: the normalised value of each grey level per channel, computed by the
+    test pipeline's own :func:`normalize_image`, so the export normalises bit-identically."""
+    from mcibi_jax.data.transforms import normalize_image
+
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    return normalize_image(levels, mean, std)[:, 0]
+
+
+def _opencv_taps(in_size: int, out_size: int, clip_weights: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first source index, second source index, their weights in 1/2048) per output pixel of
+    OpenCV's INTER_LINEAR along one axis: float32 source positions, weights rounded to 11 bits.
+    OpenCV zeroes the weight past the border along x (``clip_weights``) but not along y, where
+    it only clamps the row index."""
+    position = ((np.arange(out_size) + 0.5) * (1.0 / (out_size / in_size)) - 0.5).astype(np.float32)
+    start = np.floor(position).astype(np.int64)
+    fraction = (position - start).astype(np.float32)
+    if clip_weights:
+        fraction[(start < 0) | (start >= in_size - 1)] = 0
+        start = np.clip(start, 0, in_size - 1)
+    first, second = np.clip(start, 0, in_size - 1), np.clip(start + 1, 0, in_size - 1)
+    return (first, second, np.rint((1 - fraction) * 2048).astype(np.int32), np.rint(fraction * 2048).astype(np.int32))
+
+
+def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """uint8 (N, H, W, C) -> uint8 (N, *size, C), bit-identical to ``cv2.resize(...,
+    INTER_LINEAR)`` as the test pipeline calls it: 11-bit fixed-point weights, the horizontal
+    pass in integers, the vertical pass rounded as OpenCV's vectorised kernel rounds it."""
+    height, width = images.shape[1:3]
+    x0, x1, a0, a1 = _opencv_taps(width, size[1], clip_weights=True)
+    y0, y1, b0, b1 = _opencv_taps(height, size[0], clip_weights=False)
+    pixels = images.astype(jnp.int32)
+    rows = pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]  # (N, H, w, C), < 2 ** 20
+    top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
+    mixed = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    return jnp.clip((mixed + 2) >> 2, 0, 255).astype(jnp.uint8)
+
+
+def serving_function(segmenter: Any, size: tuple[int, int], use_tta: bool | None = None,
+                     probabilities: bool = True) -> tuple[Callable[[jax.Array], dict[str, jax.Array]], dict[str, Any]]:
+    """(fn, settings): ``fn(images uint8 (N, *size, 3)) -> {"labels": int32 (N, *size),
+    "probabilities": float32 (N, *size, K)}`` as :meth:`Segmenter.predict` computes them, and
+    the test-pipeline and inference settings it applies."""
+    from mcibi_jax.api import preprocessor
+    from mcibi_jax.evaluation.inference import evaluation_options
+    from mcibi_jax.evaluation.tta import tta_scores
+
+    config = segmenter.config
+    preprocessor(config)  # the config has a test pipeline (raises ConfigError otherwise)
+    dataset = config["dataset"]
+    options = evaluation_options(config, use_tta)
+    if dataset.get("name") == "synthetic":
+        from mcibi_jax.data import synthetic
+
+        mean, std = (255 * synthetic.MEAN,) * 3, (255 * synthetic.STD,) * 3  # as api.preprocessor
+        resized = tuple(size)
+    else:
+        from mcibi_jax.data.transforms import resized_shape
+
+        mean, std = tuple(dataset["mean"]), tuple(dataset["std"])
+        test = dataset["test"]
+        resized = resized_shape(tuple(size), tuple(test["output_size"]), bool(test.get("keep_ratio", True)))
+    table = jnp.asarray(_lookup_table(mean, std))
+    model, variables = segmenter.model, segmenter.variables
+    with_probabilities = bool(options["inference"].get("use_probs_before_resize", False))
+
+    def fn(images: jax.Array) -> dict[str, jax.Array]:
+        if tuple(resized) != tuple(images.shape[1:3]):
+            images = _resize_uint8(images, resized)
+        normalised = jnp.stack([table[:, c][images[..., c].astype(jnp.int32)] for c in range(3)], axis=-1)
+        scores = tta_scores(model, variables, normalised, options["inference"], align_corners=options["align_corners"],
+                            flip_label_pairs=options["flip_label_pairs"], output_size=tuple(size))
+        outputs = {"labels": jnp.argmax(scores, axis=-1).astype(jnp.int32)}
+        if probabilities:  # averaged probabilities already, or averaged logits
+            outputs["probabilities"] = scores if with_probabilities else jax.nn.softmax(scores, axis=-1)
+        return outputs
+
+    settings = {"test_resize": None if tuple(resized) == tuple(size) else list(resized),
+                "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                "inference": json.loads(json.dumps(dict(options["inference"]), default=list)),
+                "flip_label_pairs": [list(p) for p in options["flip_label_pairs"]]}
+    return fn, settings
+
+
+def export_segmenter(segmenter: Any, size: tuple[int, int], *, use_tta: bool | None = None,
+                     probabilities: bool = True, platforms: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(``jax.export.Exported`` with a symbolic batch, its JSON spec)."""
+    from jax import export
+
+    fn, settings = serving_function(segmenter, size, use_tta, probabilities)
+    batch, = export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, int(size[0]), int(size[1]), 3), jnp.uint8)
+    exported = export.export(jax.jit(fn), platforms=tuple(platforms) if platforms else None)(spec)
+    config = segmenter.config
+    num_classes = int(config["model"]["num_classes"])
+    from mcibi_jax.predict import dataset_palette
+
+    height, width = int(size[0]), int(size[1])
+    outputs = {"labels": {"dtype": "int32", "shape": ["batch", height, width], "meaning": "class id per pixel"}}
+    if probabilities:
+        outputs["probabilities"] = {"dtype": "float32", "shape": ["batch", height, width, num_classes],
+                                    "meaning": "class probabilities per pixel"}
+    description = {
+        "format": FORMAT,
+        "name": str(config.get("name", "")),
+        "function": FUNCTION_FILE,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", height, width, 3],
+                  "meaning": "RGB images, 0..255, NHWC"},
+        "outputs": outputs,
+        "symbolic_dims": ["batch"],
+        "platforms": list(exported.platforms),
+        "num_classes": num_classes,
+        "classes": class_names(config),
+        "palette": dataset_palette(config.get("dataset"), num_classes).tolist(),
+        **settings,
+        "jax_version": jax.__version__,
+    }
+    return exported, description
+
+
+def save(directory: str | os.PathLike, exported: Any, description: Mapping[str, Any]) -> Path:
+    """Writes OUT/model.jaxexport and OUT/model.json into a new (or empty) directory."""
+    directory = Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty; choose a new output directory")
+    try:
+        blob = exported.serialize()
+    except ImportError as error:
+        raise ConfigError(f"{error} ({INSTALL})") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in ((FUNCTION_FILE, bytes(blob)), (SPEC_FILE, (json.dumps(description, indent=1) + "\n").encode())):
+        temporary = directory / f".{name}.tmp"
+        temporary.write_bytes(data)
+        os.replace(temporary, directory / name)
+    return directory
+
+
+def load(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """(``jax.export.Exported``, its spec) of an export directory; needs no model code."""
+    directory = Path(directory)
+    description = json.loads((directory / SPEC_FILE).read_text())
+    return jax.export.deserialize(bytearray((directory / description["function"]).read_bytes())), description
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
+                        "(default with --pretrained: the release's own)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="orbax checkpoint directory, or a training workdir (its best checkpoint)")
+    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
+    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached)")
+    parser.add_argument("--out", required=True, help="new directory for model.jaxexport and model.json")
+    parser.add_argument("--size", default=None, help="HEIGHTxWIDTH of the served images (default: the dataset's "
+                        "crop or image size)")
+    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
+    parser.add_argument("--labels_only", action="store_true", help="return only the labels, not the probabilities")
+    parser.add_argument("--platforms", default=None, help="comma-separated, e.g. cpu,cuda,tpu (default: this "
+                        "machine's backend)")
+    args, rest = parser.parse_known_args(argv)
+    if args.config is None and args.pretrained is None:
+        parser.error("--config is required (it may be left out with --pretrained)")
+    return args, config_overrides(parser, rest)
+
+
+def _segmenter(args: argparse.Namespace, overrides: list[str]):
+    from mcibi_jax.api import Segmenter
+
+    if args.config is None:
+        from mcibi_jax import pretrained
+
+        config = pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
+    else:
+        config = load_config(args.config, overrides)
+    if args.pretrained:
+        return Segmenter.from_pretrained(args.pretrained, config)
+    if args.pth:
+        return Segmenter.from_pth(args.pth, config)
+    from mcibi_jax.predict import workdir_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    return Segmenter.from_checkpoint(workdir_checkpoint(checkpoint), config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mcibi_jax.porting.convert import PortError
+    from mcibi_jax.porting.pth import PthError
+    from mcibi_jax.pretrained import PretrainedError
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out.absolute()} exists and is not empty; choose a new output directory")
+        segmenter = _segmenter(args, overrides)
+        size = parse_size(args.size) if args.size else default_size(segmenter.config)
+        platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
+        exported, description = export_segmenter(segmenter, size, use_tta=True if args.tta else None,
+                                                 probabilities=not args.labels_only, platforms=platforms)
+        directory = save(out, exported, description)
+    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mode = description["inference"]
+    print(f"exported {description['name'] or 'model'} -> {directory}: images uint8 (batch, {size[0]}, {size[1]}, 3), "
+          f"{description['num_classes']} classes, inference {mode.get('mode', 'whole')} scales "
+          f"{list(mode.get('multiscale') or [1.0])} flip {bool(mode.get('flip'))}, platforms "
+          f"{','.join(description['platforms'])}, {(directory / FUNCTION_FILE).stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
