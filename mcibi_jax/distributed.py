@@ -23,6 +23,7 @@ selects it explicitly when the CPU is the only platform.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import importlib.util
 import json
@@ -212,6 +213,7 @@ _FAILED = "mcibi/failed/"
 _SHOWN = "mcibi/shown"
 _GONE = "mcibi/gone/"
 _failing = threading.Event()
+_exiting = threading.Event()  # set at interpreter exit, before jax.distributed.shutdown
 
 
 def _client() -> Any:
@@ -293,13 +295,12 @@ def fail_all(message: str, *, shown: bool = False, code: int = 1) -> None:
 
 def _watch(poll_seconds: float) -> None:
     client, index = _client(), jax.process_index()
-    while not _failing.is_set():
-        time.sleep(poll_seconds)
+    while not (_failing.is_set() or _exiting.wait(poll_seconds)):
         try:
             reports = client.key_value_dir_get(_FAILED)
         except Exception:  # the coordination service is gone: JAX itself ends the process
             return
-        if not reports or _failing.is_set():
+        if not reports or _failing.is_set() or _exiting.is_set():
             continue
         failed, report = min((int(key.rsplit("/", 1)[-1]), json.loads(value)) for key, value in reports)
         if index == 0:
@@ -317,6 +318,7 @@ def watch_peers(poll_seconds: float = 0.25) -> None:
     as soon as another one reports a failure with :func:`fail_all`, even while this one waits
     inside a collective for the failed process. No-op with one process."""
     if jax.process_count() > 1 and _client() is not None:
+        atexit.register(_exiting.set)  # runs before JAX's own shutdown (registered earlier)
         threading.Thread(target=_watch, args=(poll_seconds,), name="mcibi-watch-peers", daemon=True).start()
 
 

@@ -23,7 +23,11 @@ WORKER = textwrap.dedent("""
     from tests.test_demo import DEMO, FAST
 
     STEPS = int(sys.argv[1])
-    config = mcibi_jax.load_config(DEMO, FAST + ["train.batch_size=2", "train.num_replicas=1"])
+    config = mcibi_jax.load_config(DEMO, FAST + [
+        "train.batch_size=2", "train.num_replicas=1", "model.backbone.base_channels=4", "model.backbone.stem_channels=8",
+        "model.head.in_channels=32", "model.head.feats_channels=16", "model.head.transform_channels=8",
+        "model.head.out_channels=16"])
+    config.model.auxiliary[0].update(in_channels=16, out_channels=16)
     size = tuple(config.dataset.image_size)
     images, labels = synthetic.make_split(0, 2 * STEPS, size, 4)
 
@@ -44,6 +48,7 @@ WORKER = textwrap.dedent("""
         return out
 
     result = {"float32": [losses(np.float32, n) for n in (1, 2)]}
+    print("float32", result, flush=True)
     with jax.enable_x64(True):
         result["float64"] = [losses(np.float64, n) for n in (1, 2)]
     print("RESULT " + json.dumps(result), flush=True)

@@ -46,13 +46,26 @@ def process_file(index: int, count: int) -> str:
     return f"process_{index}-of-{count}.json"
 
 
-class ProcessDataHandler(ocp.CheckpointHandler):
-    """Orbax handler of a JSON-able dict per process: each writes and reads its own
-    ``process_<i>-of-<n>.json`` in the item directory."""
+class ProcessDataHandler(ocp.AsyncCheckpointHandler):
+    """Orbax handler of a JSON-able dict per process: each writes (in the background, like the
+    arrays) and reads its own ``process_<i>-of-<n>.json`` in the item directory."""
+
+    async def async_save(self, directory: Any, args: ProcessDataSave) -> list[Any]:
+        text = json.dumps(args.state, indent=1) + "\n"  # the state as it is now
+        path = directory / process_file(jax.process_index(), jax.process_count())
+
+        async def write() -> None:
+            self.write(path, text)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="mcibi_data_state")]
+
+    @staticmethod
+    def write(path: Any, text: str) -> None:
+        path.write_text(text)
 
     def save(self, directory: Any, args: ProcessDataSave) -> None:
-        name = process_file(jax.process_index(), jax.process_count())
-        (directory / name).write_text(json.dumps(args.state, indent=1) + "\n")
+        self.write(directory / process_file(jax.process_index(), jax.process_count()),
+                   json.dumps(args.state, indent=1) + "\n")
 
     def restore(self, directory: Any, args: ProcessDataRestore | None = None) -> Any:
         index, count = jax.process_index(), jax.process_count()
