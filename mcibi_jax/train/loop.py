@@ -138,6 +138,9 @@ def train(
             step += 1
             progress.update(1, epoch=f"{epoch}/{num_epochs}")
             if stop is not None and stop.reached(step):
+                if pending is not None:
+                    check(*pending)
+                check(metrics, step)  # a diverged state is never saved
                 _stop_and_save(state, step, total_steps, checkpoints, data_state, stop, log)
             if pending is not None:
                 window.append(check(*pending))
