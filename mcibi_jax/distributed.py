@@ -16,6 +16,10 @@ The first three go together: all or none. With none, a managed cluster (Cloud TP
 slice, SLURM with more than one task, Open MPI) is left to ``jax.distributed.initialize()``'s
 own detection; anywhere else nothing happens and JAX runs as a single process.
 
+A failure on one process ends all of them: :func:`watch_peers` (after ``initialize``) stops this
+process within a second when another reports one with :func:`fail_all`, rather than leaving it
+waiting inside a collective for a peer that is gone; the error is shown once.
+
 CPU processes (tests, debugging) exchange data through gloo collectives, which this JAX
 version uses by default (``jax_cpu_collectives_implementation='gloo'``); ``initialize``
 selects it explicitly when the CPU is the only platform.

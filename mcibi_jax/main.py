@@ -20,7 +20,9 @@ DIR/confusion.{csv,png} unless ``--config.eval.save_confusion=False``. With
 ``dataset.eval_set`` (read without labels, e.g. ``--config.dataset.eval_set=test``) for the
 dataset's evaluation server to DIR/submission/<dataset>/ (see mcibi_jax.evaluation.submission).
 ``--config.train.ema_decay=0.9995`` keeps an EMA of the weights; the saved checkpoint and the
-evaluation then use the EMA weights.
+evaluation then use the EMA weights. Ctrl-C or SIGTERM during training saves a checkpoint in
+DIR/train_state at the next step (all hosts the same) and stops; rerunning the command resumes
+(see mcibi_jax.train.interrupt).
 """
 
 from __future__ import annotations
