@@ -74,7 +74,7 @@ def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path)
     saved = sorted(int(p.name) for p in (work / "train_state").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < STEPS
     data = work / "train_state" / str(saved[-1]) / "data"
-    assert sorted(p.name for p in data.iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data.iterdir()}
 
     # A host that cannot resume (here: process 1's data state belongs to another host) stops both at once.
     broken = tmp_path / "broken"
