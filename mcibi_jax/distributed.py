@@ -16,6 +16,10 @@ The first three go together: all or none. With none, a managed cluster (Cloud TP
 slice, SLURM with more than one task, Open MPI) is left to ``jax.distributed.initialize()``'s
 own detection; anywhere else nothing happens and JAX runs as a single process.
 
+A failure on one process ends all of them: :func:`watch_peers` (after ``initialize``) stops this
+process within a second when another reports one with :func:`fail_all`, rather than leaving it
+waiting inside a collective for a peer that is gone; the error is shown once.
+
 CPU processes (tests, debugging) exchange data through gloo collectives, which this JAX
 version uses by default (``jax_cpu_collectives_implementation='gloo'``); ``initialize``
 selects it explicitly when the CPU is the only platform.
@@ -23,9 +27,14 @@ selects it explicitly when the CPU is the only platform.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import importlib.util
+import json
 import os
+import sys
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -202,11 +211,126 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
+# Keys of the coordination service's key-value store through which the processes of a run
+# learn that one of them failed (failure reports, and what process 0 has shown).
+_FAILED = "mcibi/failed/"
+_SHOWN = "mcibi/shown"
+_GONE = "mcibi/gone/"
+_failing = threading.Event()
+_exiting = threading.Event()  # set at interpreter exit, before jax.distributed.shutdown
+
+
+def _client() -> Any:
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def _say(message: str) -> None:
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
+def _wait_for(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return True
+        except Exception:  # the coordinator may already be gone
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _try_get(client: Any, key: str) -> str | None:
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # not set (yet)
+        return None
+
+
+def _peers_gone(client: Any) -> bool:
+    return len(client.key_value_dir_get(_GONE)) >= jax.process_count() - 1
+
+
+def _exit(code: int) -> None:
+    # Not sys.exit: jax.distributed.shutdown at exit would wait for the failed process forever.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def fail_all(message: str, *, shown: bool = False, code: int = 1) -> None:
+    """Ends this process after a failure, and with it every process of the run; never returns.
+
+    The others stop within about a second (see :func:`watch_peers`). The error is shown once:
+    process 0 prints it (``error: ...``; one from another process names it), unless ``shown``
+    (e.g. a traceback this process printed), and a process whose message process 0 has not
+    shown in time prints it itself. With one process it prints the message and exits.
+    """
+    client = _client() if jax.process_count() > 1 else None
+    if client is None:
+        if not shown:
+            _say(f"error: {message}")
+        _exit(code)
+    _failing.set()
+    index = jax.process_index()
+    try:
+        client.key_value_set(f"{_FAILED}{index}", json.dumps({"message": message, "shown": shown}))
+    except Exception:  # the coordinator is gone: nobody else can be told
+        if not shown:
+            _say(f"error: {message}")
+        _exit(code)
+    if index == 0:
+        if not shown:
+            _say(f"error: {message}")
+        client.key_value_set(_SHOWN, message)
+        _wait_for(lambda: _peers_gone(client), 5.0)  # keep the coordinator up until the others know
+    else:
+        if not shown and not _wait_for(lambda: _try_get(client, _SHOWN) == message, 3.0):
+            _say(f"error: (process {index}) {message}")
+        try:
+            client.key_value_set(f"{_GONE}{index}", "1")
+        except Exception:
+            pass
+    _exit(code)
+
+
+def _watch(poll_seconds: float) -> None:
+    client, index = _client(), jax.process_index()
+    while not (_failing.is_set() or _exiting.wait(poll_seconds)):
+        try:
+            reports = client.key_value_dir_get(_FAILED)
+        except Exception:  # the coordination service is gone: JAX itself ends the process
+            return
+        if not reports or _failing.is_set() or _exiting.is_set():
+            continue
+        failed, report = min((int(key.rsplit("/", 1)[-1]), json.loads(value)) for key, value in reports)
+        if index == 0:
+            _say(f"error: process {failed} failed (see its output); stopping every process" if report["shown"]
+                 else f"error: (process {failed}) {report['message']}")
+            client.key_value_set(_SHOWN, report["message"])
+            _wait_for(lambda: _peers_gone(client), 5.0)
+        else:
+            client.key_value_set(f"{_GONE}{index}", "1")
+        _exit(1)
+
+
+def watch_peers(poll_seconds: float = 0.25) -> None:
+    """In a multi-process run, starts a daemon thread that ends this process (exit status 1)
+    as soon as another one reports a failure with :func:`fail_all`, even while this one waits
+    inside a collective for the failed process. No-op with one process."""
+    if jax.process_count() > 1 and _client() is not None:
+        atexit.register(_exiting.set)  # runs before JAX's own shutdown (registered earlier)
+        threading.Thread(target=_watch, args=(poll_seconds,), name="mcibi-watch-peers", daemon=True).start()
+
+
 def describe() -> str:
     """One line: process index / count, local and global devices (for the start of a log)."""
     return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
             f"{jax.device_count()} {jax.default_backend()} device(s)")
 
 
-__all__ = ["DistributedConfigError", "describe", "initialize", "is_main_process", "managed_cluster", "replicate",
-           "resolve_settings"]
+__all__ = ["DistributedConfigError", "describe", "fail_all", "initialize", "is_main_process", "managed_cluster", "replicate",
+           "resolve_settings", "watch_peers"]

@@ -20,15 +20,22 @@ DIR/confusion.{csv,png} unless ``--config.eval.save_confusion=False``. With
 ``dataset.eval_set`` (read without labels, e.g. ``--config.dataset.eval_set=test``) for the
 dataset's evaluation server to DIR/submission/<dataset>/ (see mcibi_jax.evaluation.submission).
 ``--config.train.ema_decay=0.9995`` keeps an EMA of the weights; the saved checkpoint and the
-evaluation then use the EMA weights.
+evaluation then use the EMA weights. Ctrl-C or SIGTERM during training saves a checkpoint in
+DIR/train_state at the next step (all hosts the same) and stops; rerunning the command resumes
+(see mcibi_jax.train.interrupt).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import shlex
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -45,6 +52,7 @@ from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
 from mcibi_jax.progress import ProgressBar
 from mcibi_jax.train.checkpoints import BestCheckpoint, TrainCheckpoints
+from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.loop import TrainingDiverged, train
 from mcibi_jax.train.writers import MetricWriter, NullWriter
 
@@ -153,16 +161,18 @@ class TrainingData:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"{self.num_images} training images do not make one batch of {self.batch_size}")
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, skip: int = 0):
+        """Epoch ``epoch``'s host batches after the first ``skip`` (trained before a resume)."""
         if self._config["dataset"]["name"] == "synthetic":  # a pure function of the epoch
             seed = int(self._config["train"].get("seed", 0))
             flip_prob = float(self._config["dataset"]["train"].get("flip_prob", 0.0))
             host, hosts = jax.process_index(), jax.process_count()
-            for batch in synthetic.batches(self._images, self._labels, self.batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob):
+            batches = synthetic.batches(self._images, self._labels, self.batch_size, seed=seed, epoch=epoch, flip_prob=flip_prob)
+            for batch in itertools.islice(batches, skip, None):
                 part = self.batch_size // hosts  # each host feeds its slice of the global batch
                 yield {k: v[host * part:(host + 1) * part] for k, v in batch.items()}
             return
-        for _ in range(self.steps_per_epoch):
+        for _ in range(self.steps_per_epoch - skip):  # the restored iterator is already past the skipped ones
             batch = next(self._iterator)
             yield {"images": batch["image"], "labels": batch["label"]}
 
@@ -171,7 +181,12 @@ class TrainingData:
 
     def restore(self, state: Any) -> None:
         if self._config["dataset"]["name"] != "synthetic" and state:
-            self._iterator = self._pipeline.restore_iterator(self._loader, state)
+            try:
+                self._iterator = self._pipeline.restore_iterator(self._loader, state)
+            except ValueError as error:
+                raise ConfigError(f"cannot resume the input pipeline of process {jax.process_index()}: {error}. "
+                                  "Resume with the dataset, batch size and processes of the checkpoint, or use a new "
+                                  "--workdir.") from None
 
 
 def _evaluation_data(config: Mapping[str, Any]) -> tuple[Any, int, list[str]]:
@@ -333,8 +348,13 @@ class EpochEvaluation:
         return result
 
 
-def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Runs ``mode`` for ``config`` in ``workdir`` and returns what went into results.json."""
+def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", log: Callable[[str], None] = _log,
+        handle_signals: bool = False) -> dict[str, Any]:
+    """Runs ``mode`` for ``config`` in ``workdir`` and returns what went into results.json.
+
+    ``handle_signals``: during training, SIGINT / SIGTERM save a checkpoint at the next step
+    (every host the same) and raise :class:`TrainingInterrupted` (see
+    :mod:`mcibi_jax.train.interrupt`); a second signal ends the process at once."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     _check_dataset(config)
@@ -361,13 +381,14 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
             evaluation = EpochEvaluation(model, config, workdir, train_log, writer, final=mode == "train_and_eval")
             evaluation.training_bar = bar
         started = time.perf_counter()
+        stop = StopRequests(abort=_abort, check_every=int(config["train"].get("log_every", 50))) if handle_signals else None
         try:
-            with bar:
+            with bar, stop or contextlib.nullcontext():
                 state, history = train(model, config, data.epoch, data.steps_per_epoch, data.image_size, log=train_log,
                                        checkpoints=checkpoints, data_state=data.state, restore_data=data.restore,
                                        initial_variables=_initial_variables(config, train_log), record=writer.write_scalars,
                                        after_epoch=evaluation if evaluation is not None and evaluation.enabled else None,
-                                       progress=bar)
+                                       progress=bar, stop=stop)
             seconds = time.perf_counter() - started
             variables = state.export_variables
             if mode == "train_and_eval" and evaluation is not None and evaluation.last_result is None:
@@ -443,6 +464,37 @@ def _define_flags():
     return config, workdir, mode
 
 
+def _abort(message: str, code: int) -> None:
+    """Ends this process now, and with it every process of a multi-process run."""
+    if jax.process_count() > 1:
+        distributed.fail_all(message, shown=True, code=code)
+    os._exit(code)
+
+
+def _resume_command() -> str:
+    return shlex.join([os.path.basename(sys.executable), "-m", "mcibi_jax.main", *sys.argv[1:]])
+
+
+def _interrupted(stopped: TrainingInterrupted) -> int:
+    """Reports an interrupted training (one line, process 0) and returns the exit status."""
+    if distributed.is_main_process():
+        where = f"saved {stopped.checkpoint}" if stopped.checkpoint else "nothing saved"
+        hosts = " on every host" if jax.process_count() > 1 else ""
+        print(f"stopped by {stopped.signal_name} at step {stopped.step}/{stopped.total_steps}; {where}. "
+              f"Resume with the same command{hosts}: {_resume_command()}", file=sys.stderr, flush=True)
+    number = getattr(signal.Signals, stopped.signal_name, None) if stopped.signal_name.startswith("SIG") else None
+    return 128 + int(number or signal.SIGTERM)
+
+
+def _fail(message: str, shown: bool = False, code: int = 1) -> None:
+    """Reports a failure once and exits; in a multi-process run every process stops."""
+    if jax.process_count() > 1:
+        distributed.fail_all(message, shown=shown, code=code)
+    if not shown:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage_error(f"unexpected arguments {argv[1:]}")
@@ -453,12 +505,21 @@ def main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         distributed.initialize()
+        distributed.watch_peers()  # another process's failure ends this one too
         log = _log if distributed.is_main_process() else (lambda message: None)
-        run(_CONFIG.value, _WORKDIR.value, _MODE.value, log=log)
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value, log=log, handle_signals=True)
     except (ConfigError, DatasetUnavailable, TrainingDiverged, NotImplementedError, FileNotFoundError, FileExistsError,
             distributed.DistributedConfigError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        _fail(str(error))
+    except TrainingInterrupted as stopped:
+        raise SystemExit(_interrupted(stopped)) from None
+    except KeyboardInterrupt:  # outside training (which saves first)
+        _fail(f"interrupted on process {jax.process_index()}", code=130)
+    except Exception as error:
+        if jax.process_count() == 1:
+            raise
+        traceback.print_exc()
+        _fail(f"{type(error).__name__}: {error}", shown=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 """Resumable training checkpoints: the whole train state plus the input pipeline's position.
 
 One orbax ``CheckpointManager`` under ``WORKDIR/train_state/<step>/`` with two items:
-``state`` (params, optimizer state, BatchNorm statistics, memory, step) and ``data`` (the
-iterator state, JSON). Saves are atomic (orbax writes to a temporary directory first), so an
-interrupted run never leaves a half-written checkpoint, and the last ``keep`` are kept.
+``state`` (params, optimizer state, BatchNorm statistics, memory, step) and ``data``: each
+process's iterator state as ``data/process_<i>-of-<n>.json`` (Grain's layout), since every
+host reads its own part of the stream. Saves are asynchronous: ``save`` returns once the
+arrays are copied off the devices and the files are written while training goes on; the
+next ``save`` and ``close`` wait for them. They are atomic (orbax writes to a temporary
+directory and renames it when every host is done), so a run killed in the middle of a save
+keeps the previous checkpoint, and the temporary directory is removed on the next start. The
+newest ``keep`` are kept (a ``LatestN`` preservation policy).
 
 ``BestCheckpoint``: the exported variables of the best evaluation during training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -23,45 +30,139 @@ from mcibi_jax.config import ConfigError
 from mcibi_jax.train.state import TrainState
 
 
+class _SkipWaitWarning(logging.Filter):
+    """Drops orbax's "Waiting for previous save to complete" warning: waiting for the previous
+    (asynchronous) save before the next one is the intended behaviour here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save")
+
+
+logging.getLogger("absl").addFilter(_SkipWaitWarning())
+
+
+def process_file(index: int, count: int) -> str:
+    """``process_<i>-of-<n>.json``: process i's data state (the file name Grain's handler uses)."""
+    return f"process_{index}-of-{count}.json"
+
+
+class ProcessDataHandler(ocp.AsyncCheckpointHandler):
+    """Orbax handler of a JSON-able dict per process: each writes (in the background, like the
+    arrays) and reads its own ``process_<i>-of-<n>.json`` in the item directory."""
+
+    async def async_save(self, directory: Any, args: ProcessDataSave) -> list[Any]:
+        text = json.dumps(args.state, indent=1) + "\n"  # the state as it is now
+        path = directory / process_file(jax.process_index(), jax.process_count())
+
+        async def write() -> None:
+            self.write(path, text)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="mcibi_data_state")]
+
+    @staticmethod
+    def write(path: Any, text: str) -> None:
+        path.write_text(text)
+
+    def save(self, directory: Any, args: ProcessDataSave) -> None:
+        self.write(directory / process_file(jax.process_index(), jax.process_count()),
+                   json.dumps(args.state, indent=1) + "\n")
+
+    def restore(self, directory: Any, args: ProcessDataRestore | None = None) -> Any:
+        index, count = jax.process_index(), jax.process_count()
+        path = directory / process_file(index, count)
+        if path.exists():
+            return json.loads(path.read_text())
+        legacy = directory / "metadata"  # orbax's JSON item, written before the per-process files
+        if count == 1 and legacy.exists():
+            return json.loads(legacy.read_text())
+        found = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+        saved = f"written by {found[0].split('-of-')[1][:-5]} process(es)" if found else "without a data state"
+        raise DataStateMismatch(f"the checkpoint was {saved}, and this run has {count} "
+                                f"(no {path.name}); resume with the same number of processes")
+
+    def metadata(self, directory: Any) -> None:
+        return None
+
+    def finalize(self, directory: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessDataSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessDataRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class DataStateMismatch(ValueError):
+    """A checkpoint's data state does not belong to this run's processes or pipeline."""
+
+
 class TrainCheckpoints:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True),
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, int(keep))), create=True,
+                enable_async_checkpointing=True, cleanup_tmp_directories=True),
             item_names=("state", "data"),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, data_state: Any = None) -> None:
+    def step_directory(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, state: TrainState, data_state: Any = None) -> Path:
+        """Starts saving ``state`` and this process's ``data_state`` (call it on every process);
+        returns the checkpoint's directory, complete after the next ``save``, ``wait`` or ``close``."""
         step = int(state.step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})),
-        )
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           data=ProcessDataSave(data_state or {})))
+        return self.step_directory(step)
+
+    def wait(self) -> None:
+        """Blocks until the last save is on disk."""
         self._manager.wait_until_finished()
 
     def restore_latest(self, like: TrainState) -> tuple[TrainState, Any] | None:
-        """(state, data state) of the newest checkpoint, shaped and sharded like ``like``;
-        None when there is none. A checkpoint of another model is a ConfigError."""
+        """(state, this process's data state) of the newest checkpoint, shaped and sharded like
+        ``like``; None when there is none. A checkpoint that cannot be resumed (another model,
+        another number of processes, unreadable files) is a ConfigError."""
         step = self._manager.latest_step()
         if step is None:
             return None
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like), data=ocp.args.JsonRestore())
-            )
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like), data=ProcessDataRestore()))
+        except DataStateMismatch as error:
+            raise ConfigError(f"cannot resume from {self.step_directory(step)}: {error}") from None
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(
                 f"{self.directory} holds a training checkpoint (step {step}) that does not fit this config: "
-                f"{str(error).splitlines()[0]}. Use a new --workdir, or the config it was trained with."
+                f"{_first_line(error)}. Use a new --workdir, or the config it was trained with."
             ) from None
+        except (OSError, RuntimeError) as error:
+            raise ConfigError(f"cannot read the training checkpoint {self.step_directory(step)}: {_first_line(error)}. "
+                              "Remove that directory to resume from the one before, or use a new --workdir.") from None
         return restored.state, restored.data
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _sync(name: str) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from mcibi_jax.models.segmentor import MCIBI
 from mcibi_jax.progress import ProgressBar, format_duration
 from mcibi_jax.train.checkpoints import TrainCheckpoints
+from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
 from mcibi_jax.distributed import replicate
@@ -39,12 +40,14 @@ def train(
     record: Callable[[int, dict[str, float]], None] | None = None,
     after_epoch: Callable[[int, TrainState], None] | None = None,
     progress: ProgressBar | None = None,
+    stop: StopRequests | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
     the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
 
-    ``epoch_batches(epoch)`` (epoch from 1) yields the ``steps_per_epoch`` host batches of that
-    epoch. Logs every ``config.train.log_every`` steps (loss averaged since the last line, lr,
+    ``epoch_batches(epoch, skip)`` (epoch from 1) yields the ``steps_per_epoch`` host batches of
+    that epoch after the first ``skip`` (already trained when resuming from a checkpoint saved
+    inside the epoch). Logs every ``config.train.log_every`` steps (loss averaged since the last line, lr,
     images/s, ETA). Returns the final state and the logged history. Raises
     :class:`TrainingDiverged` as soon as a step's loss is not finite.
 
@@ -59,6 +62,9 @@ def train(
     ``after_epoch(epoch, state)`` runs after each epoch (and its checkpoint), e.g. an evaluation.
     ``progress`` (a bar over all steps, on interactive terminals) advances every step; ``log``
     should then print above it (``progress.interleave``).
+    ``stop`` (signals, see :mod:`mcibi_jax.train.interrupt`): at the step all hosts agree on,
+    training saves a checkpoint (waiting until it is on disk) and raises
+    :class:`TrainingInterrupted`.
     """
     progress = progress or ProgressBar(0, enabled=False)
     train_config = config["train"]
@@ -124,12 +130,18 @@ def train(
     if step >= total_steps:
         log(f"already trained: the checkpoint is at step {step} of {total_steps}")
     for epoch in range(start_epoch, num_epochs + 1):
-        for batch in epoch_batches(epoch):
+        skip = max(0, step - (epoch - 1) * steps_per_epoch)  # trained before the checkpoint we resumed from
+        for batch in epoch_batches(epoch, skip):
             if step >= total_steps:
                 break
             state, metrics = step_fn(state, shard_batch(batch, mesh), dropout_key)
             step += 1
             progress.update(1, epoch=f"{epoch}/{num_epochs}")
+            if stop is not None and stop.reached(step):
+                if pending is not None:
+                    check(*pending)
+                check(metrics, step)  # a diverged state is never saved
+                _stop_and_save(state, step, total_steps, checkpoints, data_state, stop, log)
             if pending is not None:
                 window.append(check(*pending))
             pending = (metrics, step)
@@ -175,3 +187,14 @@ def train(
         check(*pending)
     log(f"trained {step} steps in {format_duration(time.perf_counter() - start)}")
     return state, history
+
+
+def _stop_and_save(state: TrainState, step: int, total_steps: int, checkpoints: TrainCheckpoints | None,
+                   data_state: Callable[[], Any] | None, stop: StopRequests, log: Callable[[str], None]) -> None:
+    """Saves the state at ``step``, waits until it is on disk and raises TrainingInterrupted."""
+    path = None
+    if checkpoints is not None:
+        log(f"saving step {step} before stopping ({stop.signal_name})")
+        path = checkpoints.save(state, data_state() if data_state is not None else None)
+        checkpoints.wait()
+    raise TrainingInterrupted(step, total_steps, path, stop.signal_name or "a signal")

@@ -1,0 +1,111 @@
+"""Two processes on localhost, reading a dataset in ADE20K's layout: killed after a checkpoint,
+preempted (SIGTERM on one host), failing on one host, each rerun resumes, and the run ends
+with the losses of an uninterrupted one (each host restores its own input-pipeline state)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+from tests.test_datasets import write_ade20k
+from tests.test_distributed import _free_port
+from tests.test_interrupt import Run
+
+STEPS = 12  # one step per epoch (2 training images, batch 2); a checkpoint every 3
+
+CONFIG = textwrap.dedent("""
+    from tests.test_main_datasets import tiny_ade20k_config
+
+    def get_config():
+        config = tiny_ade20k_config({root!r})
+        config.train.update(num_epochs={steps}, checkpoint_every=3, eval_every=0, keep_checkpoints=2)
+        # a ResNet-18-like backbone compiles faster than the recipe's ResNet-50
+        config.model.backbone.update(depth=18, structure_type="resnet18conv3x3stem")
+        config.model.head.in_channels = 32
+        config.model.auxiliary[0].update(in_channels=16)
+        return config
+""")
+
+
+def _start(config: Path, workdir: Path, processes: int) -> list[Run]:
+    args = [f"--config={config}", "--mode=train", f"--workdir={workdir}"]
+    if processes == 1:
+        return [Run(args, XLA_FLAGS="--xla_force_host_platform_device_count=2")]
+    port = _free_port()
+    return [Run(args, MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2", MCIBI_PROCESS_ID=str(i))
+            for i in range(processes)]
+
+
+def _finish(runs: list[Run], timeout: float = 600) -> list[int]:
+    deadline = time.monotonic() + timeout
+    return [run.finish(timeout=max(1.0, deadline - time.monotonic())) for run in runs]
+
+
+def _history(workdir: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in json.loads((workdir / "results.json").read_text())["train"]["history"]}
+
+
+def _wait_until(condition, timeout: float, what: str, runs: list[Run]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline or any(run.proc.poll() is not None for run in runs):
+            raise AssertionError(f"no {what}:\n" + "\n----\n".join(run.output[-2000:] for run in runs))
+        time.sleep(0.1)
+
+
+def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path):
+    write_ade20k(tmp_path / "ade")
+    config = tmp_path / "tiny_ade.py"
+    config.write_text(CONFIG.format(root=str(tmp_path / "ade"), steps=STEPS))
+
+    reference = _start(config, tmp_path / "ref", processes=1)  # 1 process x 2 devices: the same global batches
+    assert _finish(reference) == [0], reference[0].output[-3000:]
+
+    work = tmp_path / "w"
+    runs = _start(config, work, processes=2)
+    _wait_until(lambda: (work / "train_state" / "3").is_dir(), 600, "first checkpoint", runs)
+    for run in runs:
+        run.proc.send_signal(signal.SIGKILL)
+    _finish(runs)
+    saved = sorted(int(p.name) for p in (work / "train_state").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < STEPS
+    data = work / "train_state" / str(saved[-1]) / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data.iterdir()}
+
+    # A host that cannot resume (here: process 1's data state belongs to another host) stops both at once.
+    broken = tmp_path / "broken"
+    shutil.copytree(work, broken)
+    state = json.loads((broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").read_text())
+    (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").write_text(json.dumps({**state, "shard_index": 0}))
+    runs = _start(config, broken, processes=2)
+    codes = _finish(runs, timeout=120)
+    combined = "".join(run.output for run in runs)
+    assert codes == [1, 1], combined[-3000:]
+    errors = [line for line in combined.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "shard_index: saved 0, now 1" in errors[0], combined[-3000:]
+    assert "Traceback" not in combined
+
+    # The rerun resumes; SIGTERM on process 1 alone (a preemption notice) stops both at one step.
+    runs = _start(config, work, processes=2)
+    runs[0].wait_for(rf"resuming from .* at step {saved[-1]}\b")
+    runs[0].wait_for(r"^step \d+ compiled")
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = _finish(runs)
+    combined = "".join(run.output for run in runs)
+    assert codes == [128 + signal.SIGTERM] * 2, combined[-3000:]
+    stopped = runs[0].wait_for(r"^stopped by SIGTERM at step \d+/12; saved ")
+    assert "Resume with the same command on every host" in stopped and "Traceback" not in combined
+    step = int(stopped.split("at step ")[1].split("/")[0])
+    assert saved[-1] < step < STEPS
+    assert (work / "train_state" / str(step) / "data" / "process_1-of-2.json").exists()
+
+    runs = _start(config, work, processes=2)
+    assert _finish(runs) == [0, 0], "\n----\n".join(run.output[-3000:] for run in runs)
+    assert f"at step {step} " in runs[0].output
+    want, got = _history(tmp_path / "ref"), _history(work)
+    for at in range(step + 1, STEPS + 1):
+        assert abs(got[at] - want[at]) <= 1e-6 * abs(want[at]), (at, got[at], want[at])
