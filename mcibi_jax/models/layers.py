@@ -7,6 +7,7 @@ leaves: see ``mcibi_jax.porting.mapping``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -41,22 +42,87 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if train:
-            axes = tuple(range(x.ndim - 1))
-            wide = x.astype(compute_dtype(x.dtype))
-            mean = jnp.mean(wide, axes)
-            var = jnp.mean(jnp.square(wide - mean), axes)
+            y, mean, var = batch_normalize(x, scale, bias, self.epsilon, self.dtype or x.dtype)
             if not self.is_initializing():
                 count = x.size // features
                 # PyTorch keeps the unbiased batch variance in its running statistics.
                 unbiased = var * (count / max(count - 1, 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-        else:
-            mean, var = running_mean.value, running_var.value
+            return y
+        mean, var = running_mean.value, running_var.value
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
         offset = bias - mean * multiplier
         dtype = self.dtype or x.dtype
         return (x * multiplier.astype(dtype) + offset.astype(dtype)).astype(dtype)
+
+
+def two_pass_mean(x: Array, axes: tuple[int, ...]) -> Array:
+    """Mean over ``axes`` (kept as size 1) with a correcting second pass over the shifted values.
+
+    A float32 sum of many similar values drifts where PyTorch's CPU kernels accumulate in float64;
+    ill-conditioned layers after the mean (BatchNorm over two samples) amplify the difference.
+    """
+    rough = jnp.mean(x, axes, keepdims=True)
+    return rough + jnp.mean(x - rough, axes, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_normalize(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> tuple[Array, Array, Array]:
+    """Training-mode batch normalisation over every axis but the last.
+
+    Returns ``(y, mean, var)``: ``y`` like ``x`` (cast to ``dtype``), the batch mean and the biased
+    batch variance, each ``(C,)`` in at least float32. The backward pass is PyTorch's closed form
+    (``dy - mean(dy) - x_hat * mean(dy * x_hat)``): with a tiny batch variance, e.g. BatchNorm over
+    two samples, autodiff of the forward formula loses far more float32 digits than it does.
+    """
+    return _batch_normalize_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _batch_normalize_forward(x, scale, bias, epsilon, dtype):
+    axes = tuple(range(x.ndim - 1))
+    wide = x.astype(compute_dtype(x.dtype))
+    # A float32 sum of many similar values drifts (PyTorch accumulates in float64 on CPU): a second,
+    # well-conditioned pass over the shifted values corrects the mean.
+    rough_mean = jnp.mean(wide, axes)
+    correction = jnp.mean(wide - rough_mean, axes)
+    mean = rough_mean + correction
+    centred = _centre(wide, rough_mean, correction)
+    var = jnp.mean(jnp.square(centred), axes)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    # Centre before scaling, as PyTorch does: x * m - mean * m would cancel catastrophically.
+    y = (centred * (scale * inv_std) + bias).astype(dtype)
+    return (y, mean, var), (x, rough_mean, correction, inv_std, scale)
+
+
+def _centre(x: Array, rough_mean: Array, correction: Array) -> Array:
+    # (x - rough) - correction keeps the digits that x - (rough + correction) would round away.
+    return (x - rough_mean) - correction
+
+
+def _batch_normalize_backward(epsilon, dtype, residuals, cotangents):
+    del epsilon, dtype
+    x, rough_mean, correction, inv_std, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    centred = _centre(x.astype(rough_mean.dtype), rough_mean, correction)
+    x_hat = centred * inv_std
+    dy = dy.astype(rough_mean.dtype)
+    dbias = jnp.sum(dy, axes)
+    dscale = jnp.sum(dy * x_hat, axes)
+    direction = dy - dbias / count - x_hat * (dscale / count)
+    # Exactly, the direction sums to zero over the batch (the output ignores a constant shift of x);
+    # in float32 a residue remains, which the gradient of a layer before the BatchNorm multiplies
+    # by its (possibly large, nearly constant) input. Centring once more removes it.
+    direction = direction - jnp.mean(direction, axes)
+    dx = (scale * inv_std) * direction
+    # The statistics are outputs too (the running averages read them); their cotangents are usually zero.
+    dx = dx + dmean / count + dvar * (2.0 / count) * centred
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
 
 
 def conv(

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2
+from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2, two_pass_mean
 
 Array = jax.Array
 Dtype = Any
@@ -70,7 +70,7 @@ class SplitAttentionConv(nn.Module):
             gap = jnp.sum(splits, axis=3)
         else:
             gap = x
-        gap = jnp.mean(gap, axis=(1, 2), keepdims=True)
+        gap = two_pass_mean(gap, (1, 2))
         gap = conv(inter_channels, 1, groups=self.groups, use_bias=True, name="fc1", dtype=self.dtype)(gap)
         gap = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(gap, train))
         logits = conv(channels * radix, 1, groups=self.groups, use_bias=True, name="fc2", dtype=self.dtype)(gap)
