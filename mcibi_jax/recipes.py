@@ -207,7 +207,7 @@ _RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 
 RELEASED: list[tuple[str, str]] = list(_RECIPES)
 
-# Released checkpoint layouts: ``<MCIBI_SHARED>/keys/<name>.txt``.
+# Released checkpoint layouts: ``tests/reference/keys/<name>.txt``.
 _KEYS_PREFIX = {"r50": "resnet50os8", "r101": "resnet101os8", "s101": "resnest101os8",
                 "hrnet48": "hrnetv2w48", "vitl": "vitlarge"}
 KEYS_FILES: dict[tuple[str, str], str] = {(d, b): f"{_KEYS_PREFIX[b]}_{d}" for d, b in RELEASED}

@@ -14,12 +14,20 @@ import mcibi_jax
 from mcibi_jax.porting.convert import variables_to_state_dict
 from mcibi_jax.reference_config import model_config_from_reference
 from mcibi_jax.train.objective import loss_and_updates
-from tests.reference_data import FIXTURES, model_cases, nhwc, read_case, relative_error
+from tests.reference_data import FIXTURES, model_cases, nhwc, read_case, read_float64_truth, relative_error
 
 CASES = model_cases()
-LOGIT_TOL, ARGMAX_MIN, LOSS_TOL, GRAD_TOL = 1e-4, 0.999, 1e-5, 1e-3
-# How many times our own float32 noise the reference's float32 noise may reach (measured: up to ~6).
-NOISE_FACTOR = 10
+LOGIT_TOL, ARGMAX_MIN, LOSS_TOL = 1e-4, 0.999, 1e-5
+# Against the reference's float64 step: our float64 step to F64_TOL; our float32 step within F32_FACTOR
+# times the reference's own float32 error, plus GRAD_TOL (gradients) or STATE_TOL (BatchNorm, memory).
+F64_TOL, F32_FACTOR, GRAD_TOL, STATE_TOL = 1e-8, 2.0, 1e-3, 1e-4
+# Per tensor this holds where the reference's own float32 result keeps four digits. Where it does not,
+# both float32 results carry rounding noise whose size is luck (measured: ours up to 13x the
+# reference's on some tensors, the reference's up to 22x ours on others): there the float64 step and
+# the error of all tensors together (also within F32_FACTOR of the reference's) are the checks.
+WELL_CONDITIONED = 1e-4
+# True values below this fraction of the largest one are float64 rounding of an exact zero.
+ZERO_BELOW = 1e-9
 
 
 def test_fixture_cases_exist():
@@ -75,41 +83,80 @@ def _train_step(model_config, variables, arrays, train_step, dtype):
     )
 
 
+def _errors_against_truth(got: dict, truth: dict) -> dict[str, float]:
+    """Max abs error of each tensor, relative to its true max magnitude.
+
+    A tensor whose true values are zero up to float64 rounding (e.g. the bias of a conv feeding a
+    BatchNorm) is measured against the largest true magnitude of the whole set instead.
+    """
+    largest = max(float(np.abs(v).max()) for v in truth.values())
+    errors = {}
+    for key, want in truth.items():
+        want = np.asarray(want, np.float64)
+        scale = float(np.abs(want).max())
+        if scale <= ZERO_BELOW * largest:
+            scale = largest
+        errors[key] = float(np.abs(np.asarray(got[key], np.float64) - want).max() / scale)
+    return errors
+
+
+def _overall_error(got: dict, truth: dict) -> float:
+    """Euclidean norm of the error over every tensor together, relative to the truth's norm."""
+    error = sum(float(np.sum((np.asarray(got[k], np.float64) - v) ** 2)) for k, v in truth.items())
+    return (error / sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in truth.values())) ** 0.5
+
+
+def _with_prefix(arrays: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
 def test_training_step(case):
     """Losses, every gradient, the memory and BatchNorm statistics after one step.
 
-    With narrow random layers the gradients of these fixtures are ill-conditioned in float32:
-    the reference itself moves by up to ~0.5 (relative) between its own CPU convolution back
-    ends. So each tensor is held to 1e-3 plus NOISE_FACTOR times its own float32 noise, measured as
-    the gap between our float32 and float64 runs of the same step (float64 matches the
-    reference's float64 run to ~1e-5). Well-conditioned tensors are thus held to 1e-3.
+    The ground truth is the reference's own step run in float64 (``<case>.f64.npz``). Our float64
+    step must equal it; our float32 step must be at most twice as far from it as the reference's own
+    float32 step (``<case>.npz``) is, plus a small absolute slack: all tensors together, and each
+    tensor that the reference's float32 step gets to four digits. These narrow random models are
+    ill-conditioned in float32 (BatchNorm behind the memory read sees nearly constant inputs), so a
+    direct float32-to-float32 comparison would measure rounding noise, not correctness.
     """
     name, meta, arrays, model_config, segmenter = case
+    truth = read_float64_truth(name)
     train_step = meta["train_step"]
     total, losses, grads, state = _train_step(model_config, segmenter.variables, arrays, train_step, jnp.float32)
     with jax.enable_x64(True):
-        _, _, grads64, state64 = _train_step(model_config, segmenter.variables, arrays, train_step, jnp.float64)
+        total64, losses64, grads64, state64 = _train_step(
+            model_config, segmenter.variables, arrays, train_step, jnp.float64
+        )
 
-    logged = {k.split("/", 1)[1]: float(v) for k, v in arrays.items() if k.startswith("train_losses/")}
-    logged.pop("loss_total", None)
-    assert set(losses) == set(logged), (name, sorted(losses), sorted(logged))
+    logged = {k: float(v) for k, v in _with_prefix(arrays, "train_losses/").items() if k != "loss_total"}
+    logged64 = {k: float(v) for k, v in _with_prefix(truth, "train_losses/").items() if k != "loss_total"}
+    assert set(losses) == set(logged) == set(logged64), (name, sorted(losses), sorted(logged))
     for key, want in logged.items():
         assert abs(losses[key] - want) <= LOSS_TOL * abs(want), (name, key, losses[key], want)
+        assert abs(losses64[key] - logged64[key]) <= F64_TOL * abs(logged64[key]), (name, key)
     assert abs(total - float(arrays["train_loss_total"])) <= LOSS_TOL * abs(float(arrays["train_loss_total"]))
+    assert abs(total64 - float(truth["train_loss_total"])) <= F64_TOL * abs(float(truth["train_loss_total"]))
 
-    want_grads = {k[len("grad/"):]: v for k, v in arrays.items() if k.startswith("grad/")}
-    assert set(grads) == set(want_grads), (name, set(grads) ^ set(want_grads))
-    failures = []
-    for key, want in want_grads.items():
-        noise = relative_error(grads[key], grads64[key])
-        error = relative_error(grads[key], want)
-        if error > GRAD_TOL + NOISE_FACTOR * noise:
-            failures.append((key, error, noise))
-    assert not failures, (name, failures[:10])
-
-    want_state = {k[len("state_after/"):]: v for k, v in arrays.items() if k.startswith("state_after/")}
-    for key, got in state.items():
-        noise = relative_error(got, state64[key])
-        assert relative_error(got, want_state[key]) <= LOGIT_TOL + NOISE_FACTOR * noise, (name, key)
-    state_keys = {k for k in want_state if k.endswith(("running_mean", "running_var", "memory"))}
-    assert state_keys == set(state), (name, state_keys ^ set(state))
+    for what, ours32, ours64, slack in (("grad/", grads, grads64, GRAD_TOL), ("state_after/", state, state64, STATE_TOL)):
+        true = {k: v for k, v in _with_prefix(truth, what).items() if not k.endswith("num_batches_tracked")}
+        exact = _errors_against_truth(ours64, true)
+        wrong = {k: e for k, e in exact.items() if e > F64_TOL}
+        assert not wrong, (name, what, "float64 step differs from the reference's float64 step", wrong)
+        # The float64 file carries no memory: there our float64 step, equal to the reference's
+        # everywhere else, stands in for the truth, and must match the reference's float32 memory.
+        for key in set(ours64) - set(true):
+            true[key] = ours64[key]
+            assert relative_error(ours64[key], arrays[what + key]) <= LOGIT_TOL, (name, key)
+        theirs32 = {k: v for k, v in _with_prefix(arrays, what).items() if k in true}
+        assert set(ours32) == set(true) == set(theirs32), (name, what, set(ours32) ^ set(true))
+        ours, reference = _errors_against_truth(ours32, true), _errors_against_truth(theirs32, true)
+        worse = {
+            k: (ours[k], reference[k])
+            for k in true
+            if reference[k] < WELL_CONDITIONED and ours[k] > slack + F32_FACTOR * reference[k]
+        }
+        assert not worse, (name, what, "float32 tensors further from the truth than the reference's", worse)
+        ours, reference = _overall_error(ours32, true), _overall_error(theirs32, true)
+        print(f"{name} {what} overall float32 error: ours {ours:.3g}, reference {reference:.3g}")
+        assert ours <= slack + F32_FACTOR * reference, (name, what, "float32 step less accurate", ours, reference)
