@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcibi_jax.models.conv import Conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -136,11 +138,12 @@ def conv(
     use_bias: bool = False,
     name: str | None = None,
     dtype: Dtype | None = None,
-) -> nn.Conv:
-    """A ``nn.Conv`` with PyTorch's explicit symmetric padding (default: 'same' for odd k)."""
+) -> Conv:
+    """A conv (``nn.Conv``'s parameters; faster on CPU, see ``conv.py``) with PyTorch's
+    explicit symmetric padding (default: 'same' for odd k)."""
     if padding is None:
         padding = dilation * (kernel_size - 1) // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),

@@ -1,0 +1,320 @@
+"""mcibi_jax against a PyTorch MCIBI on this CPU: same weights, same input, one run.
+
+    python benchmarks/vs_torch.py                          # R-50 and R-101: forward 1x512x512, train step 2x256x256
+    python benchmarks/vs_torch.py --models=r50 --repeats=5
+    python benchmarks/vs_torch.py --tasks=forward --forward_size=256x256
+
+Needs the benchmark extra (``pip install -e '.[bench]'``: torch). The PyTorch side is
+``torch_mcibi.TorchMCIBI`` (a plain ``torch.nn`` network of the same layers; the reference
+package itself needs torchvision and CUDA-era pins); it loads our randomly initialised
+variables through ``variables_to_state_dict``, and the forward logits of both sides are
+compared first (``max |diff|``) so that both compute the same function.
+
+Each side runs in its own subprocess (so that its peak memory is its own): both are set
+up, then their timed runs alternate (``--repeats`` of each, after one warm-up run each;
+medians reported). Peak host memory growth is ``ru_maxrss`` at the end minus the resident
+set once the weights and the batch are loaded (it includes our compilation). The train
+step is SGD (momentum 0.9, weight decay 5e-4) on the weighted stage-1, stage-2 and
+auxiliary cross-entropies with the memory update: our ``make_train_step``, and the same
+loop written in PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from benchmark_args import parse_size
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # time the mcibi_jax of this checkout, wherever the package is installed
+
+MODELS = {"r50": 50, "r101": 101}
+TINY = dict(base=8, channels=16, transform=8, aux_channels=16)  # --tiny: a narrow model for smoke tests
+FULL = dict(base=64, channels=512, transform=256, aux_channels=512)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------------------- our side
+
+
+def our_config(depth: int, widths: dict):
+    import mcibi_jax
+
+    config = mcibi_jax.load_config(str(REPO / "configs" / f"cityscapes.py:r{depth}"))
+    m = config.model
+    base = widths["base"]
+    m.backbone.base_channels = base
+    m.backbone.stem_channels = base
+    m.head.in_channels = base * 32
+    m.head.feats_channels = m.head.out_channels = widths["channels"]
+    m.head.transform_channels = widths["transform"]
+    m.auxiliary = [{**dict(m.auxiliary[0]), "in_channels": base * 16, "out_channels": widths["aux_channels"]}]
+    return config
+
+
+def make_weights(depth: int, widths: dict, path: Path, seed: int = 0) -> None:
+    """Random variables of our model (non-trivial BatchNorm statistics and memory), saved as a state_dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from mcibi_jax.models.segmentor import build_model
+    from mcibi_jax.porting.convert import variables_to_state_dict
+
+    config = our_config(depth, widths)
+    model = build_model(config.model)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(seed, impl="rbg"))
+    state = variables_to_state_dict(variables)
+    rng = np.random.default_rng(seed)
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            state[key] = rng.normal(0, 0.1, value.shape).astype(np.float32)
+        elif key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+        elif key.endswith("memory"):
+            state[key] = rng.normal(0, 1, value.shape).astype(np.float32)
+    np.savez(path, **state)
+
+
+class OurSide:
+    def __init__(self, task: str, depth: int, widths: dict, weights: Path, batch: dict):
+        import jax
+        import jax.numpy as jnp
+
+        from mcibi_jax.models.segmentor import build_model
+        from mcibi_jax.porting.port import variables_from_state_dict
+
+        self.jax = jax
+        config = our_config(depth, widths)
+        state = dict(np.load(weights))
+        variables = variables_from_state_dict(state, config)
+        model = build_model(config.model)
+        if task == "forward":
+            self.images = jnp.asarray(batch["images"])
+            self.variables = jax.device_put(variables)
+            self.fn = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
+            self.call = lambda: self.fn(self.variables, self.images)
+        else:
+            from mcibi_jax.train.optimizer import optimizer_from_config
+            from mcibi_jax.train.state import create_train_state
+            from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
+
+            mesh = data_mesh()
+            train_config = config.train.to_dict()
+            tx, schedule = optimizer_from_config(variables["params"], train_config, 1000)
+            self.state = jax.device_put(create_train_state(variables, tx), replicated(mesh))
+            self.batch = shard_batch({"images": batch["images"], "labels": batch["labels"]}, mesh)
+            self.key = jax.device_put(jax.random.key(1), replicated(mesh))
+            self.step = make_train_step(model, config.model.to_dict(), tx, schedule, 1000, mesh,
+                                        int(config.dataset.get("ignore_label", -100)), 1)
+
+            def call():
+                self.state, metrics = self.step(self.state, self.batch, self.key)
+                return metrics["loss"]
+
+            self.call = call
+        del state, variables
+
+    def run(self):
+        out = self.call()
+        self.jax.block_until_ready(out)
+        return np.asarray(out)
+
+
+# --------------------------------------------------------------------------------------- torch side
+
+
+class TorchSide:
+    def __init__(self, task: str, depth: int, widths: dict, weights: Path, batch: dict):
+        import torch
+
+        from torch_mcibi import TorchMCIBI, segmentation_loss
+
+        self.torch = torch
+        model = TorchMCIBI(depth, 19, widths["channels"], widths["transform"], widths["base"], widths["aux_channels"])
+        state = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
+        model.load_state_dict(state, strict=True)
+        del state
+        images = torch.from_numpy(np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2)))
+        if task == "forward":
+            model.eval()
+
+            def call():
+                with torch.inference_mode():
+                    return model(images)["stage2"].permute(0, 2, 3, 1)
+        else:
+            model.train()
+            labels = torch.from_numpy(batch["labels"].astype(np.int64))
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+            def call():
+                optimizer.zero_grad(set_to_none=True)
+                loss = segmentation_loss(model(images, labels, memory_momentum=0.9), labels)
+                loss.backward()
+                optimizer.step()
+                return loss.detach()
+
+        self.call = call
+
+    def run(self):
+        return self.call().numpy()
+
+
+def worker(args) -> None:
+    """Sets one side up, then answers 'run' (one timed call) and 'done' (figures) on stdin."""
+    widths = TINY if args.tiny else FULL
+    batch = dict(np.load(args.batch))
+    side = (OurSide if args.worker == "ours" else TorchSide)(args.task, args.depth, widths, Path(args.weights), batch)
+    base = current_rss()
+    print("ready", flush=True)
+    out = None
+    for line in sys.stdin:
+        if line.strip() == "run":
+            start = time.perf_counter()
+            out = side.run()
+            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        else:
+            np.save(args.output, out)
+            print(json.dumps({"peak_growth": peak_rss() - base}), flush=True)
+            return
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+class Worker:
+    def __init__(self, side: str, task: str, depth: int, files: dict, tiny: bool, threads: int | None):
+        cmd = [sys.executable, __file__, f"--worker={side}", f"--task={task}", f"--depth={depth}",
+               f"--weights={files['weights']}", f"--batch={files[task]}", f"--output={files['out_' + side]}"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        if tiny:
+            cmd.append("--tiny")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=REPO)
+        self._expect("ready")
+
+    def _expect(self, word: str | None = None) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a benchmark worker died (exit {self.proc.wait()}); see its error above")
+        if word is not None and line.strip() != word:
+            raise RuntimeError(f"unexpected worker answer {line!r}")
+        return line
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect())["seconds"]
+
+    def finish(self) -> int:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        growth = json.loads(self._expect())["peak_growth"]
+        self.proc.wait()
+        return growth
+
+
+def compare(task: str, depth: int, size: tuple[int, int], batch_size: int, repeats: int, tiny: bool,
+            tmp: Path) -> dict:
+    widths = TINY if tiny else FULL
+    rng = np.random.default_rng(0)
+    files = {"weights": tmp / f"weights{depth}.npz", task: tmp / f"{task}.npz",
+             "out_ours": tmp / "ours.npy", "out_torch": tmp / "torch.npy"}
+    if not files["weights"].exists():
+        make_weights(depth, widths, files["weights"])
+    np.savez(files[task], images=rng.standard_normal((batch_size, *size, 3), dtype=np.float32),
+             labels=rng.integers(0, 19, (batch_size, *size), dtype=np.int32))
+    workers = {}
+    for side in ("ours", "torch"):  # one side set up at a time: their set-up peaks do not overlap
+        workers[side] = Worker(side, task, depth, files, tiny, None)
+    times = {side: [] for side in workers}
+    for _ in range(repeats + 1):  # the first (warm-up, compilation) run of each is dropped
+        for side, w in workers.items():
+            times[side].append(w.run())
+    growth = {side: w.finish() for side, w in workers.items()}
+    result = {"task": task, "model": f"R-{depth}", "size": f"{batch_size}x{size[0]}x{size[1]}",
+              **{f"{s}_s": float(np.median(t[1:])) for s, t in times.items()},
+              **{f"{s}_growth": g for s, g in growth.items()}}
+    ours, theirs = np.load(files["out_ours"]), np.load(files["out_torch"])
+    if task == "forward":
+        result["max_abs_diff"] = float(np.max(np.abs(ours - theirs)))
+        result["max_abs_logit"] = float(np.max(np.abs(theirs)))
+    else:
+        result["loss"] = (float(ours), float(theirs))
+    return result
+
+
+def format_row(r: dict) -> str:
+    gib = lambda b: f"+{b / 2**30:.2f} GiB"
+    return (f"| {r['model']} | {r['task']} {r['size']} | {r['torch_s']:.2f} s | {r['ours_s']:.2f} s | "
+            f"**{r['torch_s'] / r['ours_s']:.2f}x** | {gib(r['torch_growth'])} | {gib(r['ours_growth'])} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="r50,r101", help=f"comma-separated among {', '.join(MODELS)}")
+    parser.add_argument("--tasks", default="forward,train", help="forward and/or train")
+    parser.add_argument("--forward_size", type=parse_size, default=(512, 512))
+    parser.add_argument("--train_size", type=parse_size, default=(256, 256))
+    parser.add_argument("--forward_batch", type=int, default=1)
+    parser.add_argument("--train_batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (after one warm-up run)")
+    parser.add_argument("--tiny", action="store_true", help="narrow layers (a quick smoke test, not a benchmark)")
+    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--task", help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    try:
+        import torch
+    except ImportError:
+        parser.exit(1, "vs_torch.py needs PyTorch: pip install -e '.[bench]'\n")
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in MODELS]
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if unknown or not set(tasks) <= {"forward", "train"} or args.repeats < 1:
+        parser.error(f"--models among {', '.join(MODELS)}, --tasks among forward,train, --repeats >= 1")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs", flush=True)
+    print("| model | work | PyTorch eager | mcibi_jax | ratio (torch / ours) | PyTorch peak host memory growth "
+          "| mcibi_jax peak host memory growth |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            for task in tasks:
+                size, batch = ((args.forward_size, args.forward_batch) if task == "forward"
+                               else (args.train_size, args.train_batch))
+                r = compare(task, MODELS[name], size, batch, args.repeats, args.tiny, Path(tmp))
+                print(format_row(r), flush=True)
+                if task == "forward":
+                    notes.append(f"R-{MODELS[name]} forward: max |ours - torch| = {r['max_abs_diff']:.2e} "
+                                 f"(logits up to {r['max_abs_logit']:.2f})")
+                else:
+                    notes.append(f"R-{MODELS[name]} train: loss after the timed steps ours {r['loss'][0]:.4f}, "
+                                 f"torch {r['loss'][1]:.4f}")
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The per-tap matmul convolution (models/conv.py) computes lax.conv's numbers, values and gradients."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mcibi_jax.models.conv import Conv, axis_taps, conv2d, tap_conv, use_tap_matmuls
+
+
+def reference_conv(x, kernel, strides, padding, dilation, groups=1):
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+# (H, W, C, O, kernel, stride, dilation, padding): every combination the five backbones and the
+# head use (ResNet stems and stages, ASPP dilations, HRNet's strided 3x3, ResNeSt's avg-down 1x1,
+# the 7x7 stem), on odd sizes, plus maps smaller than the dilation (taps that read padding only).
+CASES = [
+    (9, 7, 6, 5, 1, 1, 1, 0),
+    (9, 7, 6, 5, 1, 2, 1, 0),
+    (9, 7, 6, 5, 3, 1, 1, 1),
+    (9, 7, 6, 5, 3, 2, 1, 1),
+    (9, 8, 6, 5, 3, 1, 4, 4),
+    (11, 10, 3, 4, 7, 2, 1, 3),
+    (13, 12, 6, 5, 3, 1, 12, 12),
+    (13, 12, 6, 5, 3, 1, 36, 36),
+    (40, 40, 6, 5, 3, 1, 36, 36),
+    (6, 6, 6, 5, 3, 1, 6, 6),
+    (8, 8, 6, 5, 3, 2, 1, 0),
+]
+
+
+@pytest.mark.parametrize("h,w,c,o,k,s,d,p", CASES)
+def test_tap_conv_matches_lax_conv_values_and_gradients(h, w, c, o, k, s, d, p):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+    args = ((s, s), ((p, p), (p, p)), (d, d))
+    out_shape = jax.eval_shape(lambda: reference_conv(x, kernel, *args)).shape
+    cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+    @jax.jit
+    def value_and_grads(a, b):
+        want, want_vjp = jax.vjp(lambda a, b: reference_conv(a, b, *args), a, b)
+        got, got_vjp = jax.vjp(lambda a, b: tap_conv(a, b, *args), a, b)
+        return (got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))
+
+    for got, want in zip(*value_and_grads(x, kernel)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_tap_conv_is_exact_in_float64():
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((1, 10, 9, 4)))
+        kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 3)))
+        args = ((1, 1), ((12, 12), (12, 12)), (12, 12))
+        np.testing.assert_allclose(tap_conv(x, kernel, *args), reference_conv(x, kernel, *args), rtol=1e-12, atol=1e-12)
+
+
+def test_dead_taps_are_skipped():
+    # dilation 36 on a 32-pixel axis: only the centre tap reads the input
+    out, taps = axis_taps(32, 3, 1, 36, (36, 36))
+    assert out == 32 and [t.index for t in taps] == [1]
+    out, taps = axis_taps(64, 3, 1, 36, (36, 36))
+    assert [(t.index, t.first_input, t.first_output, t.count) for t in taps] == [(0, 0, 36, 28), (1, 0, 0, 64), (2, 36, 0, 28)]
+
+
+def test_dispatch_rule():
+    cpu = jax.default_backend() == "cpu"
+    x = (1, 32, 32, 64)
+    one = ((1, 1), ((0, 0), (0, 0)), (1, 1))
+    assert use_tap_matmuls(x, jnp.float32, (1, 1, 64, 8), *one, 1) == cpu
+    assert not use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    assert use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((12, 12), (12, 12)), (12, 12), 1) == cpu
+    assert not use_tap_matmuls(x, jnp.bfloat16, (1, 1, 64, 8), *one, 1)
+    assert not use_tap_matmuls(x, jnp.float32, (1, 1, 32, 8), *one, 2)
+
+
+@pytest.mark.parametrize("groups,dilation", [(1, 12), (4, 2)])
+def test_conv2d_any_route_matches_lax(groups, dilation):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 8 // groups, 4)), jnp.float32)
+    args = ((1, 1), ((dilation, dilation), (dilation, dilation)), (dilation, dilation))
+    f = jax.jit(lambda a, b: conv2d(a, b, *args, groups=groups))
+    np.testing.assert_allclose(f(x, kernel), reference_conv(x, kernel, *args, groups=groups), rtol=1e-5, atol=1e-4)
+
+
+def test_conv_module_has_nn_conv_parameters_and_initialisation():
+    x = jnp.ones((1, 6, 6, 4))
+    kwargs = dict(features=3, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True)
+    ours = Conv(**kwargs).init(jax.random.key(0), x)
+    flax = nn.Conv(**kwargs).init(jax.random.key(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ours, flax)
+    np.testing.assert_allclose(Conv(**kwargs).apply(ours, x), nn.Conv(**kwargs).apply(flax, x), rtol=1e-6, atol=1e-6)
