@@ -108,7 +108,9 @@ def measure_forward(job: dict, device: Any) -> dict:
 
     size = tuple(job["size"]) if job["size"] else None
     batch = job["per_device_batch"] or recipe_per_device_batch(mcibi_jax.load_config(job["config"]).train.to_dict())
+    started = time.perf_counter()
     forward, variables, images = forward_case(job["config"], batch, size, job["dtype"])
+    init_s = time.perf_counter() - started
     started = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - started
@@ -123,7 +125,7 @@ def measure_forward(job: dict, device: Any) -> dict:
 
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     row = _figures(job, "forward", compiled, compile_s, step_s, iters, batch, device)
-    row.update(per_device_batch=batch, size=list(images.shape[1:3]))
+    row.update(per_device_batch=batch, size=list(images.shape[1:3]), init_s=init_s)
     return row
 
 
@@ -135,7 +137,9 @@ def measure_train(job: dict, device: Any) -> tuple[dict, dict]:
     size = tuple(job["size"]) if job["size"] else None
     case = train_case(job["config"], job["per_device_batch"], size, job["dtype"], steps_per_epoch=10_000,
                       overrides=job.get("overrides", ()))
+    started = time.perf_counter()
     state, batch, key = case.initial_state(), case.random_batch(), case.dropout_key()
+    init_s = time.perf_counter() - started
     started = time.perf_counter()
     compiled = case.step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - started
@@ -156,7 +160,8 @@ def measure_train(job: dict, device: Any) -> tuple[dict, dict]:
     run(1)  # warm-up
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     row = _figures(job, "train step", compiled, compile_s, step_s, iters, case.batch_size, device)
-    row.update(per_device_batch=case.per_device_batch, size=list(case.size), num_devices=case.mesh.size)
+    row.update(per_device_batch=case.per_device_batch, size=list(case.size), num_devices=case.mesh.size,
+               init_s=init_s)
     return row, {"case": case, "run": run}
 
 
@@ -223,14 +228,16 @@ def child(job: dict) -> None:
 # The whole set, from the parent process
 
 
-def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress) -> tuple[list[dict], str | None]:
-    """Runs ``job`` in a fresh process for at most ``timeout_s``; returns its result rows and,
-    where it did not finish cleanly, why (timed out, exit status, out of memory)."""
+def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress,
+            command: list[str] | None = None) -> tuple[list[dict], str | None]:
+    """Runs ``job`` in a fresh process (``command``: instead of this script's ``--child``) for at
+    most ``timeout_s``; returns its result rows and, where it did not finish cleanly, why (timed
+    out, exit status, out of memory)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    command = command or [sys.executable, "-u", str(Path(__file__).resolve()), "--child", json.dumps(job)]
     process = subprocess.Popen(
-        [sys.executable, "-u", str(Path(__file__).resolve()), "--child", json.dumps(job)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     rows: list[dict] = []
     tail: list[str] = []
 
@@ -278,7 +285,7 @@ def fill_missing(rows: list[dict], config: str, dtype: str, works: tuple[str, ..
 
 
 def _gib(value: int | None) -> str:
-    return "" if value is None else f"{value / 2**30:.2f}"
+    return "" if value is None else f"{value / 2**30:.3g}"
 
 
 def format_row(r: dict) -> list[str]:
@@ -297,7 +304,7 @@ def format_row(r: dict) -> list[str]:
         f"{_gib(plan_.get('peak'))} (XLA plan)" if plan_ else "")
     return [
         r["config"], r["work"], r["dtype"], batch, f"{r['compile_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
-        f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3f}" if r.get("flops") else "",
+        f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
         f"{r['tflops_per_s']:.2f}" if r.get("tflops_per_s") else "",
         f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", "",
     ]
