@@ -27,7 +27,8 @@ that dataset's image sizes, JPEG/PNG decoded on every read) the way the training
 (the next batch is prepared while the device runs, metrics read one step late), then the
 resident batch again; the row compares both step times.
 
-Writes ``accelerator.md`` and ``accelerator.json`` to ``--out_dir``.
+``--remat``: train steps with ``model.backbone.remat=True`` (their FLOPs then count the
+recomputation). Writes ``accelerator.md`` and ``accelerator.json`` to ``--out_dir``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def measure_train(job: dict, device: Any) -> tuple[dict, dict]:
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     row = _figures(job, "train step", compiled, compile_s, step_s, iters, case.batch_size, device)
     row.update(per_device_batch=case.per_device_batch, size=list(case.size), num_devices=case.mesh.size,
-               init_s=init_s)
+               init_s=init_s, overrides=list(job.get("overrides", ())))
     return row, {"case": case, "run": run}
 
 
@@ -306,7 +307,7 @@ def format_row(r: dict) -> list[str]:
         r["config"], r["work"], r["dtype"], batch, f"{r['compile_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
         f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
         f"{r['tflops_per_s']:.2f}" if r.get("tflops_per_s") else "",
-        f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", "",
+        f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", ", ".join(r.get("overrides", ())),
     ]
 
 
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--stall_config", default=DEFAULT_CONFIGS[0],
                         help="config whose train step is also fed from the Grain pipeline ('' for none)")
     parser.add_argument("--stall_steps", type=int, default=20)
+    parser.add_argument("--remat", action="store_true",
+                        help="train steps with model.backbone.remat=True (activation rematerialisation)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE_CONFIG} only, short measurements: checks the script in seconds on a CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
         job = {"config": config, "dtype": dtype, "per_device_batch": args.per_device_batch, "size": args.size,
                "measure_s": args.measure_s, "min_iters": args.min_iters, "max_iters": args.max_iters,
+               "overrides": ["model.backbone.remat=True"] if args.remat else [],
                "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None}
         job_rows, why = run_job(job, min(args.case_timeout_s, left))
         device = device or next((r for r in job_rows if r["work"] == "device"), None)
