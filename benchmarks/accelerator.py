@@ -101,7 +101,8 @@ def _figures(job: dict, work: str, compiled: Any, compile_s: float, step_s: floa
     }
 
 
-def measure_forward(job: dict, device: Any) -> dict:
+def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
+    """The forward's row, and the variables it ran on (the train step starts from them)."""
     from forward import forward_case
     from train_step import recipe_per_device_batch
 
@@ -127,10 +128,10 @@ def measure_forward(job: dict, device: Any) -> dict:
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     row = _figures(job, "forward", compiled, compile_s, step_s, iters, batch, device)
     row.update(per_device_batch=batch, size=list(images.shape[1:3]), init_s=init_s)
-    return row
+    return row, variables
 
 
-def measure_train(job: dict, device: Any) -> tuple[dict, dict]:
+def measure_train(job: dict, device: Any, variables: Any = None) -> tuple[dict, dict]:
     """The train step's row, and what the input-stall measurement reuses."""
     import jax
     from train_step import train_case
@@ -139,7 +140,9 @@ def measure_train(job: dict, device: Any) -> tuple[dict, dict]:
     case = train_case(job["config"], job["per_device_batch"], size, job["dtype"], steps_per_epoch=10_000,
                       overrides=job.get("overrides", ()))
     started = time.perf_counter()
-    state, batch, key = case.initial_state(), case.random_batch(), case.dropout_key()
+    # the forward's variables when it ran: one initialisation (a compile) fewer
+    state, batch, key = case.initial_state(variables=variables), case.random_batch(), case.dropout_key()
+    variables = None
     init_s = time.perf_counter() - started
     started = time.perf_counter()
     compiled = case.step.lower(state, batch, key).compile()
@@ -205,14 +208,17 @@ def child(job: dict) -> None:
     _emit({"work": "device", "device_kind": device.device_kind, "platform": device.platform,
            "device_count": jax.device_count(), "jax": jax.__version__})
     tag = f"{job['config']} {job['dtype']}"
+    variables = None
     try:
         _progress(f"{tag}: forward")
-        _emit(measure_forward(job, device))
+        row, variables = measure_forward(job, device)
+        _emit(row)
     except Exception as error:  # reported, the next measurement still runs
         _emit(_error_row(job, "forward", error))
     try:
         _progress(f"{tag}: train step")
-        row, context = measure_train(job, device)
+        row, context = measure_train(job, device, variables)
+        del variables
         _emit(row)
     except Exception as error:
         _emit(_error_row(job, "train step", error))
@@ -306,7 +312,7 @@ def format_row(r: dict) -> list[str]:
     return [
         r["config"], r["work"], r["dtype"], batch, f"{r['compile_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
         f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
-        f"{r['tflops_per_s']:.2f}" if r.get("tflops_per_s") else "",
+        f"{r['tflops_per_s']:.3g}" if r.get("tflops_per_s") else "",
         f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", ", ".join(r.get("overrides", ())),
     ]
 

@@ -96,9 +96,10 @@ class TrainCase:
                  "labels": jax.ShapeDtypeStruct((self.batch_size, height, width), jnp.int32)}
         return state, batch, jax.eval_shape(lambda: jax.random.key(seed + 1))
 
-    def initial_state(self, seed: int = 0) -> Any:
-        """Randomly initialised variables and optimizer state, replicated over the mesh."""
-        variables = init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
+    def initial_state(self, seed: int = 0, variables: Any = None) -> Any:
+        """Randomly initialised (or the given) variables and optimizer state, replicated over the mesh."""
+        if variables is None:
+            variables = init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
         state = jax.device_put(create_train_state(variables, self.tx), replicated(self.mesh))
         return jax.block_until_ready(state)
 
