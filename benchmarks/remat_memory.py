@@ -8,13 +8,19 @@ The step is lowered with abstract inputs (shapes only: no weights are initialise
 ``memory_analysis()`` of the compiled program gives its arguments (state and batch), outputs,
 and scratch ("temp": activations kept for the backward pass, gradients, workspace), whose sum
 is what the step needs on one device. The plan is the compiling backend's: on a CPU it shows
-what rematerialisation saves, not an accelerator's exact figure. Prints one markdown table row
-per config, dtype, batch and remat setting; ``--out`` also writes the table to a file.
+what rematerialisation saves, not an accelerator's exact figure. XLA:CPU normally expands the
+optimization barriers that keep a rematerialised block from being merged back into the forward
+pass (its ``cse_barrier_expander`` pass; accelerator compilers keep them), which would make
+remat a no-op there; where no accelerator plugin is installed (or ``JAX_PLATFORMS=cpu``) this
+script disables that pass, so that the CPU plan shows what an accelerator's would. Prints one
+markdown table row per config, dtype, batch and remat setting; ``--out`` also writes the table
+to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,21 @@ if str(REPO) not in sys.path:
 from benchmark_args import add_common_arguments  # noqa: E402
 
 DEFAULT_CONFIGS = "configs/ade20k.py:vitl,configs/cityscapes.py:hrnet48"
+KEEP_REMAT_ON_CPU = "--xla_disable_hlo_passes=cse_barrier_expander"
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def keep_remat_on_cpu() -> bool:
+    """Adds :data:`KEEP_REMAT_ON_CPU` to XLA_FLAGS (before JAX starts its backend) when JAX will
+    compile for the CPU; returns whether it did."""
+    import importlib.util
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    on_cpu = platforms == "cpu" or (not platforms and not any(
+        importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS))
+    if on_cpu and KEEP_REMAT_ON_CPU not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {KEEP_REMAT_ON_CPU}".strip()
+    return on_cpu
 HEADER = ("| config | dtype | per-device batch | remat | temp GiB | arguments GiB | outputs GiB | total GiB | "
           "TFLOP/step | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
 
@@ -65,13 +86,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="instead of each recipe's batch_size // num_replicas")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    kept = keep_remat_on_cpu()
     import jax
 
     from train_step import recipe_per_device_batch
 
     import mcibi_jax
 
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+          + (f", XLA_FLAGS {KEEP_REMAT_ON_CPU}" if kept else ""), flush=True)
     lines, rows = [HEADER], []
     print(HEADER, flush=True)
     for spec in (s.strip() for s in args.configs.split(",") if s.strip()):

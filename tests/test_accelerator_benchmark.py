@@ -130,6 +130,7 @@ def test_remat_memory_table(monkeypatch, capsys, tmp_path):
                 "total_bytes": temp + 2**31, "flops": 3e12, "compile_s": 12.0}
 
     monkeypatch.setattr(remat_memory, "measure", fake_measure)
+    monkeypatch.setattr(remat_memory, "keep_remat_on_cpu", lambda: False)
     out = tmp_path / "remat.md"
     rows = remat_memory.main([f"--configs={REPO / 'configs/ade20k.py:vitl'}", f"--out={out}"])
     assert [(r["per_device_batch"], r["remat"]) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
