@@ -131,8 +131,9 @@ def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
     return row, variables
 
 
-def measure_train(job: dict, device: Any, variables: Any = None) -> tuple[dict, dict]:
-    """The train step's row, and what the input-stall measurement reuses."""
+def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[dict, dict]:
+    """The train step's row, and what the input-stall measurement reuses. ``handed["variables"]``
+    (taken out, so that nothing else holds them): the forward's, to start from."""
     import jax
     from train_step import train_case
 
@@ -141,8 +142,9 @@ def measure_train(job: dict, device: Any, variables: Any = None) -> tuple[dict, 
                       overrides=job.get("overrides", ()))
     started = time.perf_counter()
     # the forward's variables when it ran: one initialisation (a compile) fewer
+    variables = (handed or {}).pop("variables", None)
     state, batch, key = case.initial_state(variables=variables), case.random_batch(), case.dropout_key()
-    variables = None
+    del variables
     init_s = time.perf_counter() - started
     started = time.perf_counter()
     compiled = case.step.lower(state, batch, key).compile()
@@ -208,17 +210,16 @@ def child(job: dict) -> None:
     _emit({"work": "device", "device_kind": device.device_kind, "platform": device.platform,
            "device_count": jax.device_count(), "jax": jax.__version__})
     tag = f"{job['config']} {job['dtype']}"
-    variables = None
+    handed = {}
     try:
         _progress(f"{tag}: forward")
-        row, variables = measure_forward(job, device)
+        row, handed["variables"] = measure_forward(job, device)
         _emit(row)
     except Exception as error:  # reported, the next measurement still runs
         _emit(_error_row(job, "forward", error))
     try:
         _progress(f"{tag}: train step")
-        row, context = measure_train(job, device, variables)
-        del variables
+        row, context = measure_train(job, device, handed)
         _emit(row)
     except Exception as error:
         _emit(_error_row(job, "train step", error))
