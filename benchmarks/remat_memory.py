@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--factors", default="1,2", help="multiples of the recipe's per-device batch")
     parser.add_argument("--per_device_batch", type=int, default=None,
                         help="instead of each recipe's batch_size // num_replicas")
+    parser.add_argument("--remat", default="off,on", help="remat settings to compile: off, on or off,on")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     kept = keep_remat_on_cpu()
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = args.per_device_batch or recipe_per_device_batch(mcibi_jax.load_config(spec).train.to_dict())
         for dtype_name in args.dtypes:
             for factor in (int(f) for f in args.factors.split(",")):
-                for remat in (False, True):
+                for remat in (setting.strip() == "on" for setting in args.remat.split(",")):
                     row = measure(spec, dtype_name, base * factor, args.size, remat)
                     rows.append(row)
                     lines.append(format_row(row))
