@@ -61,10 +61,12 @@ def test_remat_changes_no_number(name, monkeypatch):
     for x, y in zip(jax.tree_util.tree_leaves(plain[1:4]), jax.tree_util.tree_leaves(remat[1:4])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # gradients: the recomputed activations feed differently fused backward kernels, which sum
-    # in another order (measured: at most 2.2e-5 of a leaf's largest entry, ResNeSt)
-    for x, y in zip(jax.tree_util.tree_leaves(plain[4]), jax.tree_util.tree_leaves(remat[4])):
-        x, y = np.asarray(x), np.asarray(y)
-        np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * float(np.max(np.abs(x))))
+    # in another order (measured: at most 2.2e-5 of the largest gradient, ResNeSt; gradients
+    # that are zero but for rounding, e.g. of a bias before a BatchNorm, differ in that noise)
+    grads = [np.asarray(g) for g in jax.tree_util.tree_leaves(plain[4])]
+    scale = max(float(np.max(np.abs(g))) for g in grads)
+    for x, y in zip(grads, jax.tree_util.tree_leaves(remat[4])):
+        np.testing.assert_allclose(x, np.asarray(y), rtol=0, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
