@@ -21,11 +21,10 @@ the same process peaked higher). Prints one line per config and dtype (``--dtype
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import resource
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +69,7 @@ def format_memory(result: dict) -> str:
     return f"host peak RSS +{result['host_rss_growth_bytes'] / 2**30:.2f} GiB"
 
 
-@dataclasses.dataclass
-class TrainCase:
+class TrainCase(NamedTuple):
     """A recipe's jitted, data-parallel train step and the shapes it runs on (:func:`train_case`)."""
 
     spec: str
