@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ from mcibi_jax.config import compute_dtype
 from mcibi_jax.models.segmentor import build_model
 
 
-def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str) -> dict:
-    """Times ``iters`` jitted eval-mode forwards of ``spec``'s model on (batch, H, W, 3) zeros."""
+def forward_case(spec: str, batch: int, size: tuple[int, int] | None, dtype_name: str) -> tuple[Callable, Any, jax.Array]:
+    """(jitted eval-mode forward to the final logits, random variables, (batch, H, W, 3) zeros) of
+    ``spec``'s model in ``dtype_name``; ``size`` (H, W) None: the recipe's training crop."""
     config = mcibi_jax.load_config(spec)
     height, width = size or tuple(config.dataset.train.crop_size)
     model = build_model(config.model, dtype=compute_dtype(dtype_name))
@@ -31,6 +33,13 @@ def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, d
     # rbg keys: the initialisation compiles about 3x faster than with threefry keys
     variables = jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(0, impl="rbg"))
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
+    return forward, variables, images
+
+
+def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str) -> dict:
+    """Times ``iters`` jitted eval-mode forwards of ``spec``'s model on (batch, H, W, 3) zeros."""
+    forward, variables, images = forward_case(spec, batch, size, dtype_name)
+    _, height, width, _ = images.shape
     start = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - start

@@ -24,14 +24,19 @@ import argparse
 import resource
 import sys
 import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 from benchmark_args import add_common_arguments
+from jax.sharding import Mesh
 
 import mcibi_jax
 from mcibi_jax.config import compute_dtype
-from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.models.segmentor import MCIBI, build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
 from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
@@ -64,15 +69,61 @@ def format_memory(result: dict) -> str:
     return f"host peak RSS +{result['host_rss_growth_bytes'] / 2**30:.2f} GiB"
 
 
-def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
-              seed: int = 0) -> dict:
-    """Times ``iters`` training steps of the recipe ``spec`` in ``dtype_name``; returns the figures as a dict.
+class TrainCase(NamedTuple):
+    """A recipe's jitted, data-parallel train step and the shapes it runs on (:func:`train_case`)."""
+
+    spec: str
+    dtype_name: str
+    config: ml_collections.ConfigDict
+    model: MCIBI
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    step: Callable  # jitted (state, batch, dropout_key) -> (state, metrics)
+    per_device_batch: int
+    batch_size: int
+    num_replicas: int
+    size: tuple[int, int]
+
+    def abstract_inputs(self, seed: int = 0) -> tuple[Any, dict, Any]:
+        """(state, batch, dropout key) as shapes only: enough to lower and compile the step."""
+        variables = jax.eval_shape(
+            lambda: init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size))
+        state = jax.eval_shape(lambda v: create_train_state(v, self.tx), variables)
+        height, width = self.size
+        batch = {"images": jax.ShapeDtypeStruct((self.batch_size, height, width, 3), jnp.float32),
+                 "labels": jax.ShapeDtypeStruct((self.batch_size, height, width), jnp.int32)}
+        return state, batch, jax.eval_shape(lambda: jax.random.key(seed + 1))
+
+    def initial_state(self, seed: int = 0, variables: Any = None) -> Any:
+        """Randomly initialised (or the given) variables and optimizer state, replicated over the mesh."""
+        if variables is None:
+            variables = init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
+        state = jax.device_put(create_train_state(variables, self.tx), replicated(self.mesh))
+        return jax.block_until_ready(state)
+
+    def random_batch(self, seed: int = 0) -> dict:
+        """A batch of normal images and uniform labels, split over the mesh."""
+        rng = np.random.default_rng(seed)
+        height, width = self.size
+        return shard_batch({
+            "images": rng.standard_normal((self.batch_size, height, width, 3), dtype=np.float32),
+            "labels": rng.integers(0, int(self.config.dataset.num_classes), (self.batch_size, height, width),
+                                   dtype=np.int32),
+        }, self.mesh)
+
+    def dropout_key(self, seed: int = 0) -> jax.Array:
+        return jax.device_put(jax.random.key(seed + 1), replicated(self.mesh))
+
+
+def train_case(spec: str, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
+               steps_per_epoch: int, overrides: Sequence[str] = ()) -> TrainCase:
+    """The jitted train step of the recipe ``spec`` (plus ``overrides``, e.g.
+    ``model.backbone.remat=True``) over all devices, in ``dtype_name``.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
-    None: the recipe's training crop.
+    None: the recipe's training crop. Nothing is allocated or compiled yet.
     """
-    rss_before = host_peak_rss()
-    config = mcibi_jax.load_config(spec)
+    config = mcibi_jax.load_config(spec, overrides)
     height, width = size or tuple(config.dataset.train.crop_size)
     mesh = data_mesh()
     train_config = config.train.to_dict()
@@ -81,27 +132,31 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
     # one reference replica (its per-GPU losses and memory update) per device
     num_replicas = mesh.size if batch_size % mesh.size == 0 else 1
     model = build_model(config.model, dtype=compute_dtype(dtype_name))
-    steps_per_epoch = max(1, iters + 1)
-
-    started = time.perf_counter()
-    variables = init_variables(model, jax.random.key(seed, impl="rbg"), (height, width))
-    tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
-    state = jax.device_put(create_train_state(variables, tx), replicated(mesh))
-    jax.block_until_ready(state)
-    init_s = time.perf_counter() - started
-    del variables
-
-    rng = np.random.default_rng(seed)
-    batch = shard_batch({
-        "images": rng.standard_normal((batch_size, height, width, 3), dtype=np.float32),
-        "labels": rng.integers(0, int(config.dataset.num_classes), (batch_size, height, width), dtype=np.int32),
-    }, mesh)
-    dropout_key = jax.device_put(jax.random.key(seed + 1), replicated(mesh))
+    params = jax.eval_shape(lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width)))["params"]
+    tx, schedule = optimizer_from_config(params, train_config, steps_per_epoch)
     step = make_train_step(model, config.model.to_dict(), tx, schedule, steps_per_epoch, mesh,
                            int(config.dataset.get("ignore_label", -100)), num_replicas)
+    return TrainCase(spec, dtype_name, config, model, mesh, tx, step, per_device_batch, batch_size, num_replicas,
+                     (height, width))
+
+
+def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
+              seed: int = 0) -> dict:
+    """Times ``iters`` training steps of the recipe ``spec`` in ``dtype_name``; returns the figures as a dict.
+
+    ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
+    None: the recipe's training crop.
+    """
+    rss_before = host_peak_rss()
+    case = train_case(spec, per_device_batch, size, dtype_name, steps_per_epoch=max(1, iters + 1))
 
     started = time.perf_counter()
-    compiled = step.lower(state, batch, dropout_key).compile()
+    state = case.initial_state(seed)
+    init_s = time.perf_counter() - started
+    batch, dropout_key = case.random_batch(seed), case.dropout_key(seed)
+
+    started = time.perf_counter()
+    compiled = case.step.lower(state, batch, dropout_key).compile()
     compile_s = time.perf_counter() - started
     state, metrics = compiled(state, batch, dropout_key)  # warm-up
     jax.block_until_ready(metrics["loss"])
@@ -111,10 +166,10 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - started
     return {
-        "config": spec, "dtype": dtype_name, "per_device_batch": per_device_batch, "batch": batch_size,
-        "num_replicas": num_replicas, "size": (height, width), "init_s": init_s,
-        "compile_s": compile_s, "step_s": elapsed / iters, "images_per_s": batch_size * iters / elapsed,
-        "loss": float(metrics["loss"]), "peak_bytes": peak_memory(mesh.devices.flat[0]),
+        "config": spec, "dtype": dtype_name, "per_device_batch": case.per_device_batch, "batch": case.batch_size,
+        "num_replicas": case.num_replicas, "size": case.size, "init_s": init_s,
+        "compile_s": compile_s, "step_s": elapsed / iters, "images_per_s": case.batch_size * iters / elapsed,
+        "loss": float(metrics["loss"]), "peak_bytes": peak_memory(case.mesh.devices.flat[0]),
         "host_rss_growth_bytes": max(0, host_peak_rss() - rss_before),
     }
 

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         "backbone": {
             "type": "ResNet", "depth": 18, "structure_type": "resnet18conv3x3stem", "outstride": 8,
             "use_conv3x3_stem": True, "base_channels": 16, "stem_channels": 16,
-            "selected_indices": (0, 1, 2, 3),
+            "selected_indices": (0, 1, 2, 3), "remat": False,
         },
         "head": {
             "in_channels": 128,

@@ -245,7 +245,8 @@ def _model(dataset: str, backbone: str, recipe: dict[str, Any]) -> dict[str, Any
     return {
         "num_classes": data["num_classes"],
         "align_corners": False,
-        "backbone": {**_copy(net["options"]), **recipe.get("backbone_options", {})},
+        # remat: recompute each block's activations in the backward pass (less memory, same numbers)
+        "backbone": {**_copy(net["options"]), **recipe.get("backbone_options", {}), "remat": False},
         "head": {
             "in_channels": net["head_in_channels"],
             "feats_channels": 512,

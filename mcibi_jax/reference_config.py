@@ -71,6 +71,7 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
     negative_slope = float(activation.get("negative_slope", 0.01)) if activation["type"] == "LeakyReLU" else 0.0
     backbone = dict(ref["backbone"])
     backbone.pop("pretrained", None)
+    backbone.setdefault("remat", False)  # ours: activation rematerialisation, off as in the reference
     return ml_collections.ConfigDict(
         {
             "num_classes": ref["num_classes"],

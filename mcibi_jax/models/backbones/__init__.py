@@ -15,6 +15,9 @@ BACKBONES = {
     "HRNet": ("mcibi_jax.models.backbones.hrnet", "HRNet"),
     "VisionTransformer": ("mcibi_jax.models.backbones.vit", "VisionTransformer"),
 }
+# Our option (not the reference's): rematerialise the backbone's blocks in the backward pass,
+# trading recomputation for activation memory; it sets the backbone's ``use_checkpoint``.
+REMAT_OPTION = "remat"
 # Options of the reference's configs that say nothing about the computation.
 IGNORED_OPTIONS = {"type", "structure_type", "pretrained", "pretrained_model_path", "selected_indices", "use_checkpoint"}
 
@@ -27,12 +30,18 @@ def backbone_class(backbone_type: str) -> type[nn.Module]:
 
 
 def build_backbone(options: Mapping[str, Any], *, dtype: Any = None, name: str = "backbone_net") -> nn.Module:
-    """Instantiates the backbone described by ``options`` (its ``type`` and options)."""
+    """Instantiates the backbone described by ``options`` (its ``type`` and options; ``remat``:
+    activation rematerialisation per residual block / transformer layer, same numbers)."""
     cls = backbone_class(options["type"])
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     kwargs = {}
     for key, value in options.items():
         if key in IGNORED_OPTIONS:
+            continue
+        if key == REMAT_OPTION:
+            if "use_checkpoint" not in fields:
+                raise ValueError(f"backbone {options['type']} cannot rematerialise (option {key!r})")
+            kwargs["use_checkpoint"] = bool(value)
             continue
         if key == "norm_cfg" and "norm_eps" in fields:
             kwargs["norm_eps"] = float(dict(value).get("eps", 1e-5))

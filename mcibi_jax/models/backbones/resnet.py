@@ -100,10 +100,13 @@ class ResLayer(nn.Module):
     in_channels: int
     contract_dilation: bool = True
     dtype: Any = None
+    use_checkpoint: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
+        if self.use_checkpoint:  # keep only each block's input for the backward pass
+            block_cls = nn.remat(block_cls, static_argnums=(2,))
         out_channels = self.planes * EXPANSION[self.block]
         needs_projection = self.stride != 1 or self.in_channels != out_channels
         dilations = stage_dilations(self.dilation, self.num_blocks, self.contract_dilation)
@@ -121,7 +124,10 @@ class ResLayer(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet backbone returning the four stage outputs (N, H/s, W/s, C) at ``out_indices``."""
+    """ResNet backbone returning the four stage outputs (N, H/s, W/s, C) at ``out_indices``.
+
+    ``use_checkpoint`` rematerialises every residual block in the backward pass (same numbers).
+    """
 
     depth: int = 101
     in_channels: int = 3
@@ -132,6 +138,7 @@ class ResNet(nn.Module):
     use_conv3x3_stem: bool = True
     out_indices: Sequence[int] = (0, 1, 2, 3)
     dtype: Any = None
+    use_checkpoint: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
@@ -154,7 +161,7 @@ class ResNet(nn.Module):
             planes = self.base_channels * 2**i
             x = ResLayer(
                 block, planes, blocks_per_stage[i], strides[i], dilations[i], channels,
-                self.contract_dilation, self.dtype, name=f"layer{i + 1}",
+                self.contract_dilation, self.dtype, self.use_checkpoint, name=f"layer{i + 1}",
             )(x, train)
             channels = planes * EXPANSION[block]
             outputs.append(x)

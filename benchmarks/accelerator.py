@@ -1,0 +1,428 @@
+"""Accelerator figures: forward and train step of every backbone in float32 and bfloat16.
+
+    bash benchmarks/run_accelerator.sh [OUT_DIR]           # the whole set on one accelerator, < 8 minutes
+    python benchmarks/accelerator.py --out_dir=OUT_DIR      # the same
+    python benchmarks/accelerator.py --smoke --out_dir=/tmp/acc   # a tiny model at 32x32: seconds on a CPU
+
+For each config (default: the five backbones, each at its recipe's crop) and dtype, a fresh
+process compiles and times the jitted eval-mode forward and the jitted data-parallel train step
+(``benchmarks/forward.py``, ``benchmarks/train_step.py``) at the recipe's per-device batch
+(``train.batch_size // train.num_replicas``), on random weights and a resident random batch.
+A process per case keeps the device's peak memory statistic that case's own, contains a crash
+or an out-of-memory error, and lets a time cap stop a case that runs too long (its row then
+says so and the run goes on). Cases run bfloat16 first, and none starts once ``--budget_s``
+is spent (its row says "skipped").
+
+Per row: compile time (lower + compile), step time (median of 3 timed repeats of n steps after
+a warm-up, n sized to ``--measure_s``), images/s, peak device memory (``peak_bytes_in_use``; on
+a CPU, which keeps no device statistics, XLA's memory plan of the compiled program instead:
+arguments + outputs + scratch), FLOPs per step from XLA's cost analysis of the compiled
+program, achieved TFLOP/s and MFU against the device's peak (``xla_stats.PEAKS``; 'n/a' for an
+unknown device).
+
+Input stall (``--stall_config``, default the Cityscapes R-50 recipe in bfloat16): after its
+train step, the same compiled step is fed batches from the Grain training pipeline
+(``mcibi_jax.data.pipeline.train_loader`` with the training defaults, on a synthetic source of
+that dataset's image sizes, JPEG/PNG decoded on every read) the way the training loop feeds it
+(the next batch is prepared while the device runs, metrics read one step late), then the
+resident batch again; the row compares both step times.
+
+``--remat``: train steps with ``model.backbone.remat=True`` (their FLOPs then count the
+recomputation). Writes ``accelerator.md`` and ``accelerator.json`` to ``--out_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmark_args import DEFAULT_CONFIGS, add_common_arguments  # noqa: E402
+
+RESULT = "RESULT "  # a child's result lines; anything else it prints is progress
+WORKS = ("forward", "train step", "input stall")
+SMOKE_CONFIG = "benchmarks/tiny_config.py"
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+# --------------------------------------------------------------------------------------------
+# One case, in a child process
+
+
+def _emit(row: dict) -> None:
+    print(RESULT + json.dumps(row), flush=True)
+
+
+def _progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def _error_row(job: dict, work: str, error: BaseException) -> dict:
+    message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+    return {"config": job["config"], "dtype": job["dtype"], "work": work, "error": message,
+            "oom": any(marker in str(error) for marker in OOM_MARKERS)}
+
+
+def timed(run: Callable[[int], float], measure_s: float, min_iters: int, max_iters: int) -> tuple[float, int]:
+    """(median seconds per step over 3 repeats of n steps, steps run); ``run(n)`` runs n steps,
+    waits for them and returns the seconds taken; n fills about ``measure_s`` in all."""
+    first = run(1)
+    n = int(min(max_iters, max(min_iters, measure_s / 3 / max(first, 1e-6))))
+    per_step = sorted(run(n) / n for _ in range(3))
+    return per_step[1], 1 + 3 * n
+
+
+def _figures(job: dict, work: str, compiled: Any, compile_s: float, step_s: float, iters: int, images: int,
+             device: Any) -> dict:
+    import xla_stats
+    from train_step import peak_memory
+
+    flops = xla_stats.compiled_flops(compiled)
+    peak = peak_memory(device)
+    return {
+        "config": job["config"], "dtype": job["dtype"], "work": work, "images": images,
+        "compile_s": compile_s, "step_s": step_s, "iters": iters, "images_per_s": images / step_s,
+        "flops": flops, "tflops_per_s": flops / step_s / 1e12 if flops else None,
+        "mfu": xla_stats.mfu(flops, step_s, device.device_kind, job["dtype"]),
+        "peak_bytes": peak, "memory_plan": xla_stats.compiled_memory(compiled),
+        "memory_source": "device" if peak is not None else "xla_plan",
+    }
+
+
+def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
+    """The forward's row, and the variables it ran on (the train step starts from them)."""
+    from forward import forward_case
+    from train_step import recipe_per_device_batch
+
+    import mcibi_jax
+
+    size = tuple(job["size"]) if job["size"] else None
+    batch = job["per_device_batch"] or recipe_per_device_batch(mcibi_jax.load_config(job["config"]).train.to_dict())
+    started = time.perf_counter()
+    forward, variables, images = forward_case(job["config"], batch, size, job["dtype"])
+    init_s = time.perf_counter() - started
+    started = time.perf_counter()
+    compiled = forward.lower(variables, images).compile()
+    compile_s = time.perf_counter() - started
+    compiled(variables, images).block_until_ready()  # warm-up
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            out = compiled(variables, images)
+        out.block_until_ready()
+        return time.perf_counter() - started
+
+    step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
+    row = _figures(job, "forward", compiled, compile_s, step_s, iters, batch, device)
+    row.update(per_device_batch=batch, size=list(images.shape[1:3]), init_s=init_s)
+    return row, variables
+
+
+def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[dict, dict]:
+    """The train step's row, and what the input-stall measurement reuses. ``handed["variables"]``
+    (taken out, so that nothing else holds them): the forward's, to start from."""
+    import jax
+    from train_step import train_case
+
+    size = tuple(job["size"]) if job["size"] else None
+    case = train_case(job["config"], job["per_device_batch"], size, job["dtype"], steps_per_epoch=10_000,
+                      overrides=job.get("overrides", ()))
+    started = time.perf_counter()
+    # the forward's variables when it ran: one initialisation (a compile) fewer
+    variables = (handed or {}).pop("variables", None)
+    state, batch, key = case.initial_state(variables=variables), case.random_batch(), case.dropout_key()
+    del variables
+    init_s = time.perf_counter() - started
+    started = time.perf_counter()
+    compiled = case.step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - started
+    box = {"state": state}
+    state = None  # donated to the step on accelerators: only box holds the live one
+
+    def run(n: int, batches: Callable[[], Any] = lambda: batch) -> float:
+        started = time.perf_counter()
+        pending = None
+        for _ in range(n):
+            box["state"], metrics = compiled(box["state"], batches(), key)
+            if pending is not None:  # the training loop reads each step's metrics one step late
+                float(pending["loss"])
+            pending = metrics
+        jax.block_until_ready((box["state"], pending))
+        return time.perf_counter() - started
+
+    run(1)  # warm-up
+    step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
+    row = _figures(job, "train step", compiled, compile_s, step_s, iters, case.batch_size, device)
+    row.update(per_device_batch=case.per_device_batch, size=list(case.size), num_devices=case.mesh.size,
+               init_s=init_s, overrides=list(job.get("overrides", ())))
+    return row, {"case": case, "run": run}
+
+
+def measure_stall(job: dict, context: dict) -> dict:
+    """Step time with Grain batches (prepared while the device runs) vs the resident batch."""
+    import grain
+    from data import REALISTIC_SIZES, SyntheticSource
+
+    from mcibi_jax.data import pipeline
+    from mcibi_jax.train.step import shard_batch
+
+    case, run = context["case"], context["run"]
+    config = case.config.copy_and_resolve_references()
+    config.train.batch_size = case.batch_size  # one host feeds every device
+    sizes = [tuple(s) for s in job["stall"]["source_sizes"]] or REALISTIC_SIZES.get(
+        config.dataset.name, [tuple(2 * s for s in case.size)])
+    source = SyntheticSource(sizes, int(config.dataset.num_classes), count=16, decode=True)
+    loader = pipeline.train_loader(config, source=source, shard_options=grain.sharding.NoSharding())
+    steps = job["stall"]["steps"]
+    with iter(loader) as iterator:
+        def grain_batch() -> Any:
+            batch = next(iterator)
+            return shard_batch({"images": batch["image"], "labels": batch["label"]}, case.mesh)
+
+        run(2, grain_batch)  # start-up: the first batches and the prefetch threads
+        grain_s = run(steps, grain_batch) / steps
+        resident_s = run(steps) / steps
+    return {"config": job["config"], "dtype": job["dtype"], "work": "input stall", "images": case.batch_size,
+            "steps": steps, "step_s": grain_s, "resident_step_s": resident_s, "slowdown": grain_s / resident_s - 1,
+            "loader": f"{loader.num_workers} workers, {loader.num_threads} threads, {source!r}",
+            "source_sizes": [list(s) for s in sizes]}
+
+
+def child(job: dict) -> None:
+    """Runs one config and dtype (forward, train step, optionally the input stall), printing a
+    RESULT line per measurement; a failing measurement becomes an error row."""
+    import jax
+
+    device = jax.devices()[0]
+    _emit({"work": "device", "device_kind": device.device_kind, "platform": device.platform,
+           "device_count": jax.device_count(), "jax": jax.__version__})
+    tag = f"{job['config']} {job['dtype']}"
+    handed = {}
+    try:
+        _progress(f"{tag}: forward")
+        row, handed["variables"] = measure_forward(job, device)
+        _emit(row)
+    except Exception as error:  # reported, the next measurement still runs
+        _emit(_error_row(job, "forward", error))
+    try:
+        _progress(f"{tag}: train step")
+        row, context = measure_train(job, device, handed)
+        _emit(row)
+    except Exception as error:
+        _emit(_error_row(job, "train step", error))
+        return
+    if job.get("stall"):
+        try:
+            _progress(f"{tag}: input stall")
+            _emit(measure_stall(job, context))
+        except Exception as error:
+            _emit(_error_row(job, "input stall", error))
+
+
+# --------------------------------------------------------------------------------------------
+# The whole set, from the parent process
+
+
+def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress,
+            command: list[str] | None = None) -> tuple[list[dict], str | None]:
+    """Runs ``job`` in a fresh process (``command``: instead of this script's ``--child``) for at
+    most ``timeout_s``; returns its result rows and, where it did not finish cleanly, why (timed
+    out, exit status, out of memory)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    command = command or [sys.executable, "-u", str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    rows: list[dict] = []
+    tail: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(RESULT):
+                rows.append(json.loads(line[len(RESULT):]))
+            else:
+                tail.append(line)
+                del tail[:-30]
+                echo(f"    | {line}")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        reader.join(5)
+        return rows, f"timed out after {timeout_s:.0f} s"
+    reader.join(5)
+    if process.returncode != 0:
+        text = "\n".join(tail)
+        kind = "out of memory" if any(marker in text for marker in OOM_MARKERS) else "crashed"
+        last = next((line for line in reversed(tail) if line.strip()), "")
+        return rows, f"{kind} (exit status {process.returncode}): {last[:200]}"
+    return rows, None
+
+
+def plan(configs: list[str], dtypes: list[str], stall_config: str | None) -> list[tuple[str, str, bool]]:
+    """(config, dtype, with the input stall) in running order: bfloat16 first, the stall config
+    first within a dtype (the cases that matter most run before the budget can run out)."""
+    stall_dtype = "bfloat16" if "bfloat16" in dtypes else dtypes[0]
+    order = sorted(((d, c) for d in dtypes for c in configs),
+                   key=lambda dc: (dc[0] != "bfloat16", dc[1] != stall_config, configs.index(dc[1])))
+    return [(c, d, c == stall_config and d == stall_dtype) for d, c in order]
+
+
+def fill_missing(rows: list[dict], config: str, dtype: str, works: tuple[str, ...], why: str) -> list[dict]:
+    done = {r["work"] for r in rows if r.get("config") == config and r.get("dtype") == dtype}
+    return [{"config": config, "dtype": dtype, "work": w, "error": why, "oom": why.startswith("out of memory")}
+            for w in works if w not in done]
+
+
+def _gib(value: int | None) -> str:
+    return "" if value is None else f"{value / 2**30:.3g}"
+
+
+def format_row(r: dict) -> list[str]:
+    """The markdown table cells of one result row."""
+    size = "x".join(str(s) for s in r["size"]) if r.get("size") else ""
+    batch = f"{r.get('images', '')}x{size}" if size else ""
+    if r.get("error"):
+        return [r["config"], r["work"], r["dtype"], batch, "", "", "", "", "", "", "",
+                ("OOM: " if r.get("oom") and "memory" not in r["error"] else "") + r["error"]]
+    if r["work"] == "input stall":
+        note = (f"Grain {r['step_s'] * 1000:.1f} ms vs resident {r['resident_step_s'] * 1000:.1f} ms per step "
+                f"({r['slowdown'] * 100:+.1f} %); {r['loader']}")
+        return [r["config"], r["work"], r["dtype"], "", "", f"{r['step_s'] * 1000:.1f}", "", "", "", "", "", note]
+    plan_ = r.get("memory_plan") or {}
+    memory = _gib(r["peak_bytes"]) if r["memory_source"] == "device" else (
+        f"{_gib(plan_.get('peak'))} (XLA plan)" if plan_ else "")
+    return [
+        r["config"], r["work"], r["dtype"], batch, f"{r['compile_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
+        f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
+        f"{r['tflops_per_s']:.3g}" if r.get("tflops_per_s") else "",
+        f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", ", ".join(r.get("overrides", ())),
+    ]
+
+
+HEADER = ["config", "work", "dtype", "batch", "compile s", "step ms", "images/s", "peak memory GiB",
+          "TFLOP/step", "TFLOP/s", "MFU", "note"]
+
+
+def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: float) -> str:
+    import xla_stats
+
+    kind = device["device_kind"] if device else "unknown device"
+    entry = xla_stats.peak_entry(kind) if device else None
+    lines = [
+        f"Measured {started} on {kind} x{device['device_count'] if device else '?'} "
+        f"({device['platform'] if device else '?'}, jax {device['jax'] if device else '?'}) in {elapsed_s:.0f} s.",
+        "",
+        f"MFU against {entry}: " + ", ".join(f"{d} {p / 1e12:.1f} TFLOP/s" for d, p in xla_stats.PEAKS[entry].items())
+        if entry else "MFU: n/a (no peak known for this device kind).",
+        "Peak memory: the device's peak_bytes_in_use of the case's process (the train step's includes its forward's)"
+        if any(r.get("memory_source") == "device" for r in rows) else
+        "Peak memory: XLA's memory plan of the compiled program (arguments + outputs + scratch): "
+        "this backend keeps no device memory statistics.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(format_row(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _sorted(rows: list[dict], configs: list[str], dtypes: list[str]) -> list[dict]:
+    def key(r: dict) -> tuple:
+        config = configs.index(r["config"]) if r["config"] in configs else len(configs)
+        return (config, WORKS.index(r["work"]) if r["work"] in WORKS else 9, dtypes.index(r["dtype"]))
+    return sorted(rows, key=key)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--per_device_batch", type=int, default=None,
+                        help="images per device (default: each recipe's batch_size // num_replicas)")
+    parser.add_argument("--out_dir", default=".", help="where accelerator.md and accelerator.json go")
+    parser.add_argument("--budget_s", type=float, default=450.0,
+                        help="no case starts after this many seconds from the start (default %(default)s)")
+    parser.add_argument("--case_timeout_s", type=float, default=180.0,
+                        help="a config and dtype (forward + train step) is stopped after this long")
+    parser.add_argument("--measure_s", type=float, default=3.0, help="timed seconds per measurement (about)")
+    parser.add_argument("--min_iters", type=int, default=3)
+    parser.add_argument("--max_iters", type=int, default=30)
+    parser.add_argument("--stall_config", default=DEFAULT_CONFIGS[0],
+                        help="config whose train step is also fed from the Grain pipeline ('' for none)")
+    parser.add_argument("--stall_steps", type=int, default=20)
+    parser.add_argument("--remat", action="store_true",
+                        help="train steps with model.backbone.remat=True (activation rematerialisation)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE_CONFIG} only, short measurements: checks the script in seconds on a CPU")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return []
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    stall_config, source_sizes = args.stall_config, []
+    if args.smoke:
+        configs, stall_config, source_sizes = [SMOKE_CONFIG], SMOKE_CONFIG, [(64, 96), (48, 64)]
+        args.measure_s, args.min_iters, args.max_iters, args.stall_steps = 0.05, 1, 2, 2
+    if stall_config and stall_config not in configs:
+        configs.append(stall_config)
+    jobs = plan(configs, args.dtypes, stall_config or None)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    start = time.monotonic()
+    rows: list[dict] = []
+    device = None
+    _progress(f"{len(jobs)} cases, budget {args.budget_s:.0f} s, at most {args.case_timeout_s:.0f} s each")
+    for i, (config, dtype, stall) in enumerate(jobs, 1):
+        works = WORKS if stall else WORKS[:2]
+        left = args.budget_s - (time.monotonic() - start)
+        if left < 20:
+            rows += fill_missing([], config, dtype, works, "skipped: time budget spent")
+            _progress(f"[{i}/{len(jobs)}] {config} {dtype}: skipped (time budget spent)")
+            continue
+        _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
+        job = {"config": config, "dtype": dtype, "per_device_batch": args.per_device_batch, "size": args.size,
+               "measure_s": args.measure_s, "min_iters": args.min_iters, "max_iters": args.max_iters,
+               "overrides": ["model.backbone.remat=True"] if args.remat else [],
+               "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None}
+        job_rows, why = run_job(job, min(args.case_timeout_s, left))
+        device = device or next((r for r in job_rows if r["work"] == "device"), None)
+        results = [r for r in job_rows if r["work"] != "device"]
+        if why is not None:
+            results += fill_missing(results, config, dtype, works, why)
+        for r in results:
+            _progress(f"    {' | '.join(cell for cell in format_row(r)[1:] if cell)}")
+        rows += results
+    rows = _sorted(rows, configs, args.dtypes)
+    elapsed = time.monotonic() - start
+    text = markdown(rows, device, started_at, elapsed)
+    (out_dir / "accelerator.md").write_text(text)
+    (out_dir / "accelerator.json").write_text(json.dumps(
+        {"started": started_at, "elapsed_s": elapsed, "device": device, "rows": rows}, indent=1))
+    print(text, flush=True)
+    _progress(f"wrote {out_dir / 'accelerator.md'} and {out_dir / 'accelerator.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

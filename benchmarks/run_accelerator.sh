@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The accelerator figures in one call (docs/benchmarks.md, "Accelerators"): forward and train
+# step of the five backbones in float32 and bfloat16, peak memory, FLOPs, MFU, input stall.
+#   bash benchmarks/run_accelerator.sh [OUT_DIR]      (default: $OUT if set, else .)
+# Extra arguments after OUT_DIR go to benchmarks/accelerator.py (e.g. --dtypes=bfloat16);
+# $PYTHON picks the interpreter (default python3).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-${OUT:-.}}"
+shift || true
+cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+"${PYTHON:-python3}" -c "import jax; print('jax', jax.__version__, jax.devices())"
+exec "${PYTHON:-python3}" -u benchmarks/accelerator.py --out_dir="$out" "$@"
