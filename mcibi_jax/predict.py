@@ -211,9 +211,14 @@ def read_rgb(path: Path | BinaryIO) -> np.ndarray:
         raise ValueError(f"{type(error).__name__}: {error}") from None
 
 
+def label_image(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class ids in the dtype of their grey PNG: uint8 when they fit (K <= 256), else uint16."""
+    return np.asarray(labels, np.uint8 if num_classes <= 256 else np.uint16)
+
+
 def write_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
     """Class ids as a grey PNG: 8-bit when they fit (K <= 256), else 16-bit."""
-    _save(np.asarray(labels, np.uint8 if num_classes <= 256 else np.uint16), path, "PNG")
+    _save(label_image(labels, num_classes), path, "PNG")
 
 
 def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
@@ -265,19 +270,11 @@ def _describe(settings: Mapping[str, Any]) -> str:
 def _prepare(args: argparse.Namespace, overrides: list[str]):
     """(config, inference settings, segmenter, input root, images, output folder); raises
     ConfigError, PthError, PortError or OSError for anything that keeps the run from starting."""
-    from mcibi_jax.api import Segmenter, preprocessor
-    from mcibi_jax.config import load_config
     from mcibi_jax.evaluation.inference import evaluation_options
 
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError:
-        raise
-    except Exception as error:  # anything a config file may raise while it runs
-        raise ConfigError(f"cannot load the config {args.config}: {type(error).__name__}: {error}") from None
-    preprocessor(config)  # the config can run the test pipeline
+    config = load_experiment_config(args.config, overrides)
     overlay_background(args.overlay_background, config.get("dataset"), int(config["model"]["num_classes"]))
     settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
     weights = Path(args.checkpoint or args.pth)
@@ -288,16 +285,45 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if not images:
         below = "or below " if args.recursive else ""
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
-    if args.pth:
-        segmenter = Segmenter.from_pth(weights, config)
-    else:
-        weights = workdir_checkpoint(weights)
-        try:
-            segmenter = Segmenter.from_checkpoint(weights, config)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
+    segmenter = load_segmenter(config, checkpoint=args.checkpoint, pth=args.pth)
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
+
+
+def load_experiment_config(path: str, overrides: Sequence[str] = ()) -> Any:
+    """The config of ``--config`` with its overrides, checked to run the test pipeline; any
+    problem is a one-line ConfigError."""
+    from mcibi_jax.api import preprocessor
+    from mcibi_jax.config import load_config
+
+    try:
+        config = load_config(path, list(overrides))
+    except ConfigError:
+        raise
+    except Exception as error:  # anything a config file may raise while it runs
+        raise ConfigError(f"cannot load the config {path}: {type(error).__name__}: {error}") from None
+    preprocessor(config)  # the config can run the test pipeline
+    return config
+
+
+def load_segmenter(config: Any, checkpoint: str | os.PathLike | None = None, pth: str | os.PathLike | None = None):
+    """A :class:`mcibi_jax.Segmenter` from ``pth`` (a released .pth, ported on the fly) or
+    ``checkpoint`` (an orbax checkpoint, or a training workdir: its best, else newest one).
+
+    Raises FileNotFoundError, PthError or PortError with a one-line message.
+    """
+    from mcibi_jax.api import Segmenter
+
+    weights = Path(pth or checkpoint or "")
+    if not (pth or checkpoint) or not weights.exists():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    if pth:
+        return Segmenter.from_pth(weights, config)
+    weights = workdir_checkpoint(weights)
+    try:
+        return Segmenter.from_checkpoint(weights, config)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
 
 
 def workdir_checkpoint(path: Path) -> Path:
