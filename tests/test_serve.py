@@ -145,6 +145,32 @@ def test_command_line_loads_a_checkpoint_and_reports_errors(segmenter, tmp_path,
         assert err.startswith("error:") and message in err and "\n" not in err, err
 
 
+def test_python_m_serve_starts_answers_and_stops(segmenter, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    save_variables(tmp_path / "ckpt", segmenter.variables)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "mcibi_jax.serve", f"--config={DEMO}", f"--checkpoint={tmp_path / 'ckpt'}",
+                                "--port=0", "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        line = process.stdout.readline()
+        found = re.search(r"on (http://127\.0\.0\.1:\d+/)", line)
+        assert found, line + process.stderr.read() if process.poll() is not None else line
+        status, _, body = _request(found.group(1) + "api/info")
+        assert status == 200 and json.loads(body)["name"] == "mcibi_r18_synthetic_demo"
+        status, kind, body = _request(found.group(1) + "api/segment?format=labels", _png(_image(16, 24)))
+        assert status == 200 and np.asarray(Image.open(io.BytesIO(body))).shape == (16, 24)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped" in out, err
+
+
 def _browser():
     """A headless Chromium driven by selenium, or a skip saying how to install them."""
     try:
