@@ -103,4 +103,4 @@ def test_readme_port_example_states_the_counted_parameters():
     against the released state_dict), for the same config."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     lines = [line for line in readme.splitlines() if "ported " in line and " parameters" in line]
-    assert lines and all("91,209,113 parameters in 243 arrays, 158 BatchNorm statistics" in line for line in lines), lines
+    assert lines and all("91,209,113 parameters in 243 arrays" in line for line in lines), lines
