@@ -204,6 +204,10 @@ def make_handler(service: SegmentationService, quiet: bool = False) -> type[Base
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", page())
             elif path == "/api/info":
                 self._send(HTTPStatus.OK, "application/json", json.dumps(service.info()).encode())
+            elif path == "/favicon.ico":  # browsers ask for it: nothing, without an error in the log
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}; the page is at /, the API at /api/info "
                             "and /api/segment")
