@@ -47,14 +47,15 @@ from mcibi_jax.config import ConfigError, compute_dtype, parse_absl_command_line
 from mcibi_jax.data import synthetic
 from mcibi_jax.evaluation.confusion import save_confusion
 from mcibi_jax.evaluation.inference import confusion_counts, evaluation_options
-from mcibi_jax.evaluation.metrics import format_table, segmentation_metrics, to_json
+from mcibi_jax.evaluation.metrics import as_percent, format_table, segmentation_metrics, to_json
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
 from mcibi_jax.progress import ProgressBar
 from mcibi_jax.train.checkpoints import BestCheckpoint, TrainCheckpoints
+from mcibi_jax.train.curves import CURVES, write_curves
 from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.loop import TrainingDiverged, train
-from mcibi_jax.train.writers import MetricWriter, NullWriter
+from mcibi_jax.train.writers import MetricWriter, NullWriter, rewind_records
 
 MODES = ("train", "eval", "train_and_eval")
 # Options a config may lack, with their defaults.
@@ -297,7 +298,7 @@ def evaluate_variables(model: Any, variables: Mapping[str, Any], config: Mapping
     if counts.sum() == 0:
         log(f"warning: {config['dataset']['eval_set']!r} has no labelled pixels, so no metrics (a test split? "
             "score it with --config.eval.format_only=True, or evaluate --config.dataset.eval_set=val)")
-    clean = to_json(metrics)
+    clean = to_json(as_percent(metrics))  # percent, as the table above and the reference's logs
     return {
         "num_images": num_images, "seconds": round(seconds, 1), "mIoU": clean["mIoU"], "aAcc": clean["aAcc"],
         "mAcc": clean["mAcc"], "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
@@ -306,6 +307,16 @@ def evaluate_variables(model: Any, variables: Mapping[str, Any], config: Mapping
 
 def _scalar(value: Any) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _draw_curves(workdir: Path, log: Callable[[str], None]) -> None:
+    """Redraws WORKDIR/curves.png from metrics.jsonl (process 0); a failure is only reported."""
+    if not distributed.is_main_process():
+        return
+    try:
+        write_curves(workdir)
+    except Exception as error:  # a picture is never worth stopping a run for
+        log(f"warning: could not draw {workdir / CURVES}: {type(error).__name__}: {error}")
 
 
 class EpochEvaluation:
@@ -337,12 +348,13 @@ class EpochEvaluation:
             self.training_bar.close()
         result = evaluate_variables(self.model, variables, self.config, self.workdir, self.log, detailed=last)
         self.writer.write_scalars(step, {f"eval/{k}": _scalar(result[k]) for k in ("mIoU", "aAcc", "mAcc")})
+        _draw_curves(self.workdir, self.log)
         improved = self.best.offer(variables, result, step=step, epoch=epoch)
         best = self.best.record or {}
-        self.log(f"epoch {epoch} evaluation: mIoU {_scalar(result['mIoU']):.4f} aAcc {_scalar(result['aAcc']):.4f} "
-                 f"mAcc {_scalar(result['mAcc']):.4f} ({result['seconds']:.1f}s)"
+        self.log(f"epoch {epoch} evaluation: mIoU {_scalar(result['mIoU']):.2f} aAcc {_scalar(result['aAcc']):.2f} "
+                 f"mAcc {_scalar(result['mAcc']):.2f} ({result['seconds']:.1f}s)"
                  + (f"; new best, saved to {self.best.directory}" if improved else
-                    f"; best {best['mIoU']:.4f} at epoch {best['epoch']}" if best else ""))
+                    f"; best {best['mIoU']:.2f} at epoch {best['epoch']}" if best else ""))
         if last:
             self.last_result = result
         return result
@@ -372,6 +384,12 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         data = TrainingData(config)
         checkpoints = TrainCheckpoints(workdir / "train_state", keep=int(config["train"].get("keep_checkpoints", 3)))
+        earlier: list[dict[str, Any]] = []  # what earlier launches of this run logged, up to where it resumes
+        if distributed.is_main_process():
+            resumed_from = checkpoints.latest_step() or 0
+            trained = resumed_from >= int(config["train"]["num_epochs"]) * data.steps_per_epoch
+            earlier = [r for r in rewind_records(workdir, resumed_from, redo_evaluation=trained and mode == "train_and_eval")
+                       if "loss" in r]
         writer = MetricWriter(workdir) if distributed.is_main_process() else NullWriter()
         writer.write_hparams(config)
         bar = ProgressBar(int(config["train"]["num_epochs"]) * data.steps_per_epoch, "training",
@@ -390,6 +408,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
                                        after_epoch=evaluation if evaluation is not None and evaluation.enabled else None,
                                        progress=bar, stop=stop)
             seconds = time.perf_counter() - started
+            history = earlier + history  # results.json describes the whole run, from step 1
             variables = state.export_variables
             if mode == "train_and_eval" and evaluation is not None and evaluation.last_result is None:
                 # resumed after the last epoch: no epoch ended in this run
@@ -397,6 +416,7 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
         finally:
             checkpoints.close()
             writer.close()
+        _draw_curves(workdir, log)
         checkpoint = save_variables(new_checkpoint_dir(workdir, int(state.step)), variables)
         if state.ema_params is not None:
             log(f"using the EMA weights (train.ema_decay={config['train']['ema_decay']}) for the checkpoint and the evaluation")

@@ -1,7 +1,8 @@
 """Segment image files with a trained or ported MCIBI model.
 
     python -m mcibi_jax.predict --config=configs/ade20k.py:r50 --checkpoint=ckpt/r50_ade20k \\
-        --input=photos/ --output=masks/ [--overlay_alpha=0.5] [--tta] [--recursive] [--overwrite]
+        --input=photos/ --output=masks/ [--overlay_alpha=0.5] [--overlay_background=auto|none|ID]
+        [--tta] [--recursive] [--overwrite]
 
 ``--pth=FILE`` reads a released PyTorch checkpoint instead of ``--checkpoint=DIR`` (ported on
 the fly, as ``python -m mcibi_jax.port`` would); ``--pretrained=ade20k:r50`` takes a released
@@ -14,7 +15,8 @@ ones) and gives, at its original size:
 
     NAME_mask.png      the classes in the dataset's colours
     NAME_labels.png    the class ids (8-bit; 16-bit for more than 256 classes)
-    NAME_overlay.jpg   the image blended with the mask (--overlay_alpha of mask)
+    NAME_overlay.jpg   the image blended with the mask (--overlay_alpha of mask); the background
+                       class (--overlay_background) is left unpainted
 
 Existing files are kept unless ``--overwrite``. Unreadable images are reported and skipped.
 Exit status: 0 done, 1 some images could not be read or written, 2 nothing could run (bad
@@ -28,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
@@ -76,15 +78,82 @@ def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) 
     return colours
 
 
+def class_names(dataset_config: Mapping[str, Any] | None, num_classes: int) -> list[str]:
+    """The ``num_classes`` class names of the config's dataset (the released datasets, the
+    synthetic demo, a custom dataset's dataset.json); ``class <k>`` where none is known."""
+    from mcibi_jax.data.datasets import SPECS
+
+    name = (dataset_config or {}).get("name", "")
+    names: Sequence[str] = ()
+    if name == "synthetic":
+        from mcibi_jax.data import synthetic
+
+        names = synthetic.class_names(num_classes)
+    elif name == "custom":
+        from mcibi_jax.data.datasets import DatasetError
+        from mcibi_jax.data.datasets.custom import read_description
+
+        try:
+            names = read_description(dataset_config["root"])["classes"]
+        except DatasetError:
+            names = ()
+    elif name in SPECS:
+        names = SPECS[name].class_names
+    names = [str(n) for n in names][:num_classes]
+    return names + [f"class {k}" for k in range(len(names), num_classes)]
+
+
+BACKGROUND_NAMES = ("background", "__background__", "_background_")
+
+
+def background_class(dataset_config: Mapping[str, Any] | None, num_classes: int) -> int | None:
+    """The class that stands for "nothing in particular", left unpainted in overlays, or None.
+
+    A class named ``background`` (LIP's class 0 ``__background__``, the synthetic demo's class
+    0, a custom dataset's class of that name). Cityscapes, ADE20K and COCO-Stuff have none: all
+    their classes are things or stuff, and their unlabelled pixels are ignored, not a class.
+    """
+    for index, name in enumerate(class_names(dataset_config, num_classes)):
+        if name.lower() in BACKGROUND_NAMES:
+            return index
+    return None
+
+
+def overlay_background(choice: str, dataset_config: Mapping[str, Any] | None, num_classes: int) -> int | None:
+    """``--overlay_background``: 'auto' (:func:`background_class`), 'none' (paint every
+    class) or a class id; raises ConfigError for anything else."""
+    if choice == "auto":
+        return background_class(dataset_config, num_classes)
+    if choice == "none":
+        return None
+    try:
+        index = int(choice)
+    except ValueError:
+        index = -1
+    if not 0 <= index < num_classes:
+        raise ConfigError(f"--overlay_background must be 'auto', 'none' or a class id 0..{num_classes - 1}, got {choice!r}")
+    return index
+
+
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """int (H, W) class ids -> uint8 (H, W, 3) colours."""
     return palette[labels]
 
 
-def blend(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
-    """uint8 (H, W, 3) ``(1 - alpha) * image + alpha * mask``, rounded."""
+def blend(image: np.ndarray, mask: np.ndarray, alpha: float, keep: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) ``(1 - alpha) * image + alpha * mask``, rounded; where the bool (H, W)
+    ``keep`` is set (e.g. the background class) the image is left as it is."""
     mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * mask.astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    mixed = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return mixed if keep is None else np.where(keep[..., None], image, mixed)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float,
+            background: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3): ``image`` blended with the class colours of int ``labels`` (H, W);
+    pixels of class ``background`` keep the image."""
+    keep = None if background is None else labels == background
+    return blend(image, colorize(labels, palette), alpha, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +195,9 @@ def output_stems(images: Sequence[Path], root: Path) -> list[Path]:
             for stem, p in zip(plain, images)]
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB of an image file, turned upright by its EXIF orientation (as OpenCV's
-    imread does); any decoding problem raises ValueError."""
+def read_rgb(path: Path | BinaryIO) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file (a path or an open binary file), turned upright by
+    its EXIF orientation (as OpenCV's imread does); any decoding problem raises ValueError."""
     from PIL import Image, ImageOps
 
     try:
@@ -144,9 +213,14 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"{type(error).__name__}: {error}") from None
 
 
+def label_image(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class ids in the dtype of their grey PNG: uint8 when they fit (K <= 256), else uint16."""
+    return np.asarray(labels, np.uint8 if num_classes <= 256 else np.uint16)
+
+
 def write_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
     """Class ids as a grey PNG: 8-bit when they fit (K <= 256), else 16-bit."""
-    _save(np.asarray(labels, np.uint8 if num_classes <= 256 else np.uint16), path, "PNG")
+    _save(label_image(labels, num_classes), path, "PNG")
 
 
 def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
@@ -179,6 +253,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
     parser.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1")
+    parser.add_argument("--overlay_background", default="auto",
+                        help="class left unpainted in the overlay: auto (the dataset's 'background' class: LIP and "
+                        "the demo class 0; Cityscapes, ADE20K, COCO-Stuff have none), none (paint every class) or a "
+                        "class id")
     parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
     parser.add_argument("--recursive", action="store_true", help="also search the input folder's sub-folders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -199,24 +277,12 @@ def _describe(settings: Mapping[str, Any]) -> str:
 def _prepare(args: argparse.Namespace, overrides: list[str]):
     """(config, inference settings, segmenter, input root, images, output folder); raises
     ConfigError, PthError, PortError or OSError for anything that keeps the run from starting."""
-    from mcibi_jax.api import Segmenter, preprocessor
-    from mcibi_jax.config import load_config
     from mcibi_jax.evaluation.inference import evaluation_options
 
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
-    try:
-        if args.config is None:
-            from mcibi_jax import pretrained
-
-            config = pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
-        else:
-            config = load_config(args.config, overrides)
-    except ConfigError:
-        raise
-    except Exception as error:  # anything a config file may raise while it runs
-        raise ConfigError(f"cannot load the config {args.config}: {type(error).__name__}: {error}") from None
-    preprocessor(config)  # the config can run the test pipeline
+    config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
+    overlay_background(args.overlay_background, config.get("dataset"), int(config["model"]["num_classes"]))
     settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
     weights = Path(args.checkpoint or args.pth or ".")
     if not args.pretrained and not weights.exists():
@@ -226,18 +292,53 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if not images:
         below = "or below " if args.recursive else ""
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
-    if args.pretrained:
-        segmenter = Segmenter.from_pretrained(args.pretrained, config)
-    elif args.pth:
-        segmenter = Segmenter.from_pth(weights, config)
-    else:
-        weights = workdir_checkpoint(weights)
-        try:
-            segmenter = Segmenter.from_checkpoint(weights, config)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
+    segmenter = load_segmenter(config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained)
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
+
+
+def load_experiment_config(path: str | None, overrides: Sequence[str] = (), pretrained: str | None = None) -> Any:
+    """The config of ``--config`` (default with ``pretrained``: the released model's own) with its
+    overrides, checked to run the test pipeline; any problem is a one-line ConfigError."""
+    from mcibi_jax import pretrained as released
+    from mcibi_jax.api import preprocessor
+    from mcibi_jax.config import load_config
+
+    try:
+        if path is None and pretrained:
+            config = released.apply_overrides(released.config(pretrained), list(overrides))
+        else:
+            config = load_config(path, list(overrides))
+    except ConfigError:
+        raise
+    except Exception as error:  # anything a config file may raise while it runs
+        raise ConfigError(f"cannot load the config {path}: {type(error).__name__}: {error}") from None
+    preprocessor(config)  # the config can run the test pipeline
+    return config
+
+
+def load_segmenter(config: Any, checkpoint: str | os.PathLike | None = None, pth: str | os.PathLike | None = None,
+                   pretrained: str | None = None):
+    """A :class:`mcibi_jax.Segmenter` from ``pretrained`` (a released model by name, downloaded
+    and cached), ``pth`` (a released .pth, ported on the fly) or ``checkpoint`` (an orbax
+    checkpoint, or a training workdir: its best, else newest one).
+
+    Raises FileNotFoundError, PthError, PortError or PretrainedError with a one-line message.
+    """
+    from mcibi_jax.api import Segmenter
+
+    if pretrained:
+        return Segmenter.from_pretrained(pretrained, config)
+    weights = Path(pth or checkpoint or "")
+    if not (pth or checkpoint) or not weights.exists():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    if pth:
+        return Segmenter.from_pth(weights, config)
+    weights = workdir_checkpoint(weights)
+    try:
+        return Segmenter.from_checkpoint(weights, config)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{weights} is not a checkpoint directory ({error})") from None
 
 
 def workdir_checkpoint(path: Path) -> Path:
@@ -275,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     num_classes = int(config["model"]["num_classes"])
     palette = dataset_palette(config.get("dataset"), num_classes)
+    background = overlay_background(args.overlay_background, config.get("dataset"), num_classes)  # checked in _prepare
     stems = output_stems(images, root)
     out(f"{len(images)} image(s) from {args.input} -> {output}; inference: {_describe(settings)}")
     done, skipped, failed = 0, [], []
@@ -304,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "_labels.png" in todo:
                 write_label_png(todo["_labels.png"], labels, num_classes)
             if "_overlay.jpg" in todo:
-                _save(blend(image, mask, args.overlay_alpha), todo["_overlay.jpg"], "JPEG", quality=90)
+                keep = None if background is None else labels == background
+                _save(blend(image, mask, args.overlay_alpha, keep), todo["_overlay.jpg"], "JPEG", quality=90)
         except OSError as error:
             failed.append(str(path))
             warn(f"{prefix} ... cannot write the outputs: {error}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mcibi_jax.config import load_config, split_overrides
 from mcibi_jax.data.synthetic import IGNORE_LABEL, make_split
@@ -40,7 +41,8 @@ def test_synthetic_split_is_deterministic_and_well_formed():
 
 def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     config = load_config(DEMO, FAST)
-    results = run(config, tmp_path, "train_and_eval", log=lambda message: None)
+    lines: list[str] = []
+    results = run(config, tmp_path, "train_and_eval", log=lines.append)
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["train"]["steps"] == 24
@@ -58,7 +60,14 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     assert all(h["memory_momentum"] == pytest.approx(0.9 / 0.02 * h["lr"], rel=1e-5) for h in history)
     ev = saved["eval"]
     assert set(ev["IoU"]) == {"background", "shape1", "shape2", "shape3"}
-    assert 0.0 <= ev["mIoU"] <= 1.0 and 0.0 <= ev["aAcc"] <= 1.0 and 0.0 <= ev["mAcc"] <= 1.0
+    # one unit, percent: the table, the line after the epoch, results.json, best.json, metrics.jsonl
+    assert 0.0 <= ev["mIoU"] <= 100.0 and 0.0 <= ev["aAcc"] <= 100.0 and 0.0 <= ev["mAcc"] <= 100.0
+    assert ev["aAcc"] > 1.0  # not a fraction: at least the background is mostly right
+    assert f"\nmIoU {ev['mIoU']:.2f}  aAcc {ev['aAcc']:.2f}  mAcc {ev['mAcc']:.2f}" in "\n".join(lines)  # the table
+    assert any(line.startswith(f"epoch 3 evaluation: mIoU {ev['mIoU']:.2f} aAcc {ev['aAcc']:.2f} ") for line in lines)
+    assert all(v is None or 0.0 <= v <= 100.0 for v in ev["IoU"].values()) and ev["IoU"]["background"] > 1.0
+    best = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
+    assert best["mIoU"] == pytest.approx(ev["mIoU"]) and saved["best"]["mIoU"] == pytest.approx(ev["mIoU"])
     assert saved == json.loads(json.dumps(results))
 
     # the logged values also go to metrics.jsonl (and TensorBoard when tensorboardX is installed)
@@ -68,6 +77,7 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
     assert [r["step"] for r in evaluations] == [24] and evaluations[0]["eval/mIoU"] == pytest.approx(ev["mIoU"])
     assert records[-1]["loss"] == pytest.approx(history[-1]["loss"])
+    assert Image.open(tmp_path / "curves.png").size[0] > 0  # the curves beside metrics.jsonl
     try:
         import tensorboardX  # noqa: F401
     except ImportError:

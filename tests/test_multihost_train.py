@@ -49,5 +49,5 @@ def test_two_processes_train_like_one(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "final").is_dir()
     # the evaluation: each process scores its half of the images, the counts are summed
     assert one_results["eval"]["num_images"] == two_results["eval"]["num_images"] == 16
-    assert abs(one_results["eval"]["mIoU"] - two_results["eval"]["mIoU"]) < 1e-3
+    assert abs(one_results["eval"]["mIoU"] - two_results["eval"]["mIoU"]) < 0.1  # percent
     assert (tmp_path / "two" / "checkpoints" / "best" / "best.json").exists()

@@ -155,6 +155,7 @@ def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
         "does not exist": base + [f"--pth={pth}", f"--input={tmp_path / 'nowhere'}"],
         "unknown config key": base + [f"--pth={pth}", f"--input={image_dir}", "--config.model.nope=1"],
         "overlay_alpha": base + [f"--pth={pth}", f"--input={image_dir}", "--overlay_alpha=2"],
+        "overlay_background": base + [f"--pth={pth}", f"--input={image_dir}", "--overlay_background=5"],
     }
     (tmp_path / "out").mkdir()
     for message, args in cases.items():
@@ -164,6 +165,50 @@ def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
     assert predict.main([f"--config={tmp_path / 'nope.py'}", f"--pth={pth}", f"--input={image_dir}", f"--output={tmp_path}"]) == 2
     assert "nope.py" in capsys.readouterr().err
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_overlay_leaves_the_background_class_unpainted(config_file, checkpoint, segmenter, image_dir, tmp_path):
+    source = np.asarray(Image.open(image_dir / "wide.bmp"))
+    labels = segmenter.predict(source)
+    common = int(np.bincount(labels.ravel()).argmax())  # the fixture model has no background: pick one
+    (image_dir / "tall.png").unlink()
+    (image_dir / "broken.jpg").unlink()
+    args = [f"--config={config_file}", f"--checkpoint={checkpoint}", f"--input={image_dir}", "--overlay_alpha=0.8"]
+    assert predict.main(args + [f"--output={tmp_path / 'a'}", f"--overlay_background={common}"]) == 0
+    assert predict.main(args + [f"--output={tmp_path / 'b'}"]) == 0  # auto: Cityscapes has no background
+    kept = np.asarray(Image.open(tmp_path / "a" / "wide_overlay.jpg"), int)
+    painted = np.asarray(Image.open(tmp_path / "b" / "wide_overlay.jpg"), int)
+    background = labels == common
+    assert background.any()
+    assert np.abs(kept - source)[background].mean() < 12  # the photo itself (JPEG of a noisy image)
+    assert np.abs(painted - source)[background].mean() > 20
+    mask = predict.dataset_palette({"name": "cityscapes"}, 5)[labels]
+    assert np.abs(kept - predict.blend(source, mask, 0.8, background)).mean() < 12
+
+
+def test_background_class_per_dataset():
+    from mcibi_jax.data.datasets import SPECS
+
+    for name in ("cityscapes", "ade20k", "cocostuff10k"):  # no background class: unlabelled pixels are ignored
+        assert predict.background_class({"name": name}, SPECS[name].num_classes) is None
+    assert predict.background_class({"name": "lip"}, 20) == 0
+    assert predict.background_class({"name": "synthetic"}, 4) == 0
+    assert predict.class_names({"name": "synthetic"}, 3) == ["background", "shape1", "shape2"]
+    assert predict.class_names({"name": "cityscapes"}, 21)[-2:] == ["class 19", "class 20"]
+    assert predict.class_names(None, 2) == ["class 0", "class 1"]
+    assert predict.overlay_background("auto", {"name": "lip"}, 20) == 0
+    assert predict.overlay_background("none", {"name": "lip"}, 20) is None
+    assert predict.overlay_background("3", {"name": "ade20k"}, 150) == 3
+    for bad in ("150", "-1", "sky"):
+        with pytest.raises(predict.ConfigError, match="overlay_background"):
+            predict.overlay_background(bad, {"name": "ade20k"}, 150)
+    image = np.full((2, 3, 3), 200, np.uint8)
+    labels = np.array([[0, 1, 0], [1, 1, 0]])
+    palette = np.array([[0, 0, 0], [0, 0, 255]], np.uint8)
+    painted = predict.overlay(image, labels, palette, 0.5, background=0)
+    np.testing.assert_array_equal(painted[labels == 0], image[labels == 0])  # not dimmed
+    np.testing.assert_array_equal(painted[labels == 1], [[100, 100, 228]] * 3)
+    np.testing.assert_array_equal(predict.overlay(image, labels, palette, 0.5)[0, 0], [100, 100, 100])
 
 
 def test_palettes_and_16_bit_labels(tmp_path):

@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from mcibi_jax import main
 from mcibi_jax.porting.port import load_variables
@@ -84,3 +85,35 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
         assert "train.init_from" in str(error)
     else:
         raise AssertionError("expected a ConfigError")
+
+
+def test_resumed_run_reports_the_whole_run_once(tmp_path):
+    import json
+
+    from mcibi_jax import load_config
+    from tests.test_demo import DEMO, FAST
+
+    def records():
+        return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    config = load_config(DEMO, FAST + ["train.eval_every=3"])
+    first = main.run(config, tmp_path, mode="train", log=lambda _: None)["train"]
+    shutil.rmtree(tmp_path / "train_state" / "24")  # as if the run died during epoch 3
+    shutil.rmtree(tmp_path / "checkpoints" / "final")
+    resumed = main.run(config, tmp_path, mode="train", log=lambda _: None)["train"]
+    again = main.run(config, tmp_path, mode="train_and_eval", log=lambda _: None)  # already trained: evaluates
+
+    for results in (resumed, again["train"], json.loads((tmp_path / "results.json").read_text())["train"]):
+        assert [h["step"] for h in results["history"]] == [4, 8, 12, 16, 20, 24]
+        assert results["first_loss"] == first["first_loss"] == first["history"][0]["loss"]
+        for a, b in zip(results["history"], first["history"]):  # an exact resume: the same values
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    saved = records()
+    assert sum("hparams" in r for r in saved) == 1  # not once per launch
+    assert [r["step"] for r in saved if "loss" in r] == [4, 8, 12, 16, 20, 24]  # no step twice
+    assert [r["step"] for r in saved if "eval/mIoU" in r] == [24]
+    assert saved[-1]["eval/mIoU"] == pytest.approx(again["eval"]["mIoU"])
+
+    config.train.optimizer.lr = 0.01  # changed settings are recorded
+    main.run(config, tmp_path, mode="train", log=lambda _: None)
+    assert sum("hparams" in r for r in records()) == 2

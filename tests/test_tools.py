@@ -95,3 +95,11 @@ def test_released_recipe_counts_the_released_parameters():
     config = load_config("configs/cityscapes.py:r50")
     params = count.count_parameters(count._abstract_variables(build_model(config.model), (64, 64))["params"])
     assert sum(params.values()) == trainable == 91_209_113
+
+
+def test_readme_port_example_states_the_counted_parameters():
+    """The README's port line and python -m mcibi_jax.tools.count give one number (checked above
+    against the released state_dict), for the same config."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if "ported " in line and " parameters" in line]
+    assert lines and all("91,209,113 parameters in 243 arrays" in line for line in lines), lines

@@ -92,6 +92,19 @@ def _pct(value: float) -> str:
     return "nan" if np.isnan(value) else f"{100 * value:.2f}"
 
 
+PERCENT_KEYS = ("mIoU", "aAcc", "mAcc", "IoU", "Acc")
+
+
+def as_percent(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Copy of :func:`segmentation_metrics`' result in percent (0-100), the one unit of every
+    score the package reports (logs, metrics.jsonl, results.json, best.json, TensorBoard), as
+    the reference's logs and the published tables."""
+    def scale(v: Any) -> Any:
+        return 100 * np.asarray(v, np.float64) if isinstance(v, np.ndarray) else 100 * float(v)
+
+    return {k: scale(v) if k in PERCENT_KEYS else v for k, v in metrics.items()}
+
+
 def to_json(metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy: arrays to lists, NaN to None."""
     def clean(v):

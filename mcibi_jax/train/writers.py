@@ -90,6 +90,46 @@ def _open_backend(backend: str, logdir: Path) -> tuple[str, Any]:
     return "none", None
 
 
+def read_records(workdir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``WORKDIR/metrics.jsonl`` (none when it does not exist; a line cut off
+    by a crash is skipped)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def rewind_records(workdir: str | Path, step: int | None, redo_evaluation: bool = False) -> list[dict[str, Any]]:
+    """Before a launch that resumes from the checkpoint at ``step`` (None: a fresh start, which
+    keeps everything): drops from metrics.jsonl what an earlier launch logged after that step
+    (that work is redone, so no step is written twice), and with ``redo_evaluation`` the
+    evaluation at ``step`` itself. Returns the records kept."""
+    records = read_records(workdir)
+    if step is None:
+        return records
+
+    def keep(record: Mapping[str, Any]) -> bool:
+        at = record.get("step")
+        if at is None or at < step:
+            return True
+        is_evaluation = any(k.startswith("eval/") for k in record)
+        return at == step and not (redo_evaluation and is_evaluation)
+
+    kept = [r for r in records if keep(r)]
+    if len(kept) != len(records):
+        path = Path(workdir) / "metrics.jsonl"
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        temporary.replace(path)
+    return kept
+
+
 class MetricWriter:
     """Writes ``WORKDIR/metrics.jsonl`` (one JSON object per line) and, depending on ``backend``
     (one of ``BACKENDS``), TensorBoard event files under ``WORKDIR/tensorboard``. ``.backend`` is
@@ -104,6 +144,7 @@ class MetricWriter:
         self.backend, self._tensorboard = _open_backend(choice, self.workdir / "tensorboard")
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
         self._closed = False
+        self._last_hparams: dict[str, Any] | None = None
 
     @property
     def has_tensorboard(self) -> bool:
@@ -126,9 +167,16 @@ class MetricWriter:
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """One jsonl line ``{"hparams": {...}}`` with the hparams flattened by ``flatten_hparams``;
-        clu: its ``write_hparams`` (TensorBoard HParams tab); tensorboardX: a text summary."""
+        clu: its ``write_hparams`` (TensorBoard HParams tab); tensorboardX: a text summary.
+        Nothing when they equal the last hparams line already in metrics.jsonl (a resumed run)."""
         flat = flatten_hparams(hparams)
-        self._write_line({"hparams": {k: _json_safe(v) for k, v in flat.items()}})
+        record = {"hparams": {k: _json_safe(v) for k, v in flat.items()}}
+        if self._last_hparams is None:  # the last hparams line of an earlier launch (a resumed run)
+            self._last_hparams = next((r for r in reversed(read_records(self.workdir)) if "hparams" in r), {})
+        if record == self._last_hparams:
+            return  # a resumed run with the same settings: said once
+        self._last_hparams = record
+        self._write_line(record)
         if self.backend == "clu":
             self._tensorboard.write_hparams(flat)
         elif self.backend == "tensorboardx":

@@ -1,0 +1,334 @@
+"""Try a model in the browser: a small web page and a JSON / PNG HTTP endpoint.
+
+    python -m mcibi_jax.serve --config=configs/demo.py --checkpoint=/tmp/mcibi_demo
+    python -m mcibi_jax.serve --config=configs/ade20k.py:r50 --checkpoint=ckpt/r50_ade20k --port=8000
+
+Then open http://127.0.0.1:8000/ (``--host=0.0.0.0`` to let other machines in: there is no
+authentication). ``--pth=FILE`` reads a released PyTorch checkpoint instead of
+``--checkpoint=DIR`` (an orbax checkpoint, or a training workdir: its best checkpoint);
+``--config.<key>=<value>`` changes the config. Built on the standard library's
+``http.server``; every image goes through :meth:`mcibi_jax.Segmenter.predict` (the config's
+test pipeline and inference settings; ``--tta``: the ``eval.tta_*`` ones).
+
+Endpoints:
+
+    GET  /              the page: drop or choose an image, see the overlay (opacity slider),
+                        the legend (each class's colour and share of the pixels), download the
+                        label PNG
+    GET  /api/info      {"name", "num_classes", "classes": [{"id", "name", "colour"}],
+                        "background", "max_bytes", "max_pixels"}
+    POST /api/segment   the image file as the request body (any format Pillow reads), e.g.
+                        curl --data-binary @photo.jpg 'http://127.0.0.1:8000/api/segment?format=labels' -o labels.png
+        ?format=json    (default) {"width", "height", "seconds", "classes": [{"id", "name",
+                        "colour", "share"}] (present classes, largest first), "labels_png" (the
+                        class ids, 8-bit grey PNG; 16-bit beyond 256 classes), "mask_png" (RGBA
+                        colours, the background class transparent), both base64}
+        ?format=labels  the class-id PNG itself
+        ?format=mask    the RGBA colour PNG itself
+        ?format=overlay the image blended with the mask as a PNG (``&alpha=0.5``)
+
+Errors are JSON ``{"error": "..."}``: 400 (not an image, empty body, bad parameter), 413 (more
+than ``--max_mb`` megabytes or ``--max_pixels`` pixels), 404, 500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any, Mapping, Sequence
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
+from mcibi_jax.predict import (blend, class_names, colorize, dataset_palette, label_image, load_experiment_config,
+                               load_segmenter, overlay_background, read_rgb)
+
+FORMATS = ("json", "labels", "mask", "overlay")
+DEFAULT_MAX_MB = 20.0
+DEFAULT_MAX_PIXELS = 4096 * 4096
+_DRAIN_LIMIT = 256 << 20  # an oversized body up to this is read and dropped, so the client sees the 413
+
+
+class BadUpload(ValueError):
+    """An upload the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8/uint16 (H, W) or uint8 (H, W, 3|4) array."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _hex(colour: Sequence[int]) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in colour)
+
+
+class SegmentationService:
+    """What the HTTP handler calls: decodes uploads, segments them with ``segmenter`` (one image
+    at a time) and renders the label, mask and overlay images."""
+
+    def __init__(self, segmenter: Any, *, name: str = "", use_tta: bool | None = None,
+                 background: str = "auto", max_bytes: int = int(DEFAULT_MAX_MB * 1e6),
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        config = segmenter.config
+        self.segmenter, self.use_tta = segmenter, use_tta
+        self.name = name or str(config.get("name", "") or "model")
+        self.num_classes = int(config["model"]["num_classes"])
+        dataset = config.get("dataset")
+        self.palette = dataset_palette(dataset, self.num_classes)
+        self.class_names = class_names(dataset, self.num_classes)
+        self.background = overlay_background(background, dataset, self.num_classes)
+        self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
+        self._lock = threading.Lock()  # one image at a time: bounded memory, no duplicate compilations
+
+    def info(self) -> dict[str, Any]:
+        classes = [{"id": k, "name": n, "colour": _hex(c)} for k, (n, c) in enumerate(zip(self.class_names, self.palette))]
+        return {"name": self.name, "num_classes": self.num_classes, "classes": classes, "background": self.background,
+                "max_bytes": self.max_bytes, "max_pixels": self.max_pixels}
+
+    def check_size(self, num_bytes: int) -> None:
+        if num_bytes > self.max_bytes:
+            raise BadUpload(f"the upload is too large: {num_bytes / 1e6:.1f} MB, at most {self.max_bytes / 1e6:.1f} MB "
+                            "(--max_mb)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """uint8 (H, W, 3) RGB of an uploaded file, or BadUpload (400 / 413)."""
+        from PIL import Image
+
+        if not data:
+            raise BadUpload("the upload is empty: send an image file as the request body")
+        self.check_size(len(data))
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size  # from the header, before decoding the pixels
+        except Exception:  # Pillow raises many types for foreign files
+            raise BadUpload("the upload is not an image Pillow can read (try a JPEG or PNG)") from None
+        if width * height > self.max_pixels:
+            raise BadUpload(f"the image is too large: {width}x{height} = {width * height:,} pixels, at most "
+                            f"{self.max_pixels:,} (--max_pixels)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        try:
+            return read_rgb(io.BytesIO(data))
+        except ValueError as error:
+            raise BadUpload(f"the image cannot be decoded: {error}") from None
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """int32 (H, W) class ids of a uint8 (H, W, 3) image."""
+        with self._lock:
+            return self.segmenter.predict(image, use_tta=self.use_tta)
+
+    def mask_rgba(self, labels: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 4): the class colours, the background class transparent."""
+        alpha = np.full(labels.shape, 255, np.uint8)
+        if self.background is not None:
+            alpha[labels == self.background] = 0
+        return np.concatenate([colorize(labels, self.palette), alpha[..., None]], -1)
+
+    def shares(self, labels: np.ndarray) -> list[dict[str, Any]]:
+        """The classes present in ``labels``, largest share (of all pixels) first."""
+        counts = np.bincount(labels.ravel(), minlength=self.num_classes)
+        order = np.argsort(-counts, kind="stable")
+        return [{"id": int(k), "name": self.class_names[k], "colour": _hex(self.palette[k]),
+                 "share": float(counts[k] / labels.size)} for k in order if counts[k]]
+
+    def respond(self, data: bytes, fmt: str = "json", alpha: float = 0.5) -> tuple[str, bytes]:
+        """(content type, body) of a segmentation request; BadUpload for bad requests."""
+        if fmt not in FORMATS:
+            raise BadUpload(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise BadUpload(f"alpha must be within 0..1, got {alpha}")
+        image = self.decode(data)
+        started = time.perf_counter()
+        labels = self.segment(image)
+        seconds = time.perf_counter() - started
+        if fmt == "labels":
+            return "image/png", encode_png(label_image(labels, self.num_classes))
+        if fmt == "mask":
+            return "image/png", encode_png(self.mask_rgba(labels))
+        if fmt == "overlay":
+            keep = None if self.background is None else labels == self.background
+            return "image/png", encode_png(blend(image, colorize(labels, self.palette), alpha, keep))
+        body = {
+            "width": int(image.shape[1]), "height": int(image.shape[0]), "seconds": round(seconds, 3),
+            "classes": self.shares(labels), "background": self.background,
+            "labels_png": base64.b64encode(encode_png(label_image(labels, self.num_classes))).decode("ascii"),
+            "mask_png": base64.b64encode(encode_png(self.mask_rgba(labels))).decode("ascii"),
+        }
+        return "application/json", json.dumps(body).encode()
+
+
+def page() -> bytes:
+    """The HTML of the page (mcibi_jax/serve_page.html)."""
+    return resources.files("mcibi_jax").joinpath("serve_page.html").read_bytes()
+
+
+def make_handler(service: SegmentationService, quiet: bool = False) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "mcibi_jax"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            if not quiet:
+                super().log_message(format, *args)
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, "application/json", json.dumps({"error": message}).encode())
+
+        def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+            path = urlsplit(self.path).path
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", page())
+            elif path == "/api/info":
+                self._send(HTTPStatus.OK, "application/json", json.dumps(service.info()).encode())
+            elif path == "/favicon.ico":  # browsers ask for it: nothing, without an error in the log
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}; the page is at /, the API at /api/info "
+                            "and /api/segment")
+
+        do_HEAD = do_GET
+
+        def do_POST(self) -> None:  # noqa: N802
+            url = urlsplit(self.path)
+            if url.path != "/api/segment":
+                self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {url.path}; use /api/segment")
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length header")
+                return
+            try:
+                service.check_size(length)
+            except BadUpload as error:
+                self.close_connection = True
+                if length <= _DRAIN_LIMIT:  # read it away, so the client gets to read the answer
+                    while length > 0:
+                        chunk = self.rfile.read(min(length, 1 << 20))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+                self._error(error.status, str(error))
+                return
+            data = self.rfile.read(length)
+            query = parse_qs(url.query)
+            try:
+                try:
+                    alpha = float(query.get("alpha", ["0.5"])[0])
+                except ValueError:
+                    raise BadUpload(f"alpha must be a number, got {query['alpha'][0]!r}") from None
+                content_type, body = service.respond(data, query.get("format", ["json"])[0], alpha)
+            except BadUpload as error:
+                self._error(error.status, str(error))
+                return
+            except Exception as error:  # the model failed (out of memory, ...): say so, keep serving
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"segmentation failed: {type(error).__name__}: {error}")
+                return
+            self._send(HTTPStatus.OK, content_type, body)
+
+    return Handler
+
+
+def make_server(service: SegmentationService, host: str = "127.0.0.1", port: int = 8000,
+                quiet: bool = False) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer for ``service`` (``port=0``: any free port, see ``server_address``)."""
+    server = ThreadingHTTPServer((host, port), make_handler(service, quiet))
+    server.daemon_threads = True
+    return server
+
+
+def load_service(args: argparse.Namespace, overrides: Sequence[str]) -> SegmentationService:
+    """The one place the command line turns its weight flags into a model."""
+    from mcibi_jax.evaluation.inference import evaluation_options
+
+    if not args.config and not args.pretrained:
+        raise ConfigError("--config is required with --checkpoint or --pth")
+    config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
+    evaluation_options(config, True if args.tta else None)  # checked before the weights load
+    segmenter = load_segmenter(config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained)
+    return SegmentationService(segmenter, use_tta=True if args.tta else None, background=args.overlay_background,
+                               max_bytes=int(args.max_mb * 1e6), max_pixels=args.max_pixels)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = CommandLineParser(prog="python -m mcibi_jax.serve", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
+                         "or a training workdir (its best checkpoint, else its newest)")
+    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
+    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached; "
+                         "--config then defaults to its released config)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, no "
+                        "authentication)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
+    parser.add_argument("--overlay_background", default="auto",
+                        help="class left transparent in the overlay: auto (the dataset's 'background' class), none, "
+                        "or a class id")
+    parser.add_argument("--max_mb", type=float, default=DEFAULT_MAX_MB, help="largest upload, in megabytes")
+    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image, in pixels")
+    parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    args, rest = parser.parse_known_args(argv)
+    return args, config_overrides(parser, rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mcibi_jax.porting.convert import PortError
+    from mcibi_jax.porting.pth import PthError
+    from mcibi_jax.pretrained import PretrainedError
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.max_mb <= 0 or args.max_pixels <= 0:
+            raise ConfigError("--max_mb and --max_pixels must be positive")
+        service = load_service(args, overrides)
+        server = make_server(service, args.host, args.port, quiet=args.quiet)
+    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:  # OSError: missing files, port in use
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    host, port = server.server_address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(f"serving {service.name} ({service.num_classes} classes) on http://{shown}:{port}/ "
+          f"(POST images to /api/segment); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
