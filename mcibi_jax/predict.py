@@ -239,17 +239,22 @@ def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
 # Command line
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(prog="python -m mcibi_jax.predict", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
-                        "(default with --pretrained: the release's own)")
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` | ``--pth`` | ``--pretrained`` (one of them), for :func:`load_segmenter`."""
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
                          "or a training workdir (its best checkpoint, else its newest)")
     weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
     weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded once into "
-                         "~/.cache/mcibi_jax or $MCIBI_CACHE)")
+                         "~/.cache/mcibi_jax or $MCIBI_CACHE; --config then defaults to its released config)")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = CommandLineParser(prog="python -m mcibi_jax.predict", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
+                        "(default with --pretrained: the release's own)")
+    add_weight_arguments(parser)
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
     parser.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1")

@@ -49,8 +49,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
-from mcibi_jax.predict import (blend, class_names, colorize, dataset_palette, label_image, load_experiment_config,
-                               load_segmenter, overlay_background, read_rgb)
+from mcibi_jax.predict import (add_weight_arguments, blend, class_names, colorize, dataset_palette, label_image,
+                               load_experiment_config, load_segmenter, overlay_background, read_rgb)
 
 FORMATS = ("json", "labels", "mask", "overlay")
 DEFAULT_MAX_MB = 20.0
@@ -283,12 +283,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = CommandLineParser(prog="python -m mcibi_jax.serve", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
-                         "or a training workdir (its best checkpoint, else its newest)")
-    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
-    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached; "
-                         "--config then defaults to its released config)")
+    add_weight_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, no "
                         "authentication)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")

@@ -3,30 +3,18 @@ benchmarks/xla_stats.py (device peaks, MFU) and benchmarks/remat_memory.py's tab
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    """A benchmark script as a module (its folder on sys.path, as when it runs as a script)."""
-    if str(REPO / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
-accelerator = _load("accelerator")
-xla_stats = _load("xla_stats")
-remat_memory = _load("remat_memory")
+
+
+accelerator = load_script("benchmarks", "accelerator")
+xla_stats = load_script("benchmarks", "xla_stats")
+remat_memory = load_script("benchmarks", "remat_memory")
 
 
 def test_smoke_run_on_cpu(tmp_path, monkeypatch):

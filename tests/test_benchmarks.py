@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import textwrap
-from pathlib import Path
-from types import ModuleType
 
 import jax
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    """A benchmark script as a module (its folder on sys.path, as when it runs as a script)."""
-    if str(REPO / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
-train_step = _load("train_step")
-forward = _load("forward")
-bf16_fidelity = _load("bf16_fidelity")
+
+
+train_step = load_script("benchmarks", "train_step")
+forward = load_script("benchmarks", "forward")
+bf16_fidelity = load_script("benchmarks", "bf16_fidelity")
 
 
 @pytest.fixture(scope="module")

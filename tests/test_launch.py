@@ -3,7 +3,6 @@ generated shell scripts run locally against stand-ins for python and ssh."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import signal
@@ -13,19 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
-tpu_pod = _load("tpu_pod")
-gpu_multihost = _load("gpu_multihost")
+
+
+tpu_pod = load_script("launch", "tpu_pod")
+gpu_multihost = load_script("launch", "gpu_multihost")
 
 TPU = ["--name=pod1", "--zone=us-central2-b", "--project=proj", "--dry_run"]
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 pytest.importorskip("torch", reason="needs the benchmark extra: pip install -e '.[bench]'")
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-_spec = importlib.util.spec_from_file_location("_benchmark_vs_torch", BENCHMARKS / "vs_torch.py")
-vs_torch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vs_torch)
+vs_torch = load_script("benchmarks", "vs_torch")
 
 
 def test_vs_torch_tiny_forward(capsys):
