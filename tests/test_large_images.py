@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-from tests.reference_data import FIXTURES, REPO
+from tests.helpers import REPO
+from tests.reference_data import FIXTURES
 
 CASE = "resnet50_cityscapes"
 HEIGHT, WIDTH = 2048, 4096
