@@ -2,7 +2,7 @@
 
 ``tta_scores`` streams the windows through a ``lax.scan``, so the peak memory is one window's
 activations plus the image and the score canvas, not all windows at once. Runs in a fresh
-subprocess so that its peak RSS (``ru_maxrss``) is its own. Measured (2-core CPU, the
+subprocess so that its peak RSS (``VmHWM``) is its own. Measured (2-core CPU, the
 resnet50_cityscapes fixture model, 25 windows of 512 x 1024, 10-20 s): peak RSS ~1.4 GB. XLA
 reports ~290 MB of scratch for one window's forward pass and ~300 MB for the whole slide
 (plus the 98 MB image and the 160 MB score canvas); materialising all 25 windows would need
@@ -26,7 +26,7 @@ CROP, STRIDE = (512, 1024), (384, 768)  # 5 x 5 overlapping windows
 PEAK_RSS_LIMIT_MB = 3072
 
 _SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import mcibi_jax
 import jax
@@ -46,7 +46,9 @@ scores = np.asarray(tta_scores(segmenter.model, segmenter.variables, images, inf
                                align_corners=model_config.get("align_corners", False)))
 seconds = time.perf_counter() - started
 sums = scores.sum(-1)
-peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (forked) parent, here the pytest
+# process, which may already hold more than the limit.
+peak_rss_mb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
 # XLA's own account of the scratch memory: all windows vs one window of the model.
 window = jax.ShapeDtypeStruct((1, crop[0], crop[1], 3), jnp.float32)
 one = jax.jit(lambda v, x: segmenter.model.apply(v, x, train=False)["stage2"]).lower(
