@@ -73,9 +73,14 @@ def test_default_arg_is_r50():
     assert load_config(CONFIGS / "ade20k.py") == released_config("ade20k", "r50")
 
 
-@pytest.mark.parametrize("dataset,backbone", [("lip", "vitl"), ("cityscapes", "vitl"), ("voc", "r50"), ("lip", "r18")])
-def test_unreleased_combination_lists_released(dataset, backbone):
-    with pytest.raises(ValueError, match="cocostuff10k:vitl"):
+@pytest.mark.parametrize("dataset,backbone,choices", [
+    ("lip", "vitl", "backbones for lip: r50, r101, s101, hrnet48"),
+    ("cityscapes", "vitl", "backbones for cityscapes: r50, r101, s101, hrnet48"),
+    ("voc", "r50", "datasets: cityscapes, ade20k, cocostuff10k, lip"),
+    ("lip", "r18", "backbones for lip: r50, r101, s101, hrnet48"),
+])
+def test_unreleased_combination_lists_the_choices(dataset, backbone, choices):
+    with pytest.raises(ValueError, match=choices):
         released_config(dataset, backbone)
 
 
