@@ -76,7 +76,7 @@ def test_eval_writes_the_confusion_matrix(tmp_path):
     names, counts = read_csv(tmp_path / "confusion.csv")
     assert names == ["background", "shape1", "shape2", "shape3"]
     assert counts.shape == (4, 4) and counts.sum() > 0
-    assert results["eval"]["aAcc"] == np.trace(counts) / counts.sum()
+    assert results["eval"]["aAcc"] == pytest.approx(100 * np.trace(counts) / counts.sum())  # percent
     assert (tmp_path / "confusion.png").is_file() and any("confusion" in line for line in lines)
 
 
