@@ -20,9 +20,9 @@ from mcibi_jax.porting.port import load_variables
 from mcibi_jax.train import checkpoints
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.state import create_train_state
-from tests.test_datasets import write_ade20k
-from tests.test_distributed import REPO, _env
-from tests.test_main_datasets import tiny_ade20k_config
+from tests.helpers import write_ade20k
+from tests.helpers import REPO, subprocess_env
+from tests.helpers import tiny_ade20k_config
 
 
 def _state(step: int):
@@ -65,7 +65,7 @@ KILLED_IN_SAVE = textwrap.dedent("""
     import os, signal, sys
     from mcibi_jax import main
     from mcibi_jax.train import checkpoints
-    from tests.test_main_datasets import tiny_ade20k_config
+    from tests.helpers import tiny_ade20k_config
 
     original, calls = checkpoints.ProcessDataHandler.write, []
 
@@ -89,7 +89,7 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_checkpoint_before(tmp_p
     straight = main.run(config, tmp_path / "a", mode="train", log=lambda _: None)
 
     proc = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, str(tmp_path / "ade"), str(tmp_path / "b")], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in (tmp_path / "b" / "train_state").iterdir())
     assert "1" in names and "2" in names and "3" not in names and any(".orbax-checkpoint-tmp" in n for n in names), names

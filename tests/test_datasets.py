@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import save_jpg, save_png, write_ade20k, write_cityscapes, write_cocostuff, write_lip
 from mcibi_jax.data.datasets import (
     SPECS,
     CorruptSample,
@@ -24,131 +25,6 @@ IGNORE = -100
 # Official Cityscapes labelId -> trainId (255 = ignored), ids 0..33, from cityscapesScripts.
 CITYSCAPES_TRAIN_IDS = [255, 255, 255, 255, 255, 255, 255, 0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255,
                         6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 255, 255, 16, 17, 18]
-
-
-# ------------------------------------------------------------------------------------------
-# Writers of tiny datasets (also used by the scratch comparison against the reference)
-
-
-def _rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def _ids_image(ids: np.ndarray, h: int, w: int, fill: int) -> np.ndarray:
-    """(h, w) label map starting with ``ids`` in raster order, padded with ``fill``."""
-    flat = np.full(h * w, fill, dtype=np.int64)
-    flat[: len(ids)] = ids
-    return flat.reshape(h, w)
-
-
-def _save_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
-
-
-def _save_jpg(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, quality=95)
-
-
-def write_cityscapes(root: Path, *, lists: bool = False, seed: int = 0) -> dict[str, list[str]]:
-    """leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png.
-
-    The first train image holds every label id 0..33. With ``lists``, also writes the
-    ``<set>.txt`` files and the trainval folders that the reference reads.
-    """
-    rng = np.random.default_rng(seed)
-    plan = {"train": [("aachen", (5, 7)), ("aachen", (6, 9)), ("bochum", (4, 11))],
-            "val": [("frankfurt", (7, 5))], "test": [("berlin", (3, 13))]}
-    ids: dict[str, list[str]] = {}
-    for split, items in plan.items():
-        ids[split] = []
-        for n, (city, (h, w)) in enumerate(items):
-            stem = f"{city}_{n:06d}_000019"
-            labels = _ids_image(np.arange(34), h, w, 7) if (split, n) == ("train", 0) else rng.integers(0, 34, size=(h, w))
-            _save_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", _rgb(rng, h, w))
-            _save_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", labels.astype(np.uint8))
-            ids[split].append(f"{city}/{stem}_leftImg8bit")
-    ids["trainval"] = ids["train"] + ids["val"]
-    if lists:
-        for split in ("train", "val"):
-            for kind in ("leftImg8bit", "gtFine"):
-                for src in sorted((root / kind / split).rglob("*.png")):
-                    dst = root / kind / "trainval" / src.relative_to(root / kind / split)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    dst.write_bytes(src.read_bytes())
-        for split, names in ids.items():
-            (root / f"{split}.txt").write_text("".join(f"{i}\n" for i in names))
-    return ids
-
-
-def write_ade20k(root: Path, *, lists: bool = False, seed: int = 1) -> dict[str, list[str]]:
-    """ADEChallengeData2016/images/{training,validation}/*.jpg + annotations/.../*.png."""
-    rng = np.random.default_rng(seed)
-    base = root / "ADEChallengeData2016"
-    plan = {"train": ("training", [(11, 14), (5, 8)]), "val": ("validation", [(9, 6)])}
-    ids: dict[str, list[str]] = {}
-    for split, (folder, sizes) in plan.items():
-        ids[split] = []
-        for n, (h, w) in enumerate(sizes):
-            name = f"ADE_{split}_{n + 1:08d}"
-            labels = _ids_image(np.arange(151), h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 151, size=(h, w))
-            _save_jpg(base / "images" / folder / f"{name}.jpg", _rgb(rng, h, w))
-            _save_png(base / "annotations" / folder / f"{name}.png", labels.astype(np.uint8))
-            ids[split].append(name)
-    if lists:
-        for split, names in ids.items():
-            (base / f"{split}.txt").write_text("".join(f"{i}\n" for i in reversed(names)))
-            ids[split] = list(reversed(names))
-    return ids
-
-
-def write_cocostuff(root: Path, seed: int = 2) -> dict[str, list[str]]:
-    """images/*.jpg, annotations/*.mat (S, names, captions, ...) and imageLists/*.txt (v1.1)."""
-    rng = np.random.default_rng(seed)
-    plan = {"train": [(14, 14), (5, 9)], "test": [(7, 6)]}
-    ids: dict[str, list[str]] = {}
-    serial = 77
-    for split, sizes in plan.items():
-        ids[split] = []
-        for n, (h, w) in enumerate(sizes):
-            name = f"COCO_train2014_{serial:012d}"
-            serial += 1
-            every = np.concatenate([np.arange(183), [255]])
-            labels = _ids_image(every, h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 183, size=(h, w))
-            _save_jpg(root / "images" / f"{name}.jpg", _rgb(rng, h, w))
-            (root / "annotations").mkdir(parents=True, exist_ok=True)
-            scipy_io.savemat(root / "annotations" / f"{name}.mat", {
-                "S": labels.astype(np.uint16),
-                "names": np.array(["unlabeled", "person"], dtype=object),
-                "captions": np.array(["a caption"], dtype=object),
-                "regionMapStuff": np.ones((h, w), dtype=np.uint16),
-                "regionLabelsStuff": np.zeros((1, 1), dtype=np.uint8),
-            })
-            ids[split].append(name)
-    ids["all"] = ids["train"] + ids["test"]
-    (root / "imageLists").mkdir(parents=True, exist_ok=True)
-    for split, names in ids.items():
-        (root / "imageLists" / f"{split}.txt").write_text("".join(f"{i}\n" for i in names))
-    return ids
-
-
-def write_lip(root: Path, seed: int = 3) -> dict[str, list[str]]:
-    """{train,val}_images/*.jpg, {train,val}_segmentations/*.png, {train,val}_id.txt, test."""
-    rng = np.random.default_rng(seed)
-    plan = {"train": ("train", [(5, 4), (9, 7)]), "val": ("val", [(6, 5)]), "test": ("testing", [(4, 9)])}
-    ids: dict[str, list[str]] = {}
-    for split, (prefix, sizes) in plan.items():
-        ids[split] = []
-        for n, (h, w) in enumerate(sizes):
-            name = f"{100034 + 7 * n + len(split)}_{483681 + n}"
-            labels = _ids_image(np.arange(20), h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 20, size=(h, w))
-            _save_jpg(root / f"{prefix}_images" / f"{name}.jpg", _rgb(rng, h, w))
-            if split != "test":
-                _save_png(root / f"{prefix}_segmentations" / f"{name}.png", labels.astype(np.uint8))
-            ids[split].append(name)
-        (root / f"{split}_id.txt").write_text("".join(f"{i}\n" for i in ids[split]))
-    return ids
 
 
 def config(name: str, root: Path, **extra) -> dict:
@@ -220,7 +96,7 @@ def test_cityscapes_unknown_label_id(tmp_path):
     array = _read_png(str(label))
     array[2, 3] = 40
     array[0, 0] = 255
-    _save_png(label, array)
+    save_png(label, array)
     source = build_source(config("cityscapes", tmp_path), "val")
     with pytest.raises(CorruptSample, match=r"label ids \{40, 255\} are not in the cityscapes mapping") as info:
         source[0]
@@ -273,7 +149,7 @@ def test_ade20k_list_files_and_unlabelled_test(tmp_path):
     source = build_source(config("ade20k", tmp_path), "train")
     assert [s.id for s in source.samples] == ids["train"]  # list order, not sorted
     (tmp_path / "ADEChallengeData2016/images/testing").mkdir()
-    _save_jpg(tmp_path / "ADEChallengeData2016/images/testing/ADE_test_00000001.jpg", np.zeros((4, 6, 3), np.uint8))
+    save_jpg(tmp_path / "ADEChallengeData2016/images/testing/ADE_test_00000001.jpg", np.zeros((4, 6, 3), np.uint8))
     with pytest.raises(DatasetLayoutError, match="annotation folder .*annotations/testing"):
         build_source(config("ade20k", tmp_path), "test")
     test = build_source(config("ade20k", tmp_path), "test", with_labels=False)
@@ -288,7 +164,7 @@ def test_ade20k_bad_inputs(tmp_path):
     label = tmp_path / "ADEChallengeData2016/annotations/validation/ADE_val_00000001.png"
     array = _read_png(str(label))
     array[1, 1] = 151
-    _save_png(label, array)
+    save_png(label, array)
     with pytest.raises(CorruptSample, match=r"\{151\} are not in the ade20k mapping \(valid raw ids: 0\.\.150\)"):
         build_source(config("ade20k", tmp_path), "val")[0]
     image = tmp_path / "ADEChallengeData2016/images/training/ADE_train_00000002.jpg"
@@ -299,10 +175,10 @@ def test_ade20k_bad_inputs(tmp_path):
     image.write_bytes(b"not an image at all")
     with pytest.raises(CorruptSample, match="cannot decode image"):
         source[1]
-    _save_png(label, np.zeros((9, 6, 3), np.uint8))  # RGB where a label-id PNG is expected
+    save_png(label, np.zeros((9, 6, 3), np.uint8))  # RGB where a label-id PNG is expected
     with pytest.raises(CorruptSample, match="mode 'RGB'; expected a single-channel"):
         build_source(config("ade20k", tmp_path), "val")[0]
-    _save_png(label, np.zeros((9, 7), np.uint8))  # wrong size
+    save_png(label, np.zeros((9, 7), np.uint8))  # wrong size
     with pytest.raises(CorruptSample, match=r"label has shape \(9, 7\) but image .* is 9x6"):
         build_source(config("ade20k", tmp_path), "val")[0]
     label.write_bytes(b"\x89PNG broken")
@@ -401,7 +277,7 @@ def test_lip_bad_inputs(tmp_path):
     with pytest.raises(DatasetLayoutError, match="label folder .*testing_segmentations"):
         build_source(config("lip", tmp_path), "test")
     label = tmp_path / "val_segmentations" / f"{ids['val'][0]}.png"
-    _save_png(label, np.full((6, 5), 20, np.uint8))
+    save_png(label, np.full((6, 5), 20, np.uint8))
     with pytest.raises(CorruptSample, match=r"\{20\} are not in the lip mapping \(valid raw ids: 0\.\.19\)"):
         build_source(config("lip", tmp_path), "val")[0]
 
@@ -444,6 +320,6 @@ def test_grey_and_palette_images_become_rgb(tmp_path):
     write_lip(tmp_path)
     source = build_source(config("lip", tmp_path), "val")
     grey = np.arange(30, dtype=np.uint8).reshape(6, 5)
-    _save_jpg(Path(source.samples[0].image), grey)
+    save_jpg(Path(source.samples[0].image), grey)
     image = source[0]["image"]
     assert image.shape == (6, 5, 3) and np.all(image[..., 0] == image[..., 1]) and np.all(image[..., 1] == image[..., 2])

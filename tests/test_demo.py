@@ -17,14 +17,8 @@ from mcibi_jax.data.synthetic import IGNORE_LABEL, make_split
 from mcibi_jax.main import latest_checkpoint, new_checkpoint_dir, run
 from mcibi_jax.porting.port import load_variables
 from mcibi_jax.train.loop import TrainingDiverged
+from tests.helpers import DEMO_CONFIG, DEMO_FAST, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.py"
-# 64 images of 32x32 in batches of 8: 8 steps per epoch, 3 epochs (the memory loss joins in epoch 2)
-FAST = [
-    "dataset.image_size=(32, 32)", "dataset.train.num_images=64", "dataset.test.num_images=16",
-    "train.num_epochs=3", "train.log_every=4",
-]
 
 
 def test_synthetic_split_is_deterministic_and_well_formed():
@@ -40,7 +34,7 @@ def test_synthetic_split_is_deterministic_and_well_formed():
 
 
 def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
-    config = load_config(DEMO, FAST)
+    config = load_config(DEMO_CONFIG, DEMO_FAST)
     lines: list[str] = []
     results = run(config, tmp_path, "train_and_eval", log=lines.append)
 
@@ -98,7 +92,7 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_training_without_checkpoint(tmp_path):
-    config = load_config(DEMO, FAST + ["train.num_epochs=1", "train.optimizer.lr=1e30"])
+    config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1", "train.optimizer.lr=1e30"])
     with pytest.raises(TrainingDiverged, match=r"training diverged: the loss is (nan|inf) at step \d+.*no checkpoint was written"):
         run(config, tmp_path, "train", log=lambda message: None)
     assert not (tmp_path / "checkpoints").exists()
@@ -130,7 +124,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_rejects_unknown_key_and_real_datasets(tmp_path):
-    result = _cli(f"--config={DEMO}", f"--workdir={tmp_path}", "--config.train.no_such_key=1")
+    result = _cli(f"--config={DEMO_CONFIG}", f"--workdir={tmp_path}", "--config.train.no_such_key=1")
     assert result.returncode != 0
     assert "unknown config key 'train.no_such_key'" in result.stderr
     assert "Traceback" not in result.stderr

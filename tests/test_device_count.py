@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.test_distributed import REPO, _env
+from tests.helpers import REPO, subprocess_env
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -27,10 +27,10 @@ WORKER = textwrap.dedent("""
     from mcibi_jax.train.optimizer import optimizer_from_config
     from mcibi_jax.train.state import create_train_state, init_variables
     from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
-    from tests.test_demo import DEMO, FAST
+    from tests.helpers import DEMO_CONFIG, DEMO_FAST
 
     STEPS = int(sys.argv[1])
-    config = mcibi_jax.load_config(DEMO, FAST + [
+    config = mcibi_jax.load_config(DEMO_CONFIG, DEMO_FAST + [
         "train.batch_size=2", "train.num_replicas=1", "model.backbone.base_channels=4", "model.backbone.stem_channels=8",
         "model.head.in_channels=32", "model.head.feats_channels=16", "model.head.transform_channels=8",
         "model.head.out_channels=16"])
@@ -67,7 +67,7 @@ def _relative_gaps(pair: list[list[float]]) -> list[float]:
 def test_one_and_two_devices_agree_in_float64():
     steps = 4  # the float64 gap grows from 5e-14 (step 2) to 3.5e-10 (step 4), see above
     proc = subprocess.run([sys.executable, "-c", WORKER, str(steps)], cwd=REPO, capture_output=True, text=True,
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
+                          env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(lines[0].split(" ", 1)[1])

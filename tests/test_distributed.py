@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from mcibi_jax import distributed
 from mcibi_jax.distributed import DistributedConfigError, managed_cluster, resolve_settings
+from tests.helpers import REPO, free_port, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Each process holds rows (pid + 1) * [1, 2, 3] (2 rows of them) of a global (4, 3) array laid
 # out over a 1-D mesh of both processes' devices; the jitted reductions need both halves.
@@ -47,30 +44,16 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCIBI_", "SLURM_", "OMPI_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    env.update(extra)
-    return env
-
-
 def test_two_cpu_processes_compute_one_global_result():
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=_env(MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2",
+                         text=True, env=subprocess_env(MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2",
                                              MCIBI_PROCESS_ID=str(i)))
         for i in range(2)
     ]
     outputs = []
-    deadline = time.monotonic() + 50  # for both processes together; then they are killed
+    deadline = time.monotonic() + 240  # for both processes together; then they are killed
     try:
         for proc in procs:
             out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))

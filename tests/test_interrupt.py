@@ -10,19 +10,18 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
-from tests.test_distributed import REPO, _env
+from tests.helpers import REPO, MainRun, subprocess_env
 
 # A demo run small enough to compile in seconds: 4 steps per epoch, 2 epochs.
 TINY_DEMO = textwrap.dedent("""
     import mcibi_jax
-    from tests.test_demo import DEMO
+    from tests.helpers import DEMO_CONFIG
 
     def get_config():
-        config = mcibi_jax.load_config(DEMO, [
+        config = mcibi_jax.load_config(DEMO_CONFIG, [
             "dataset.image_size=(32, 32)", "dataset.train.num_images=16", "dataset.test.num_images=4",
             "train.batch_size=4", "train.num_epochs=2", "train.log_every=1", "train.eval_every=0",
             "model.backbone.base_channels=4", "model.backbone.stem_channels=8", "model.head.in_channels=32",
@@ -32,46 +31,6 @@ TINY_DEMO = textwrap.dedent("""
 """)
 
 
-class Run:
-    """A ``python -m mcibi_jax.main`` subprocess whose output lines are collected as they come."""
-
-    def __init__(self, args: list[str], **env: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "mcibi_jax.main", *args], cwd=REPO, env=_env(**env),
-                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
-        self._reader.start()
-
-    def wait_for(self, pattern: str, timeout: float = 600) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in list(self.lines) if re.search(pattern, line)]
-            if found:
-                return found[0]
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # the last lines
-                found = [line for line in list(self.lines) if re.search(pattern, line)]
-                if found:
-                    return found[0]
-                raise AssertionError(f"exited ({self.proc.returncode}) before {pattern!r}:\n{self.output[-3000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{self.output[-3000:]}")
-
-    def finish(self, timeout: float = 600) -> int:
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        return self.proc.returncode
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-
 def _history(workdir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in json.loads((workdir / "results.json").read_text())["train"]["history"]}
 
@@ -79,10 +38,10 @@ def _history(workdir: Path) -> dict[int, float]:
 def test_ctrl_c_during_compilation_saves_then_the_rerun_resumes(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY_DEMO)
     args = [f"--config={tmp_path / 'tiny.py'}", "--mode=train"]
-    straight = Run([*args, f"--workdir={tmp_path / 'a'}"])
+    straight = MainRun([*args, f"--workdir={tmp_path / 'a'}"])
     assert straight.finish() == 0, straight.output[-3000:]
 
-    first = Run([*args, f"--workdir={tmp_path / 'b'}"])
+    first = MainRun([*args, f"--workdir={tmp_path / 'b'}"])
     first.wait_for(r"^training [\d,]+ parameters")  # the first step is compiling now
     first.proc.send_signal(signal.SIGINT)
     assert first.finish() == 128 + signal.SIGINT, first.output[-3000:]
@@ -93,7 +52,7 @@ def test_ctrl_c_during_compilation_saves_then_the_rerun_resumes(tmp_path):
     step = int(re.search(r"at step (\d)", stopped).group(1))
     assert (tmp_path / "b" / "train_state" / str(step) / "data" / "process_0-of-1.json").exists()
 
-    rerun = Run([*args, f"--workdir={tmp_path / 'b'}"])
+    rerun = MainRun([*args, f"--workdir={tmp_path / 'b'}"])
     assert rerun.finish() == 0, rerun.output[-3000:]
     assert f"resuming from {tmp_path / 'b' / 'train_state'} at step {step}" in rerun.output
     want, got = _history(tmp_path / "a"), _history(tmp_path / "b")
@@ -115,7 +74,7 @@ SLEEPER = textwrap.dedent("""
 
 
 def test_a_second_signal_exits_at_once():
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=REPO, env=_env(), text=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=REPO, env=subprocess_env(), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
         assert proc.stdout.readline().strip() == "READY"

@@ -11,14 +11,14 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.test_datasets import write_ade20k
-from tests.test_distributed import _free_port
-from tests.test_interrupt import Run
+from tests.helpers import write_ade20k
+from tests.helpers import free_port
+from tests.helpers import MainRun
 
 STEPS = 12  # one step per epoch (2 training images, batch 2); a checkpoint every 3
 
 CONFIG = textwrap.dedent("""
-    from tests.test_main_datasets import tiny_ade20k_config
+    from tests.helpers import tiny_ade20k_config
 
     def get_config():
         config = tiny_ade20k_config({root!r})
@@ -31,16 +31,16 @@ CONFIG = textwrap.dedent("""
 """)
 
 
-def _start(config: Path, workdir: Path, processes: int) -> list[Run]:
+def _start(config: Path, workdir: Path, processes: int) -> list[MainRun]:
     args = [f"--config={config}", "--mode=train", f"--workdir={workdir}"]
     if processes == 1:
-        return [Run(args, XLA_FLAGS="--xla_force_host_platform_device_count=2")]
-    port = _free_port()
-    return [Run(args, MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2", MCIBI_PROCESS_ID=str(i))
+        return [MainRun(args, XLA_FLAGS="--xla_force_host_platform_device_count=2")]
+    port = free_port()
+    return [MainRun(args, MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2", MCIBI_PROCESS_ID=str(i))
             for i in range(processes)]
 
 
-def _finish(runs: list[Run], timeout: float = 600) -> list[int]:
+def _finish(runs: list[MainRun], timeout: float = 600) -> list[int]:
     deadline = time.monotonic() + timeout
     return [run.finish(timeout=max(1.0, deadline - time.monotonic())) for run in runs]
 
@@ -49,7 +49,7 @@ def _history(workdir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in json.loads((workdir / "results.json").read_text())["train"]["history"]}
 
 
-def _wait_until(condition, timeout: float, what: str, runs: list[Run]) -> None:
+def _wait_until(condition, timeout: float, what: str, runs: list[MainRun]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline or any(run.proc.poll() is not None for run in runs):

@@ -17,11 +17,9 @@ from PIL import Image
 from mcibi_jax.data import pipeline
 from mcibi_jax.data.datasets import IGNORE_LABEL, CorruptSample
 from mcibi_jax.data.transforms import resized_shape
-from mcibi_jax.recipes import released_config
-from tests.test_datasets import write_ade20k
+from tests.helpers import PIPELINE_CROP, small_ade20k_config, write_ade20k
 
 ShardOptions = pipeline.grain.sharding.ShardOptions
-CROP = 24
 SIZES = [(37, 53), (29, 41), (50, 23), (31, 31), (22, 47), (45, 38), (19, 26), (40, 60)]
 
 
@@ -47,16 +45,6 @@ class IdentitySource:
         return f"IdentitySource({len(self)})"
 
 
-def small_config(batch_size=4, root=None):
-    config = released_config("ade20k", "r50")
-    config.dataset.train.output_size = (64, 32)
-    config.dataset.train.crop_size = (CROP, CROP)
-    config.dataset.train.pad_size = (CROP, CROP)
-    config.dataset.test.output_size = (64, 32)
-    config.train.batch_size = batch_size
-    if root is not None:
-        config.dataset.root = str(root)
-    return config
 
 
 def identities(batch):
@@ -81,18 +69,18 @@ def assert_same_batches(a, b):
 
 
 def test_batches_have_the_crop_shape_and_dtypes():
-    loader = pipeline.train_loader(small_config(), source=IdentitySource(), num_workers=0)
-    assert loader.batch_size == 4 and loader.shape == (CROP, CROP)
+    loader = pipeline.train_loader(small_ade20k_config(), source=IdentitySource(), num_workers=0)
+    assert loader.batch_size == 4 and loader.shape == (PIPELINE_CROP, PIPELINE_CROP)
     batch = next(iter(loader))
     assert set(batch) == {"image", "label"}
-    assert batch["image"].shape == (4, CROP, CROP, 3) and batch["image"].dtype == np.float32
-    assert batch["label"].shape == (4, CROP, CROP) and batch["label"].dtype == np.int32
+    assert batch["image"].shape == (4, PIPELINE_CROP, PIPELINE_CROP, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4, PIPELINE_CROP, PIPELINE_CROP) and batch["label"].dtype == np.int32
     assert np.isfinite(batch["image"]).all() and abs(float(batch["image"].mean())) < 3  # normalised
 
 
 def test_epochs_are_reshuffled_permutations_and_the_seed_decides():
     source = IdentitySource()
-    config = small_config(batch_size=8)
+    config = small_ade20k_config(batch_size=8)
     a = take(iter(pipeline.train_loader(config, source=source, num_workers=0)), 3)
     b = take(iter(pipeline.train_loader(config, source=source, num_workers=0)), 3)
     assert_same_batches(a, b)
@@ -105,7 +93,7 @@ def test_epochs_are_reshuffled_permutations_and_the_seed_decides():
 
 def test_worker_and_thread_counts_do_not_change_the_batches():
     source = IdentitySource()
-    config = small_config()
+    config = small_ade20k_config()
     expected = take(iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=0)), 3)
     assert_same_batches(take(iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=3)), 3),
                         expected)
@@ -115,10 +103,10 @@ def test_worker_and_thread_counts_do_not_change_the_batches():
 
 def test_two_hosts_read_disjoint_halves_of_the_single_host_stream():
     source = IdentitySource()
-    single = take(iter(pipeline.train_loader(small_config(batch_size=4), source=source, num_workers=0)), 2)
+    single = take(iter(pipeline.train_loader(small_ade20k_config(batch_size=4), source=source, num_workers=0)), 2)
     hosts = []
     for h in range(2):
-        loader = pipeline.train_loader(small_config(batch_size=4), source=source, num_workers=0,
+        loader = pipeline.train_loader(small_ade20k_config(batch_size=4), source=source, num_workers=0,
                                        shard_options=ShardOptions(shard_index=h, shard_count=2, drop_remainder=True))
         assert loader.batch_size == 2
         hosts.append(take(iter(loader), 2))
@@ -133,7 +121,7 @@ def test_two_hosts_read_disjoint_halves_of_the_single_host_stream():
 
 def test_resume_from_saved_state_reproduces_the_next_batches():
     source = IdentitySource(corrupt={5})
-    config = small_config(batch_size=3)
+    config = small_ade20k_config(batch_size=3)
     original = iter(pipeline.train_loader(config, source=source, num_workers=0))
     take(original, 2)
     state = json.loads(json.dumps(pipeline.iterator_state(original)))  # as a checkpoint stores it
@@ -150,7 +138,7 @@ def test_resume_from_saved_state_reproduces_the_next_batches():
 def test_a_corrupt_sample_is_skipped_counted_and_logged(caplog):
     source = IdentitySource(corrupt={3})
     before = pipeline.skipped_count()
-    it = iter(pipeline.train_loader(small_config(batch_size=7), source=source, num_workers=0))
+    it = iter(pipeline.train_loader(small_ade20k_config(batch_size=7), source=source, num_workers=0))
     with caplog.at_level(logging.WARNING, logger="mcibi_jax.data.pipeline"):
         batch = next(it)  # positions 0..7 = the first epoch, one of them unreadable
     assert sorted(identities(batch)) == [0, 1, 2, 4, 5, 6, 7]
@@ -162,13 +150,13 @@ def test_a_corrupt_sample_is_skipped_counted_and_logged(caplog):
 
 def test_global_batch_must_divide_over_hosts():
     with pytest.raises(ValueError, match=r"batch_size=5 .* not divisible by the 2 hosts"):
-        pipeline.train_loader(small_config(batch_size=5), source=IdentitySource(), num_workers=0,
+        pipeline.train_loader(small_ade20k_config(batch_size=5), source=IdentitySource(), num_workers=0,
                               shard_options=ShardOptions(shard_index=1, shard_count=2))
 
 
 def test_eval_items_are_whole_samples_sharded_without_dropping():
     source = IdentitySource(sizes=SIZES[:5], corrupt={2})
-    config = small_config()
+    config = small_ade20k_config()
     items = []
     for h in range(2):
         loader = pipeline.eval_loader(config, source=source, num_workers=0,
@@ -201,13 +189,13 @@ def test_ade20k_layout_with_an_unreadable_jpeg(tmp_path, caplog):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     label_file = base / "annotations" / "training" / "ADE_train_00000003.png"
     Image.fromarray(np.ones((6, 6), np.uint8), mode="L").save(label_file)
-    config = small_config(batch_size=2, root=tmp_path)
+    config = small_ade20k_config(batch_size=2, root=tmp_path)
     loader = pipeline.train_loader(config, num_workers=0)  # build_source(config.dataset, "train")
     assert len(loader.source) == 3
     it = iter(loader)
     with caplog.at_level(logging.WARNING, logger="mcibi_jax.data.pipeline"):
         batches = take(it, 3)  # 6 samples from 3 epochs of 3, of which 2 usable each
-    assert all(b["image"].shape == (2, CROP, CROP, 3) and b["label"].shape == (2, CROP, CROP) for b in batches)
+    assert all(b["image"].shape == (2, PIPELINE_CROP, PIPELINE_CROP, 3) and b["label"].shape == (2, PIPELINE_CROP, PIPELINE_CROP) for b in batches)
     labels = np.concatenate([b["label"] for b in batches])
     assert labels.max() < 150 and labels[labels != IGNORE_LABEL].min() >= 0
     assert it.skipped == 3 and str(bad) in caplog.text
@@ -244,7 +232,7 @@ def test_global_batch_shards_the_batch_axis(tmp_path):
 
 
 def test_a_source_with_nothing_usable_stops_with_an_error():
-    it = iter(pipeline.train_loader(small_config(batch_size=2), source=IdentitySource(SIZES[:2], corrupt={0, 1}),
+    it = iter(pipeline.train_loader(small_ade20k_config(batch_size=2), source=IdentitySource(SIZES[:2], corrupt={0, 1}),
                                     num_workers=0))
     with pytest.raises(RuntimeError, match="3 samples in a row could not be used"):
         next(it)

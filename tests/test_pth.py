@@ -1,7 +1,6 @@
 import ast
 import os
 import tracemalloc
-import zlib
 import pickle
 import struct
 import zipfile

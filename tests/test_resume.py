@@ -10,8 +10,8 @@ import pytest
 
 from mcibi_jax import main
 from mcibi_jax.porting.port import load_variables
-from tests.test_datasets import write_ade20k
-from tests.test_main_datasets import tiny_ade20k_config
+from tests.helpers import write_ade20k
+from tests.helpers import tiny_ade20k_config
 
 
 def _train(config, workdir):
@@ -65,11 +65,11 @@ def test_incompatible_checkpoint_in_workdir_is_a_clear_error(tmp_path):
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     from mcibi_jax import load_config
-    from tests.test_demo import DEMO, FAST
+    from tests.helpers import DEMO_CONFIG, DEMO_FAST
 
-    config = load_config(DEMO, FAST + ["train.num_epochs=1"])
+    config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1"])
     first = main.run(config, tmp_path / "a", mode="train", log=lambda _: None)
-    tuned = load_config(DEMO, FAST + ["train.num_epochs=1", "train.optimizer.lr=0.0", "train.schedule.min_lr=0.0",
+    tuned = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1", "train.optimizer.lr=0.0", "train.schedule.min_lr=0.0",
                                       "train.optimizer.weight_decay=0.0", f"train.init_from={first['checkpoint']!r}"])
     lines = []
     second = main.run(tuned, tmp_path / "b", mode="train", log=lines.append)
@@ -91,12 +91,12 @@ def test_resumed_run_reports_the_whole_run_once(tmp_path):
     import json
 
     from mcibi_jax import load_config
-    from tests.test_demo import DEMO, FAST
+    from tests.helpers import DEMO_CONFIG, DEMO_FAST
 
     def records():
         return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
-    config = load_config(DEMO, FAST + ["train.eval_every=3"])
+    config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=3"])
     first = main.run(config, tmp_path, mode="train", log=lambda _: None)["train"]
     shutil.rmtree(tmp_path / "train_state" / "24")  # as if the run died during epoch 3
     shutil.rmtree(tmp_path / "checkpoints" / "final")

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.test_distributed import REPO, _env
+from tests.helpers import REPO, subprocess_env
 
 SCRIPT = r"""
 import json, sys
@@ -45,7 +45,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_eight_devices_equal_one():
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))

@@ -10,7 +10,7 @@ import mcibi_jax
 from mcibi_jax import main
 from mcibi_jax.data.datasets import cityscapes
 from mcibi_jax.evaluation import submission
-from tests.test_datasets import write_cityscapes
+from tests.helpers import write_cityscapes
 
 
 def test_cityscapes_train_ids_go_back_to_label_ids():

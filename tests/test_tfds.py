@@ -19,8 +19,8 @@ from mcibi_jax.data import pipeline  # noqa: E402
 from mcibi_jax.data.datasets import CorruptSample, DatasetConfigError, DatasetLayoutError, build_source  # noqa: E402
 from mcibi_jax.data.prepare import prepare  # noqa: E402
 from mcibi_jax.data.tfds_builders import TfdsSource, tfds_source  # noqa: E402
-from tests.test_datasets import write_ade20k  # noqa: E402
-from tests.test_pipeline import small_config  # noqa: E402
+from tests.helpers import write_ade20k  # noqa: E402
+from tests.helpers import small_ade20k_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_corrupt_record_raises_corrupt_sample(prepared):
 
 def test_train_loader_over_records(prepared):
     root, data_dir, _ = prepared
-    config = small_config(batch_size=2, root=root)
+    config = small_ade20k_config(batch_size=2, root=root)
     source = tfds_source(config.dataset.name, config.dataset.train_set, data_dir)
     assert isinstance(source, TfdsSource)
     iterator = iter(pipeline.train_loader(config, source=source, num_threads=2))
