@@ -1,1 +1,21 @@
-"""Makes the repository importable for pytest and locates the shared reference data."""
+"""Test-session settings shared by every test and the subprocesses the tests start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+# Many tests compile the same small models, in this process and in the `python -m mcibi_jax.main`
+# subprocesses they start: one persistent XLA compilation cache for the whole session (inherited
+# through the environment) turns the repeats into cache reads. Fresh per session, removed after.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="mcibi_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config) -> None:
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
