@@ -16,6 +16,12 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: most tests are compilation-bound (one core each); more than four workers only
+    multiply the memory of the big-model tests."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def pytest_unconfigure(config) -> None:
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
