@@ -35,9 +35,10 @@ def poly_schedule(lr: float, total_steps: int, *, power: float = 0.9, min_lr: fl
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one step, got total_steps={total_steps}")
     min_lr = lr * 0.01 if min_lr is None else min_lr
-    decay = optax.polynomial_schedule(init_value=lr, end_value=min_lr, power=power, transition_steps=total_steps)
-    # From step T on, the constant: there XLA's fused multiply-add can make decay's 1 - t / T a hair
-    # below 0, and a fractional power of that is NaN.
+    decay = optax.polynomial_schedule(
+        init_value=lr, end_value=min_lr, power=power, transition_steps=total_steps)
+    # From step T on, min_lr itself: jitted, decay's 1 - t / T at t = T can come out a hair off 0
+    # (XLA fuses it into a multiply-add), leaving a tiny extra lr, or NaN from the power.
     return optax.join_schedules([decay, optax.constant_schedule(min_lr)], boundaries=[total_steps])
 
 
