@@ -1,17 +1,36 @@
-"""A dependency-free, single-line progress bar for long jobs on interactive terminals."""
+"""The progress bar of long jobs: a ``rich.progress`` bar on interactive terminals only.
+
+Where the output is not a terminal (a log file, CI, captured output) nothing is drawn: no
+control characters, only the job's own log lines and, if asked for (``log_every``), a plain
+progress line every so often.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, TextIO
 
-BAR_WIDTH = 24
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
+from rich.text import Text
+
 ENV_VAR = "MCIBI_PROGRESS"
+# Rate and ETA average over this window: long enough to keep slow steps (a few minutes) in it.
+RATE_WINDOW_S = 600.0
 
 
 def format_duration(seconds: float) -> str:
@@ -55,12 +74,27 @@ def resolve_enabled(stream: TextIO, enabled: bool | None = None) -> bool:
     return _is_tty(stream)
 
 
-class ProgressBar:
-    """Redraws one terminal line with the progress of `total` steps.
+class _Rate(ProgressColumn):
+    """Steps per second over the last :data:`RATE_WINDOW_S`."""
 
-    Disabled (e.g. no terminal, or not the main process), every method is a no-op.
-    Rate and ETA count only the steps passed to `update` since construction, so a
-    resumed job (`set_position`) reports its true speed.
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("? it/s" if speed is None else f"{speed:.2f} it/s", style="progress.data.speed")
+
+
+def _one_line() -> Column:
+    return Column(no_wrap=True, overflow="ellipsis")
+
+
+class ProgressBar:
+    """A live bar over ``total`` steps (0: unknown) with rate, ETA and ``key=value`` postfixes.
+
+    ``enabled``: None (auto) shows it on a terminal only (``MCIBI_PROGRESS=0/1`` overrides);
+    False (e.g. not the main process) makes every method a no-op. ``log_every`` > 0: where the
+    bar is auto-disabled, print a plain line on ``stream`` every that many seconds instead.
+    ``min_interval``: seconds between redraws (the last step is always drawn). ``set_position``
+    and ``restart_clock`` restart rate and ETA, so steps skipped by a resumed job or a slow
+    first (compiling) step do not count.
     """
 
     def __init__(
@@ -71,6 +105,7 @@ class ProgressBar:
         enabled: bool | None = None,
         min_interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        log_every: float = 0.0,
     ) -> None:
         if total < 0:
             raise ValueError(f"total must be >= 0, got {total}")
@@ -82,79 +117,84 @@ class ProgressBar:
         self.clock = clock
         self.done = 0
         self.postfix: dict[str, Any] = {}
-        self._steps = 0
-        self._start = clock() if self.enabled else 0.0
+        self._log_every = log_every if enabled is None and not self.enabled else 0.0
+        self._start = self._last_line = clock()
+        self._started_at = self.done
         self._last_draw = -math.inf
-        self._shown = 0
-        self._drawn = False
-        self._closed = False
+        self._live = self._closed = False
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("{task.description}", table_column=_one_line()), BarColumn(bar_width=24),
+                MofNCompleteColumn(table_column=_one_line()), TimeElapsedColumn(table_column=_one_line()),
+                TimeRemainingColumn(table_column=_one_line()), _Rate(table_column=_one_line()),
+                # the postfix takes the rest of the line, cut short on narrow terminals
+                TextColumn("{task.fields[postfix]}", markup=False,
+                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                console=Console(file=self.stream, force_terminal=True), auto_refresh=False,
+                speed_estimate_period=RATE_WINDOW_S, expand=True, transient=True, redirect_stdout=False,
+                redirect_stderr=False, get_time=clock,
+            )
+            self._task = self._progress.add_task(description, total=self.total or None, postfix="")
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         """Advances by `n` steps, merges `postfix` into the shown k=v pairs, redraws if due."""
-        if not self.enabled or self._closed:
+        if self._closed or not (self.enabled or self._log_every):
             return
         self.done += n
-        self._steps += n
         self.postfix.update(postfix)
         now = self.clock()
         finished = self.total > 0 and self.done >= self.total
+        if not self.enabled:
+            self._log_line(now, finished)
+            return
+        self._progress.update(self._task, completed=self.done, postfix=self._postfix())
         if finished or now - self._last_draw >= self.min_interval:
             self._draw(now)
 
     def set_position(self, done: int) -> None:
-        """Jumps to `done` steps (e.g. when resuming) without counting them towards the rate."""
-        if not self.enabled or self._closed:
+        """Jumps to `done` steps (e.g. when resuming) and counts rate and ETA from here."""
+        if self._closed or not (self.enabled or self._log_every):
             return
         self.done = int(done)
-        self._draw(self.clock())
+        self.restart_clock()
+        if self.enabled:
+            self._draw(self.clock())
 
     def restart_clock(self) -> None:
         """Counts rate and ETA from now on (e.g. after a compilation that is not representative)."""
+        if self._closed:
+            return
+        self._start, self._started_at = self.clock(), self.done
         if self.enabled:
-            self._start, self._steps = self.clock(), 0
-
-    def clear(self) -> None:
-        """Erases the bar line if it is on screen."""
-        if not self.enabled or not self._shown:
-            return
-        self.stream.write("\r" + " " * self._shown + "\r")
-        self.stream.flush()
-        self._shown = 0
-
-    def write(self, message: str) -> None:
-        """Prints `message` on its own line above the bar, then redraws the bar."""
-        if not self.enabled or self._closed:
-            return
-        self.clear()
-        self.stream.write(message + "\n")
-        self._draw(self.clock())
+            self._progress.reset(self._task, total=self.total or None, completed=self.done,
+                                 postfix=self._postfix())
 
     def interleave(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """``log`` wrapped so that its lines appear above the bar (erased, then redrawn); ``log``
-        itself when the bar is disabled."""
+        itself when the bar is disabled. ``log`` may write to another stream (stdout)."""
         if not self.enabled:
             return log
 
         def log_above(message: str) -> None:
-            if self._closed:
+            if not self._live or self._closed:
                 log(message)
                 return
-            self.clear()
-            log(message)
-            if self._drawn:
-                self._draw(self.clock())
+            self._progress.stop()  # transient: erases the bar
+            try:
+                log(message)
+            finally:
+                self._progress.start()
 
         return log_above
 
     def close(self) -> None:
-        """Draws the final state and ends the line, if anything was drawn."""
-        if not self.enabled or self._closed:
+        """Leaves the final state of the bar on screen (if it was drawn); later calls do nothing."""
+        if self._closed:
             return
-        if self._drawn:
-            self._draw(self.clock())
-            self.stream.write("\n")
-            self.stream.flush()
         self._closed = True
+        if self._live:
+            self._progress.live.transient = False  # stop() then draws the last state and keeps it
+            self._progress.stop()
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -162,29 +202,27 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def render(self, now: float | None = None) -> str:
-        """The bar line (without carriage return or padding), fitted to the terminal width."""
-        now = self.clock() if now is None else now
-        elapsed = max(now - self._start, 0.0)
-        rate = self._steps / elapsed if elapsed > 0 else 0.0
-        head = f"{self.description} " if self.description else ""
-        if self.total > 0:
-            filled = min(BAR_WIDTH, BAR_WIDTH * max(self.done, 0) // self.total)
-            bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            remaining = max(self.total - self.done, 0)
-            eta = format_duration(remaining / rate) if rate > 0 else "?"
-            core = (f"{head}|{bar}| {self.done}/{self.total} "
-                    f"[{format_duration(elapsed)}<{eta}, {rate:.2f} it/s]")
-        else:
-            core = f"{head}{self.done} [{format_duration(elapsed)}, {rate:.2f} it/s]"
-        tail = "".join(f" {k}={format_value(v)}" for k, v in self.postfix.items())
-        width = max(shutil.get_terminal_size((80, 24)).columns - 1, 1)
-        return (core + tail)[:width]
+    def _postfix(self) -> str:
+        return " ".join(f"{k}={format_value(v)}" for k, v in self.postfix.items())
 
     def _draw(self, now: float) -> None:
-        line = self.render(now)
-        self.stream.write("\r" + line + " " * max(self._shown - len(line), 0))
-        self.stream.flush()
-        self._shown = len(line)
+        if self._live:
+            self._progress.refresh()
+        else:
+            self._progress.start()
+            self._live = True
         self._last_draw = now
-        self._drawn = True
+
+    def _log_line(self, now: float, finished: bool) -> None:
+        """The plain line of a stream that is not a terminal, every ``log_every`` seconds (and at
+        the end, unless the whole job took less than that)."""
+        if now - self._last_line < self._log_every and not finished:
+            return
+        if finished and now - self._start < self._log_every:
+            return
+        self._last_line = now
+        rate = (self.done - self._started_at) / max(now - self._start, 1e-9)
+        counts = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"
+        left = (self.total - self.done) / rate if self.total and rate > 0 else math.inf
+        eta = f", about {format_duration(left)} left" if math.isfinite(left) else ""
+        print(f"{self.description} {counts}, {rate:.1f} it/s{eta}", file=self.stream, flush=True)

@@ -20,13 +20,13 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
-import time
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import numpy as np
 
 from mcibi_jax.data.datasets import CorruptSample, DatasetError, Source, build_source
 from mcibi_jax.data.datasets.core import Sample, read_image
+from mcibi_jax.progress import ProgressBar
 
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_UNUSABLE = 0, 1, 2
 
@@ -129,26 +129,6 @@ def _check_sample(source: Source, sample: Sample) -> _SampleResult:
     return _SampleResult(problems, size, class_pixels, ignored)
 
 
-class _Progress:
-    """A line on ``stream`` every ``every`` seconds: done / total, rate and time left."""
-
-    def __init__(self, total: int, stream: TextIO | None, every: float = 5.0):
-        self.total, self.stream, self.every = total, stream, every
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.stream is None or (now - self.last < self.every and done < self.total):
-            return
-        if done == self.total and now - self.start < self.every:
-            return  # short runs stay silent
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"  inspected {done}/{self.total} ({100 * done / self.total:.0f}%), {rate:.1f} samples/s, "
-              f"about {left / 60:.1f} min left", file=self.stream, flush=True)
-
-
 def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None = None,
                    progress_every: float = 5.0) -> Report:
     """Decodes every sample of ``source`` and collects problems and statistics.
@@ -157,7 +137,8 @@ def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None 
       source: from :func:`build_source` (with ``check=False`` so missing files are reported
         here rather than raised).
       workers: threads decoding samples (Pillow releases the GIL while decoding).
-      progress: where progress lines go (None: nowhere).
+      progress: where progress goes (None: nowhere): a live bar on a terminal, else a line every
+        ``progress_every`` seconds.
     """
     num_classes = source.num_classes
     problems: list[Problem] = []
@@ -168,13 +149,14 @@ def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None 
     class_pixels = np.zeros(num_classes, dtype=np.int64)
     class_images = np.zeros(num_classes, dtype=np.int64)
     ignored, sizes, labelled = 0, [], 0
-    meter = _Progress(len(source), progress, progress_every)
+    bar = ProgressBar(len(source), "inspecting", stream=progress, enabled=None if progress is not None else False,
+                      log_every=progress_every)
 
     def check(sample: Sample) -> _SampleResult:
         return _check_sample(source, sample)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for done, result in enumerate(_ordered(pool, check, source.samples, max(1, workers) * 4), start=1):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool, bar:
+        for result in _ordered(pool, check, source.samples, max(1, workers) * 4):
             problems.extend(result.problems)
             if result.image_size is not None:
                 sizes.append(result.image_size)
@@ -183,7 +165,7 @@ def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None 
                 class_pixels += result.class_pixels
                 class_images += result.class_pixels > 0
                 ignored += result.ignored_pixels
-            meter.update(done)
+            bar.update()
     return Report(len(source), source.class_names, problems, class_pixels, class_images, ignored, sizes, labelled)
 
 
@@ -277,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--no_labels", "--no-labels", action="store_true",
                         help="the split has no masks (e.g. a test set): check images only")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--quiet", action="store_true", help="no progress (bar or lines) on stderr")
     return parser
 
 

@@ -3,13 +3,14 @@
 The reference trains with ``torch.optim.SGD(momentum=0.9, weight_decay=wd)``: the L2 term
 ``wd * param`` is added to the gradient of every parameter *before* momentum, and the update
 is ``-lr * buffer``. Parameter rules (``config.train.optimizer.param_rules``, e.g.
-``{"backbone_net": {"lr_multiplier": 0.1, "wd_multiplier": 1.0}}``) give a parameter whose
-PyTorch-style name contains the rule key (the longest matching key wins) a multiplied lr and
-weight decay. The lr follows, per iteration and without warm-up,
+``{"backbone_net": {"lr_multiplier": 0.1, "wd_multiplier": 1.0}}``) put a parameter whose
+PyTorch-style name contains the rule key (the longest matching key wins) in that rule's group,
+with a multiplied lr and weight decay; each group is its own optax SGD (``optax.partition``).
+The lr follows, per iteration and without warm-up,
 
     lr_t = (lr - min_lr) * (1 - t / T) ** power + min_lr,   t = 0, 1, ..., T - 1,
 
-with T = num_epochs * steps_per_epoch and min_lr defaulting to lr / 100.
+with T = num_epochs * steps_per_epoch and min_lr defaulting to lr / 100 (``min_lr`` from t = T on).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -25,6 +25,9 @@ Array = jax.Array
 Schedule = Callable[[Array | int], Array]
 
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
+# The group of the parameters no rule matches. No rule can take this label from them: a rule
+# keyed "" would match every name, leaving this group empty.
+UNMATCHED = ""
 
 
 def poly_schedule(lr: float, total_steps: int, *, power: float = 0.9, min_lr: float | None = None) -> Schedule:
@@ -32,12 +35,11 @@ def poly_schedule(lr: float, total_steps: int, *, power: float = 0.9, min_lr: fl
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one step, got total_steps={total_steps}")
     min_lr = lr * 0.01 if min_lr is None else min_lr
-
-    def schedule(step: Array | int) -> Array:
-        remaining = jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
-        return (lr - min_lr) * remaining**power + min_lr
-
-    return schedule
+    decay = optax.polynomial_schedule(
+        init_value=lr, end_value=min_lr, power=power, transition_steps=total_steps)
+    # From step T on, min_lr itself: jitted, decay's 1 - t / T at t = T can come out a hair off 0
+    # (XLA fuses it into a multiply-add), leaving a tiny extra lr, or NaN from the power.
+    return optax.join_schedules([decay, optax.constant_schedule(min_lr)], boundaries=[total_steps])
 
 
 def schedule_from_config(train_config: Mapping[str, Any], steps_per_epoch: int) -> Schedule:
@@ -67,46 +69,21 @@ def matching_rule(name: str, rule_keys: list[str] | tuple[str, ...]) -> str | No
     return None
 
 
-def group_multipliers(params: Any, param_rules: Mapping[str, Mapping[str, float]]) -> tuple[Any, Any]:
-    """Per-parameter (lr multiplier, weight-decay multiplier) trees with the structure of ``params``."""
+def _checked_rules(param_rules: Mapping[str, Mapping[str, float]] | None) -> dict[str, dict[str, float]]:
     rules = {k: dict(v) for k, v in dict(param_rules or {}).items()}
     for key, rule in rules.items():
         unknown = set(rule) - {"lr_multiplier", "wd_multiplier"}
         if unknown:
             raise ValueError(f"param rule {key!r}: unsupported options {sorted(unknown)}")
+    return rules
+
+
+def group_labels(params: Any, param_rules: Mapping[str, Mapping[str, float]] | None) -> Any:
+    """Each parameter's group, shaped like ``params``: its rule's key, or :data:`UNMATCHED`."""
+    keys = list(_checked_rules(param_rules))
     flat = traverse_util.flatten_dict(params)
-    lr_mult, wd_mult = {}, {}
-    for path in flat:
-        key = matching_rule(torch_style_name(path), list(rules))
-        rule = rules.get(key, {}) if key is not None else {}
-        lr_mult[path] = float(rule.get("lr_multiplier", 1.0))
-        wd_mult[path] = float(rule.get("wd_multiplier", 1.0))
-    return traverse_util.unflatten_dict(lr_mult), traverse_util.unflatten_dict(wd_mult)
-
-
-def add_l2_to_gradient(weight_decay: Any) -> optax.GradientTransformation:
-    """g <- g + wd * p, with a per-parameter ``weight_decay`` tree (torch SGD's weight_decay)."""
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("add_l2_to_gradient needs the params")
-        return jax.tree_util.tree_map(lambda g, p, wd: g + wd * p, updates, params, weight_decay), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def scale_by_multiplied_lr(schedule: Schedule, lr_multiplier: Any) -> optax.GradientTransformation:
-    """u <- -lr_t * multiplier * u, lr_t = schedule(number of updates so far)."""
-
-    def init(params):
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None):
-        lr = schedule(state.count)
-        updates = jax.tree_util.tree_map(lambda u, m: -(lr * m) * u, updates, lr_multiplier)
-        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init, update)
+    return traverse_util.unflatten_dict(
+        {path: matching_rule(torch_style_name(path), keys) or UNMATCHED for path in flat})
 
 
 def sgd(
@@ -114,15 +91,18 @@ def sgd(
     param_rules: Mapping[str, Mapping[str, float]] | None = None,
 ) -> optax.GradientTransformation:
     """torch SGD (dampening 0, no Nesterov) with per-group lr / weight-decay multipliers."""
-    lr_mult, wd_mult = group_multipliers(params, param_rules or {})
-    decay = jax.tree_util.tree_map(lambda m: weight_decay * m, wd_mult)
-    chain = []
-    if weight_decay:
-        chain.append(add_l2_to_gradient(decay))
-    if momentum:
-        chain.append(optax.trace(decay=momentum, nesterov=False))
-    chain.append(scale_by_multiplied_lr(schedule, lr_mult))
-    return optax.chain(*chain)
+    rules = _checked_rules(param_rules)
+    labels = group_labels(params, rules)
+
+    def group_sgd(label: str) -> optax.GradientTransformation:
+        rule = rules.get(label, {})
+        lr_multiplier = float(rule.get("lr_multiplier", 1.0))
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay * float(rule.get("wd_multiplier", 1.0))),
+            optax.sgd(lambda step: schedule(step) * lr_multiplier, momentum=momentum or None),
+        )
+
+    return optax.partition({label: group_sgd(label) for label in sorted(set(jax.tree.leaves(labels)))}, labels)
 
 
 def optimizer_from_config(params: Any, train_config: Mapping[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Schedule]:
