@@ -150,7 +150,9 @@ class TrainCheckpoints:
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(
                 f"{self.directory} holds a training checkpoint (step {step}) that does not fit this config: "
-                f"{_first_line(error)}. Use a new --workdir, or the config it was trained with."
+                f"{_first_line(error)}. Use a new --workdir, or the config it was trained with (training states "
+                "saved by mcibi_jax before 2026-12-02 hold the optimizer state in another layout: export "
+                "their variables with that version, then train on with train.init_from)."
             ) from None
         except (OSError, RuntimeError) as error:
             raise ConfigError(f"cannot read the training checkpoint {self.step_directory(step)}: {_first_line(error)}. "
