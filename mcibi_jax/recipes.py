@@ -36,12 +36,15 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     """Experiment config of a released MCIBI recipe, e.g. ``released_config("cityscapes", "r50")``.
 
     Top-level keys: ``model`` (see :mod:`mcibi_jax.reference_config`), ``dataset``, ``train``,
-    ``eval``, ``dtype``. ValueError (naming the choices) for a combination never released.
+    ``eval``, ``dtype``; locked, as :func:`mcibi_jax.config.load_config` locks it. ValueError
+    (naming the choices) for a combination never released.
     """
     if dataset not in DATASETS:
         raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone {backbone!r}; "
                          f"datasets: {', '.join(DATASETS)}")
-    return _config_module(dataset).get_config(backbone)
+    config = _config_module(dataset).get_config(backbone)
+    config.lock()
+    return config
 
 
 __all__ = ["BACKBONES", "DATASETS", "KEYS_FILES", "PUBLISHED_MIOU", "RELEASED", "released_config"]

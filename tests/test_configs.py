@@ -50,3 +50,53 @@ def test_released_configs_are_unchanged(dataset, backbone):
 
 def test_demo_config_is_unchanged():
     assert same(typed(load_config(REPO / "configs" / "demo.py")), frozen("demo"))
+
+
+def test_loaded_configs_are_locked():
+    config = load_config(REPO / "configs" / "ade20k.py:r50")
+    config.model.head.memory_update.base_lr = 0.5  # an existing key: fine
+    with pytest.raises(AttributeError):
+        config.model.head.memory_updte = {}
+    with pytest.raises(AttributeError):
+        config.train.optimizer.learning_rate = 0.1
+
+
+def _parse(*args: str):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from mcibi_jax.config import parse_absl_command_line
+
+    values, config_argv = flags.FlagValues(), []
+    holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=config_argv)
+    parse_absl_command_line(["prog", *args], holder, config_argv, flag_values=values)
+    return holder.value
+
+
+def test_config_flags_overrides(capsys):
+    config = _parse("--config=configs/ade20k.py:vitl", "--config.model.head.memory_update.base_lr=0.5",
+                    "--config.model.inference.multiscale=[0.5, 1.0]", "--config.dataset.train.crop_size=(8, 8)",
+                    "--config.train.optimizer.lr=1", "--config.eval.use_tta", "--config.train.init_from=pretrained:ade20k:r50")
+    assert config.model.head.memory_update.base_lr == 0.5
+    assert config.model.inference.multiscale == [0.5, 1.0]
+    assert config.dataset.train.crop_size == (8, 8)
+    assert config.train.optimizer.lr == 1.0 and isinstance(config.train.optimizer.lr, float)
+    assert config.eval.use_tta is True and config.train.init_from == "pretrained:ade20k:r50"
+    with pytest.raises(AttributeError):  # locked
+        config.model.head.memory_updte = {}
+    with pytest.raises(SystemExit):
+        _parse("--config=configs/ade20k.py:r50", "--config.model.head.update.base_lr=0.5")
+    assert "unknown config key 'model.head.update'" in capsys.readouterr().err
+
+
+def test_old_update_key_still_builds(capsys):
+    from mcibi_jax.models.segmentor import build_model
+
+    model_config = released_config("lip", "r50").model.to_dict()
+    model_config["head"]["update"] = model_config["head"].pop("memory_update")
+    model = build_model(model_config)
+    assert model.head.memory_update.base_lr == 0.01
+    assert "model.head.update is now model.head.memory_update" in capsys.readouterr().err
+    del model_config["head"]["dropout"]
+    with pytest.raises(ValueError, match=r"model.head: missing key\(s\) dropout"):
+        build_model(model_config)
