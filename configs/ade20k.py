@@ -1,6 +1,7 @@
 """MCIBI on ADE20k (150 classes; train / val), 512x512 crops.
 
-    python -m mcibi_jax.main --config=configs/ade20k.py:r50 --workdir=DIR --config.dataset.root=data/ade20k
+    python -m mcibi_jax.main --config=configs/ade20k.py:r50 --workdir=DIR \\
+        --config.dataset.root=data/ade20k
 
 Args (``configs/ade20k.py:<arg>``): the backbones of PUBLISHED_MIOU below.
 ``--config.eval.use_tta=True`` evaluates multi-scale + flip (``eval.tta_*``).
@@ -42,7 +43,8 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         scale_range=(0.5, 2.0),
         crop_size=(512, 512),
     )
-    train = common.train(batch_size=16, num_epochs=num_epochs, lr=lr, weight_decay=0.0 if vit else 5e-4)
+    train = common.train(batch_size=16, num_epochs=num_epochs, lr=lr,
+                         weight_decay=0.0 if vit else 5e-4)
     if vit:
         train.optimizer.param_rules = common.VIT_PARAM_RULES
     if vit or backbone == "hrnet48":

@@ -29,7 +29,8 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     backbone = common.check_backbone("cityscapes", arg, BACKBONES)
     lr = 0.01
 
-    model = common.model(backbone, num_classes=19, memory_base_lr=lr * 0.9)  # momentum 1 at the start
+    # memory momentum 0.9 * lr_t / (0.9 * lr): 1 at the start
+    model = common.model(backbone, num_classes=19, memory_base_lr=lr * 0.9)
     # Tall 1024x512 windows ((h, w), as the reference has them) on 1024x2048 images.
     model.inference = common.slide((1024, 512), SIX_SCALES, flip=True)
     if backbone == "hrnet48":
@@ -44,5 +45,5 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     )
     train = common.train(batch_size=16, num_epochs=NUM_EPOCHS[backbone], lr=lr, weight_decay=5e-4)
     evaluation = common.evaluation(tta=common.slide((1024, 512), SIX_SCALES, flip=True))
-    return common.experiment(f"mcibi_{backbone}_cityscapes", model=model, dataset=dataset, train=train,
-                             evaluation=evaluation)
+    return common.experiment(f"mcibi_{backbone}_cityscapes", model=model, dataset=dataset,
+                             train=train, evaluation=evaluation)

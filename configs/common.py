@@ -47,15 +47,17 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "selected_indices": (0, 0, 0, 0),
     },
     "vitl": {
-        "type": "VisionTransformer", "structure_type": "jx_vit_large_p16_384", "img_size": (512, 512),
-        "out_indices": (9, 14, 19, 23), "norm_cfg": {"type": "LayerNorm", "eps": 1e-6},
+        "type": "VisionTransformer", "structure_type": "jx_vit_large_p16_384",
+        "img_size": (512, 512), "out_indices": (9, 14, 19, 23),
+        "norm_cfg": {"type": "LayerNorm", "eps": 1e-6},
         "selected_indices": (0, 1, 2, 3), "patch_size": 16, "embed_dims": 1024, "num_layers": 24,
         "num_heads": 16, "mlp_ratio": 4, "qkv_bias": True, "drop_rate": 0.0, "attn_drop_rate": 0.0,
         "drop_path_rate": 0.0, "with_cls_token": True, "output_cls_token": False,
         "patch_norm": False, "final_norm": False, "num_fcs": 2,
     },
 }
-HEAD_IN_CHANNELS = {"r50": 2048, "r101": 2048, "s101": 2048, "hrnet48": 48 + 96 + 192 + 384, "vitl": 1024}
+HEAD_IN_CHANNELS = {"r50": 2048, "r101": 2048, "s101": 2048, "hrnet48": 48 + 96 + 192 + 384,
+                    "vitl": 1024}
 AUXILIARY = {
     "r50": ((1024, 1, None),),
     "r101": ((1024, 1, None),),
@@ -125,8 +127,8 @@ def whole(scales=(1,), flip: bool = False, probs: bool = False) -> dict[str, Any
 
 def slide(crop, scales=(1,), flip: bool = False, probs: bool = True) -> dict[str, Any]:
     """Inference in ``crop``-sized windows 341 pixels apart, at each of ``scales``."""
-    return {"mode": "slide", "cropsize": list(crop), "stride": [341, 341], "multiscale": list(scales),
-            "flip": flip, "use_probs_before_resize": probs}
+    return {"mode": "slide", "cropsize": list(crop), "stride": [341, 341],
+            "multiscale": list(scales), "flip": flip, "use_probs_before_resize": probs}
 
 
 def model(backbone: str, *, num_classes: int, memory_base_lr: float) -> ml_collections.ConfigDict:
@@ -152,7 +154,8 @@ def model(backbone: str, *, num_classes: int, memory_base_lr: float) -> ml_colle
 
 
 def dataset(name: str, *, num_classes: int, train_set: str, eval_set: str, output_size, crop_size,
-            scale_range=(0.5, 2.0), test_size=None, keep_ratio: bool = True) -> ml_collections.ConfigDict:
+            scale_range=(0.5, 2.0), test_size=None,
+            keep_ratio: bool = True) -> ml_collections.ConfigDict:
     """``config.dataset``: where the data is and the train / test pipelines.
 
     Training: random scale of ``output_size`` by ``scale_range`` -> crop -> flip -> [rotate] ->
@@ -181,7 +184,10 @@ def dataset(name: str, *, num_classes: int, train_set: str, eval_set: str, outpu
             "photometric_distortion": True,
             "pad_size": crop_size,
         },
-        "test": {"output_size": output_size if test_size is None else test_size, "keep_ratio": keep_ratio},
+        "test": {
+            "output_size": output_size if test_size is None else test_size,
+            "keep_ratio": keep_ratio,
+        },
     })
 
 
@@ -201,11 +207,12 @@ def train(*, batch_size: int, num_epochs: int, lr: float, weight_decay: float,
             "lr": lr,
             "momentum": 0.9,
             "weight_decay": weight_decay,
-            # per parameter subtree, e.g. {"backbone_net": {"lr_multiplier": 0.1, "wd_multiplier": 1.0}}
+            # per parameter subtree, e.g. VIT_PARAM_RULES
             "param_rules": {},
         },
         # lr_t = (lr - min_lr) * (1 - t / T) ** power + min_lr
-        "schedule": {"name": "poly", "power": 0.9, "min_lr": lr * 0.01 if min_lr is None else min_lr},
+        "schedule": {"name": "poly", "power": 0.9,
+                     "min_lr": lr * 0.01 if min_lr is None else min_lr},
         "seed": 0,
         "log_every": 50,  # iterations
         "checkpoint_every": 1,  # epochs
@@ -247,5 +254,5 @@ def experiment(name: str, *, model: ml_collections.ConfigDict, dataset: ml_colle
                dtype: str = "float32") -> ml_collections.ConfigDict:
     """The experiment config: ``name``, ``model``, ``dataset``, ``train``, ``eval`` and the
     compute ``dtype`` ('float32' or 'bfloat16'; parameters, memory and statistics stay float32)."""
-    return ml_collections.ConfigDict({"name": name, "model": model, "dataset": dataset, "train": train,
-                                      "eval": evaluation, "dtype": dtype})
+    return ml_collections.ConfigDict({"name": name, "model": model, "dataset": dataset,
+                                      "train": train, "eval": evaluation, "dtype": dtype})

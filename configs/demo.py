@@ -27,15 +27,15 @@ def get_config() -> ml_collections.ConfigDict:
             "use_conv3x3_stem": True, "base_channels": 16, "stem_channels": 16,
             "selected_indices": (0, 1, 2, 3), "remat": False,
         },
-        "head": common.head(in_channels=128, feats_channels=64, transform_channels=32, out_channels=64,
-                            memory_base_lr=lr),
+        "head": common.head(in_channels=128, feats_channels=64, transform_channels=32,
+                            out_channels=64, memory_base_lr=lr),
         "auxiliary": [common.auxiliary(64, out_channels=64)],
         "loss_weights": {"stage1": 0.4, "stage2": 1.0, "aux": [0.4]},
         "inference": common.whole(),
     })
     # the head sees 8x8 maps: small rates instead of the released (1, 12, 24, 36)
     model.head.context_dilations = [1, 2, 3, 4]
-    model.head.use_memory_loss = True  # exercised here (the released recipes use it for ADE20k only)
+    model.head.use_memory_loss = True  # exercised here (the released recipes: ADE20k only)
 
     dataset = ml_collections.ConfigDict({
         "name": "synthetic",
@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.log_every = 32
     train.eval_every = 5  # epochs; the best evaluation is kept in WORKDIR/checkpoints/best
     train.num_replicas = 1
-    evaluation = ml_collections.ConfigDict(
-        {"batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False, "checkpoint": ""})
+    evaluation = ml_collections.ConfigDict({
+        "batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False,
+        "checkpoint": "",
+    })
     return common.experiment("mcibi_r18_synthetic_demo", model=model, dataset=dataset, train=train,
                              evaluation=evaluation)

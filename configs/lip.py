@@ -1,6 +1,7 @@
 """MCIBI on LIP (human parsing: 20 classes; train / val), 473x473 crops.
 
-    python -m mcibi_jax.main --config=configs/lip.py:r50 --workdir=DIR --config.dataset.root=data/lip
+    python -m mcibi_jax.main --config=configs/lip.py:r50 --workdir=DIR \\
+        --config.dataset.root=data/lip
 
 Args (``configs/lip.py:<arg>``): the backbones of PUBLISHED_MIOU below.
 ``--config.eval.use_tta=True`` evaluates with flip (``eval.tta_*``).

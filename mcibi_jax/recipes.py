@@ -40,8 +40,8 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     (naming the choices) for a combination never released.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone {backbone!r}; "
-                         f"datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone "
+                         f"{backbone!r}; datasets: {', '.join(DATASETS)}")
     config = _config_module(dataset).get_config(backbone)
     config.lock()
     return config
