@@ -32,17 +32,17 @@ Commonly changed (all overridable with ``--config.<key>=<value>``):
 
 import ml_collections
 
+from mcibi_jax.configs import ade20k
 from mcibi_jax.data.datasets.custom import root_fields
-from mcibi_jax.recipes import released_config
 
 DEFAULT_ROOT = "data/custom"
-BACKBONES = ("r50", "r101", "s101", "hrnet48", "vitl")
+BACKBONES = ade20k.BACKBONES
 
 
 def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     if arg not in BACKBONES:
         raise ValueError(f"configs/custom_template.py:{arg}: choose a backbone from {', '.join(BACKBONES)}")
-    config = released_config("ade20k", arg)
+    config = ade20k.get_config(arg)
     fields = root_fields(DEFAULT_ROOT)
     crop = ml_collections.FieldReference((512, 512), field_type=tuple)
 

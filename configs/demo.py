@@ -11,13 +11,15 @@ a ResNet-18-D8 with narrow stages (16-32-64-128 channels), a narrow MCIBI head a
 
 import ml_collections
 
+from mcibi_jax.configs import common
+
 NUM_CLASSES = 4
 IMAGE_SIZE = (64, 64)
 
 
 def get_config() -> ml_collections.ConfigDict:
     lr = 0.02
-    model = {
+    model = ml_collections.ConfigDict({
         "num_classes": NUM_CLASSES,
         "align_corners": False,
         "backbone": {
@@ -25,61 +27,32 @@ def get_config() -> ml_collections.ConfigDict:
             "use_conv3x3_stem": True, "base_channels": 16, "stem_channels": 16,
             "selected_indices": (0, 1, 2, 3), "remat": False,
         },
-        "head": {
-            "in_channels": 128,
-            "feats_channels": 64,
-            "transform_channels": 32,
-            "out_channels": 64,
-            "num_feats_per_cls": 1,
-            "use_hard_aggregate": False,
-            "dropout": 0.1,
-            "negative_slope": 0.0,
-            "downsample_stride": 1,
-            # the head sees 8x8 maps: small rates instead of the released (1, 12, 24, 36)
-            "context_dilations": [1, 2, 3, 4],
-            "level_norm_channels": [],
-            "level_norm_eps": 1e-6,
-            # exercised here (the released recipes use it for ADE20k only)
-            "use_memory_loss": True,
-            "memory_loss_weight": 1.0,
-            "update": {
-                "strategy": "cosine_similarity",
-                "ignore_label": -100,
-                "base_momentum": 0.9,
-                "base_lr": lr,
-                "adjust_by_learning_rate": True,
-            },
-        },
-        "auxiliary": [{"in_channels": 64, "out_channels": 64, "dropout": 0.1, "num_convs": 1, "upsample_scale": None}],
+        "head": common.head(in_channels=128, feats_channels=64, transform_channels=32,
+                            out_channels=64, memory_base_lr=lr),
+        "auxiliary": [common.auxiliary(64, out_channels=64)],
         "loss_weights": {"stage1": 0.4, "stage2": 1.0, "aux": [0.4]},
-        "inference": {"mode": "whole", "cropsize": [], "stride": [], "multiscale": [1], "flip": False,
-                      "use_probs_before_resize": False},
-    }
-    dataset = {
+        "inference": common.whole(),
+    })
+    # the head sees 8x8 maps: small rates instead of the released (1, 12, 24, 36)
+    model.head.context_dilations = [1, 2, 3, 4]
+    model.head.use_memory_loss = True  # exercised here (the released recipes: ADE20k only)
+
+    dataset = ml_collections.ConfigDict({
         "name": "synthetic",
         "num_classes": NUM_CLASSES,
-        "ignore_label": -100,
+        "ignore_label": common.IGNORE_LABEL,
         "image_size": IMAGE_SIZE,
         # generated once per split; the seed makes a split, the class statistics are fixed
         "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
         "test": {"num_images": 128, "seed": 1},
-    }
-    train = {
-        "batch_size": 8,
-        "num_epochs": 10,
-        "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "param_rules": {}},
-        "schedule": {"name": "poly", "power": 0.9, "min_lr": lr * 0.01},
-        "seed": 0,
-        "log_every": 32,
-        "checkpoint_every": 1,  # epochs
-        "keep_checkpoints": 3,
-        "eval_every": 5,  # epochs; the best evaluation is kept in WORKDIR/checkpoints/best
-        "num_replicas": 1,
-        "init_from": "",
-        "ema_decay": 0.0,
-    }
-    eval_ = {"batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False, "checkpoint": ""}
-    return ml_collections.ConfigDict(
-        {"name": "mcibi_r18_synthetic_demo", "model": model, "dataset": dataset, "train": train, "eval": eval_,
-         "dtype": "float32"}
-    )
+    })
+    train = common.train(batch_size=8, num_epochs=10, lr=lr, weight_decay=5e-4)
+    train.log_every = 32
+    train.eval_every = 5  # epochs; the best evaluation is kept in WORKDIR/checkpoints/best
+    train.num_replicas = 1
+    evaluation = ml_collections.ConfigDict({
+        "batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False,
+        "checkpoint": "",
+    })
+    return common.experiment("mcibi_r18_synthetic_demo", model=model, dataset=dataset, train=train,
+                             evaluation=evaluation)

@@ -26,20 +26,28 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(config: ml_collections.ConfigDict, dotted: str) -> None:
-    """Applies ``a.b.c=value`` (value parsed as a Python literal, else kept as a string)."""
-    if "=" not in dotted:
-        raise ConfigError(f"override {dotted!r} is not of the form key=value")
-    key, text = dotted.split("=", 1)
+def _parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(the ConfigDict holding the dotted ``key``, its last part); ConfigError for an unknown key."""
     *parents, leaf = key.strip().split(".")
     node = config
     for i, part in enumerate(parents):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} in override {dotted!r}")
+            raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in {key!r})")
         node = node[part]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        raise ConfigError(f"unknown config key {key!r}; keys here: {known}")
+        raise ConfigError(f"unknown config key {key.strip()!r}; keys here: {known}")
+    return node, leaf
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Applies ``a.b.c=value`` (value parsed as a Python literal, else kept as a string), for
+    :func:`load_config` and the argparse command lines; ``python -m mcibi_jax.main`` and
+    ``data.prepare`` take ``--config.a.b.c=value`` through ``ml_collections.config_flags``."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} is not of the form key=value")
+    key, text = dotted.split("=", 1)
+    node, leaf = _parent_of(config, key)
     value = _parse_value(text)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -79,7 +87,8 @@ def _positional(function: Any) -> tuple[bool, bool]:
 
 
 def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """``load_config("configs/cityscapes.py:r50", ["model.num_classes=7"])``.
+    """``load_config("configs/cityscapes.py:r50", ["model.num_classes=7"])``, locked: setting a
+    key the config lacks is an error (``ConfigDict.lock``).
 
     Raises ConfigError, with a one-line message, for a missing or broken config file, an
     argument the file does not take (or lacks) and an unknown override key.
@@ -110,6 +119,8 @@ def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     except Exception as error:  # e.g. the ValueError of an unknown backbone, which names the choices
         message = _one_line(error)
         raise ConfigError(message if message.startswith(spec) else f"{spec}: {message}") from None
+    if isinstance(config, ml_collections.ConfigDict):
+        config.lock()
     for override in overrides:
         apply_override(config, override)
     return config
@@ -127,14 +138,6 @@ def flag_value(argv: Sequence[str], name: str) -> str | None:
     return value
 
 
-def check_config_flag(argv: Sequence[str]) -> None:
-    """Loads the ``--config`` file of an absl command line ahead of absl's config flag, so that a
-    mistyped path or argument, or a broken file, is a one-line ConfigError instead of a traceback."""
-    spec = flag_value(argv, "config")
-    if spec is not None:
-        load_config(spec)
-
-
 def flags_error_message(error: Exception) -> str:
     """One line for an absl ``flags.Error`` (a missing required flag, an unknown flag, a bad value)."""
     text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -147,35 +150,57 @@ def flags_error_message(error: Exception) -> str:
 
 def parse_absl_command_line(argv: list[str], config_flag: Any, config_argv: list[str],
                             flag_values: Any = None) -> list[str]:
-    """absl ``flags_parser`` of a program with a config-file flag (``--config``) and dotted overrides.
+    """absl ``flags_parser`` of a program with a config-file flag (``--config``) and
+    ``--config.<key>=<value>`` overrides, which ``ml_collections.config_flags`` applies.
 
     ``config_flag`` is the holder ``config_flags.DEFINE_config_file(..., sys_argv=config_argv)``
-    returned: absl sees the command line without the ``--config.<key>=<value>`` overrides (in
-    ``config_argv``), which are applied here after the file is loaded, through
-    :func:`apply_override` (ml_collections would resolve them by attribute, so keys such as
-    ``model.head.update.*`` could not be set). Command-line mistakes (a missing or broken config
-    file, a wrong argument or key, a missing or unknown flag) print one line and exit with status 2.
-    ``flag_values``: where the flags are defined (default ``absl.flags.FLAGS``).
+    returned (its config is locked). Command-line mistakes (a missing or broken config file, a
+    wrong argument, an unknown key, a bad value, a missing or unknown flag) print one line and
+    exit with status 2. ``flag_values``: where the flags are defined (default ``absl.flags.FLAGS``).
     """
     from absl import flags
 
+    _register_list_parser()
     flag_values = flags.FLAGS if flag_values is None else flag_values
     try:
-        rest, overrides = split_overrides(argv)
-        check_config_flag(rest)
+        spec = flag_value(argv, "config")
+        if spec is not None:  # a broken file or unknown key: our one line, not a traceback
+            config = load_config(spec)
+            for key in override_keys(argv):
+                _parent_of(config, key)
     except ConfigError as error:
         usage_error(error)
-    config_argv[:] = rest
+    config_argv[:] = argv
     try:
-        remaining = flag_values(rest)
+        remaining = flag_values(argv)
     except flags.Error as error:
         usage_error(flags_error_message(error))
-    try:
-        for override in overrides:
-            apply_override(config_flag.value, override)
-    except ConfigError as error:
-        usage_error(error)
     return remaining
+
+
+def override_keys(argv: Sequence[str]) -> list[str]:
+    """The keys of the ``--config.<key>[=<value>]`` arguments of a command line."""
+    return [arg.split("config.", 1)[1].split("=", 1)[0] for arg in argv
+            if arg.startswith(("--config.", "-config.", "--noconfig.", "-noconfig."))]
+
+
+def _register_list_parser() -> None:
+    """Lets ``config_flags`` override list fields (``model.inference.multiscale=[0.5, 1.0]``),
+    as it does tuples: the value is a Python literal list or tuple."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    class ListParser(flags.ArgumentParser):
+        def parse(self, argument: Any) -> list:
+            value = _parse_value(argument) if isinstance(argument, str) else argument
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"expected a list such as [1, 2], got {argument!r}")
+            return list(value)
+
+        def flag_type(self) -> str:
+            return "list"
+
+    config_flags.register_flag_parser_for_type(list, ListParser())
 
 
 def usage_error(message: Any) -> NoReturn:

@@ -92,7 +92,7 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
                 "level_norm_eps": float(norm_cfg.get("eps", 1e-5)) if norm_cfg else 1e-6,
                 "use_memory_loss": bool(head.get("use_loss", False)),
                 "memory_loss_weight": float(head.get("loss_cfg", {}).get("scale_factor", 1.0)),
-                "update": {
+                "memory_update": {
                     "strategy": update.get("strategy", "cosine_similarity"),
                     "ignore_label": update.get("ignore_index", -100),
                     "base_momentum": momentum["base_momentum"],

@@ -133,7 +133,10 @@ def test_absl_command_line_parser(broken_configs, capsys):
     _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--bogus=1"), "Unknown command line flag 'bogus'")
     _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.no_such_key=1"),
                      "unknown config key 'train.no_such_key'")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed"), "needs a value")
+    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed"),
+                     "Missing value for flag --config.train.seed")
+    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed=x"),
+                     "flag --config.train.seed=x: invalid literal for int()")
     assert parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed=3") == (0, "")
 
 

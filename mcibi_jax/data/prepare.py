@@ -87,8 +87,8 @@ def _counts(builder: Any) -> str:
     return ", ".join(f"{split}: {info.num_examples}" for split, info in builder.info.splits.items())
 
 
-# The command line absl parses: sys.argv without the --config.<key> overrides (applied by
-# parse_absl_command_line after the file is loaded, with one-line errors).
+# The command line the config flag reads its --config.<key> overrides from (set by
+# parse_absl_command_line, which first checks the file and the keys, with one-line errors).
 _ARGV: list[str] = []
 
 

@@ -14,6 +14,7 @@ from mcibi_jax.models.backbones import build_backbone
 from mcibi_jax.models.decoders import AuxiliaryDecoder, ClassifierDecoder
 from mcibi_jax.models.layers import ConvBNReLU
 from mcibi_jax.models.memory import MemoryModule
+from mcibi_jax.models.settings import Auxiliary, Head, auxiliaries_of, head_of
 
 Array = jax.Array
 
@@ -37,9 +38,9 @@ class LevelNorms(nn.Module):
 class AuxiliaryDecoders(nn.Module):
     """Several auxiliary heads (children "0", "1", ...) on the last levels but one."""
 
-    configs: Sequence[Mapping[str, Any]]
+    configs: Sequence[Auxiliary]
     num_classes: int
-    negative_slope: float = 0.0
+    negative_slope: float
     dtype: Any = None
 
     @nn.compact
@@ -51,15 +52,14 @@ class AuxiliaryDecoders(nn.Module):
         ]
 
 
-def _auxiliary_decoder(
-    cfg: Mapping[str, Any], num_classes: int, negative_slope: float, dtype: Any, name: str | None
-) -> AuxiliaryDecoder:
+def _auxiliary_decoder(cfg: Auxiliary, num_classes: int, negative_slope: float, dtype: Any,
+                       name: str | None) -> AuxiliaryDecoder:
     return AuxiliaryDecoder(
-        out_channels=cfg["out_channels"],
+        out_channels=cfg.out_channels,
         num_classes=num_classes,
-        num_convs=cfg.get("num_convs", 1),
-        dropout=cfg.get("dropout", 0.1),
-        upsample_scale=cfg.get("upsample_scale"),
+        num_convs=cfg.num_convs,
+        dropout=cfg.dropout,
+        upsample_scale=cfg.upsample_scale,
         negative_slope=negative_slope,
         dtype=dtype,
         name=name,
@@ -67,7 +67,7 @@ def _auxiliary_decoder(
 
 
 class MCIBI(nn.Module):
-    """The full model. Fields follow ``config.model`` (see ``configs/``).
+    """The full model, built by :func:`build_model` from ``config.model`` (see ``configs/``).
 
     ``__call__(images (N, H, W, 3), train, labels, memory_momentum)`` returns a dict with the
     logits of both stages ``stage1``/``stage2`` (N, h, w, K) at head resolution, the
@@ -78,58 +78,55 @@ class MCIBI(nn.Module):
     """
 
     num_classes: int
-    backbone: Mapping[str, Any]
-    head: Mapping[str, Any]
-    auxiliary: Sequence[Mapping[str, Any]] = ()
-    align_corners: bool = False
+    backbone: Mapping[str, Any]  # build_backbone's options, in the reference's words
+    head: Head
+    auxiliary: tuple[Auxiliary, ...]
+    align_corners: bool
     dtype: Any = None
 
     def setup(self):
-        head = self.head
-        slope = float(head.get("negative_slope", 0.0))
+        head, slope = self.head, self.head.negative_slope
         self.backbone_net = build_backbone(self.backbone, dtype=self.dtype)
-        norm_channels = tuple(head.get("level_norm_channels", ()))
-        if norm_channels:
-            self.norm_layers = LevelNorms(len(norm_channels), head.get("level_norm_eps", 1e-6))
-        if head.get("downsample_stride", 1) > 1:
+        if head.level_norm_channels:
+            self.norm_layers = LevelNorms(len(head.level_norm_channels), head.level_norm_eps)
+        if head.downsample_stride > 1:
             self.downsample_backbone = ConvBNReLU(
-                head["in_channels"], 3, stride=head["downsample_stride"], padding=1, negative_slope=slope, dtype=self.dtype
+                head.in_channels, 3, stride=head.downsample_stride, padding=1, negative_slope=slope, dtype=self.dtype
             )
-        if head.get("context_dilations"):
+        if head.context_dilations:
             self.context_within_image_module = ASPP(
-                head["feats_channels"], tuple(head["context_dilations"]), self.align_corners, slope, dtype=self.dtype
+                head.feats_channels, head.context_dilations, self.align_corners, slope, dtype=self.dtype
             )
-        self.bottleneck = ConvBNReLU(head["feats_channels"], 3, negative_slope=slope, dtype=self.dtype)
+        self.bottleneck = ConvBNReLU(head.feats_channels, 3, negative_slope=slope, dtype=self.dtype)
         self.memory_module = MemoryModule(
             num_classes=self.num_classes,
-            feats_channels=head["feats_channels"],
-            transform_channels=head["transform_channels"],
-            out_channels=head["out_channels"],
-            num_feats_per_cls=head.get("num_feats_per_cls", 1),
-            use_context_within_image=bool(head.get("context_dilations")),
-            use_hard_aggregate=head.get("use_hard_aggregate", False),
-            update_strategy=head.get("update", {}).get("strategy", "cosine_similarity"),
-            ignore_label=head.get("update", {}).get("ignore_label", -100),
+            feats_channels=head.feats_channels,
+            transform_channels=head.transform_channels,
+            out_channels=head.out_channels,
+            num_feats_per_cls=head.num_feats_per_cls,
+            use_context_within_image=bool(head.context_dilations),
+            use_hard_aggregate=head.use_hard_aggregate,
+            update_strategy=head.memory_update.strategy,
+            ignore_label=head.memory_update.ignore_label,
             align_corners=self.align_corners,
             negative_slope=slope,
             dtype=self.dtype,
         )
-        dropout = head.get("dropout", 0.1)
-        self.decoder_stage1 = ClassifierDecoder(head["feats_channels"], self.num_classes, dropout, slope, self.dtype)
-        self.decoder_stage2 = ClassifierDecoder(head["out_channels"], self.num_classes, dropout, slope, self.dtype)
+        self.decoder_stage1 = ClassifierDecoder(head.feats_channels, self.num_classes, head.dropout, slope, self.dtype)
+        self.decoder_stage2 = ClassifierDecoder(head.out_channels, self.num_classes, head.dropout, slope, self.dtype)
         if len(self.auxiliary) == 1:
             self.auxiliary_decoder = _auxiliary_decoder(self.auxiliary[0], self.num_classes, slope, self.dtype, None)
         elif len(self.auxiliary) > 1:
-            self.auxiliary_decoder = AuxiliaryDecoders(tuple(self.auxiliary), self.num_classes, slope, self.dtype)
+            self.auxiliary_decoder = AuxiliaryDecoders(self.auxiliary, self.num_classes, slope, self.dtype)
 
     def backbone_levels(self, images: Array, train: bool) -> list[Array]:
         """Backbone outputs picked by ``selected_indices``, normalised and downsampled."""
         outputs = self.backbone_net(images.astype(self.dtype or jnp.float32), train)
         indices = self.backbone.get("selected_indices") or tuple(range(len(outputs)))
         levels = [outputs[i] for i in indices]
-        if self.head.get("level_norm_channels"):
+        if self.head.level_norm_channels:
             levels = self.norm_layers(levels)
-        if self.head.get("downsample_stride", 1) > 1:
+        if self.head.downsample_stride > 1:
             levels = [self.downsample_backbone(x, train) for x in levels]
         return levels
 
@@ -143,7 +140,7 @@ class MCIBI(nn.Module):
     ) -> dict[str, Any]:
         levels = self.backbone_levels(images, train)
         top = levels[-1]
-        context = self.context_within_image_module(top, train) if self.head.get("context_dilations") else None
+        context = self.context_within_image_module(top, train) if self.head.context_dilations else None
         features = self.bottleneck(top, train)
         stage1 = self.decoder_stage1(features, train)
         fused, replica_memories = self.memory_module(features, stage1, context, train, labels, memory_momentum, num_replicas)
@@ -162,14 +159,15 @@ class MCIBI(nn.Module):
 
 
 def build_model(model_config: Mapping[str, Any], dtype: Any = None) -> MCIBI:
-    """The MCIBI module described by ``config.model``."""
-    cfg = _to_plain(model_config)
+    """The MCIBI module described by ``config.model`` (every key of it, see configs/common.py).
+
+    ConfigError for a missing or unknown head / auxiliary key."""
     return MCIBI(
-        num_classes=cfg["num_classes"],
-        backbone=cfg["backbone"],
-        head=cfg["head"],
-        auxiliary=tuple(cfg.get("auxiliary") or ()),
-        align_corners=cfg.get("align_corners", False),
+        num_classes=int(model_config["num_classes"]),
+        backbone=_to_plain(model_config["backbone"]),
+        head=head_of(model_config["head"]),
+        auxiliary=auxiliaries_of(model_config["auxiliary"]),
+        align_corners=bool(model_config["align_corners"]),
         dtype=dtype,
     )
 

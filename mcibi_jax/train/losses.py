@@ -55,7 +55,7 @@ def segmentation_losses(
 
     losses = {}
     aux = outputs.get("aux", ())
-    aux_weights = tuple(loss_weights.get("aux", ()))
+    aux_weights = tuple(loss_weights["aux"])
     if len(aux) != len(aux_weights):
         raise ValueError(f"{len(aux)} auxiliary outputs but {len(aux_weights)} auxiliary loss weights")
     if len(aux) == 1:

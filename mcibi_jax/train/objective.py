@@ -27,11 +27,11 @@ def with_memory(memory_collection: Mapping[str, Any], memory: Array) -> dict:
     return {**memory_collection, "memory_module": {**memory_collection["memory_module"], "memory": memory}}
 
 
-def memory_momentum_of(model_config: Mapping[str, Any], learning_rate: Array | float) -> Array | float:
-    """The memory update's momentum at ``learning_rate`` (``model.head.update`` settings)."""
-    update = model_config["head"]["update"]
-    return memory_momentum(learning_rate, base_momentum=update["base_momentum"], base_lr=update["base_lr"],
-                           adjust_by_learning_rate=update["adjust_by_learning_rate"])
+def memory_momentum_of(model: MCIBI, learning_rate: Array | float) -> Array | float:
+    """The memory update's momentum at ``learning_rate`` (``model.head.memory_update`` settings)."""
+    update = model.head.memory_update
+    return memory_momentum(learning_rate, base_momentum=update.base_momentum, base_lr=update.base_lr,
+                           adjust_by_learning_rate=update.adjust_by_learning_rate)
 
 
 def loss_and_updates(
@@ -62,10 +62,10 @@ def loss_and_updates(
     memory updates averaged, synchronised BatchNorm over the whole batch. It depends only on
     R, not on how many devices run this function.
     """
-    head = model_config["head"]
+    head = model.head
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params, "batch_stats": batch_stats, "memory": memory_collection}
-    momentum = memory_momentum_of(model_config, learning_rate)
+    momentum = memory_momentum_of(model, learning_rate)
     outputs, mutated = model.apply(
         variables, images, train=True, labels=labels, memory_momentum=momentum, num_replicas=num_replicas,
         rngs=rngs, mutable=["batch_stats"],
@@ -74,16 +74,16 @@ def loss_and_updates(
     replica_memories = outputs["replica_memories"]
     losses = segmentation_losses(
         outputs, labels, model_config["loss_weights"], ignore_label=ignore_label,
-        align_corners=model_config.get("align_corners", False), num_replicas=num_replicas,
+        align_corners=model.align_corners, num_replicas=num_replicas,
     )
 
-    if head.get("use_memory_loss", False):
+    if head.use_memory_loss:
         memory_logits, mutated = model.apply(
             {"params": params, "batch_stats": new_batch_stats, "memory": memory_collection},
             replica_memories, train=True, rngs=rngs, mutable=["batch_stats"], method=MCIBI.classify_memory,
         )
         after_first_epoch = jnp.asarray(epoch) > 1
-        value = memory_loss(memory_logits, replica_memories.shape[2], head.get("memory_loss_weight", 1.0), num_replicas)
+        value = memory_loss(memory_logits, replica_memories.shape[2], head.memory_loss_weight, num_replicas)
         losses["loss_memory"] = jnp.where(after_first_epoch, value, 0.0)
         new_batch_stats = jax.tree_util.tree_map(
             lambda after, before: jnp.where(after_first_epoch, after, before), mutated["batch_stats"], new_batch_stats

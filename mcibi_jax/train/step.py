@@ -64,7 +64,7 @@ def train_step(
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, memory=memory, opt_state=opt_state)
     if ema_decay > 0 and state.ema_params is not None:
         new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.variables, ema_decay))
-    momentum = jnp.asarray(memory_momentum_of(model_config, lr), jnp.float32)
+    momentum = jnp.asarray(memory_momentum_of(model, lr), jnp.float32)
     metrics = {"loss": total, "lr": lr, "memory_momentum": momentum, "epoch": epoch, **losses}
     return new_state, metrics
 
