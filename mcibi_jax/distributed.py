@@ -193,14 +193,16 @@ def is_main_process() -> bool:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """``tree`` copied to every device of ``mesh`` (``PartitionSpec()``), from one or many processes.
 
-    With one process this is ``jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))``.
+    With one process this is ``jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))``, always
+    a copy: the training step donates (overwrites) the state it is given, and the caller's arrays
+    must survive that.
     With several, where ``device_put`` refuses devices of other processes, every process must
     call it with the same values (the same seed gives the same initialisation); each puts its
     own copy on its local devices. Typed PRNG keys are handled.
     """
     sharding = NamedSharding(mesh, PartitionSpec())
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        return jax.device_put(tree, sharding, may_alias=False)
 
     def put(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

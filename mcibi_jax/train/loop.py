@@ -16,6 +16,7 @@ from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
 from mcibi_jax.distributed import replicate
+from mcibi_jax.host_memory import release_free_host_memory
 from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
 
 Batch = Mapping[str, np.ndarray]
@@ -151,6 +152,7 @@ def train(
                 compiled_at = window_start = time.perf_counter()
                 window_first_step = step  # the compilation does not count toward the speed
                 log(f"step {step} compiled and ran in {compiled_at - start:.1f}s")
+                release_free_host_memory()  # what the compiler freed
                 progress.restart_clock()
             if step % log_every == 0 or step == total_steps:
                 window.append(check(*pending))

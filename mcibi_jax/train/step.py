@@ -69,6 +69,13 @@ def train_step(
     return new_state, metrics
 
 
+# XLA:CPU's default schedule, made for running independent ops concurrently, computes the
+# parameter-only work of the step (transposed kernels for the backward pass, the gradient-free
+# part of the SGD update) early in the forward pass and keeps it until it is used: R-50 at
+# 2x256x256 needs 1.46 GiB of scratch that way, 0.84 GiB in the memory-minimising order.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
 def data_mesh(devices: list | None = None) -> Mesh:
     """A 1-D mesh ``('data',)`` over the devices (default: all of them)."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
@@ -107,13 +114,13 @@ def make_train_step(
         steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas, ema_decay=ema_decay,
     )
     state_sharding, data = replicated(mesh), batch_sharding(mesh)
-    # Donating the old state halves the memory on accelerators; CPU cannot use donations.
-    donate = () if all(d.platform == "cpu" for d in mesh.devices.flat) else (0,)
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     return jax.jit(
         step,
         in_shardings=(state_sharding, data, state_sharding),
         out_shardings=(state_sharding, state_sharding),
-        donate_argnums=donate,
+        donate_argnums=(0,),  # the new state is written into the old one's buffers
+        compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
     )
 
 
