@@ -144,25 +144,27 @@ def batches(
 
 
 class SyntheticData:
-    """``config.dataset``'s generated ``train`` and ``test`` splits (``seed``, ``num_images``
-    each; ``image_size``, ``num_classes``); see :class:`mcibi_jax.data.experiment_data.ExperimentData`."""
+    """``config.dataset``'s generated splits (``train`` and ``test``: ``seed``, ``num_images``
+    each; ``image_size``, ``num_classes``), ``train_set`` for training and ``eval_set`` for
+    evaluation; see :class:`mcibi_jax.data.experiment_data.ExperimentData`."""
 
     def __init__(self, config: Mapping[str, Any]):
         self._config = config
 
     def _split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         data = self._config["dataset"]
-        return make_split(int(data[which]["seed"]), int(data[which]["num_images"]), tuple(data["image_size"]),
+        split = data[data[which]]
+        return make_split(int(split["seed"]), int(split["num_images"]), tuple(data["image_size"]),
                           int(data["num_classes"]))
 
     def training(self, mesh: Mesh) -> SyntheticTraining:
-        images, labels = self._split("train")
+        images, labels = self._split("train_set")
         train = self._config["train"]
         return SyntheticTraining(images, labels, int(train["batch_size"]), mesh, seed=int(train["seed"]),
                                  flip_prob=float(self._config["dataset"]["train"]["flip_prob"]))
 
     def evaluation(self) -> EvaluationData:
-        images, labels = self._split("test")
+        images, labels = self._split("eval_set")
         share = np.array_split(np.arange(len(images)), jax.process_count())[jax.process_index()]
         mine_images, mine_labels = images[share], labels[share]  # each process scores its own share
         size = max(1, int(self._config["eval"]["batch_size"]))
