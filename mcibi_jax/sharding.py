@@ -48,7 +48,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
     def put(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         host = np.asarray(jax.device_get(x))
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -72,11 +73,13 @@ def global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
         x = np.asarray(x)
         rows = x.shape[0] * jax.process_count()
         if rows % parts:
-            raise ValueError(f"a global batch of {rows} rows ({x.shape[0]} per host) cannot be split over the "
-                             f"{parts} devices of mesh axis {axis!r}; use a batch size that is a multiple of {parts}")
+            raise ValueError(f"a global batch of {rows} rows ({x.shape[0]} per host) cannot be "
+                             f"split over the {parts} devices of mesh axis {axis!r}; use a batch "
+                             f"size that is a multiple of {parts}")
         return jax.make_array_from_process_local_data(sharding, x)
 
     return {key: put(value) for key, value in host_batch.items()}
 
 
-__all__ = ["DATA", "batch_sharding", "data_mesh", "global_batch", "replicate", "replicated_sharding"]
+__all__ = ["DATA", "batch_sharding", "data_mesh", "global_batch", "replicate",
+           "replicated_sharding"]

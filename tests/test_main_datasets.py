@@ -1,4 +1,4 @@
-"""``python -m mcibi_jax.main`` (``mcibi_jax.train.experiment``) on a released recipe reading a (tiny, generated) dataset from disk."""
+"""``mcibi_jax.train.experiment`` on a released recipe reading a (tiny, generated) dataset from disk."""
 
 from __future__ import annotations
 

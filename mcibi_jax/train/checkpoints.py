@@ -233,9 +233,11 @@ class BestCheckpoint:
 
 
 def new_checkpoint_dir(workdir: Path, step: int) -> Path:
-    """WORKDIR/checkpoints/final, or WORKDIR/checkpoints/step_<N>[_<i>] when that is already taken."""
+    """WORKDIR/checkpoints/final, or WORKDIR/checkpoints/step_<N>[_<i>] when that is already
+    taken: an exported checkpoint is never overwritten."""
     root = Path(workdir) / "checkpoints"
-    candidates = [root / "final", root / f"step_{step}"] + [root / f"step_{step}_{i}" for i in range(1, 1000)]
+    candidates = [root / "final", root / f"step_{step}"]
+    candidates += [root / f"step_{step}_{i}" for i in range(1, 1000)]
     for path in candidates:
         if not path.exists() or not any(path.iterdir()):
             return path
@@ -245,10 +247,11 @@ def new_checkpoint_dir(workdir: Path, step: int) -> Path:
 def latest_checkpoint(workdir: Path) -> Path:
     """The newest exported checkpoint under WORKDIR/checkpoints (the best-so-far one aside)."""
     root = Path(workdir) / "checkpoints"
-    found = [p for p in root.glob("*") if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())] \
-        if root.is_dir() else []
+    found = [p for p in root.glob("*")  # nothing when there is no such folder
+             if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())]
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or train_and_eval)")
+        raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or "
+                                "train_and_eval)")
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
@@ -259,6 +262,7 @@ def checkpoint_to_evaluate(workdir: Path, choice: str) -> Path:
         return latest_checkpoint(workdir)
     path = Path(workdir) / "checkpoints" / BEST if choice == BEST else Path(choice).absolute()
     if not path.is_dir():
-        hint = " (it is written when train.eval_every > 0 or in --mode=train_and_eval)" if choice == BEST else ""
+        hint = " (it is written when train.eval_every > 0 or in --mode=train_and_eval)" \
+            if choice == BEST else ""
         raise FileNotFoundError(f"eval.checkpoint={choice!r}: no checkpoint at {path}{hint}")
     return path
