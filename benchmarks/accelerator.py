@@ -177,7 +177,7 @@ def measure_stall(job: dict, context: dict) -> dict:
     from data import REALISTIC_SIZES, SyntheticSource
 
     from mcibi_jax.data import pipeline
-    from mcibi_jax.train.step import shard_batch
+    from mcibi_jax.sharding import global_batch
 
     case, run = context["case"], context["run"]
     config = case.config.copy_and_resolve_references()
@@ -190,7 +190,7 @@ def measure_stall(job: dict, context: dict) -> dict:
     with iter(loader) as iterator:
         def grain_batch() -> Any:
             batch = next(iterator)
-            return shard_batch({"images": batch["image"], "labels": batch["label"]}, case.mesh)
+            return global_batch({"images": batch["image"], "labels": batch["label"]}, case.mesh)
 
         run(2, grain_batch)  # start-up: the first batches and the prefetch threads
         grain_s = run(steps, grain_batch) / steps

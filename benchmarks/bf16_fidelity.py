@@ -39,9 +39,10 @@ def _variables(checkpoint: str | None, config: Any, model: Any, image_size: tupl
 
 
 def _first_batch(config: Any) -> tuple[np.ndarray, np.ndarray]:
-    from mcibi_jax.main import TrainingData
+    from mcibi_jax.data.experiment_data import experiment_data
+    from mcibi_jax.sharding import data_mesh
 
-    batch = next(iter(TrainingData(config).epoch(1)))
+    batch = next(iter(experiment_data(config).training(data_mesh()).epoch(1)))
     return np.asarray(batch["images"], np.float32), np.asarray(batch["labels"], np.int32)
 
 

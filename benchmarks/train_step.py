@@ -37,9 +37,10 @@ from jax.sharding import Mesh
 import mcibi_jax
 from mcibi_jax.config import compute_dtype
 from mcibi_jax.models.segmentor import MCIBI, build_model
+from mcibi_jax.sharding import data_mesh, global_batch, replicated_sharding
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
-from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
+from mcibi_jax.train.step import make_train_step
 
 def peak_memory(device: jax.Device) -> int | None:
     """``peak_bytes_in_use`` of ``device``, or None where the backend keeps no statistics."""
@@ -98,21 +99,21 @@ class TrainCase(NamedTuple):
         """Randomly initialised (or the given) variables and optimizer state, replicated over the mesh."""
         if variables is None:
             variables = init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
-        state = jax.device_put(create_train_state(variables, self.tx), replicated(self.mesh))
+        state = jax.device_put(create_train_state(variables, self.tx), replicated_sharding(self.mesh))
         return jax.block_until_ready(state)
 
     def random_batch(self, seed: int = 0) -> dict:
         """A batch of normal images and uniform labels, split over the mesh."""
         rng = np.random.default_rng(seed)
         height, width = self.size
-        return shard_batch({
+        return global_batch({
             "images": rng.standard_normal((self.batch_size, height, width, 3), dtype=np.float32),
             "labels": rng.integers(0, int(self.config.dataset.num_classes), (self.batch_size, height, width),
                                    dtype=np.int32),
         }, self.mesh)
 
     def dropout_key(self, seed: int = 0) -> jax.Array:
-        return jax.device_put(jax.random.key(seed + 1), replicated(self.mesh))
+        return jax.device_put(jax.random.key(seed + 1), replicated_sharding(self.mesh))
 
 
 def train_case(spec: str, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,

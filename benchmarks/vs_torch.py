@@ -129,16 +129,17 @@ class OurSide:
             self.fn = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
             self.call = lambda: self.fn(self.variables, self.images)
         else:
+            from mcibi_jax.sharding import data_mesh, global_batch, replicated_sharding
             from mcibi_jax.train.optimizer import optimizer_from_config
             from mcibi_jax.train.state import create_train_state
-            from mcibi_jax.train.step import data_mesh, make_train_step, replicated, shard_batch
+            from mcibi_jax.train.step import make_train_step
 
             mesh = data_mesh()
             train_config = config.train.to_dict()
             tx, schedule = optimizer_from_config(variables["params"], train_config, 1000)
-            self.state = jax.device_put(create_train_state(variables, tx), replicated(mesh))
-            self.batch = shard_batch({"images": batch["images"], "labels": batch["labels"]}, mesh)
-            self.key = jax.device_put(jax.random.key(1), replicated(mesh))
+            self.state = jax.device_put(create_train_state(variables, tx), replicated_sharding(mesh))
+            self.batch = global_batch({"images": batch["images"], "labels": batch["labels"]}, mesh)
+            self.key = jax.device_put(jax.random.key(1), replicated_sharding(mesh))
             self.step = make_train_step(model, config.model.to_dict(), tx, schedule, 1000, mesh,
                                         int(config.dataset.get("ignore_label", -100)), 1)
 

@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
         "num_classes": NUM_CLASSES,
         "ignore_label": common.IGNORE_LABEL,
         "image_size": IMAGE_SIZE,
+        "train_set": "train",
+        "eval_set": "test",
         # generated once per split; the seed makes a split, the class statistics are fixed
         "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
         "test": {"num_images": 128, "seed": 1},

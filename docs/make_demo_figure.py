@@ -68,7 +68,7 @@ def figure(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, pale
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from mcibi_jax import load_config
-    from mcibi_jax.main import run
+    from mcibi_jax.train.experiment import run
     from mcibi_jax.predict import class_names, dataset_palette, load_segmenter
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

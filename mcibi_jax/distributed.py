@@ -38,8 +38,6 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 ENV_COORDINATOR = "MCIBI_COORDINATOR"
 ENV_NUM_PROCESSES = "MCIBI_NUM_PROCESSES"
@@ -190,29 +188,6 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` copied to every device of ``mesh`` (``PartitionSpec()``), from one or many processes.
-
-    With one process this is ``jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))``, always
-    a copy: the training step donates (overwrites) the state it is given, and the caller's arrays
-    must survive that.
-    With several, where ``device_put`` refuses devices of other processes, every process must
-    call it with the same values (the same seed gives the same initialisation); each puts its
-    own copy on its local devices. Typed PRNG keys are handled.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec())
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding, may_alias=False)
-
-    def put(x: Any) -> jax.Array:
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-        host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
 # Keys of the coordination service's key-value store through which the processes of a run
 # learn that one of them failed (failure reports, and what process 0 has shown).
 _FAILED = "mcibi/failed/"
@@ -334,5 +309,5 @@ def describe() -> str:
             f"{jax.device_count()} {jax.default_backend()} device(s)")
 
 
-__all__ = ["DistributedConfigError", "describe", "fail_all", "initialize", "is_main_process", "managed_cluster", "replicate",
+__all__ = ["DistributedConfigError", "describe", "fail_all", "initialize", "is_main_process", "managed_cluster",
            "resolve_settings", "watch_peers"]

@@ -351,7 +351,7 @@ def workdir_checkpoint(path: Path) -> Path:
     best checkpoint, else its newest one."""
     if (path / "_METADATA").exists() or not (path / "checkpoints").is_dir():
         return path
-    from mcibi_jax.main import BEST, latest_checkpoint
+    from mcibi_jax.train.checkpoints import BEST, latest_checkpoint
 
     best = path / "checkpoints" / BEST
     chosen = best if (best / "_METADATA").exists() else latest_checkpoint(path)

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcibi_jax import main
 from mcibi_jax.porting.port import load_variables
 from mcibi_jax.train import checkpoints
 from mcibi_jax.train.checkpoints import TrainCheckpoints
+from mcibi_jax.train.experiment import run
 from mcibi_jax.train.state import create_train_state
 from tests.helpers import write_ade20k
 from tests.helpers import REPO, subprocess_env
@@ -63,8 +63,8 @@ def test_save_returns_before_the_files_are_written(tmp_path, monkeypatch, caplog
 
 KILLED_IN_SAVE = textwrap.dedent("""
     import os, signal, sys
-    from mcibi_jax import main
     from mcibi_jax.train import checkpoints
+    from mcibi_jax.train.experiment import run
     from tests.helpers import tiny_ade20k_config
 
     original, calls = checkpoints.ProcessDataHandler.write, []
@@ -78,7 +78,7 @@ KILLED_IN_SAVE = textwrap.dedent("""
     checkpoints.ProcessDataHandler.write = staticmethod(write)
     config = tiny_ade20k_config(sys.argv[1])
     config.train.num_epochs = 3
-    main.run(config, sys.argv[2], mode="train", log=print)
+    run(config, sys.argv[2], mode="train", log=print)
 """)
 
 
@@ -86,7 +86,7 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_checkpoint_before(tmp_p
     write_ade20k(tmp_path / "ade")
     config = tiny_ade20k_config(tmp_path / "ade")
     config.train.num_epochs = 3
-    straight = main.run(config, tmp_path / "a", mode="train", log=lambda _: None)
+    straight = run(config, tmp_path / "a", mode="train", log=lambda _: None)
 
     proc = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, str(tmp_path / "ade"), str(tmp_path / "b")], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -95,7 +95,7 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_checkpoint_before(tmp_p
     assert "1" in names and "2" in names and "3" not in names and any(".orbax-checkpoint-tmp" in n for n in names), names
 
     lines = []
-    resumed = main.run(config, tmp_path / "b", mode="train", log=lines.append)
+    resumed = run(config, tmp_path / "b", mode="train", log=lines.append)
     assert any(f"resuming from {tmp_path / 'b' / 'train_state'} at step 2" in line for line in lines), lines
     assert not any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "b" / "train_state").iterdir())
     a, b = load_variables(straight["checkpoint"], config), load_variables(resumed["checkpoint"], config)

@@ -23,10 +23,10 @@ WORKER = textwrap.dedent("""
     import mcibi_jax
     from mcibi_jax.data import synthetic
     from mcibi_jax.models.segmentor import build_model
-    from mcibi_jax.distributed import replicate
     from mcibi_jax.train.optimizer import optimizer_from_config
     from mcibi_jax.train.state import create_train_state, init_variables
-    from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
+    from mcibi_jax.sharding import data_mesh, global_batch, replicate
+    from mcibi_jax.train.step import make_train_step
     from tests.helpers import DEMO_CONFIG, DEMO_FAST
 
     STEPS = int(sys.argv[1])
@@ -50,7 +50,7 @@ WORKER = textwrap.dedent("""
         out = []
         for i in range(STEPS):
             batch = {"images": images[2 * i:2 * i + 2].astype(dtype), "labels": labels[2 * i:2 * i + 2]}
-            state, metrics = step(state, shard_batch(batch, mesh), key)
+            state, metrics = step(state, global_batch(batch, mesh), key)
             out.append(float(metrics["loss"]))
         return out
 

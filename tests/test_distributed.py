@@ -31,7 +31,8 @@ WORKER = textwrap.dedent("""
     reduce = jax.jit(lambda a: (a.sum(), a.mean(axis=0)), out_shardings=NamedSharding(mesh, P()))
     total, column_mean = reduce(x)
     # the same host values on both processes -> one replicated global tree (a typed key included)
-    tree = distributed.replicate({"w": np.arange(3, dtype=np.float32), "step": np.int32(5), "key": jax.random.key(7)}, mesh)
+    from mcibi_jax.sharding import replicate
+    tree = replicate({"w": np.arange(3, dtype=np.float32), "step": np.int32(5), "key": jax.random.key(7)}, mesh)
     combine = jax.jit(lambda t, a: (a * t["w"]).sum() + t["step"] + jax.random.uniform(t["key"]),
                       out_shardings=NamedSharding(mesh, P()))
     combined = combine(tree, x)
@@ -93,7 +94,9 @@ def test_replicate_in_one_process():
     from jax.sharding import Mesh
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    tree = distributed.replicate({"a": np.ones((2, 2), np.float32), "key": jax.random.key(0)}, mesh)
+    from mcibi_jax.sharding import replicate
+
+    tree = replicate({"a": np.ones((2, 2), np.float32), "key": jax.random.key(0)}, mesh)
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(tree))
     np.testing.assert_array_equal(tree["a"], np.ones((2, 2)))
 

@@ -12,7 +12,7 @@ import optax
 
 from mcibi_jax import port
 from mcibi_jax.config import load_config
-from mcibi_jax.main import run
+from mcibi_jax.train.experiment import run
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.convert import variables_to_state_dict
 from mcibi_jax.porting.port import load_variables
@@ -110,7 +110,7 @@ def test_bad_decay_is_a_config_error():
     import pytest
 
     from mcibi_jax.config import ConfigError
-    from mcibi_jax.main import check_train_config
+    from mcibi_jax.train.experiment import check_train_config
 
     config = load_config(DEMO, [])
     check_train_config(config)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mcibi_jax import load_config
-from mcibi_jax.main import BEST, checkpoint_to_evaluate, latest_checkpoint, run
-from mcibi_jax.train.checkpoints import BestCheckpoint
+from mcibi_jax.train.checkpoints import BEST, BestCheckpoint, checkpoint_to_evaluate, latest_checkpoint
+from mcibi_jax.train.experiment import run
 from tests.helpers import DEMO_CONFIG, DEMO_FAST
 from tests.helpers import REPO, subprocess_env
 

@@ -1,4 +1,4 @@
-"""``mcibi_jax.main`` on a released recipe reading a (tiny, generated) dataset from disk."""
+"""``mcibi_jax.train.experiment`` on a released recipe reading a (tiny, generated) dataset from disk."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ import json
 
 import pytest
 
-from mcibi_jax import main
+from mcibi_jax.data.experiment_data import DatasetUnavailable
+from mcibi_jax.train.experiment import run
 from tests.helpers import tiny_ade20k_config, write_ade20k
-
-
 
 
 def test_trains_and_evaluates_a_released_recipe_from_disk(tmp_path):
     write_ade20k(tmp_path / "ade")
     lines = []
-    results = main.run(tiny_ade20k_config(tmp_path / "ade"), tmp_path / "work", log=lines.append)
+    results = run(tiny_ade20k_config(tmp_path / "ade"), tmp_path / "work", log=lines.append)
     assert results["train"]["steps"] == 2  # 2 training images, batch 2, 2 epochs
     assert results["eval"]["num_images"] == 1
     assert 0.0 <= results["eval"]["aAcc"] <= 100.0
@@ -25,5 +24,5 @@ def test_trains_and_evaluates_a_released_recipe_from_disk(tmp_path):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(main.DatasetUnavailable, match="docs/datasets.md"):
-        main.run(tiny_ade20k_config(tmp_path / "nowhere"), tmp_path / "work", log=lambda _: None)
+    with pytest.raises(DatasetUnavailable, match="docs/datasets.md"):
+        run(tiny_ade20k_config(tmp_path / "nowhere"), tmp_path / "work", log=lambda _: None)

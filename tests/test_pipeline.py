@@ -206,7 +206,7 @@ def test_ade20k_layout_with_an_unreadable_jpeg(tmp_path, caplog):
 def test_global_batch_shards_the_batch_axis(tmp_path):
     script = textwrap.dedent("""
         import jax, numpy as np
-        from mcibi_jax.data.pipeline import global_batch
+        from mcibi_jax.sharding import global_batch
         mesh = jax.make_mesh((2,), ("data",))
         batch = {"image": np.arange(4 * 3 * 2 * 3, dtype=np.float32).reshape(4, 3, 2, 3),
                  "label": np.arange(4 * 3 * 2, dtype=np.int32).reshape(4, 3, 2)}

@@ -263,8 +263,9 @@ def test_port_once_and_from_pretrained(release, server, tiny_config, tiny_pth, t
 def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path, capsys):
     from PIL import Image
 
-    from mcibi_jax import main, port, predict
+    from mcibi_jax import port, predict
     from mcibi_jax.porting.port import load_variables
+    from mcibi_jax.train.experiment import initial_variables
 
     _, handler = server
     out = tmp_path / "ported"
@@ -282,7 +283,7 @@ def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path,
 
     config = mcibi_jax.load_config(DEMO, [f"train.init_from='pretrained:{NAME}'"])
     lines = []
-    initial = main._initial_variables(config, lines.append)
+    initial = initial_variables(config, lines.append)
     assert lines[-1] == f"initialised from pretrained:{NAME}"
     for x, y in zip(jax.tree_util.tree_leaves(initial), jax.tree_util.tree_leaves(ported)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -290,7 +291,7 @@ def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path,
 
     bad = mcibi_jax.load_config(DEMO, ["train.init_from='pretrained:ade20k:r18'"])
     with pytest.raises(mcibi_jax.ConfigError, match="no released checkpoint"):
-        main._initial_variables(bad, lines.append)
+        initial_variables(bad, lines.append)
     assert predict.main([f"--input={photos}", f"--output={tmp_path / 'x'}", f"--pretrained={NAME}",
                          "--config.model.num_classes=5"]) == 2
     assert "does not match" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_configs_are_independent():
 
 
 def test_recipes_reproduce_the_reference_on_8_gpus():
-    from mcibi_jax.main import check_train_config
+    from mcibi_jax.train.experiment import check_train_config
 
     for dataset, backbone in RELEASED:
         train = released_config(dataset, backbone).train

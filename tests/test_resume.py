@@ -8,15 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from mcibi_jax import main
+from mcibi_jax.config import ConfigError
 from mcibi_jax.porting.port import load_variables
+from mcibi_jax.train.experiment import run
 from tests.helpers import write_ade20k
 from tests.helpers import tiny_ade20k_config
 
 
 def _train(config, workdir):
     lines = []
-    results = main.run(config, workdir, mode="train", log=lines.append)
+    results = run(config, workdir, mode="train", log=lines.append)
     return results, lines
 
 
@@ -56,7 +57,7 @@ def test_incompatible_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     config.model.head.feats_channels = 24
     try:
         _train(config, tmp_path / "w")
-    except main.ConfigError as error:
+    except ConfigError as error:
         assert "does not fit this config" in str(error) and "--workdir" in str(error)
     else:
         raise AssertionError("expected a ConfigError")
@@ -68,11 +69,11 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     from tests.helpers import DEMO_CONFIG, DEMO_FAST
 
     config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1"])
-    first = main.run(config, tmp_path / "a", mode="train", log=lambda _: None)
+    first = run(config, tmp_path / "a", mode="train", log=lambda _: None)
     tuned = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1", "train.optimizer.lr=0.0", "train.schedule.min_lr=0.0",
                                       "train.optimizer.weight_decay=0.0", f"train.init_from={first['checkpoint']!r}"])
     lines = []
-    second = main.run(tuned, tmp_path / "b", mode="train", log=lines.append)
+    second = run(tuned, tmp_path / "b", mode="train", log=lines.append)
     assert any(line.startswith("initialised from") for line in lines)
     before, after = load_variables(first["checkpoint"], config), load_variables(second["checkpoint"], config)
     for x, y in zip(jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])):
@@ -80,8 +81,8 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
 
     tuned.model.head.feats_channels = 24
     try:
-        main.run(tuned, tmp_path / "c", mode="train", log=lambda _: None)
-    except main.ConfigError as error:
+        run(tuned, tmp_path / "c", mode="train", log=lambda _: None)
+    except ConfigError as error:
         assert "train.init_from" in str(error)
     else:
         raise AssertionError("expected a ConfigError")
@@ -97,11 +98,11 @@ def test_resumed_run_reports_the_whole_run_once(tmp_path):
         return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
     config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=3"])
-    first = main.run(config, tmp_path, mode="train", log=lambda _: None)["train"]
+    first = run(config, tmp_path, mode="train", log=lambda _: None)["train"]
     shutil.rmtree(tmp_path / "train_state" / "24")  # as if the run died during epoch 3
     shutil.rmtree(tmp_path / "checkpoints" / "final")
-    resumed = main.run(config, tmp_path, mode="train", log=lambda _: None)["train"]
-    again = main.run(config, tmp_path, mode="train_and_eval", log=lambda _: None)  # already trained: evaluates
+    resumed = run(config, tmp_path, mode="train", log=lambda _: None)["train"]
+    again = run(config, tmp_path, mode="train_and_eval", log=lambda _: None)  # already trained: evaluates
 
     for results in (resumed, again["train"], json.loads((tmp_path / "results.json").read_text())["train"]):
         assert [h["step"] for h in results["history"]] == [4, 8, 12, 16, 20, 24]
@@ -115,5 +116,5 @@ def test_resumed_run_reports_the_whole_run_once(tmp_path):
     assert saved[-1]["eval/mIoU"] == pytest.approx(again["eval"]["mIoU"])
 
     config.train.optimizer.lr = 0.01  # changed settings are recorded
-    main.run(config, tmp_path, mode="train", log=lambda _: None)
+    run(config, tmp_path, mode="train", log=lambda _: None)
     assert sum("hparams" in r for r in records()) == 2

@@ -18,8 +18,8 @@ from mcibi_jax.models.memory import memory_momentum
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
-from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
-from mcibi_jax.distributed import replicate
+from mcibi_jax.sharding import data_mesh, global_batch, replicate
+from mcibi_jax.train.step import make_train_step
 
 config = load_config("configs/demo.py", ["dataset.image_size=(32, 32)", "train.num_replicas=8"])
 model_config = config.model.to_dict()
@@ -35,7 +35,7 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     tx, schedule = optimizer_from_config(variables["params"], config.train, 10)
     step = make_train_step(model, model_config, tx, schedule, 10, mesh, -100, 8)
     state = replicate(create_train_state(variables, tx), mesh)
-    state, metrics = step(state, shard_batch({"images": images, "labels": labels}, mesh), replicate(jax.random.key(1), mesh))
+    state, metrics = step(state, global_batch({"images": images, "labels": labels}, mesh), replicate(jax.random.key(1), mesh))
     out[name] = {"loss": float(metrics["loss"]),
                  "params": [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(state.params)[:6]],
                  "memory": np.asarray(state.memory["memory_module"]["memory"]).tolist(),

@@ -20,7 +20,8 @@ from mcibi_jax import load_config
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
-from mcibi_jax.train.step import data_mesh, make_train_step
+from mcibi_jax.sharding import data_mesh
+from mcibi_jax.train.step import make_train_step
 
 replicas = int(sys.argv[1])
 config = load_config("configs/demo.py", [f"train.num_replicas={replicas}", "train.batch_size=16"])

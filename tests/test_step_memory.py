@@ -9,14 +9,14 @@ import numpy as np
 
 import mcibi_jax
 from mcibi_jax.data import synthetic
-from mcibi_jax.distributed import replicate
 from mcibi_jax.host_memory import release_free_host_memory
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
-from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch, train_step
+from mcibi_jax.sharding import data_mesh, global_batch, replicate
+from mcibi_jax.train.step import make_train_step, train_step
+from tests.helpers import DEMO_CONFIG
 
-DEMO = "configs/demo.py"
 NARROW = [
     "dataset.image_size=(32, 32)", "train.batch_size=2", "train.num_replicas=1",
     "model.backbone.base_channels=4", "model.backbone.stem_channels=8", "model.head.in_channels=32",
@@ -25,14 +25,14 @@ NARROW = [
 
 
 def test_the_step_donates_the_old_state_and_computes_the_same_update():
-    config = mcibi_jax.load_config(DEMO, NARROW)
+    config = mcibi_jax.load_config(DEMO_CONFIG, NARROW)
     config.model.auxiliary[0].update(in_channels=16, out_channels=16)
     model = build_model(config.model)
     variables = init_variables(model, jax.random.key(0, impl="rbg"), (32, 32))
     tx, schedule = optimizer_from_config(variables["params"], config.train, 10)
     mesh = data_mesh(jax.devices()[:1])
     images, labels = synthetic.make_split(0, 2, (32, 32), 4)
-    batch = shard_batch({"images": images, "labels": labels}, mesh)
+    batch = global_batch({"images": images, "labels": labels}, mesh)
     key = replicate(jax.random.key(1), mesh)
     model_config = config.model.to_dict()
     expected_state, expected = jax.jit(lambda s, b, k: train_step(

@@ -1,15 +1,17 @@
-"""Test-server files (mcibi_jax.evaluation.submission) and ``eval.format_only`` in main."""
+"""Test-server files (mcibi_jax.evaluation.submission) and ``eval.format_only`` in an experiment."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import mcibi_jax
-from mcibi_jax import main
 from mcibi_jax.data.datasets import cityscapes
 from mcibi_jax.evaluation import submission
+from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.train.experiment import run
 from tests.helpers import write_cityscapes
 
 
@@ -78,14 +80,14 @@ def test_format_only_writes_the_cityscapes_test_set(tmp_path):
     for label in (root / "gtFine" / "test").rglob("*.png"):
         label.unlink()  # the test set has no labels
     config = tiny_cityscapes_config(root)
-    model = main.build_model(config.model)
+    model = build_model(config.model)
     from mcibi_jax.porting.port import save_variables
     from mcibi_jax.train.state import init_variables
 
     work = tmp_path / "work"
-    save_variables(work / "checkpoints" / "final", init_variables(model, main.jax.random.key(0, impl="rbg"), (32, 32)))
+    save_variables(work / "checkpoints" / "final", init_variables(model, jax.random.key(0, impl="rbg"), (32, 32)))
     lines = []
-    results = main.run(config, work, "eval", log=lines.append)
+    results = run(config, work, "eval", log=lines.append)
     out = work / "submission" / "cityscapes"
     files = sorted(p.name for p in out.iterdir())
     assert files == ["berlin_000000_000019_leftImg8bit.png"]

@@ -1,4 +1,5 @@
-"""Grain input pipelines: training batches, evaluation samples and global device arrays.
+"""Grain input pipelines: training batches and evaluation samples of a dataset on disk, and
+:class:`GrainData`, which hands them to an experiment (as global batches for training).
 
 Training (:func:`train_loader`) reads an endless stream. A grain ``IndexSampler`` shuffles the
 whole set again each epoch (deterministically from the seed) and gives each record a random
@@ -35,10 +36,23 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from mcibi_jax.data.datasets import CorruptSample, build_source
-from mcibi_jax.data.transforms import IGNORE_LABEL, eval_transform, resized_shape, train_transform
+from mcibi_jax.config import ConfigError
+from mcibi_jax.data.datasets import CorruptSample, DatasetError, build_source
+from mcibi_jax.data.experiment_data import (
+    Batch,
+    DatasetUnavailable,
+    EvaluationData,
+    steps_per_epoch,
+)
+from mcibi_jax.data.transforms import (
+    IGNORE_LABEL,
+    eval_transform,
+    resized_shape,
+    train_transform,
+)
+from mcibi_jax.sharding import global_batch
 
 log = logging.getLogger(__name__)
 
@@ -492,33 +506,71 @@ def eval_loader(config: Any, *, source: Any = None, num_workers: int | None = No
 
 
 # --------------------------------------------------------------------------------------------
-# Device arrays
+# A dataset on disk as an experiment reads it
 
 
-def global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
-                 axis: str | tuple[str, ...] = "data") -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global ``jax.Array`` s sharded along the batch (leading) axis.
+class GrainData:
+    """``config.dataset`` (a dataset of :mod:`mcibi_jax.data.datasets` under ``dataset.root``)
+    through the loaders above; see :class:`mcibi_jax.data.experiment_data.ExperimentData`."""
 
-    Every host calls this with its own ``(B_host, ...)`` arrays; the result has
-    ``B_host * jax.process_count()`` rows split over the mesh's ``axis`` (a name or a tuple of
-    names), i.e. ``NamedSharding(mesh, PartitionSpec(axis))``.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec(axis))
-    names = (axis,) if isinstance(axis, str) else tuple(axis)
-    parts = math.prod(mesh.shape[name] for name in names)
+    def __init__(self, config: Any):
+        self._config = config
 
-    def put(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        rows = x.shape[0] * jax.process_count()
-        if rows % parts:
-            raise ValueError(f"a global batch of {rows} rows ({x.shape[0]} per host) cannot be split over the "
-                             f"{parts} devices of mesh axis {axis!r}; use a batch size that is a multiple of {parts}")
-        return jax.make_array_from_process_local_data(sharding, x)
+    def _source(self, split: str, with_labels: bool = True) -> Any:
+        try:
+            return build_source(self._config["dataset"], split, with_labels=with_labels)
+        except DatasetError as error:
+            raise DatasetUnavailable(f"{error}\n(see docs/datasets.md for the expected layout; set "
+                                     "--config.dataset.root=...)") from None
 
-    return {key: put(value) for key, value in host_batch.items()}
+    def training(self, mesh: Mesh) -> GrainTraining:
+        return GrainTraining(self._config, self._source(self._config["dataset"]["train_set"]), mesh)
+
+    def evaluation(self) -> EvaluationData:
+        source = self._source(self._config["dataset"]["eval_set"])
+        # Each image at its own size; padding items of a host (valid=False) are not scored.
+        batches = ({"images": item["image"], "labels": item["label"]}
+                   for item in eval_loader(self._config, source=source) if item["valid"].all())
+        return EvaluationData(batches, len(source), list(source.class_names))
+
+    def submission(self) -> tuple[EvalLoader, int]:
+        source = self._source(self._config["dataset"]["eval_set"], with_labels=False)
+        return eval_loader(self._config, source=source), len(source)
+
+
+class GrainTraining:
+    """The endless stream of :func:`train_loader` cut into epochs of global batches; its state is
+    this host's stream position (``data/process_<i>-of-<n>.json`` in a training checkpoint)."""
+
+    def __init__(self, config: Any, source: Any, mesh: Mesh):
+        self._loader = train_loader(config, source=source)
+        self._iterator = iter(self._loader)
+        self._mesh = mesh
+        self.num_images = len(source)
+        self.image_size = _pair(config["dataset"]["train"]["crop_size"])
+        self.steps_per_epoch = steps_per_epoch(self.num_images, int(config["train"]["batch_size"]))
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        del epoch  # the stream goes on from epoch to epoch
+        for _ in range(self.steps_per_epoch - skip):  # a restored iterator is already past the skipped ones
+            batch = next(self._iterator)
+            yield global_batch({"images": batch["image"], "labels": batch["label"]}, self._mesh)
+
+    def state(self) -> dict[str, Any]:
+        return iterator_state(self._iterator)
+
+    def restore(self, state: Any) -> None:
+        if not state:
+            return
+        try:
+            self._iterator = restore_iterator(self._loader, state)
+        except ValueError as error:
+            raise ConfigError(f"cannot resume the input pipeline of process {jax.process_index()}: {error}. "
+                              "Resume with the dataset, batch size and processes of the checkpoint, or use a new "
+                              "--workdir.") from None
 
 
 __all__ = [
-    "EvalLoader", "TrainIterator", "TrainLoader", "eval_loader", "global_batch", "host_batch_size",
+    "EvalLoader", "GrainData", "GrainTraining", "TrainIterator", "TrainLoader", "eval_loader", "host_batch_size",
     "iterator_state", "restore_iterator", "skipped_count", "skipped_files", "train_loader",
 ]

@@ -7,12 +7,25 @@ pixel noise, so that colour alone is not quite enough: a small network learns it
 in a handful of steps. The class statistics are fixed; only the scene layout depends on the
 seed, so splits made with different seeds are independent samples of the same task.
 Pixels on shape boundaries are sometimes labelled ``IGNORE_LABEL``.
+
+:class:`SyntheticData` hands the splits of ``config.dataset`` (``name = "synthetic"``,
+configs/demo.py) to an experiment like any dataset (see :mod:`mcibi_jax.data.experiment_data`).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
+from typing import Any, Iterator, Mapping
 
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from mcibi_jax.config import ConfigError
+from mcibi_jax.data.experiment_data import Batch, EvaluationData, steps_per_epoch
+from mcibi_jax.sharding import global_batch
+
+NAME = "synthetic"  # config.dataset.name
 IGNORE_LABEL = -100
 MEAN, STD = 0.5, 0.25  # the images are (rgb - MEAN) / STD, rgb roughly in [0, 1]
 
@@ -124,3 +137,67 @@ def batches(
             x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
             y = np.where(flip[:, None, None], y[:, :, ::-1], y)
         yield {"images": np.ascontiguousarray(x), "labels": np.ascontiguousarray(y)}
+
+
+# --------------------------------------------------------------------------------------------
+# The splits of config.dataset as an experiment reads them
+
+
+class SyntheticData:
+    """``config.dataset``'s generated splits (``train`` and ``test``: ``seed``, ``num_images``
+    each; ``image_size``, ``num_classes``), ``train_set`` for training and ``eval_set`` for
+    evaluation; see :class:`mcibi_jax.data.experiment_data.ExperimentData`."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self._config = config
+
+    def _split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        data = self._config["dataset"]
+        split = data[data[which]]
+        return make_split(int(split["seed"]), int(split["num_images"]), tuple(data["image_size"]),
+                          int(data["num_classes"]))
+
+    def training(self, mesh: Mesh) -> SyntheticTraining:
+        images, labels = self._split("train_set")
+        train = self._config["train"]
+        return SyntheticTraining(images, labels, int(train["batch_size"]), mesh, seed=int(train["seed"]),
+                                 flip_prob=float(self._config["dataset"]["train"]["flip_prob"]))
+
+    def evaluation(self) -> EvaluationData:
+        images, labels = self._split("eval_set")
+        share = np.array_split(np.arange(len(images)), jax.process_count())[jax.process_index()]
+        mine_images, mine_labels = images[share], labels[share]  # each process scores its own share
+        size = max(1, int(self._config["eval"]["batch_size"]))
+        batches = ({"images": mine_images[i:i + size], "labels": mine_labels[i:i + size]}
+                   for i in range(0, len(mine_images), size))
+        return EvaluationData(batches, len(images), class_names(int(self._config["dataset"]["num_classes"])))
+
+    def submission(self) -> tuple[Any, int]:
+        raise ConfigError("eval.format_only writes files for a dataset's evaluation server; the synthetic dataset has "
+                          "none")
+
+
+class SyntheticTraining:
+    """The global batches of each epoch: a pure function of the seed and the epoch (nothing to
+    save with a checkpoint). Each host feeds its slice of every global batch."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Mesh, *, seed: int,
+                 flip_prob: float):
+        self._images, self._labels, self._mesh = images, labels, mesh
+        self.batch_size, self.seed, self.flip_prob = batch_size, seed, flip_prob
+        self.num_images = len(images)
+        self.image_size = (int(images.shape[1]), int(images.shape[2]))
+        self.steps_per_epoch = steps_per_epoch(self.num_images, batch_size)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        host, part = jax.process_index(), self.batch_size // jax.process_count()
+        epoch_batches = batches(self._images, self._labels, self.batch_size, seed=self.seed, epoch=epoch,
+                                flip_prob=self.flip_prob)
+        for batch in itertools.islice(epoch_batches, skip, None):
+            yield global_batch({k: v[host * part:(host + 1) * part] for k, v in batch.items()}, self._mesh)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: Any) -> None:
+        del state  # the epoch and the skipped steps say where the stream is

@@ -10,7 +10,11 @@ directory and renames it when every host is done), so a run killed in the middle
 keeps the previous checkpoint, and the temporary directory is removed on the next start. The
 newest ``keep`` are kept (a ``LatestN`` preservation policy).
 
-``BestCheckpoint``: the exported variables of the best evaluation during training.
+Exported variables (``python -m mcibi_jax.main`` writes them; predict, serve and export read
+them) live under ``WORKDIR/checkpoints/``: ``final`` (or ``step_<N>`` when that is taken, see
+:func:`new_checkpoint_dir`) and ``best`` (:data:`BEST`, :class:`BestCheckpoint`: the variables
+of the best evaluation during training). :func:`latest_checkpoint` and
+:func:`checkpoint_to_evaluate` find them again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import orbax.checkpoint as ocp
 
 from mcibi_jax.config import ConfigError
 from mcibi_jax.train.state import TrainState
+
+BEST = "best"  # WORKDIR/checkpoints/best: the variables of the best evaluation during training
 
 
 class _SkipWaitWarning(logging.Filter):
@@ -222,3 +228,43 @@ class BestCheckpoint:
             shutil.rmtree(self._old, ignore_errors=True)
         _sync("mcibi_best_checkpoint_swapped")
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# Where exported variables go, and which to evaluate
+
+
+def new_checkpoint_dir(workdir: Path, step: int) -> Path:
+    """WORKDIR/checkpoints/final, or WORKDIR/checkpoints/step_<N>[_<i>] when that is already
+    taken: an exported checkpoint is never overwritten."""
+    root = Path(workdir) / "checkpoints"
+    candidates = [root / "final", root / f"step_{step}"]
+    candidates += [root / f"step_{step}_{i}" for i in range(1, 1000)]
+    for path in candidates:
+        if not path.exists() or not any(path.iterdir()):
+            return path
+    raise FileExistsError(f"no free checkpoint directory under {root}")
+
+
+def latest_checkpoint(workdir: Path) -> Path:
+    """The newest exported checkpoint under WORKDIR/checkpoints (the best-so-far one aside)."""
+    root = Path(workdir) / "checkpoints"
+    found = [p for p in root.glob("*")  # nothing when there is no such folder
+             if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or "
+                                "train_and_eval)")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def checkpoint_to_evaluate(workdir: Path, choice: str) -> Path:
+    """``eval.checkpoint``: '' (the newest), 'best' (the best evaluation during training) or a
+    checkpoint directory."""
+    if not choice:
+        return latest_checkpoint(workdir)
+    path = Path(workdir) / "checkpoints" / BEST if choice == BEST else Path(choice).absolute()
+    if not path.is_dir():
+        hint = " (it is written when train.eval_every > 0 or in --mode=train_and_eval)" \
+            if choice == BEST else ""
+        raise FileNotFoundError(f"eval.checkpoint={choice!r}: no checkpoint at {path}{hint}")
+    return path

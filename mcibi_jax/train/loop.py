@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from mcibi_jax.data.experiment_data import TrainingData
 from mcibi_jax.models.segmentor import MCIBI
 from mcibi_jax.progress import ProgressBar, format_duration
+from mcibi_jax.sharding import replicate
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
-from mcibi_jax.distributed import replicate
 from mcibi_jax.host_memory import release_free_host_memory
-from mcibi_jax.train.step import data_mesh, make_train_step, shard_batch
-
-Batch = Mapping[str, np.ndarray]
+from mcibi_jax.train.step import make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,31 +29,28 @@ class TrainingDiverged(RuntimeError):
 def train(
     model: MCIBI,
     config: Mapping[str, Any],
-    epoch_batches: Callable[[int], Iterable[Batch]],
-    steps_per_epoch: int,
-    image_size: tuple[int, int],
+    data: TrainingData,
+    mesh: Mesh,
     *,
     log: Callable[[str], None] = print,
     checkpoints: TrainCheckpoints | None = None,
-    data_state: Callable[[], Any] | None = None,
-    restore_data: Callable[[Any], None] | None = None,
     initial_variables: Mapping[str, Any] | None = None,
     record: Callable[[int, dict[str, float]], None] | None = None,
     after_epoch: Callable[[int, TrainState], None] | None = None,
     progress: ProgressBar | None = None,
     stop: StopRequests | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
-    """Trains ``model`` from scratch as ``config.train`` says (optional ``train.num_replicas``:
-    the reference's GPU count whose per-GPU losses and memory updates to reproduce; default 1).
+    """Trains ``model`` from scratch as ``config.train`` says (``train.num_replicas``: the
+    reference's GPU count whose per-GPU losses and memory updates to reproduce) over ``mesh``.
 
-    ``epoch_batches(epoch, skip)`` (epoch from 1) yields the ``steps_per_epoch`` host batches of
-    that epoch after the first ``skip`` (already trained when resuming from a checkpoint saved
-    inside the epoch). Logs every ``config.train.log_every`` steps (loss averaged since the last line, lr,
-    images/s, ETA). Returns the final state and the logged history. Raises
-    :class:`TrainingDiverged` as soon as a step's loss is not finite.
+    ``data.epoch(epoch, skip)`` (epoch from 1) yields the ``data.steps_per_epoch`` global
+    batches of that epoch after the first ``skip`` (already trained when resuming from a
+    checkpoint saved inside the epoch). Logs every ``config.train.log_every`` steps (loss
+    averaged since the last line, lr, images/s, ETA). Returns the final state and the logged
+    history. Raises :class:`TrainingDiverged` as soon as a step's loss is not finite.
 
-    With ``checkpoints``, training resumes from the newest one (``restore_data`` gets the input
-    pipeline's saved position) and saves the state and ``data_state()`` at the end of every
+    With ``checkpoints``, training resumes from the newest one (``data.restore`` gets the input
+    pipeline's saved position) and saves the state and ``data.state()`` at the end of every
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
     ``record(step, scalars)`` receives every logged line's values (losses, lr, memory momentum,
@@ -70,36 +67,34 @@ def train(
     progress = progress or ProgressBar(0, enabled=False)
     train_config = config["train"]
     model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
-    ignore_label = int(config["dataset"].get("ignore_label", -100))
-    num_epochs = int(train_config["num_epochs"])
+    ignore_label = int(config["dataset"]["ignore_label"])
+    num_epochs, steps_per_epoch = int(train_config["num_epochs"]), data.steps_per_epoch
     total_steps = num_epochs * steps_per_epoch
-    log_every = max(1, int(train_config.get("log_every", 50)))
-    seed = int(train_config.get("seed", 0))
+    log_every = max(1, int(train_config["log_every"]))
+    seed = int(train_config["seed"])
 
-    mesh = data_mesh()
     # An 'rbg' key for the initialisation: XLA compiles it in a fraction of threefry's time on CPU.
     if initial_variables is not None:
         variables = dict(initial_variables)
     else:
-        variables = init_variables(model, jax.random.key(seed, impl="rbg"), image_size)
+        variables = init_variables(model, jax.random.key(seed, impl="rbg"), data.image_size)
     tx, schedule = optimizer_from_config(variables["params"], train_config, steps_per_epoch)
-    ema_decay = float(train_config.get("ema_decay", 0.0) or 0.0)
+    ema_decay = float(train_config["ema_decay"])
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 = off)")
     state = replicate(create_train_state(variables, tx, ema=ema_decay > 0), mesh)
-    checkpoint_every = max(1, int(train_config.get("checkpoint_every", 1)))
+    checkpoint_every = max(1, int(train_config["checkpoint_every"]))
     start_epoch = 1
     if checkpoints is not None:
         restored = checkpoints.restore_latest(state)
         if restored is not None:
             state, saved_data = restored
-            if restore_data is not None:
-                restore_data(saved_data)
+            data.restore(saved_data)
             start_epoch = int(state.step) // steps_per_epoch + 1
             log(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})")
     progress.set_position(int(state.step))
     dropout_key = replicate(jax.random.key(seed + 1), mesh)
-    num_replicas = int(train_config.get("num_replicas", 1))
+    num_replicas = int(train_config["num_replicas"])
     if int(train_config["batch_size"]) % num_replicas:
         raise ValueError(f"train.batch_size={train_config['batch_size']} does not split into {num_replicas} replicas")
     step_fn = make_train_step(model, model_config, tx, schedule, steps_per_epoch, mesh, ignore_label, num_replicas,
@@ -132,17 +127,17 @@ def train(
         log(f"already trained: the checkpoint is at step {step} of {total_steps}")
     for epoch in range(start_epoch, num_epochs + 1):
         skip = max(0, step - (epoch - 1) * steps_per_epoch)  # trained before the checkpoint we resumed from
-        for batch in epoch_batches(epoch, skip):
+        for batch in data.epoch(epoch, skip):
             if step >= total_steps:
                 break
-            state, metrics = step_fn(state, shard_batch(batch, mesh), dropout_key)
+            state, metrics = step_fn(state, batch, dropout_key)
             step += 1
             progress.update(1, epoch=f"{epoch}/{num_epochs}")
             if stop is not None and stop.reached(step):
                 if pending is not None:
                     check(*pending)
                 check(metrics, step)  # a diverged state is never saved
-                _stop_and_save(state, step, total_steps, checkpoints, data_state, stop, log)
+                _stop_and_save(state, step, total_steps, checkpoints, data, stop, log)
             if pending is not None:
                 window.append(check(*pending))
             pending = (metrics, step)
@@ -179,7 +174,7 @@ def train(
             pending = None
         paused = time.perf_counter()
         if saving:
-            checkpoints.save(state, data_state() if data_state is not None else None)
+            checkpoints.save(state, data.state())
         if after_epoch is not None:
             after_epoch(epoch, state)
         # Saving and evaluating are not training steps: keep them out of img/s and the ETA.
@@ -192,11 +187,11 @@ def train(
 
 
 def _stop_and_save(state: TrainState, step: int, total_steps: int, checkpoints: TrainCheckpoints | None,
-                   data_state: Callable[[], Any] | None, stop: StopRequests, log: Callable[[str], None]) -> None:
+                   data: TrainingData, stop: StopRequests, log: Callable[[str], None]) -> None:
     """Saves the state at ``step``, waits until it is on disk and raises TrainingInterrupted."""
     path = None
     if checkpoints is not None:
         log(f"saving step {step} before stopping ({stop.signal_name})")
-        path = checkpoints.save(state, data_state() if data_state is not None else None)
+        path = checkpoints.save(state, data.state())
         checkpoints.wait()
     raise TrainingInterrupted(step, total_steps, path, stop.signal_name or "a signal")

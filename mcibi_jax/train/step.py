@@ -7,11 +7,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from mcibi_jax.models.segmentor import MCIBI
+from mcibi_jax.sharding import batch_sharding, replicated_sharding
 from mcibi_jax.train.objective import loss_and_updates, memory_momentum_of
 from mcibi_jax.train.optimizer import Schedule
 from mcibi_jax.train.state import TrainState, ema_update
@@ -76,18 +76,6 @@ def train_step(
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def data_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh ``('data',)`` over the devices (default: all of them)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
 
 def make_train_step(
     model: MCIBI,
@@ -113,7 +101,7 @@ def make_train_step(
         train_step, model=model, model_config=model_config, tx=tx, schedule=schedule,
         steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas, ema_decay=ema_decay,
     )
-    state_sharding, data = replicated(mesh), batch_sharding(mesh)
+    state_sharding, data = replicated_sharding(mesh), batch_sharding(mesh)
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
     return jax.jit(
         step,
@@ -122,13 +110,3 @@ def make_train_step(
         donate_argnums=(0,),  # the new state is written into the old one's buffers
         compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
     )
-
-
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-    """This host's part of the global batch -> global arrays split along 'data' (with one
-    process, the host batch is the global batch; it must divide evenly over the devices)."""
-    n = next(iter(batch.values())).shape[0] * jax.process_count()
-    if n % mesh.size:
-        raise ValueError(f"batch size {n} does not divide evenly over {mesh.size} devices")
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
