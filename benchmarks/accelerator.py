@@ -42,8 +42,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -71,11 +72,18 @@ def _progress(text: str) -> None:
 
 def _error_row(job: dict, work: str, error: BaseException) -> dict:
     message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
-    return {"config": job["config"], "dtype": job["dtype"], "work": work, "error": message,
-            "oom": any(marker in str(error) for marker in OOM_MARKERS)}
+    return {
+        "config": job["config"],
+        "dtype": job["dtype"],
+        "work": work,
+        "error": message,
+        "oom": any(marker in str(error) for marker in OOM_MARKERS),
+    }
 
 
-def timed(run: Callable[[int], float], measure_s: float, min_iters: int, max_iters: int) -> tuple[float, int]:
+def timed(
+    run: Callable[[int], float], measure_s: float, min_iters: int, max_iters: int
+) -> tuple[float, int]:
     """(median seconds per step over 3 repeats of n steps, steps run); ``run(n)`` runs n steps,
     waits for them and returns the seconds taken; n fills about ``measure_s`` in all."""
     first = run(1)
@@ -84,19 +92,35 @@ def timed(run: Callable[[int], float], measure_s: float, min_iters: int, max_ite
     return per_step[1], 1 + 3 * n
 
 
-def _figures(job: dict, work: str, compiled: Any, compile_s: float, step_s: float, iters: int, images: int,
-             device: Any) -> dict:
+def _figures(
+    job: dict,
+    work: str,
+    compiled: Any,
+    compile_s: float,
+    step_s: float,
+    iters: int,
+    images: int,
+    device: Any,
+) -> dict:
     import xla_stats
     from train_step import peak_memory
 
     flops = xla_stats.compiled_flops(compiled)
     peak = peak_memory(device)
     return {
-        "config": job["config"], "dtype": job["dtype"], "work": work, "images": images,
-        "compile_s": compile_s, "step_s": step_s, "iters": iters, "images_per_s": images / step_s,
-        "flops": flops, "tflops_per_s": flops / step_s / 1e12 if flops else None,
+        "config": job["config"],
+        "dtype": job["dtype"],
+        "work": work,
+        "images": images,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "iters": iters,
+        "images_per_s": images / step_s,
+        "flops": flops,
+        "tflops_per_s": flops / step_s / 1e12 if flops else None,
         "mfu": xla_stats.mfu(flops, step_s, device.device_kind, job["dtype"]),
-        "peak_bytes": peak, "memory_plan": xla_stats.compiled_memory(compiled),
+        "peak_bytes": peak,
+        "memory_plan": xla_stats.compiled_memory(compiled),
         "memory_source": "device" if peak is not None else "xla_plan",
     }
 
@@ -109,7 +133,9 @@ def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
     import mcibi_jax
 
     size = tuple(job["size"]) if job["size"] else None
-    batch = job["per_device_batch"] or recipe_per_device_batch(mcibi_jax.load_config(job["config"]).train.to_dict())
+    batch = job["per_device_batch"] or recipe_per_device_batch(
+        mcibi_jax.load_config(job["config"]).train.to_dict()
+    )
     started = time.perf_counter()
     forward, variables, images = forward_case(job["config"], batch, size, job["dtype"])
     init_s = time.perf_counter() - started
@@ -138,12 +164,22 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     from train_step import train_case
 
     size = tuple(job["size"]) if job["size"] else None
-    case = train_case(job["config"], job["per_device_batch"], size, job["dtype"], steps_per_epoch=10_000,
-                      overrides=job.get("overrides", ()))
+    case = train_case(
+        job["config"],
+        job["per_device_batch"],
+        size,
+        job["dtype"],
+        steps_per_epoch=10_000,
+        overrides=job.get("overrides", ()),
+    )
     started = time.perf_counter()
     # the forward's variables when it ran: one initialisation (a compile) fewer
     variables = (handed or {}).pop("variables", None)
-    state, batch, key = case.initial_state(variables=variables), case.random_batch(), case.dropout_key()
+    state, batch, key = (
+        case.initial_state(variables=variables),
+        case.random_batch(),
+        case.dropout_key(),
+    )
     del variables
     init_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -166,8 +202,13 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     run(1)  # warm-up
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     row = _figures(job, "train step", compiled, compile_s, step_s, iters, case.batch_size, device)
-    row.update(per_device_batch=case.per_device_batch, size=list(case.size), num_devices=case.mesh.size,
-               init_s=init_s, overrides=list(job.get("overrides", ())))
+    row.update(
+        per_device_batch=case.per_device_batch,
+        size=list(case.size),
+        num_devices=case.mesh.size,
+        init_s=init_s,
+        overrides=list(job.get("overrides", ())),
+    )
     return row, {"case": case, "run": run}
 
 
@@ -183,11 +224,13 @@ def measure_stall(job: dict, context: dict) -> dict:
     config = case.config.copy_and_resolve_references()
     config.train.batch_size = case.batch_size  # one host feeds every device
     sizes = [tuple(s) for s in job["stall"]["source_sizes"]] or REALISTIC_SIZES.get(
-        config.dataset.name, [tuple(2 * s for s in case.size)])
+        config.dataset.name, [tuple(2 * s for s in case.size)]
+    )
     source = SyntheticSource(sizes, int(config.dataset.num_classes), count=16, decode=True)
     loader = pipeline.train_loader(config, source=source, shard_options=grain.sharding.NoSharding())
     steps = job["stall"]["steps"]
     with iter(loader) as iterator:
+
         def grain_batch() -> Any:
             batch = next(iterator)
             return global_batch({"images": batch["image"], "labels": batch["label"]}, case.mesh)
@@ -195,10 +238,18 @@ def measure_stall(job: dict, context: dict) -> dict:
         run(2, grain_batch)  # start-up: the first batches and the prefetch threads
         grain_s = run(steps, grain_batch) / steps
         resident_s = run(steps) / steps
-    return {"config": job["config"], "dtype": job["dtype"], "work": "input stall", "images": case.batch_size,
-            "steps": steps, "step_s": grain_s, "resident_step_s": resident_s, "slowdown": grain_s / resident_s - 1,
-            "loader": f"{loader.num_workers} workers, {loader.num_threads} threads, {source!r}",
-            "source_sizes": [list(s) for s in sizes]}
+    return {
+        "config": job["config"],
+        "dtype": job["dtype"],
+        "work": "input stall",
+        "images": case.batch_size,
+        "steps": steps,
+        "step_s": grain_s,
+        "resident_step_s": resident_s,
+        "slowdown": grain_s / resident_s - 1,
+        "loader": f"{loader.num_workers} workers, {loader.num_threads} threads, {source!r}",
+        "source_sizes": [list(s) for s in sizes],
+    }
 
 
 def child(job: dict) -> None:
@@ -207,8 +258,15 @@ def child(job: dict) -> None:
     import jax
 
     device = jax.devices()[0]
-    _emit({"work": "device", "device_kind": device.device_kind, "platform": device.platform,
-           "device_count": jax.device_count(), "jax": jax.__version__})
+    _emit(
+        {
+            "work": "device",
+            "device_kind": device.device_kind,
+            "platform": device.platform,
+            "device_count": jax.device_count(),
+            "jax": jax.__version__,
+        }
+    )
     tag = f"{job['config']} {job['dtype']}"
     handed = {}
     try:
@@ -236,16 +294,32 @@ def child(job: dict) -> None:
 # The whole set, from the parent process
 
 
-def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress,
-            command: list[str] | None = None) -> tuple[list[dict], str | None]:
+def run_job(
+    job: dict,
+    timeout_s: float,
+    echo: Callable[[str], None] = _progress,
+    command: list[str] | None = None,
+) -> tuple[list[dict], str | None]:
     """Runs ``job`` in a fresh process (``command``: instead of this script's ``--child``) for at
     most ``timeout_s``; returns its result rows and, where it did not finish cleanly, why (timed
     out, exit status, out of memory)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    command = command or [sys.executable, "-u", str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    command = command or [
+        sys.executable,
+        "-u",
+        str(Path(__file__).resolve()),
+        "--child",
+        json.dumps(job),
+    ]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     rows: list[dict] = []
     tail: list[str] = []
 
@@ -253,7 +327,7 @@ def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress
         for line in process.stdout:
             line = line.rstrip("\n")
             if line.startswith(RESULT):
-                rows.append(json.loads(line[len(RESULT):]))
+                rows.append(json.loads(line[len(RESULT) :]))
             else:
                 tail.append(line)
                 del tail[:-30]
@@ -277,19 +351,34 @@ def run_job(job: dict, timeout_s: float, echo: Callable[[str], None] = _progress
     return rows, None
 
 
-def plan(configs: list[str], dtypes: list[str], stall_config: str | None) -> list[tuple[str, str, bool]]:
+def plan(
+    configs: list[str], dtypes: list[str], stall_config: str | None
+) -> list[tuple[str, str, bool]]:
     """(config, dtype, with the input stall) in running order: bfloat16 first, the stall config
     first within a dtype (the cases that matter most run before the budget can run out)."""
     stall_dtype = "bfloat16" if "bfloat16" in dtypes else dtypes[0]
-    order = sorted(((d, c) for d in dtypes for c in configs),
-                   key=lambda dc: (dc[0] != "bfloat16", dc[1] != stall_config, configs.index(dc[1])))
+    order = sorted(
+        ((d, c) for d in dtypes for c in configs),
+        key=lambda dc: (dc[0] != "bfloat16", dc[1] != stall_config, configs.index(dc[1])),
+    )
     return [(c, d, c == stall_config and d == stall_dtype) for d, c in order]
 
 
-def fill_missing(rows: list[dict], config: str, dtype: str, works: tuple[str, ...], why: str) -> list[dict]:
+def fill_missing(
+    rows: list[dict], config: str, dtype: str, works: tuple[str, ...], why: str
+) -> list[dict]:
     done = {r["work"] for r in rows if r.get("config") == config and r.get("dtype") == dtype}
-    return [{"config": config, "dtype": dtype, "work": w, "error": why, "oom": why.startswith("out of memory")}
-            for w in works if w not in done]
+    return [
+        {
+            "config": config,
+            "dtype": dtype,
+            "work": w,
+            "error": why,
+            "oom": why.startswith("out of memory"),
+        }
+        for w in works
+        if w not in done
+    ]
 
 
 def _gib(value: int | None) -> str:
@@ -301,25 +390,75 @@ def format_row(r: dict) -> list[str]:
     size = "x".join(str(s) for s in r["size"]) if r.get("size") else ""
     batch = f"{r.get('images', '')}x{size}" if size else ""
     if r.get("error"):
-        return [r["config"], r["work"], r["dtype"], batch, "", "", "", "", "", "", "",
-                ("OOM: " if r.get("oom") and "memory" not in r["error"] else "") + r["error"]]
+        return [
+            r["config"],
+            r["work"],
+            r["dtype"],
+            batch,
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            ("OOM: " if r.get("oom") and "memory" not in r["error"] else "") + r["error"],
+        ]
     if r["work"] == "input stall":
-        note = (f"Grain {r['step_s'] * 1000:.1f} ms vs resident {r['resident_step_s'] * 1000:.1f} ms per step "
-                f"({r['slowdown'] * 100:+.1f} %); {r['loader']}")
-        return [r["config"], r["work"], r["dtype"], "", "", f"{r['step_s'] * 1000:.1f}", "", "", "", "", "", note]
+        note = (
+            f"Grain {r['step_s'] * 1000:.1f} ms vs resident {r['resident_step_s'] * 1000:.1f} ms per step "
+            f"({r['slowdown'] * 100:+.1f} %); {r['loader']}"
+        )
+        return [
+            r["config"],
+            r["work"],
+            r["dtype"],
+            "",
+            "",
+            f"{r['step_s'] * 1000:.1f}",
+            "",
+            "",
+            "",
+            "",
+            "",
+            note,
+        ]
     plan_ = r.get("memory_plan") or {}
-    memory = _gib(r["peak_bytes"]) if r["memory_source"] == "device" else (
-        f"{_gib(plan_.get('peak'))} (XLA plan)" if plan_ else "")
+    memory = (
+        _gib(r["peak_bytes"])
+        if r["memory_source"] == "device"
+        else (f"{_gib(plan_.get('peak'))} (XLA plan)" if plan_ else "")
+    )
     return [
-        r["config"], r["work"], r["dtype"], batch, f"{r['compile_s']:.1f}", f"{r['step_s'] * 1000:.1f}",
-        f"{r['images_per_s']:.1f}", memory, f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
+        r["config"],
+        r["work"],
+        r["dtype"],
+        batch,
+        f"{r['compile_s']:.1f}",
+        f"{r['step_s'] * 1000:.1f}",
+        f"{r['images_per_s']:.1f}",
+        memory,
+        f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
         f"{r['tflops_per_s']:.3g}" if r.get("tflops_per_s") else "",
-        f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a", ", ".join(r.get("overrides", ())),
+        f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a",
+        ", ".join(r.get("overrides", ())),
     ]
 
 
-HEADER = ["config", "work", "dtype", "batch", "compile s", "step ms", "images/s", "peak memory GiB",
-          "TFLOP/step", "TFLOP/s", "MFU", "note"]
+HEADER = [
+    "config",
+    "work",
+    "dtype",
+    "batch",
+    "compile s",
+    "step ms",
+    "images/s",
+    "peak memory GiB",
+    "TFLOP/step",
+    "TFLOP/s",
+    "MFU",
+    "note",
+]
 
 
 def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: float) -> str:
@@ -331,11 +470,13 @@ def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: flo
         f"Measured {started} on {kind} x{device['device_count'] if device else '?'} "
         f"({device['platform'] if device else '?'}, jax {device['jax'] if device else '?'}) in {elapsed_s:.0f} s.",
         "",
-        f"MFU against {entry}: " + ", ".join(f"{d} {p / 1e12:.1f} TFLOP/s" for d, p in xla_stats.PEAKS[entry].items())
-        if entry else "MFU: n/a (no peak known for this device kind).",
+        f"MFU against {entry}: "
+        + ", ".join(f"{d} {p / 1e12:.1f} TFLOP/s" for d, p in xla_stats.PEAKS[entry].items())
+        if entry
+        else "MFU: n/a (no peak known for this device kind).",
         "Peak memory: the device's peak_bytes_in_use of the case's process (the train step's includes its forward's)"
-        if any(r.get("memory_source") == "device" for r in rows) else
-        "Peak memory: XLA's memory plan of the compiled program (arguments + outputs + scratch): "
+        if any(r.get("memory_source") == "device" for r in rows)
+        else "Peak memory: XLA's memory plan of the compiled program (arguments + outputs + scratch): "
         "this backend keeps no device memory statistics.",
         "",
         "| " + " | ".join(HEADER) + " |",
@@ -348,30 +489,60 @@ def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: flo
 def _sorted(rows: list[dict], configs: list[str], dtypes: list[str]) -> list[dict]:
     def key(r: dict) -> tuple:
         config = configs.index(r["config"]) if r["config"] in configs else len(configs)
-        return (config, WORKS.index(r["work"]) if r["work"] in WORKS else 9, dtypes.index(r["dtype"]))
+        return (
+            config,
+            WORKS.index(r["work"]) if r["work"] in WORKS else 9,
+            dtypes.index(r["dtype"]),
+        )
+
     return sorted(rows, key=key)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
-    parser.add_argument("--per_device_batch", type=int, default=None,
-                        help="images per device (default: each recipe's batch_size // num_replicas)")
-    parser.add_argument("--out_dir", default=".", help="where accelerator.md and accelerator.json go")
-    parser.add_argument("--budget_s", type=float, default=450.0,
-                        help="no case starts after this many seconds from the start (default %(default)s)")
-    parser.add_argument("--case_timeout_s", type=float, default=180.0,
-                        help="a config and dtype (forward + train step) is stopped after this long")
-    parser.add_argument("--measure_s", type=float, default=3.0, help="timed seconds per measurement (about)")
+    parser.add_argument(
+        "--per_device_batch",
+        type=int,
+        default=None,
+        help="images per device (default: each recipe's batch_size // num_replicas)",
+    )
+    parser.add_argument(
+        "--out_dir", default=".", help="where accelerator.md and accelerator.json go"
+    )
+    parser.add_argument(
+        "--budget_s",
+        type=float,
+        default=450.0,
+        help="no case starts after this many seconds from the start (default %(default)s)",
+    )
+    parser.add_argument(
+        "--case_timeout_s",
+        type=float,
+        default=180.0,
+        help="a config and dtype (forward + train step) is stopped after this long",
+    )
+    parser.add_argument(
+        "--measure_s", type=float, default=3.0, help="timed seconds per measurement (about)"
+    )
     parser.add_argument("--min_iters", type=int, default=3)
     parser.add_argument("--max_iters", type=int, default=30)
-    parser.add_argument("--stall_config", default=DEFAULT_CONFIGS[0],
-                        help="config whose train step is also fed from the Grain pipeline ('' for none)")
+    parser.add_argument(
+        "--stall_config",
+        default=DEFAULT_CONFIGS[0],
+        help="config whose train step is also fed from the Grain pipeline ('' for none)",
+    )
     parser.add_argument("--stall_steps", type=int, default=20)
-    parser.add_argument("--remat", action="store_true",
-                        help="train steps with model.backbone.remat=True (activation rematerialisation)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"{SMOKE_CONFIG} only, short measurements: checks the script in seconds on a CPU")
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="train steps with model.backbone.remat=True (activation rematerialisation)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"{SMOKE_CONFIG} only, short measurements: checks the script in seconds on a CPU",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -388,11 +559,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = plan(configs, args.dtypes, stall_config or None)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     start = time.monotonic()
     rows: list[dict] = []
     device = None
-    _progress(f"{len(jobs)} cases, budget {args.budget_s:.0f} s, at most {args.case_timeout_s:.0f} s each")
+    _progress(
+        f"{len(jobs)} cases, budget {args.budget_s:.0f} s, at most {args.case_timeout_s:.0f} s each"
+    )
     for i, (config, dtype, stall) in enumerate(jobs, 1):
         works = WORKS if stall else WORKS[:2]
         left = args.budget_s - (time.monotonic() - start)
@@ -401,10 +574,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _progress(f"[{i}/{len(jobs)}] {config} {dtype}: skipped (time budget spent)")
             continue
         _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
-        job = {"config": config, "dtype": dtype, "per_device_batch": args.per_device_batch, "size": args.size,
-               "measure_s": args.measure_s, "min_iters": args.min_iters, "max_iters": args.max_iters,
-               "overrides": ["model.backbone.remat=True"] if args.remat else [],
-               "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None}
+        job = {
+            "config": config,
+            "dtype": dtype,
+            "per_device_batch": args.per_device_batch,
+            "size": args.size,
+            "measure_s": args.measure_s,
+            "min_iters": args.min_iters,
+            "max_iters": args.max_iters,
+            "overrides": ["model.backbone.remat=True"] if args.remat else [],
+            "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None,
+        }
         job_rows, why = run_job(job, min(args.case_timeout_s, left))
         device = device or next((r for r in job_rows if r["work"] == "device"), None)
         results = [r for r in job_rows if r["work"] != "device"]
@@ -417,8 +597,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elapsed = time.monotonic() - start
     text = markdown(rows, device, started_at, elapsed)
     (out_dir / "accelerator.md").write_text(text)
-    (out_dir / "accelerator.json").write_text(json.dumps(
-        {"started": started_at, "elapsed_s": elapsed, "device": device, "rows": rows}, indent=1))
+    (out_dir / "accelerator.json").write_text(
+        json.dumps(
+            {"started": started_at, "elapsed_s": elapsed, "device": device, "rows": rows}, indent=1
+        )
+    )
     print(text, flush=True)
     _progress(f"wrote {out_dir / 'accelerator.md'} and {out_dir / 'accelerator.json'}")
     return rows

@@ -38,7 +38,20 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """--configs, --size and --dtypes (alias --dtype)."""
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config specs")
-    parser.add_argument("--size", type=parse_size, default=None, help="HxW instead of the recipe's crop size, e.g. 256x512")
-    parser.add_argument("--dtypes", "--dtype", dest="dtypes", type=parse_dtypes, default=DEFAULT_DTYPES,
-                        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)")
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config specs"
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="HxW instead of the recipe's crop size, e.g. 256x512",
+    )
+    parser.add_argument(
+        "--dtypes",
+        "--dtype",
+        dest="dtypes",
+        type=parse_dtypes,
+        default=DEFAULT_DTYPES,
+        help=f"comma-separated compute dtypes among {', '.join(COMPUTE_DTYPES)} (default: %(default)s)",
+    )

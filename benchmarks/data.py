@@ -35,7 +35,9 @@ REALISTIC_SIZES = {
 class SyntheticSource:
     """``count`` samples cycling through ``sizes``: smooth colour images and blocky label maps."""
 
-    def __init__(self, sizes, num_classes: int, count: int = 24, decode: bool = False, seed: int = 0):
+    def __init__(
+        self, sizes, num_classes: int, count: int = 24, decode: bool = False, seed: int = 0
+    ):
         from PIL import Image
 
         rng = np.random.default_rng(seed)
@@ -47,7 +49,9 @@ class SyntheticSource:
             rows, cols = np.arange(h) * 6 // h, np.arange(w) * 8 // w
             label = grid[rows[:, None], cols[None, :]].astype(np.int32)
             colours = rng.integers(0, 256, size=(num_classes, 3))
-            image = np.clip(colours[label] + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
+            image = np.clip(colours[label] + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(
+                np.uint8
+            )
             if decode:
                 jpeg, png = io.BytesIO(), io.BytesIO()
                 Image.fromarray(image).save(jpeg, format="JPEG", quality=90)
@@ -75,8 +79,13 @@ class SyntheticSource:
 def measure(config, source, workers: int, threads: int, batches: int, warmup: int) -> float:
     from mcibi_jax.data import pipeline
 
-    loader = pipeline.train_loader(config, source=source, num_workers=workers, num_threads=threads,
-                                   shard_options=pipeline.grain.sharding.NoSharding())
+    loader = pipeline.train_loader(
+        config,
+        source=source,
+        num_workers=workers,
+        num_threads=threads,
+        shard_options=pipeline.grain.sharding.NoSharding(),
+    )
     with iter(loader) as it:
         for _ in range(warmup):
             next(it)
@@ -90,18 +99,28 @@ def measure(config, source, workers: int, threads: int, batches: int, warmup: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/ade20k.py:r50", help="config spec, e.g. configs/lip.py:r50")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker (process) counts")
-    parser.add_argument("--threads", default="0,4", help="comma-separated thread counts per process")
+    parser.add_argument(
+        "--config", default="configs/ade20k.py:r50", help="config spec, e.g. configs/lip.py:r50"
+    )
+    parser.add_argument(
+        "--workers", default="0,1,2", help="comma-separated worker (process) counts"
+    )
+    parser.add_argument(
+        "--threads", default="0,4", help="comma-separated thread counts per process"
+    )
     parser.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    parser.add_argument("--decode", action="store_true", help="synthetic source: decode JPEG/PNG bytes on each read")
+    parser.add_argument(
+        "--decode", action="store_true", help="synthetic source: decode JPEG/PNG bytes on each read"
+    )
     args, rest = parser.parse_known_args()
     overrides = []
     for arg in rest:
         if not arg.startswith("--config."):
-            parser.error(f"unknown argument {arg!r} (config overrides look like --config.a.b=value)")
-        overrides.append(arg[len("--config."):])
+            parser.error(
+                f"unknown argument {arg!r} (config overrides look like --config.a.b=value)"
+            )
+        overrides.append(arg[len("--config.") :])
 
     import mcibi_jax
     from mcibi_jax.data.datasets import build_source
@@ -117,8 +136,11 @@ def main() -> None:
         sizes = REALISTIC_SIZES[config.dataset.name]
         source = SyntheticSource(sizes, int(config.dataset.num_classes), decode=args.decode)
     crop = tuple(config.dataset.train.crop_size)
-    print(f"{args.config}: {source!r}, per-host batch {config.train.batch_size}, crop {crop[0]}x{crop[1]}, "
-          f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}", flush=True)
+    print(
+        f"{args.config}: {source!r}, per-host batch {config.train.batch_size}, crop {crop[0]}x{crop[1]}, "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}",
+        flush=True,
+    )
     threads = [int(t) for t in args.threads.split(",")]
     print("  images/s     " + "".join(f"{t:>3} threads " for t in threads), flush=True)
     for workers in (int(w) for w in args.workers.split(",")):

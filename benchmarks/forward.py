@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,9 @@ from mcibi_jax.config import compute_dtype
 from mcibi_jax.models.segmentor import build_model
 
 
-def forward_case(spec: str, batch: int, size: tuple[int, int] | None, dtype_name: str) -> tuple[Callable, Any, jax.Array]:
+def forward_case(
+    spec: str, batch: int, size: tuple[int, int] | None, dtype_name: str
+) -> tuple[Callable, Any, jax.Array]:
     """(jitted eval-mode forward to the final logits, random variables, (batch, H, W, 3) zeros) of
     ``spec``'s model in ``dtype_name``; ``size`` (H, W) None: the recipe's training crop."""
     config = mcibi_jax.load_config(spec)
@@ -31,12 +34,16 @@ def forward_case(spec: str, batch: int, size: tuple[int, int] | None, dtype_name
     model = build_model(config.model, dtype=compute_dtype(dtype_name))
     images = jnp.zeros((batch, height, width, 3), jnp.float32)
     # rbg keys: the initialisation compiles about 3x faster than with threefry keys
-    variables = jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(0, impl="rbg"))
+    variables = jax.jit(lambda key: model.init(key, images, train=False))(
+        jax.random.key(0, impl="rbg")
+    )
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
     return forward, variables, images
 
 
-def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str) -> dict:
+def benchmark(
+    spec: str, iters: int, batch: int, size: tuple[int, int] | None, dtype_name: str
+) -> dict:
     """Times ``iters`` jitted eval-mode forwards of ``spec``'s model on (batch, H, W, 3) zeros."""
     forward, variables, images = forward_case(spec, batch, size, dtype_name)
     _, height, width, _ = images.shape
@@ -49,8 +56,13 @@ def benchmark(spec: str, iters: int, batch: int, size: tuple[int, int] | None, d
         out = compiled(variables, images)
     out.block_until_ready()
     elapsed = time.perf_counter() - start
-    return {"config": spec, "dtype": dtype_name, "size": f"{batch}x{height}x{width}", "compile_s": compile_s,
-            "images_per_s": batch * iters / elapsed}
+    return {
+        "config": spec,
+        "dtype": dtype_name,
+        "size": f"{batch}x{height}x{width}",
+        "compile_s": compile_s,
+        "images_per_s": batch * iters / elapsed,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,15 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     size = args.size
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
+        flush=True,
+    )
     for spec in args.configs.split(","):
         for dtype_name in args.dtypes:
             try:
                 r = benchmark(spec.strip(), args.iters, args.batch, size, dtype_name)
             except mcibi_jax.ConfigError as error:
                 parser.error(str(error))
-            print(f"{r['config']:<32} {r['dtype']:<8} {r['size']:>14}  compile {r['compile_s']:7.1f} s  "
-                  f"{r['images_per_s']:8.2f} images/s", flush=True)
+            print(
+                f"{r['config']:<32} {r['dtype']:<8} {r['size']:>14}  compile {r['compile_s']:7.1f} s  "
+                f"{r['images_per_s']:8.2f} images/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

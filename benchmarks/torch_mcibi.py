@@ -17,9 +17,13 @@ STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_STRIDES, STAGE_DILATIONS = (1, 2, 1, 1), (1, 1, 2, 4)  # output stride 8
 
 
-def conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1, relu: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2, dilation=dilation, bias=False),
-              nn.BatchNorm2d(cout)]
+def conv_bn_relu(
+    cin: int, cout: int, k: int, dilation: int = 1, relu: bool = True
+) -> nn.Sequential:
+    layers = [
+        nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
@@ -28,13 +32,17 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         if project:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
         else:
             self.downsample = None
 
@@ -53,9 +61,15 @@ class ResNetD8(nn.Module):
         super().__init__()
         half = base // 2
         self.stem = nn.Sequential(
-            nn.Conv2d(3, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-            nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-            nn.Conv2d(half, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU(inplace=True),
+            nn.Conv2d(3, half, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, base, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(base),
+            nn.ReLU(inplace=True),
         )
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = base
@@ -81,9 +95,14 @@ class ASPP(nn.Module):
     def __init__(self, cin: int, cout: int, dilations=(1, 12, 24, 36)):
         super().__init__()
         self.parallel_branches = nn.ModuleList(
-            [conv_bn_relu(cin, cout, 1 if d == 1 else 3, d) for d in dilations])
-        self.global_branch = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
-                                           nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            [conv_bn_relu(cin, cout, 1 if d == 1 else 3, d) for d in dilations]
+        )
+        self.global_branch = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
         self.bottleneck = conv_bn_relu(cout * (len(dilations) + 1), cout, 3)
 
     def forward(self, x):
@@ -99,8 +118,12 @@ class Attention(nn.Module):
     def __init__(self, cin: int, transform: int, cout: int):
         super().__init__()
         self.transform = transform
-        self.query_project = nn.Sequential(conv_bn_relu(cin, transform, 1), conv_bn_relu(transform, transform, 1))
-        self.key_project = nn.Sequential(conv_bn_relu(cin, transform, 1), conv_bn_relu(transform, transform, 1))
+        self.query_project = nn.Sequential(
+            conv_bn_relu(cin, transform, 1), conv_bn_relu(transform, transform, 1)
+        )
+        self.key_project = nn.Sequential(
+            conv_bn_relu(cin, transform, 1), conv_bn_relu(transform, transform, 1)
+        )
         self.value_project = conv_bn_relu(cin, transform, 1)
         self.out_project = conv_bn_relu(transform, cout, 1)
 
@@ -150,15 +173,27 @@ class MemoryModule(nn.Module):
 
 
 def classifier(cin: int, channels: int, num_classes: int, k: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, channels, k, padding=k // 2, bias=False), nn.BatchNorm2d(channels),
-                         nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+    return nn.Sequential(
+        nn.Conv2d(cin, channels, k, padding=k // 2, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(channels, num_classes, 1),
+    )
 
 
 class TorchMCIBI(nn.Module):
     """MCIBI with a ResNet-``depth``-D8 backbone; inputs and logits NCHW."""
 
-    def __init__(self, depth: int = 50, num_classes: int = 19, channels: int = 512, transform: int = 256,
-                 base: int = 64, aux_channels: int = 512):
+    def __init__(
+        self,
+        depth: int = 50,
+        num_classes: int = 19,
+        channels: int = 512,
+        transform: int = 256,
+        base: int = 64,
+        aux_channels: int = 512,
+    ):
         super().__init__()
         self.backbone_net = ResNetD8(depth, base)
         self.context_within_image_module = ASPP(base * 32, channels)
@@ -182,10 +217,14 @@ class TorchMCIBI(nn.Module):
         return {"stage1": stage1, "stage2": stage2, "aux": self.auxiliary_decoder(levels[-2])}
 
 
-def segmentation_loss(outputs, labels, weights=(("stage1", 0.4), ("stage2", 1.0), ("aux", 0.4)), ignore_label=-100):
+def segmentation_loss(
+    outputs, labels, weights=(("stage1", 0.4), ("stage2", 1.0), ("aux", 0.4)), ignore_label=-100
+):
     """Weighted cross-entropies of the logits upsampled to the labels' size."""
     total = 0.0
     for key, weight in weights:
-        logits = F.interpolate(outputs[key], size=labels.shape[1:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            outputs[key], size=labels.shape[1:], mode="bilinear", align_corners=False
+        )
         total = total + weight * F.cross_entropy(logits, labels, ignore_index=ignore_label)
     return total

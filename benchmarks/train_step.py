@@ -24,7 +24,8 @@ import argparse
 import resource
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ from mcibi_jax.sharding import data_mesh, global_batch, replicated_sharding
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import create_train_state, init_variables
 from mcibi_jax.train.step import make_train_step
+
 
 def peak_memory(device: jax.Device) -> int | None:
     """``peak_bytes_in_use`` of ``device``, or None where the backend keeps no statistics."""
@@ -88,36 +90,56 @@ class TrainCase(NamedTuple):
     def abstract_inputs(self, seed: int = 0) -> tuple[Any, dict, Any]:
         """(state, batch, dropout key) as shapes only: enough to lower and compile the step."""
         variables = jax.eval_shape(
-            lambda: init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size))
+            lambda: init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
+        )
         state = jax.eval_shape(lambda v: create_train_state(v, self.tx), variables)
         height, width = self.size
-        batch = {"images": jax.ShapeDtypeStruct((self.batch_size, height, width, 3), jnp.float32),
-                 "labels": jax.ShapeDtypeStruct((self.batch_size, height, width), jnp.int32)}
+        batch = {
+            "images": jax.ShapeDtypeStruct((self.batch_size, height, width, 3), jnp.float32),
+            "labels": jax.ShapeDtypeStruct((self.batch_size, height, width), jnp.int32),
+        }
         return state, batch, jax.eval_shape(lambda: jax.random.key(seed + 1))
 
     def initial_state(self, seed: int = 0, variables: Any = None) -> Any:
         """Randomly initialised (or the given) variables and optimizer state, replicated over the mesh."""
         if variables is None:
             variables = init_variables(self.model, jax.random.key(seed, impl="rbg"), self.size)
-        state = jax.device_put(create_train_state(variables, self.tx), replicated_sharding(self.mesh))
+        state = jax.device_put(
+            create_train_state(variables, self.tx), replicated_sharding(self.mesh)
+        )
         return jax.block_until_ready(state)
 
     def random_batch(self, seed: int = 0) -> dict:
         """A batch of normal images and uniform labels, split over the mesh."""
         rng = np.random.default_rng(seed)
         height, width = self.size
-        return global_batch({
-            "images": rng.standard_normal((self.batch_size, height, width, 3), dtype=np.float32),
-            "labels": rng.integers(0, int(self.config.dataset.num_classes), (self.batch_size, height, width),
-                                   dtype=np.int32),
-        }, self.mesh)
+        return global_batch(
+            {
+                "images": rng.standard_normal(
+                    (self.batch_size, height, width, 3), dtype=np.float32
+                ),
+                "labels": rng.integers(
+                    0,
+                    int(self.config.dataset.num_classes),
+                    (self.batch_size, height, width),
+                    dtype=np.int32,
+                ),
+            },
+            self.mesh,
+        )
 
     def dropout_key(self, seed: int = 0) -> jax.Array:
         return jax.device_put(jax.random.key(seed + 1), replicated_sharding(self.mesh))
 
 
-def train_case(spec: str, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
-               steps_per_epoch: int, overrides: Sequence[str] = ()) -> TrainCase:
+def train_case(
+    spec: str,
+    per_device_batch: int | None,
+    size: tuple[int, int] | None,
+    dtype_name: str,
+    steps_per_epoch: int,
+    overrides: Sequence[str] = (),
+) -> TrainCase:
     """The jitted train step of the recipe ``spec`` (plus ``overrides``, e.g.
     ``model.backbone.remat=True``) over all devices, in ``dtype_name``.
 
@@ -133,16 +155,43 @@ def train_case(spec: str, per_device_batch: int | None, size: tuple[int, int] | 
     # one reference replica (its per-GPU losses and memory update) per device
     num_replicas = mesh.size if batch_size % mesh.size == 0 else 1
     model = build_model(config.model, dtype=compute_dtype(dtype_name))
-    params = jax.eval_shape(lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width)))["params"]
+    params = jax.eval_shape(
+        lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
+    )["params"]
     tx, schedule = optimizer_from_config(params, train_config, steps_per_epoch)
-    step = make_train_step(model, config.model.to_dict(), tx, schedule, steps_per_epoch, mesh,
-                           int(config.dataset.get("ignore_label", -100)), num_replicas)
-    return TrainCase(spec, dtype_name, config, model, mesh, tx, step, per_device_batch, batch_size, num_replicas,
-                     (height, width))
+    step = make_train_step(
+        model,
+        config.model.to_dict(),
+        tx,
+        schedule,
+        steps_per_epoch,
+        mesh,
+        int(config.dataset.get("ignore_label", -100)),
+        num_replicas,
+    )
+    return TrainCase(
+        spec,
+        dtype_name,
+        config,
+        model,
+        mesh,
+        tx,
+        step,
+        per_device_batch,
+        batch_size,
+        num_replicas,
+        (height, width),
+    )
 
 
-def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[int, int] | None, dtype_name: str,
-              seed: int = 0) -> dict:
+def benchmark(
+    spec: str,
+    iters: int,
+    per_device_batch: int | None,
+    size: tuple[int, int] | None,
+    dtype_name: str,
+    seed: int = 0,
+) -> dict:
     """Times ``iters`` training steps of the recipe ``spec`` in ``dtype_name``; returns the figures as a dict.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
@@ -167,10 +216,18 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - started
     return {
-        "config": spec, "dtype": dtype_name, "per_device_batch": case.per_device_batch, "batch": case.batch_size,
-        "num_replicas": case.num_replicas, "size": case.size, "init_s": init_s,
-        "compile_s": compile_s, "step_s": elapsed / iters, "images_per_s": case.batch_size * iters / elapsed,
-        "loss": float(metrics["loss"]), "peak_bytes": peak_memory(case.mesh.devices.flat[0]),
+        "config": spec,
+        "dtype": dtype_name,
+        "per_device_batch": case.per_device_batch,
+        "batch": case.batch_size,
+        "num_replicas": case.num_replicas,
+        "size": case.size,
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "step_s": elapsed / iters,
+        "images_per_s": case.batch_size * iters / elapsed,
+        "loss": float(metrics["loss"]),
+        "peak_bytes": peak_memory(case.mesh.devices.flat[0]),
         "host_rss_growth_bytes": max(0, host_peak_rss() - rss_before),
     }
 
@@ -178,25 +235,38 @@ def benchmark(spec: str, iters: int, per_device_batch: int | None, size: tuple[i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
-    parser.add_argument("--iters", type=int, default=10, help="timed steps (after one warm-up step)")
-    parser.add_argument("--per_device_batch", type=int, default=None,
-                        help="images per device and step (default: each recipe's batch_size // num_replicas)")
+    parser.add_argument(
+        "--iters", type=int, default=10, help="timed steps (after one warm-up step)"
+    )
+    parser.add_argument(
+        "--per_device_batch",
+        type=int,
+        default=None,
+        help="images per device and step (default: each recipe's batch_size // num_replicas)",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):
         parser.error("--iters and --per_device_batch must be at least 1")
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True)
+    print(
+        f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()})", flush=True
+    )
     for spec in args.configs.split(","):
         for dtype_name in args.dtypes:
             try:
-                r = benchmark(spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name)
+                r = benchmark(
+                    spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name
+                )
             except mcibi_jax.ConfigError as error:
                 parser.error(str(error))
             size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
-            print(f"{r['config']:<28} {r['dtype']:<8} {r['per_device_batch']:>3}/device {size:>14}  "
-                  f"compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1000:9.1f} ms  "
-                  f"{r['images_per_s']:8.2f} images/s  {format_memory(r)}  "
-                  f"(init {r['init_s']:.1f} s, loss {r['loss']:.3f})", flush=True)
+            print(
+                f"{r['config']:<28} {r['dtype']:<8} {r['per_device_batch']:>3}/device {size:>14}  "
+                f"compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1000:9.1f} ms  "
+                f"{r['images_per_s']:8.2f} images/s  {format_memory(r)}  "
+                f"(init {r['init_s']:.1f} s, loss {r['loss']:.3f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,14 @@ import numpy as np
 from benchmark_args import parse_size
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # time the mcibi_jax of this checkout, wherever the package is installed
+sys.path.insert(
+    0, str(REPO)
+)  # time the mcibi_jax of this checkout, wherever the package is installed
 
 MODELS = {"r50": 50, "r101": 101}
-TINY = dict(base=8, channels=16, transform=8, aux_channels=16)  # --tiny: a narrow model for smoke tests
+TINY = dict(
+    base=8, channels=16, transform=8, aux_channels=16
+)  # --tiny: a narrow model for smoke tests
 FULL = dict(base=64, channels=512, transform=256, aux_channels=512)
 
 
@@ -83,7 +87,9 @@ def our_config(depth: int, widths: dict):
     m.head.in_channels = base * 32
     m.head.feats_channels = m.head.out_channels = widths["channels"]
     m.head.transform_channels = widths["transform"]
-    m.auxiliary = [{**dict(m.auxiliary[0]), "in_channels": base * 16, "out_channels": widths["aux_channels"]}]
+    m.auxiliary = [
+        {**dict(m.auxiliary[0]), "in_channels": base * 16, "out_channels": widths["aux_channels"]}
+    ]
     return config
 
 
@@ -97,7 +103,9 @@ def make_weights(depth: int, widths: dict, path: Path, seed: int = 0) -> None:
 
     config = our_config(depth, widths)
     model = build_model(config.model)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(seed, impl="rbg"))
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(
+        jax.random.key(seed, impl="rbg")
+    )
     state = variables_to_state_dict(variables)
     rng = np.random.default_rng(seed)
     for key, value in state.items():
@@ -137,11 +145,21 @@ class OurSide:
             mesh = data_mesh()
             train_config = config.train.to_dict()
             tx, schedule = optimizer_from_config(variables["params"], train_config, 1000)
-            self.state = jax.device_put(create_train_state(variables, tx), replicated_sharding(mesh))
+            self.state = jax.device_put(
+                create_train_state(variables, tx), replicated_sharding(mesh)
+            )
             self.batch = global_batch({"images": batch["images"], "labels": batch["labels"]}, mesh)
             self.key = jax.device_put(jax.random.key(1), replicated_sharding(mesh))
-            self.step = make_train_step(model, config.model.to_dict(), tx, schedule, 1000, mesh,
-                                        int(config.dataset.get("ignore_label", -100)), 1)
+            self.step = make_train_step(
+                model,
+                config.model.to_dict(),
+                tx,
+                schedule,
+                1000,
+                mesh,
+                int(config.dataset.get("ignore_label", -100)),
+                1,
+            )
 
             def call():
                 self.state, metrics = self.step(self.state, self.batch, self.key)
@@ -162,11 +180,17 @@ class OurSide:
 class TorchSide:
     def __init__(self, task: str, depth: int, widths: dict, weights: Path, batch: dict):
         import torch
-
         from torch_mcibi import TorchMCIBI, segmentation_loss
 
         self.torch = torch
-        model = TorchMCIBI(depth, 19, widths["channels"], widths["transform"], widths["base"], widths["aux_channels"])
+        model = TorchMCIBI(
+            depth,
+            19,
+            widths["channels"],
+            widths["transform"],
+            widths["base"],
+            widths["aux_channels"],
+        )
         state = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
         model.load_state_dict(state, strict=True)
         del state
@@ -202,7 +226,9 @@ def worker(args) -> None:
 
     widths = TINY if args.tiny else FULL
     batch = dict(np.load(args.batch))
-    side = (OurSide if args.worker == "ours" else TorchSide)(args.task, args.depth, widths, Path(args.weights), batch)
+    side = (OurSide if args.worker == "ours" else TorchSide)(
+        args.task, args.depth, widths, Path(args.weights), batch
+    )
     base = current_rss()
     print("ready", flush=True)
     out, runs, steady = None, 0, False
@@ -217,8 +243,10 @@ def worker(args) -> None:
             print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
         else:
             np.save(args.output, out)
-            figures = {"peak_growth": peak_rss() - base,
-                       "steady_growth": peak_rss_since_reset() - base if steady else None}
+            figures = {
+                "peak_growth": peak_rss() - base,
+                "steady_growth": peak_rss_since_reset() - base if steady else None,
+            }
             print(json.dumps(figures), flush=True)
             return
 
@@ -227,20 +255,36 @@ def worker(args) -> None:
 
 
 class Worker:
-    def __init__(self, side: str, task: str, depth: int, files: dict, tiny: bool, threads: int | None):
-        cmd = [sys.executable, __file__, f"--worker={side}", f"--task={task}", f"--depth={depth}",
-               f"--weights={files['weights']}", f"--batch={files[task]}", f"--output={files['out_' + side]}"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    def __init__(
+        self, side: str, task: str, depth: int, files: dict, tiny: bool, threads: int | None
+    ):
+        cmd = [
+            sys.executable,
+            __file__,
+            f"--worker={side}",
+            f"--task={task}",
+            f"--depth={depth}",
+            f"--weights={files['weights']}",
+            f"--batch={files[task]}",
+            f"--output={files['out_' + side]}",
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
         if tiny:
             cmd.append("--tiny")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+        )
         self._expect("ready")
 
     def _expect(self, word: str | None = None) -> str:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"a benchmark worker died (exit {self.proc.wait()}); see its error above")
+            raise RuntimeError(
+                f"a benchmark worker died (exit {self.proc.wait()}); see its error above"
+            )
         if word is not None and line.strip() != word:
             raise RuntimeError(f"unexpected worker answer {line!r}")
         return line
@@ -259,16 +303,30 @@ class Worker:
         return figures
 
 
-def compare(task: str, depth: int, size: tuple[int, int], batch_size: int, repeats: int, tiny: bool,
-            tmp: Path) -> dict:
+def compare(
+    task: str,
+    depth: int,
+    size: tuple[int, int],
+    batch_size: int,
+    repeats: int,
+    tiny: bool,
+    tmp: Path,
+) -> dict:
     widths = TINY if tiny else FULL
     rng = np.random.default_rng(0)
-    files = {"weights": tmp / f"weights{depth}.npz", task: tmp / f"{task}.npz",
-             "out_ours": tmp / "ours.npy", "out_torch": tmp / "torch.npy"}
+    files = {
+        "weights": tmp / f"weights{depth}.npz",
+        task: tmp / f"{task}.npz",
+        "out_ours": tmp / "ours.npy",
+        "out_torch": tmp / "torch.npy",
+    }
     if not files["weights"].exists():
         make_weights(depth, widths, files["weights"])
-    np.savez(files[task], images=rng.standard_normal((batch_size, *size, 3), dtype=np.float32),
-             labels=rng.integers(0, 19, (batch_size, *size), dtype=np.int32))
+    np.savez(
+        files[task],
+        images=rng.standard_normal((batch_size, *size, 3), dtype=np.float32),
+        labels=rng.integers(0, 19, (batch_size, *size), dtype=np.int32),
+    )
     workers = {}
     for side in ("ours", "torch"):  # one side set up at a time: their set-up peaks do not overlap
         workers[side] = Worker(side, task, depth, files, tiny, None)
@@ -277,9 +335,13 @@ def compare(task: str, depth: int, size: tuple[int, int], batch_size: int, repea
         for side, w in workers.items():
             times[side].append(w.run())
     growth = {side: w.finish() for side, w in workers.items()}
-    result = {"task": task, "model": f"R-{depth}", "size": f"{batch_size}x{size[0]}x{size[1]}",
-              **{f"{s}_s": float(np.median(t[1:])) for s, t in times.items()},
-              **{f"{s}_{k}": v for s, g in growth.items() for k, v in g.items()}}
+    result = {
+        "task": task,
+        "model": f"R-{depth}",
+        "size": f"{batch_size}x{size[0]}x{size[1]}",
+        **{f"{s}_s": float(np.median(t[1:])) for s, t in times.items()},
+        **{f"{s}_{k}": v for s, g in growth.items() for k, v in g.items()},
+    }
     ours, theirs = np.load(files["out_ours"]), np.load(files["out_torch"])
     if task == "forward":
         result["max_abs_diff"] = float(np.max(np.abs(ours - theirs)))
@@ -290,22 +352,32 @@ def compare(task: str, depth: int, size: tuple[int, int], batch_size: int, repea
 
 
 def format_row(r: dict) -> str:
-    gib = lambda b: "n/a" if b is None else f"+{b / 2**30:.2f} GiB"
-    return (f"| {r['model']} | {r['task']} {r['size']} | {r['torch_s']:.2f} s | {r['ours_s']:.2f} s | "
-            f"**{r['torch_s'] / r['ours_s']:.2f}x** | {gib(r['torch_peak_growth'])} | {gib(r['ours_peak_growth'])} | "
-            f"{gib(r['torch_steady_growth'])} | {gib(r['ours_steady_growth'])} |")
+    def gib(b: int | None) -> str:
+        return "n/a" if b is None else f"+{b / 2**30:.2f} GiB"
+
+    return (
+        f"| {r['model']} | {r['task']} {r['size']} | {r['torch_s']:.2f} s | {r['ours_s']:.2f} s | "
+        f"**{r['torch_s'] / r['ours_s']:.2f}x** | {gib(r['torch_peak_growth'])} | {gib(r['ours_peak_growth'])} | "
+        f"{gib(r['torch_steady_growth'])} | {gib(r['ours_steady_growth'])} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="r50,r101", help=f"comma-separated among {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models", default="r50,r101", help=f"comma-separated among {', '.join(MODELS)}"
+    )
     parser.add_argument("--tasks", default="forward,train", help="forward and/or train")
     parser.add_argument("--forward_size", type=parse_size, default=(512, 512))
     parser.add_argument("--train_size", type=parse_size, default=(256, 256))
     parser.add_argument("--forward_batch", type=int, default=1)
     parser.add_argument("--train_batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (after one warm-up run)")
-    parser.add_argument("--tiny", action="store_true", help="narrow layers (a quick smoke test, not a benchmark)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each side (after one warm-up run)"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="narrow layers (a quick smoke test, not a benchmark)"
+    )
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
@@ -323,25 +395,39 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in models if m not in MODELS]
     tasks = [t.strip() for t in args.tasks.split(",")]
     if unknown or not set(tasks) <= {"forward", "train"} or args.repeats < 1:
-        parser.error(f"--models among {', '.join(MODELS)}, --tasks among forward,train, --repeats >= 1")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs", flush=True)
-    print("| model | work | PyTorch eager | mcibi_jax | ratio (torch / ours) | PyTorch peak host memory growth "
-          "| mcibi_jax peak host memory growth | PyTorch after warm-up | mcibi_jax after warm-up |")
+        parser.error(
+            f"--models among {', '.join(MODELS)}, --tasks among forward,train, --repeats >= 1"
+        )
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    print(
+        "| model | work | PyTorch eager | mcibi_jax | ratio (torch / ours) | PyTorch peak host memory growth "
+        "| mcibi_jax peak host memory growth | PyTorch after warm-up | mcibi_jax after warm-up |"
+    )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             for task in tasks:
-                size, batch = ((args.forward_size, args.forward_batch) if task == "forward"
-                               else (args.train_size, args.train_batch))
+                size, batch = (
+                    (args.forward_size, args.forward_batch)
+                    if task == "forward"
+                    else (args.train_size, args.train_batch)
+                )
                 r = compare(task, MODELS[name], size, batch, args.repeats, args.tiny, Path(tmp))
                 print(format_row(r), flush=True)
                 if task == "forward":
-                    notes.append(f"R-{MODELS[name]} forward: max |ours - torch| = {r['max_abs_diff']:.2e} "
-                                 f"(logits up to {r['max_abs_logit']:.2f})")
+                    notes.append(
+                        f"R-{MODELS[name]} forward: max |ours - torch| = {r['max_abs_diff']:.2e} "
+                        f"(logits up to {r['max_abs_logit']:.2f})"
+                    )
                 else:
-                    notes.append(f"R-{MODELS[name]} train: loss after the timed steps ours {r['loss'][0]:.4f}, "
-                                 f"torch {r['loss'][1]:.4f}")
+                    notes.append(
+                        f"R-{MODELS[name]} train: loss after the timed steps ours {r['loss'][0]:.4f}, "
+                        f"torch {r['loss'][1]:.4f}"
+                    )
     print("\n".join(notes))
 
 

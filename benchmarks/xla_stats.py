@@ -84,13 +84,18 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
         return None
     if stats is None:
         return None
-    plan = {name: int(getattr(stats, f"{name}_size_in_bytes", 0)) for name in ("argument", "output", "alias", "temp")}
+    plan = {
+        name: int(getattr(stats, f"{name}_size_in_bytes", 0))
+        for name in ("argument", "output", "alias", "temp")
+    }
     estimate = plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
     plan["peak"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) or estimate
     return plan
 
 
-def mfu(flops: float | None, seconds: float | None, device_kind: str, dtype_name: str) -> float | None:
+def mfu(
+    flops: float | None, seconds: float | None, device_kind: str, dtype_name: str
+) -> float | None:
     """Achieved FLOP/s over the device's peak for ``dtype_name`` (None where either is unknown)."""
     peak = peak_flops(device_kind, dtype_name)
     if not flops or not seconds or peak is None:

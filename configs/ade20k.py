@@ -21,8 +21,13 @@ PUBLISHED_MIOU = {
 }
 BACKBONES = tuple(PUBLISHED_MIOU)
 # (epochs of the 20210 training images, learning rate)
-SCHEDULE = {"r50": (130, 0.01), "r101": (130, 0.01), "s101": (180, 0.004), "hrnet48": (180, 0.004),
-            "vitl": (130, 0.01)}
+SCHEDULE = {
+    "r50": (130, 0.01),
+    "r101": (130, 0.01),
+    "s101": (180, 0.004),
+    "hrnet48": (180, 0.004),
+    "vitl": (130, 0.01),
+}
 SIX_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -38,18 +43,27 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         model.inference = common.slide((512, 512))
 
     dataset = common.dataset(
-        "ade20k", num_classes=150, train_set="train", eval_set="val",
+        "ade20k",
+        num_classes=150,
+        train_set="train",
+        eval_set="val",
         output_size=(2048, 512),  # random scale 0.5-2 of "long side 2048, short side 512"
         scale_range=(0.5, 2.0),
         crop_size=(512, 512),
     )
-    train = common.train(batch_size=16, num_epochs=num_epochs, lr=lr,
-                         weight_decay=0.0 if vit else 5e-4)
+    train = common.train(
+        batch_size=16, num_epochs=num_epochs, lr=lr, weight_decay=0.0 if vit else 5e-4
+    )
     if vit:
         train.optimizer.param_rules = common.VIT_PARAM_RULES
     if vit or backbone == "hrnet48":
         tta = common.slide((512, 512), SIX_SCALES, flip=True)
     else:
         tta = common.whole(SIX_SCALES, flip=True, probs=True)
-    return common.experiment(f"mcibi_{backbone}_ade20k", model=model, dataset=dataset, train=train,
-                             evaluation=common.evaluation(tta=tta))
+    return common.experiment(
+        f"mcibi_{backbone}_ade20k",
+        model=model,
+        dataset=dataset,
+        train=train,
+        evaluation=common.evaluation(tta=tta),
+    )

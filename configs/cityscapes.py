@@ -38,12 +38,20 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         model.head.downsample_stride = 2
 
     dataset = common.dataset(
-        "cityscapes", num_classes=19, train_set="trainval", eval_set="test",
+        "cityscapes",
+        num_classes=19,
+        train_set="trainval",
+        eval_set="test",
         output_size=(2048, 1024),  # random scale 0.5-2 of 2048x1024 (the full image)
         scale_range=(0.5, 2.0),
         crop_size=(512, 1024),
     )
     train = common.train(batch_size=16, num_epochs=NUM_EPOCHS[backbone], lr=lr, weight_decay=5e-4)
     evaluation = common.evaluation(tta=common.slide((1024, 512), SIX_SCALES, flip=True))
-    return common.experiment(f"mcibi_{backbone}_cityscapes", model=model, dataset=dataset,
-                             train=train, evaluation=evaluation)
+    return common.experiment(
+        f"mcibi_{backbone}_cityscapes",
+        model=model,
+        dataset=dataset,
+        train=train,
+        evaluation=evaluation,
+    )

@@ -35,7 +35,10 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         model.inference = common.slide((512, 512))
 
     dataset = common.dataset(
-        "cocostuff10k", num_classes=182, train_set="train", eval_set="test",
+        "cocostuff10k",
+        num_classes=182,
+        train_set="train",
+        eval_set="test",
         output_size=(2048, 512),  # random scale 0.5-2 of "long side 2048, short side 512"
         scale_range=(0.5, 2.0),
         crop_size=(512, 512),
@@ -43,8 +46,9 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     if backbone == "s101":  # batch 32 for 150 epochs, decaying to lr / 10
         train = common.train(batch_size=32, num_epochs=150, lr=lr, weight_decay=5e-4, min_lr=1e-4)
     else:  # 110 epochs of the 9000 training images
-        train = common.train(batch_size=16, num_epochs=110, lr=lr,
-                             weight_decay=0.0 if vit else 1e-4)
+        train = common.train(
+            batch_size=16, num_epochs=110, lr=lr, weight_decay=0.0 if vit else 1e-4
+        )
     if vit:
         train.optimizer.param_rules = common.VIT_PARAM_RULES
 
@@ -54,5 +58,10 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         tta = common.slide((512, 512), FIVE_SCALES, flip=True)
     else:  # the released r101 evaluates at six scales, r50 and s101 at five
         tta = common.whole(SIX_SCALES if backbone == "r101" else FIVE_SCALES, flip=True, probs=True)
-    return common.experiment(f"mcibi_{backbone}_cocostuff10k", model=model, dataset=dataset,
-                             train=train, evaluation=common.evaluation(tta=tta))
+    return common.experiment(
+        f"mcibi_{backbone}_cocostuff10k",
+        model=model,
+        dataset=dataset,
+        train=train,
+        evaluation=common.evaluation(tta=tta),
+    )

@@ -41,7 +41,9 @@ BACKBONES = ade20k.BACKBONES
 
 def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     if arg not in BACKBONES:
-        raise ValueError(f"configs/custom_template.py:{arg}: choose a backbone from {', '.join(BACKBONES)}")
+        raise ValueError(
+            f"configs/custom_template.py:{arg}: choose a backbone from {', '.join(BACKBONES)}"
+        )
     config = ade20k.get_config(arg)
     fields = root_fields(DEFAULT_ROOT)
     crop = ml_collections.FieldReference((512, 512), field_type=tuple)

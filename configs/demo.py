@@ -19,42 +19,63 @@ IMAGE_SIZE = (64, 64)
 
 def get_config() -> ml_collections.ConfigDict:
     lr = 0.02
-    model = ml_collections.ConfigDict({
-        "num_classes": NUM_CLASSES,
-        "align_corners": False,
-        "backbone": {
-            "type": "ResNet", "depth": 18, "structure_type": "resnet18conv3x3stem", "outstride": 8,
-            "use_conv3x3_stem": True, "base_channels": 16, "stem_channels": 16,
-            "selected_indices": (0, 1, 2, 3), "remat": False,
-        },
-        "head": common.head(in_channels=128, feats_channels=64, transform_channels=32,
-                            out_channels=64, memory_base_lr=lr),
-        "auxiliary": [common.auxiliary(64, out_channels=64)],
-        "loss_weights": {"stage1": 0.4, "stage2": 1.0, "aux": [0.4]},
-        "inference": common.whole(),
-    })
+    model = ml_collections.ConfigDict(
+        {
+            "num_classes": NUM_CLASSES,
+            "align_corners": False,
+            "backbone": {
+                "type": "ResNet",
+                "depth": 18,
+                "structure_type": "resnet18conv3x3stem",
+                "outstride": 8,
+                "use_conv3x3_stem": True,
+                "base_channels": 16,
+                "stem_channels": 16,
+                "selected_indices": (0, 1, 2, 3),
+                "remat": False,
+            },
+            "head": common.head(
+                in_channels=128,
+                feats_channels=64,
+                transform_channels=32,
+                out_channels=64,
+                memory_base_lr=lr,
+            ),
+            "auxiliary": [common.auxiliary(64, out_channels=64)],
+            "loss_weights": {"stage1": 0.4, "stage2": 1.0, "aux": [0.4]},
+            "inference": common.whole(),
+        }
+    )
     # the head sees 8x8 maps: small rates instead of the released (1, 12, 24, 36)
     model.head.context_dilations = [1, 2, 3, 4]
     model.head.use_memory_loss = True  # exercised here (the released recipes: ADE20k only)
 
-    dataset = ml_collections.ConfigDict({
-        "name": "synthetic",
-        "num_classes": NUM_CLASSES,
-        "ignore_label": common.IGNORE_LABEL,
-        "image_size": IMAGE_SIZE,
-        "train_set": "train",
-        "eval_set": "test",
-        # generated once per split; the seed makes a split, the class statistics are fixed
-        "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
-        "test": {"num_images": 128, "seed": 1},
-    })
+    dataset = ml_collections.ConfigDict(
+        {
+            "name": "synthetic",
+            "num_classes": NUM_CLASSES,
+            "ignore_label": common.IGNORE_LABEL,
+            "image_size": IMAGE_SIZE,
+            "train_set": "train",
+            "eval_set": "test",
+            # generated once per split; the seed makes a split, the class statistics are fixed
+            "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
+            "test": {"num_images": 128, "seed": 1},
+        }
+    )
     train = common.train(batch_size=8, num_epochs=10, lr=lr, weight_decay=5e-4)
     train.log_every = 32
     train.eval_every = 5  # epochs; the best evaluation is kept in WORKDIR/checkpoints/best
     train.num_replicas = 1
-    evaluation = ml_collections.ConfigDict({
-        "batch_size": 16, "use_tta": False, "save_confusion": True, "format_only": False,
-        "checkpoint": "",
-    })
-    return common.experiment("mcibi_r18_synthetic_demo", model=model, dataset=dataset, train=train,
-                             evaluation=evaluation)
+    evaluation = ml_collections.ConfigDict(
+        {
+            "batch_size": 16,
+            "use_tta": False,
+            "save_confusion": True,
+            "format_only": False,
+            "checkpoint": "",
+        }
+    )
+    return common.experiment(
+        "mcibi_r18_synthetic_demo", model=model, dataset=dataset, train=train, evaluation=evaluation
+    )

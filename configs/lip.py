@@ -35,8 +35,12 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
         model.head.downsample_stride = 2
 
     dataset = common.dataset(
-        "lip", num_classes=20, train_set="train", eval_set="val",
-        output_size=(520, 520), keep_ratio=False,  # random scale 0.75-1.25 of 520x520, stretched
+        "lip",
+        num_classes=20,
+        train_set="train",
+        eval_set="val",
+        output_size=(520, 520),
+        keep_ratio=False,  # random scale 0.75-1.25 of 520x520, stretched
         scale_range=(0.75, 1.25),
         crop_size=(473, 473),
         test_size=(473, 473),
@@ -46,5 +50,10 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     dataset.train.rotation_max_angle = 30.0
 
     train = common.train(batch_size=batch_size, num_epochs=150, lr=lr, weight_decay=5e-4)
-    return common.experiment(f"mcibi_{backbone}_lip", model=model, dataset=dataset, train=train,
-                             evaluation=common.evaluation(tta=common.whole(flip=True)))
+    return common.experiment(
+        f"mcibi_{backbone}_lip",
+        model=model,
+        dataset=dataset,
+        train=train,
+        evaluation=common.evaluation(tta=common.whole(flip=True)),
+    )

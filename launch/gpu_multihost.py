@@ -56,7 +56,9 @@ def resolve_hosts(args: argparse.Namespace, environ: dict[str, str] | None = Non
     elif env.get("SLURM_JOB_NODELIST"):
         hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
     else:
-        raise ValueError("no hosts: pass --hosts=a,b,... or --hostfile=FILE, or run inside a SLURM allocation")
+        raise ValueError(
+            "no hosts: pass --hosts=a,b,... or --hostfile=FILE, or run inside a SLURM allocation"
+        )
     if not hosts:
         raise ValueError("the host list is empty")
     if len(set(hosts)) != len(hosts):
@@ -64,7 +66,9 @@ def resolve_hosts(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return hosts
 
 
-def process_env(hosts: list[str], host_index: int, local_index: int, args: argparse.Namespace) -> dict[str, str]:
+def process_env(
+    hosts: list[str], host_index: int, local_index: int, args: argparse.Namespace
+) -> dict[str, str]:
     """The MCIBI_* variables of process (host_index, local_index)."""
     env = {
         "MCIBI_COORDINATOR": f"{args.coordinator or hosts[0]}:{args.port}",
@@ -79,8 +83,17 @@ def process_env(hosts: list[str], host_index: int, local_index: int, args: argpa
 def remote_script(env: dict[str, str], args: argparse.Namespace) -> str:
     """The shell line one process runs on its host (in the foreground, output to its log)."""
     variables = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**dict(args.env), **env}.items())
-    main = shlex.join([args.python, "-m", "mcibi_jax.main", f"--config={args.config}", f"--workdir={args.workdir}",
-                       f"--mode={args.mode}", *args.main_args])
+    main = shlex.join(
+        [
+            args.python,
+            "-m",
+            "mcibi_jax.main",
+            f"--config={args.config}",
+            f"--workdir={args.workdir}",
+            f"--mode={args.mode}",
+            *args.main_args,
+        ]
+    )
     log = f"{args.log_dir}/{args.run_name}.{env['MCIBI_PROCESS_ID']}.log"
     return f"mkdir -p {args.log_dir} && cd {args.repo_dir} && {variables} exec {main} > {log} 2>&1 < /dev/null"
 
@@ -104,28 +117,69 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpu_multihost.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gpu_multihost.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--hosts", help="comma-separated host names; the first runs the coordinator (process 0)")
+    where.add_argument(
+        "--hosts", help="comma-separated host names; the first runs the coordinator (process 0)"
+    )
     where.add_argument("--hostfile", help="one host per line (# comments allowed)")
     parser.add_argument("--config", required=True, help="e.g. configs/cityscapes.py:r50")
-    parser.add_argument("--workdir", required=True, help="on the hosts (a shared file system, the same path everywhere)")
-    parser.add_argument("--mode", default="train_and_eval", choices=["train", "eval", "train_and_eval"])
-    parser.add_argument("--repo_dir", default=os.getcwd(), help="the checkout on the hosts (default: this directory)")
-    parser.add_argument("--python", default=sys.executable, help="Python with mcibi_jax installed, on the hosts "
-                        "(default: this interpreter's path)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="coordinator port on the first host")
-    parser.add_argument("--coordinator", default=None, help="coordinator address if the first host's name is not "
-                        "reachable from the others (e.g. its IP)")
-    parser.add_argument("--procs_per_host", type=int, default=1, help="1: one process sees all GPUs of its host; "
-                        "K: K processes per host, process j using GPU j")
-    parser.add_argument("--log_dir", default="/tmp/mcibi_logs", help="per-process logs, on each host")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="on the hosts (a shared file system, the same path everywhere)",
+    )
+    parser.add_argument(
+        "--mode", default="train_and_eval", choices=["train", "eval", "train_and_eval"]
+    )
+    parser.add_argument(
+        "--repo_dir",
+        default=os.getcwd(),
+        help="the checkout on the hosts (default: this directory)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Python with mcibi_jax installed, on the hosts (default: this interpreter's path)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="coordinator port on the first host"
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        help="coordinator address if the first host's name is not "
+        "reachable from the others (e.g. its IP)",
+    )
+    parser.add_argument(
+        "--procs_per_host",
+        type=int,
+        default=1,
+        help="1: one process sees all GPUs of its host; "
+        "K: K processes per host, process j using GPU j",
+    )
+    parser.add_argument(
+        "--log_dir", default="/tmp/mcibi_logs", help="per-process logs, on each host"
+    )
     parser.add_argument("--run_name", default="mcibi")
-    parser.add_argument("--ssh", default="ssh -o BatchMode=yes", help="ssh command (add -p, -i, ... here)")
-    parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
-                        help="more environment variables for every process (repeatable)")
-    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--ssh", default="ssh -o BatchMode=yes", help="ssh command (add -p, -i, ... here)"
+    )
+    parser.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more environment variables for every process (repeatable)",
+    )
+    parser.add_argument(
+        "--dry_run", "--dry-run", action="store_true", help="print the commands, run nothing"
+    )
     parser.add_argument("main_args", nargs="*", help="after --: more arguments of mcibi_jax.main")
     return parser
 
@@ -141,7 +195,10 @@ def _run_all(commands: list[tuple[str, list[str]]]) -> int:
             failed = [(h, c) for (h, _), c in zip(procs, codes) if c]
             if failed:
                 host, code = failed[0]
-                print(f"error: the process on {host} exited with status {code}; stopping the others", file=sys.stderr)
+                print(
+                    f"error: the process on {host} exited with status {code}; stopping the others",
+                    file=sys.stderr,
+                )
                 return code
             if all(c == 0 for c in codes):
                 print(f"all {len(procs)} processes finished")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,21 +37,23 @@ class Segmenter:
         self.config = config
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], variables: Mapping[str, Any]) -> "Segmenter":
+    def from_config(cls, config: Mapping[str, Any], variables: Mapping[str, Any]) -> Segmenter:
         return cls(build_model(model_config_of(config)), variables, config)
 
     @classmethod
-    def from_pth(cls, path: str | os.PathLike, config: Mapping[str, Any], entry: str | None = None) -> "Segmenter":
+    def from_pth(
+        cls, path: str | os.PathLike, config: Mapping[str, Any], entry: str | None = None
+    ) -> Segmenter:
         """From a released PyTorch checkpoint (read without torch, strictly checked)."""
         return cls.from_config(config, variables_from_pth(path, config, entry=entry))
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, config: Mapping[str, Any]) -> "Segmenter":
+    def from_checkpoint(cls, directory: str | os.PathLike, config: Mapping[str, Any]) -> Segmenter:
         """From an orbax checkpoint written by ``python -m mcibi_jax.port`` (or training)."""
         return cls.from_config(config, load_variables(directory, config))
 
     @classmethod
-    def from_pretrained(cls, name: str, config: Mapping[str, Any] | None = None) -> "Segmenter":
+    def from_pretrained(cls, name: str, config: Mapping[str, Any] | None = None) -> Segmenter:
         """A released model by name, e.g. ``"ade20k:r50"`` (see :mod:`mcibi_jax.pretrained`):
         downloaded into the cache and ported the first time, then read from there. ``config``
         defaults to the release's own experiment config."""
@@ -82,8 +85,13 @@ class Segmenter:
         """
         image = check_image(image)
         normalised = preprocessor(self.config)(image)
-        labels = predict_classes(self.model, self.variables, normalised[None], output_size=image.shape[:2],
-                                 **evaluation_options(self.config, use_tta))
+        labels = predict_classes(
+            self.model,
+            self.variables,
+            normalised[None],
+            output_size=image.shape[:2],
+            **evaluation_options(self.config, use_tta),
+        )
         return np.asarray(labels[0], np.int32)
 
 
@@ -93,11 +101,23 @@ def check_image(image: Any) -> np.ndarray:
     shape = tuple(getattr(image, "shape", ()))
     if dtype is None or np.dtype(dtype) != np.uint8:
         floating = dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
-        hint = (" (for floats in 0..1 use (image * 255).round().astype(np.uint8); for 0..255 "
-                "image.round().astype(np.uint8))") if floating else ""
-        raise ValueError(f"image must be a uint8 (H, W, 3) RGB array with values 0..255, got dtype {dtype}{hint}")
+        hint = (
+            (
+                " (for floats in 0..1 use (image * 255).round().astype(np.uint8); for 0..255 "
+                "image.round().astype(np.uint8))"
+            )
+            if floating
+            else ""
+        )
+        raise ValueError(
+            f"image must be a uint8 (H, W, 3) RGB array with values 0..255, got dtype {dtype}{hint}"
+        )
     if len(shape) != 3 or shape[-1] != 3 or min(shape) < 1:
-        hint = " (grey: np.stack([image] * 3, -1); RGBA: image[..., :3])" if len(shape) in (2, 3) else ""
+        hint = (
+            " (grey: np.stack([image] * 3, -1); RGBA: image[..., :3])"
+            if len(shape) in (2, 3)
+            else ""
+        )
         raise ValueError(f"image must be a uint8 (H, W, 3) RGB array, got shape {shape}{hint}")
     return np.asarray(image)
 
@@ -111,18 +131,25 @@ def preprocessor(config: Mapping[str, Any]):
     """
     dataset = config.get("dataset") if "model" in config else None
     if not dataset:
-        raise ConfigError("prediction needs a full experiment config with a 'dataset' section "
-                          "(test resize, mean and std), not only a model config")
+        raise ConfigError(
+            "prediction needs a full experiment config with a 'dataset' section "
+            "(test resize, mean and std), not only a model config"
+        )
     if dataset.get("name") == "synthetic":
         from mcibi_jax.data import synthetic
         from mcibi_jax.data.transforms import normalize_image
 
-        mean, std = 255 * synthetic.MEAN, 255 * synthetic.STD  # its images are (rgb / 255 - MEAN) / STD
+        mean, std = (
+            255 * synthetic.MEAN,
+            255 * synthetic.STD,
+        )  # its images are (rgb / 255 - MEAN) / STD
         return lambda image: normalize_image(image, (mean,) * 3, (std,) * 3)
     missing = [key for key in ("mean", "std", "test") if key not in dataset]
     if missing or "output_size" not in dataset["test"]:
         missing = missing or ["test.output_size"]
-        raise ConfigError(f"config.dataset lacks {', '.join(missing)}, needed for the test pipeline")
+        raise ConfigError(
+            f"config.dataset lacks {', '.join(missing)}, needed for the test pipeline"
+        )
     from mcibi_jax.data.transforms import eval_transform
 
     transform = eval_transform(dataset)

@@ -9,8 +9,9 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -26,7 +27,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+def _parent_of(
+    config: ml_collections.ConfigDict, key: str
+) -> tuple[ml_collections.ConfigDict, str]:
     """(the ConfigDict holding the dotted ``key``, its last part); ConfigError for an unknown key."""
     *parents, leaf = key.strip().split(".")
     node = config
@@ -35,7 +38,9 @@ def _parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collecti
             raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in {key!r})")
         node = node[part]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        known = (
+            ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        )
         raise ConfigError(f"unknown config key {key.strip()!r}; keys here: {known}")
     return node, leaf
 
@@ -62,14 +67,22 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str) -> None:
 
 def _one_line(error: BaseException) -> str:
     text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return f"{type(error).__name__}: {text}" if not isinstance(error, (ValueError, ConfigError)) else text
+    return (
+        f"{type(error).__name__}: {text}"
+        if not isinstance(error, (ValueError, ConfigError))
+        else text
+    )
 
 
 def _missing_file(file: Path) -> ConfigError:
     """The error for a config path that is not a file, naming the config files next to it."""
     what = "is a directory, not a config file" if file.is_dir() else "does not exist"
     folder = file if file.is_dir() else file.parent
-    found = sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+    found = (
+        sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("_"))
+        if folder.is_dir()
+        else []
+    )
     close = difflib.get_close_matches(file.name, found, n=1) if not file.is_dir() else []
     hint = f"; did you mean {folder / close[0]}?" if close else ""
     listing = f" (config files in {folder}: {', '.join(found)})" if found else ""
@@ -82,11 +95,19 @@ def _positional(function: Any) -> tuple[bool, bool]:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return True, False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return bool(positional), any(p.default is p.empty and p.kind != p.VAR_POSITIONAL for p in positional)
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return bool(positional), any(
+        p.default is p.empty and p.kind != p.VAR_POSITIONAL for p in positional
+    )
 
 
-def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    spec: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
     """``load_config("configs/cityscapes.py:r50", ["model.num_classes=7"])``, locked: setting a
     key the config lacks is an error (``ConfigDict.lock``).
 
@@ -103,7 +124,9 @@ def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as error:
-        raise ConfigError(f"{file}:{error.lineno}: syntax error in the config file: {error.msg}") from None
+        raise ConfigError(
+            f"{file}:{error.lineno}: syntax error in the config file: {error.msg}"
+        ) from None
     except Exception as error:  # anything the file raises while it runs
         raise ConfigError(f"cannot load the config file {file}: {_one_line(error)}") from None
     get_config = getattr(module, "get_config", None)
@@ -116,7 +139,9 @@ def load_config(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
         raise ConfigError(f"{file} needs an argument: {path}:<arg>")
     try:
         config = get_config(arg) if arg else get_config()
-    except Exception as error:  # e.g. the ValueError of an unknown backbone, which names the choices
+    except (
+        Exception
+    ) as error:  # e.g. the ValueError of an unknown backbone, which names the choices
         message = _one_line(error)
         raise ConfigError(message if message.startswith(spec) else f"{spec}: {message}") from None
     if isinstance(config, ml_collections.ConfigDict):
@@ -132,7 +157,7 @@ def flag_value(argv: Sequence[str], name: str) -> str | None:
     for i, arg in enumerate(argv):
         for prefix in (f"--{name}", f"-{name}"):
             if arg.startswith(prefix + "="):
-                value = arg[len(prefix) + 1:]
+                value = arg[len(prefix) + 1 :]
             elif arg == prefix and i + 1 < len(argv):
                 value = argv[i + 1]
     return value
@@ -148,8 +173,9 @@ def flags_error_message(error: Exception) -> str:
     return f"{text} (see --helpshort)"
 
 
-def parse_absl_command_line(argv: list[str], config_flag: Any, config_argv: list[str],
-                            flag_values: Any = None) -> list[str]:
+def parse_absl_command_line(
+    argv: list[str], config_flag: Any, config_argv: list[str], flag_values: Any = None
+) -> list[str]:
     """absl ``flags_parser`` of a program with a config-file flag (``--config``) and
     ``--config.<key>=<value>`` overrides, which ``ml_collections.config_flags`` applies.
 
@@ -180,8 +206,11 @@ def parse_absl_command_line(argv: list[str], config_flag: Any, config_argv: list
 
 def override_keys(argv: Sequence[str]) -> list[str]:
     """The keys of the ``--config.<key>[=<value>]`` arguments of a command line."""
-    return [arg.split("config.", 1)[1].split("=", 1)[0] for arg in argv
-            if arg.startswith(("--config.", "-config.", "--noconfig.", "-noconfig."))]
+    return [
+        arg.split("config.", 1)[1].split("=", 1)[0]
+        for arg in argv
+        if arg.startswith(("--config.", "-config.", "--noconfig.", "-noconfig."))
+    ]
 
 
 def _register_list_parser() -> None:
@@ -265,7 +294,9 @@ def compute_dtype_names(text: str) -> list[str]:
 def compute_dtype(name: str) -> Any:
     """What ``build_model(..., dtype=)`` takes for a ``config.dtype`` name: None for float32."""
     if name not in COMPUTE_DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}")
+        raise ConfigError(
+            f"dtype={name!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}"
+        )
     import jax.numpy as jnp
 
     return None if name == "float32" else jnp.bfloat16

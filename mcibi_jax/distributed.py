@@ -35,7 +35,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -89,7 +90,8 @@ def resolve_settings(
         hint = ", ".join(f"{key} ({values[key][1]})" for key in missing)
         raise DistributedConfigError(
             f"multi-process settings are partial: {', '.join(given)} given but {hint} missing; "
-            f"set all three, or none for a single process / an auto-detected cluster")
+            f"set all three, or none for a single process / an auto-detected cluster"
+        )
     address = str(found["coordinator_address"])
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -107,8 +109,12 @@ def resolve_settings(
         devices = [_int(d, "local_device_ids entry") for d in devices.split(",") if d.strip()]
     elif devices is not None:
         devices = [_int(d, "local_device_ids entry") for d in devices]
-    return {"coordinator_address": address, "num_processes": count, "process_id": index,
-            "local_device_ids": devices}
+    return {
+        "coordinator_address": address,
+        "num_processes": count,
+        "process_id": index,
+        "local_device_ids": devices,
+    }
 
 
 def managed_cluster(environ: Mapping[str, str] | None = None) -> str | None:
@@ -121,20 +127,32 @@ def managed_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     # The variables JAX's SLURM detection reads; the task count of the job step (srun) when set,
     # so that a plain `python` in a multi-task batch script is not left waiting for its peers.
-    if all(v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")):
+    if all(
+        v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    ):
         tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
         if _int(tasks, "SLURM_STEP_NUM_TASKS") > 1:
             return "slurm"
-    if "OMPI_MCA_orte_hnp_uri" in env and _int(env.get("OMPI_COMM_WORLD_SIZE", "1"), "OMPI_COMM_WORLD_SIZE") > 1:
+    if (
+        "OMPI_MCA_orte_hnp_uri" in env
+        and _int(env.get("OMPI_COMM_WORLD_SIZE", "1"), "OMPI_COMM_WORLD_SIZE") > 1
+    ):
         return "ompi"
     platforms = env.get("JAX_PLATFORMS", "")
     if platforms and "tpu" not in platforms:
         return None
-    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    if (
+        env.get("TPU_WORKER_HOSTNAMES")
+        or env.get("TPU_PROCESS_ADDRESSES")
+        or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+    ):
         return "tpu"
     # A TPU VM: TPU device files and libtpu (JAX's own test for a Cloud TPU VM).
-    if environ is None and (glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")) \
-            and importlib.util.find_spec("libtpu") is not None:
+    if (
+        environ is None
+        and (glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+        and importlib.util.find_spec("libtpu") is not None
+    ):
         return "tpu"
     return None
 
@@ -283,10 +301,15 @@ def _watch(poll_seconds: float) -> None:
             return
         if not reports or _failing.is_set() or _exiting.is_set():
             continue
-        failed, report = min((int(key.rsplit("/", 1)[-1]), json.loads(value)) for key, value in reports)
+        failed, report = min(
+            (int(key.rsplit("/", 1)[-1]), json.loads(value)) for key, value in reports
+        )
         if index == 0:
-            _say(f"error: process {failed} failed (see its output); stopping every process" if report["shown"]
-                 else f"error: (process {failed}) {report['message']}")
+            _say(
+                f"error: process {failed} failed (see its output); stopping every process"
+                if report["shown"]
+                else f"error: (process {failed}) {report['message']}"
+            )
             client.key_value_set(_SHOWN, report["message"])
             _wait_for(lambda: _peers_gone(client), 5.0)
         else:
@@ -300,14 +323,26 @@ def watch_peers(poll_seconds: float = 0.25) -> None:
     inside a collective for the failed process. No-op with one process."""
     if jax.process_count() > 1 and _client() is not None:
         atexit.register(_exiting.set)  # runs before JAX's own shutdown (registered earlier)
-        threading.Thread(target=_watch, args=(poll_seconds,), name="mcibi-watch-peers", daemon=True).start()
+        threading.Thread(
+            target=_watch, args=(poll_seconds,), name="mcibi-watch-peers", daemon=True
+        ).start()
 
 
 def describe() -> str:
     """One line: process index / count, local and global devices (for the start of a log)."""
-    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
-            f"{jax.device_count()} {jax.default_backend()} device(s)")
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+        f"{jax.device_count()} {jax.default_backend()} device(s)"
+    )
 
 
-__all__ = ["DistributedConfigError", "describe", "fail_all", "initialize", "is_main_process", "managed_cluster",
-           "resolve_settings", "watch_peers"]
+__all__ = [
+    "DistributedConfigError",
+    "describe",
+    "fail_all",
+    "initialize",
+    "is_main_process",
+    "managed_cluster",
+    "resolve_settings",
+    "watch_peers",
+]

@@ -28,8 +28,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,9 @@ def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return normalize_image(levels, mean, std)[:, 0]
 
 
-def _opencv_taps(in_size: int, out_size: int, clip_weights: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _opencv_taps(
+    in_size: int, out_size: int, clip_weights: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(first source index, second source index, their weights in 1/2048) per output pixel of
     OpenCV's INTER_LINEAR along one axis: float32 source positions, weights rounded to 11 bits.
     OpenCV zeroes the weight past the border along x (``clip_weights``) but not along y, where
@@ -107,7 +110,12 @@ def _opencv_taps(in_size: int, out_size: int, clip_weights: bool) -> tuple[np.nd
         fraction[(start < 0) | (start >= in_size - 1)] = 0
         start = np.clip(start, 0, in_size - 1)
     first, second = np.clip(start, 0, in_size - 1), np.clip(start + 1, 0, in_size - 1)
-    return (first, second, np.rint((1 - fraction) * 2048).astype(np.int32), np.rint(fraction * 2048).astype(np.int32))
+    return (
+        first,
+        second,
+        np.rint((1 - fraction) * 2048).astype(np.int32),
+        np.rint(fraction * 2048).astype(np.int32),
+    )
 
 
 def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -118,14 +126,17 @@ def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
     x0, x1, a0, a1 = _opencv_taps(width, size[1], clip_weights=True)
     y0, y1, b0, b1 = _opencv_taps(height, size[0], clip_weights=False)
     pixels = images.astype(jnp.int32)
-    rows = pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]  # (N, H, w, C), < 2 ** 20
+    rows = (
+        pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]
+    )  # (N, H, w, C), < 2 ** 20
     top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
     mixed = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
     return jnp.clip((mixed + 2) >> 2, 0, 255).astype(jnp.uint8)
 
 
-def serving_function(segmenter: Any, size: tuple[int, int], use_tta: bool | None = None,
-                     probabilities: bool = True) -> tuple[Callable[[jax.Array], dict[str, jax.Array]], dict[str, Any]]:
+def serving_function(
+    segmenter: Any, size: tuple[int, int], use_tta: bool | None = None, probabilities: bool = True
+) -> tuple[Callable[[jax.Array], dict[str, jax.Array]], dict[str, Any]]:
     """(fn, settings): ``fn(images uint8 (N, *size, 3)) -> {"labels": int32 (N, *size),
     "probabilities": float32 (N, *size, K)}`` as :meth:`Segmenter.predict` computes them, and
     the test-pipeline and inference settings it applies."""
@@ -147,7 +158,9 @@ def serving_function(segmenter: Any, size: tuple[int, int], use_tta: bool | None
 
         mean, std = tuple(dataset["mean"]), tuple(dataset["std"])
         test = dataset["test"]
-        resized = resized_shape(tuple(size), tuple(test["output_size"]), bool(test.get("keep_ratio", True)))
+        resized = resized_shape(
+            tuple(size), tuple(test["output_size"]), bool(test.get("keep_ratio", True))
+        )
     table = jnp.asarray(_lookup_table(mean, std))
     model, variables = segmenter.model, segmenter.variables
     with_probabilities = bool(options["inference"].get("use_probs_before_resize", False))
@@ -155,28 +168,48 @@ def serving_function(segmenter: Any, size: tuple[int, int], use_tta: bool | None
     def fn(images: jax.Array) -> dict[str, jax.Array]:
         if tuple(resized) != tuple(images.shape[1:3]):
             images = _resize_uint8(images, resized)
-        normalised = jnp.stack([table[:, c][images[..., c].astype(jnp.int32)] for c in range(3)], axis=-1)
-        scores = tta_scores(model, variables, normalised, options["inference"], align_corners=options["align_corners"],
-                            flip_label_pairs=options["flip_label_pairs"], output_size=tuple(size))
+        normalised = jnp.stack(
+            [table[:, c][images[..., c].astype(jnp.int32)] for c in range(3)], axis=-1
+        )
+        scores = tta_scores(
+            model,
+            variables,
+            normalised,
+            options["inference"],
+            align_corners=options["align_corners"],
+            flip_label_pairs=options["flip_label_pairs"],
+            output_size=tuple(size),
+        )
         outputs = {"labels": jnp.argmax(scores, axis=-1).astype(jnp.int32)}
         if probabilities:  # averaged probabilities already, or averaged logits
-            outputs["probabilities"] = scores if with_probabilities else jax.nn.softmax(scores, axis=-1)
+            outputs["probabilities"] = (
+                scores if with_probabilities else jax.nn.softmax(scores, axis=-1)
+            )
         return outputs
 
-    settings = {"test_resize": None if tuple(resized) == tuple(size) else list(resized),
-                "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-                "inference": json.loads(json.dumps(dict(options["inference"]), default=list)),
-                "flip_label_pairs": [list(p) for p in options["flip_label_pairs"]]}
+    settings = {
+        "test_resize": None if tuple(resized) == tuple(size) else list(resized),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "inference": json.loads(json.dumps(dict(options["inference"]), default=list)),
+        "flip_label_pairs": [list(p) for p in options["flip_label_pairs"]],
+    }
     return fn, settings
 
 
-def export_segmenter(segmenter: Any, size: tuple[int, int], *, use_tta: bool | None = None,
-                     probabilities: bool = True, platforms: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+def export_segmenter(
+    segmenter: Any,
+    size: tuple[int, int],
+    *,
+    use_tta: bool | None = None,
+    probabilities: bool = True,
+    platforms: Sequence[str] | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """(``jax.export.Exported`` with a symbolic batch, its JSON spec)."""
     from jax import export
 
     fn, settings = serving_function(segmenter, size, use_tta, probabilities)
-    batch, = export.symbolic_shape("batch")
+    (batch,) = export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, int(size[0]), int(size[1]), 3), jnp.uint8)
     exported = export.export(jax.jit(fn), platforms=tuple(platforms) if platforms else None)(spec)
     config = segmenter.config
@@ -184,16 +217,29 @@ def export_segmenter(segmenter: Any, size: tuple[int, int], *, use_tta: bool | N
     from mcibi_jax.predict import dataset_palette
 
     height, width = int(size[0]), int(size[1])
-    outputs = {"labels": {"dtype": "int32", "shape": ["batch", height, width], "meaning": "class id per pixel"}}
+    outputs = {
+        "labels": {
+            "dtype": "int32",
+            "shape": ["batch", height, width],
+            "meaning": "class id per pixel",
+        }
+    }
     if probabilities:
-        outputs["probabilities"] = {"dtype": "float32", "shape": ["batch", height, width, num_classes],
-                                    "meaning": "class probabilities per pixel"}
+        outputs["probabilities"] = {
+            "dtype": "float32",
+            "shape": ["batch", height, width, num_classes],
+            "meaning": "class probabilities per pixel",
+        }
     description = {
         "format": FORMAT,
         "name": str(config.get("name", "")),
         "function": FUNCTION_FILE,
-        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", height, width, 3],
-                  "meaning": "RGB images, 0..255, NHWC"},
+        "input": {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", height, width, 3],
+            "meaning": "RGB images, 0..255, NHWC",
+        },
         "outputs": outputs,
         "symbolic_dims": ["batch"],
         "platforms": list(exported.platforms),
@@ -216,7 +262,10 @@ def save(directory: str | os.PathLike, exported: Any, description: Mapping[str, 
     except ImportError as error:
         raise ConfigError(f"{error} ({INSTALL})") from None
     directory.mkdir(parents=True, exist_ok=True)
-    for name, data in ((FUNCTION_FILE, bytes(blob)), (SPEC_FILE, (json.dumps(description, indent=1) + "\n").encode())):
+    for name, data in (
+        (FUNCTION_FILE, bytes(blob)),
+        (SPEC_FILE, (json.dumps(description, indent=1) + "\n").encode()),
+    ):
         temporary = directory / f".{name}.tmp"
         temporary.write_bytes(data)
         os.replace(temporary, directory / name)
@@ -227,7 +276,9 @@ def load(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """(``jax.export.Exported``, its spec) of an export directory; needs no model code."""
     directory = Path(directory)
     description = json.loads((directory / SPEC_FILE).read_text())
-    return jax.export.deserialize(bytearray((directory / description["function"]).read_bytes())), description
+    return jax.export.deserialize(
+        bytearray((directory / description["function"]).read_bytes())
+    ), description
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,21 +286,44 @@ def load(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
-                        "(default with --pretrained: the release's own)")
+    parser = argparse.ArgumentParser(
+        prog="python -m mcibi_jax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        help="config file and argument, e.g. configs/ade20k.py:r50 "
+        "(default with --pretrained: the release's own)",
+    )
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="orbax checkpoint directory, or a training workdir (its best checkpoint)")
+    weights.add_argument(
+        "--checkpoint",
+        help="orbax checkpoint directory, or a training workdir (its best checkpoint)",
+    )
     weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
-    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached)")
-    parser.add_argument("--out", required=True, help="new directory for model.jaxexport and model.json")
-    parser.add_argument("--size", default=None, help="HEIGHTxWIDTH of the served images (default: the dataset's "
-                        "crop or image size)")
-    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
-    parser.add_argument("--labels_only", action="store_true", help="return only the labels, not the probabilities")
-    parser.add_argument("--platforms", default=None, help="comma-separated, e.g. cpu,cuda,tpu (default: this "
-                        "machine's backend)")
+    weights.add_argument(
+        "--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="new directory for model.jaxexport and model.json"
+    )
+    parser.add_argument(
+        "--size",
+        default=None,
+        help="HEIGHTxWIDTH of the served images (default: the dataset's crop or image size)",
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
+    )
+    parser.add_argument(
+        "--labels_only", action="store_true", help="return only the labels, not the probabilities"
+    )
+    parser.add_argument(
+        "--platforms",
+        default=None,
+        help="comma-separated, e.g. cpu,cuda,tpu (default: this machine's backend)",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.config is None and args.pretrained is None:
         parser.error("--config is required (it may be left out with --pretrained)")
@@ -286,21 +360,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out.absolute()} exists and is not empty; choose a new output directory")
+            raise FileExistsError(
+                f"{out.absolute()} exists and is not empty; choose a new output directory"
+            )
         segmenter = _segmenter(args, overrides)
         size = parse_size(args.size) if args.size else default_size(segmenter.config)
-        platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
-        exported, description = export_segmenter(segmenter, size, use_tta=True if args.tta else None,
-                                                 probabilities=not args.labels_only, platforms=platforms)
+        platforms = (
+            [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
+        )
+        exported, description = export_segmenter(
+            segmenter,
+            size,
+            use_tta=True if args.tta else None,
+            probabilities=not args.labels_only,
+            platforms=platforms,
+        )
         directory = save(out, exported, description)
     except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     mode = description["inference"]
-    print(f"exported {description['name'] or 'model'} -> {directory}: images uint8 (batch, {size[0]}, {size[1]}, 3), "
-          f"{description['num_classes']} classes, inference {mode.get('mode', 'whole')} scales "
-          f"{list(mode.get('multiscale') or [1.0])} flip {bool(mode.get('flip'))}, platforms "
-          f"{','.join(description['platforms'])}, {(directory / FUNCTION_FILE).stat().st_size / 2**20:.1f} MiB")
+    print(
+        f"exported {description['name'] or 'model'} -> {directory}: images uint8 (batch, {size[0]}, {size[1]}, 3), "
+        f"{description['num_classes']} classes, inference {mode.get('mode', 'whole')} scales "
+        f"{list(mode.get('multiscale') or [1.0])} flip {bool(mode.get('flip'))}, platforms "
+        f"{','.join(description['platforms'])}, {(directory / FUNCTION_FILE).stat().st_size / 2**20:.1f} MiB"
+    )
     return 0
 
 

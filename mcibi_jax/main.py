@@ -46,8 +46,11 @@ def _define_flags():
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
-        "config", None, "config file, e.g. configs/demo.py or configs/cityscapes.py:r50; "
-        "then --config.<key>=<value> to change single values", sys_argv=_ARGV,
+        "config",
+        None,
+        "config file, e.g. configs/demo.py or configs/cityscapes.py:r50; "
+        "then --config.<key>=<value> to change single values",
+        sys_argv=_ARGV,
     )
     workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints and results")
     mode = flags.DEFINE_enum("mode", "train_and_eval", experiment.MODES, "what to run")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -29,21 +29,39 @@ from mcibi_jax.porting.pth import PthError
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="config file and backbone, e.g. configs/cityscapes.py:r50 "
-                        "(default with --pretrained: the release's own)")
+    parser = CommandLineParser(
+        prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config",
+        help="config file and backbone, e.g. configs/cityscapes.py:r50 "
+        "(default with --pretrained: the release's own)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--pth", help="released PyTorch checkpoint (.pth)")
-    source.add_argument("--pretrained", help="a released checkpoint by name, e.g. ade20k:r50 (downloaded and cached)")
+    source.add_argument(
+        "--pretrained",
+        help="a released checkpoint by name, e.g. ade20k:r50 (downloaded and cached)",
+    )
     parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
-    parser.add_argument("--entry", default=None, help="checkpoint entry holding the weights (default: 'model', then 'state_dict', then the file itself); e.g. model_ema")
-    parser.add_argument("--ema", action="store_true", help="port the EMA weights of a checkpoint trained with EMA (= --entry=model_ema)")
+    parser.add_argument(
+        "--entry",
+        default=None,
+        help="checkpoint entry holding the weights (default: 'model', then 'state_dict', then the file itself); e.g. model_ema",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="port the EMA weights of a checkpoint trained with EMA (= --entry=model_ema)",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.config is None and args.pretrained is None:
         parser.error("--config is required (it may be left out with --pretrained)")
     if args.ema:
         if args.entry not in (None, "model_ema"):
-            parser.error(f"--ema reads the entry 'model_ema'; it cannot go with --entry={args.entry}")
+            parser.error(
+                f"--ema reads the entry 'model_ema'; it cannot go with --entry={args.entry}"
+            )
         args.entry = "model_ema"
     return args, config_overrides(parser, rest)
 
@@ -52,8 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.pretrained:
-            config = (load_config(args.config, overrides) if args.config
-                      else pretrained.apply_overrides(pretrained.config(args.pretrained), overrides))
+            config = (
+                load_config(args.config, overrides)
+                if args.config
+                else pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
+            )
             args.pth = pretrained.download(args.pretrained)
         else:
             config = load_config(args.config, overrides)

@@ -29,8 +29,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) 
         spec = SPECS.get(name)
         palette = spec.palette if spec is not None else ()
     own = np.asarray(palette, np.uint8).reshape(-1, 3)[:num_classes]
-    colours[:len(own)] = own
+    colours[: len(own)] = own
     return colours
 
 
@@ -119,7 +120,9 @@ def background_class(dataset_config: Mapping[str, Any] | None, num_classes: int)
     return None
 
 
-def overlay_background(choice: str, dataset_config: Mapping[str, Any] | None, num_classes: int) -> int | None:
+def overlay_background(
+    choice: str, dataset_config: Mapping[str, Any] | None, num_classes: int
+) -> int | None:
     """``--overlay_background``: 'auto' (:func:`background_class`), 'none' (paint every
     class) or a class id; raises ConfigError for anything else."""
     if choice == "auto":
@@ -131,7 +134,9 @@ def overlay_background(choice: str, dataset_config: Mapping[str, Any] | None, nu
     except ValueError:
         index = -1
     if not 0 <= index < num_classes:
-        raise ConfigError(f"--overlay_background must be 'auto', 'none' or a class id 0..{num_classes - 1}, got {choice!r}")
+        raise ConfigError(
+            f"--overlay_background must be 'auto', 'none' or a class id 0..{num_classes - 1}, got {choice!r}"
+        )
     return index
 
 
@@ -140,7 +145,9 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[labels]
 
 
-def blend(image: np.ndarray, mask: np.ndarray, alpha: float, keep: np.ndarray | None = None) -> np.ndarray:
+def blend(
+    image: np.ndarray, mask: np.ndarray, alpha: float, keep: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 (H, W, 3) ``(1 - alpha) * image + alpha * mask``, rounded; where the bool (H, W)
     ``keep`` is set (e.g. the background class) the image is left as it is."""
     mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * mask.astype(np.float32)
@@ -148,8 +155,13 @@ def blend(image: np.ndarray, mask: np.ndarray, alpha: float, keep: np.ndarray | 
     return mixed if keep is None else np.where(keep[..., None], image, mixed)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float,
-            background: int | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    alpha: float,
+    background: int | None = None,
+) -> np.ndarray:
     """uint8 (H, W, 3): ``image`` blended with the class colours of int ``labels`` (H, W);
     pixels of class ``background`` keep the image."""
     keep = None if background is None else labels == background
@@ -160,7 +172,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: f
 # Files
 
 
-def find_images(source: Path, recursive: bool = False, exclude: Path | None = None) -> tuple[Path, list[Path]]:
+def find_images(
+    source: Path, recursive: bool = False, exclude: Path | None = None
+) -> tuple[Path, list[Path]]:
     """(folder the output names are relative to, the image files of ``source`` sorted).
 
     ``source`` is one file (taken whatever its extension) or a folder. Files this tool wrote
@@ -191,8 +205,12 @@ def output_stems(images: Sequence[Path], root: Path) -> list[Path]:
     counts: dict[str, int] = {}
     for stem in plain:
         counts[stem.as_posix().lower()] = counts.get(stem.as_posix().lower(), 0) + 1
-    return [stem.with_name(f"{stem.name}_{p.suffix[1:].lower()}") if counts[stem.as_posix().lower()] > 1 else stem
-            for stem, p in zip(plain, images)]
+    return [
+        stem.with_name(f"{stem.name}_{p.suffix[1:].lower()}")
+        if counts[stem.as_posix().lower()] > 1
+        else stem
+        for stem, p in zip(plain, images)
+    ]
 
 
 def read_rgb(path: Path | BinaryIO) -> np.ndarray:
@@ -207,7 +225,9 @@ def read_rgb(path: Path | BinaryIO) -> np.ndarray:
             if image.mode in ("I", "I;16", "F"):  # 16-bit or float grey: scale to 8 bits
                 grey = np.asarray(image, np.float64)
                 top = 65535.0 if grey.max() > 255 else 255.0
-                return np.repeat(np.rint(np.clip(grey, 0, top) * 255 / top).astype(np.uint8)[..., None], 3, -1)
+                return np.repeat(
+                    np.rint(np.clip(grey, 0, top) * 255 / top).astype(np.uint8)[..., None], 3, -1
+                )
             return np.asarray(image.convert("RGB"), np.uint8)
     except Exception as error:  # Pillow raises many types for damaged or foreign files
         raise ValueError(f"{type(error).__name__}: {error}") from None
@@ -242,28 +262,51 @@ def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` | ``--pth`` | ``--pretrained`` (one of them), for :func:`load_segmenter`."""
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
-                         "or a training workdir (its best checkpoint, else its newest)")
+    weights.add_argument(
+        "--checkpoint",
+        help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
+        "or a training workdir (its best checkpoint, else its newest)",
+    )
     weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
-    weights.add_argument("--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded once into "
-                         "~/.cache/mcibi_jax or $MCIBI_CACHE; --config then defaults to its released config)")
+    weights.add_argument(
+        "--pretrained",
+        help="a released model by name, e.g. ade20k:r50 (downloaded once into "
+        "~/.cache/mcibi_jax or $MCIBI_CACHE; --config then defaults to its released config)",
+    )
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(prog="python -m mcibi_jax.predict", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50 "
-                        "(default with --pretrained: the release's own)")
+    parser = CommandLineParser(
+        prog="python -m mcibi_jax.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        help="config file and argument, e.g. configs/ade20k.py:r50 "
+        "(default with --pretrained: the release's own)",
+    )
     add_weight_arguments(parser)
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
-    parser.add_argument("--output", required=True, help="folder for the outputs (created if needed)")
-    parser.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1")
-    parser.add_argument("--overlay_background", default="auto",
-                        help="class left unpainted in the overlay: auto (the dataset's 'background' class: LIP and "
-                        "the demo class 0; Cityscapes, ADE20K, COCO-Stuff have none), none (paint every class) or a "
-                        "class id")
-    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
-    parser.add_argument("--recursive", action="store_true", help="also search the input folder's sub-folders")
+    parser.add_argument(
+        "--output", required=True, help="folder for the outputs (created if needed)"
+    )
+    parser.add_argument(
+        "--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1"
+    )
+    parser.add_argument(
+        "--overlay_background",
+        default="auto",
+        help="class left unpainted in the overlay: auto (the dataset's 'background' class: LIP and "
+        "the demo class 0; Cityscapes, ADE20K, COCO-Stuff have none), none (paint every class) or a "
+        "class id",
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
+    )
+    parser.add_argument(
+        "--recursive", action="store_true", help="also search the input folder's sub-folders"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args, rest = parser.parse_known_args(argv)
     if args.config is None and args.pretrained is None:
@@ -287,7 +330,9 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if not 0.0 <= args.overlay_alpha <= 1.0:
         raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
     config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
-    overlay_background(args.overlay_background, config.get("dataset"), int(config["model"]["num_classes"]))
+    overlay_background(
+        args.overlay_background, config.get("dataset"), int(config["model"]["num_classes"])
+    )
     settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
     weights = Path(args.checkpoint or args.pth or ".")
     if not args.pretrained and not weights.exists():
@@ -297,12 +342,16 @@ def _prepare(args: argparse.Namespace, overrides: list[str]):
     if not images:
         below = "or below " if args.recursive else ""
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
-    segmenter = load_segmenter(config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained)
+    segmenter = load_segmenter(
+        config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained
+    )
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
 
 
-def load_experiment_config(path: str | None, overrides: Sequence[str] = (), pretrained: str | None = None) -> Any:
+def load_experiment_config(
+    path: str | None, overrides: Sequence[str] = (), pretrained: str | None = None
+) -> Any:
     """The config of ``--config`` (default with ``pretrained``: the released model's own) with its
     overrides, checked to run the test pipeline; any problem is a one-line ConfigError."""
     from mcibi_jax import pretrained as released
@@ -317,13 +366,19 @@ def load_experiment_config(path: str | None, overrides: Sequence[str] = (), pret
     except ConfigError:
         raise
     except Exception as error:  # anything a config file may raise while it runs
-        raise ConfigError(f"cannot load the config {path}: {type(error).__name__}: {error}") from None
+        raise ConfigError(
+            f"cannot load the config {path}: {type(error).__name__}: {error}"
+        ) from None
     preprocessor(config)  # the config can run the test pipeline
     return config
 
 
-def load_segmenter(config: Any, checkpoint: str | os.PathLike | None = None, pth: str | os.PathLike | None = None,
-                   pretrained: str | None = None):
+def load_segmenter(
+    config: Any,
+    checkpoint: str | os.PathLike | None = None,
+    pth: str | os.PathLike | None = None,
+    pretrained: str | None = None,
+):
     """A :class:`mcibi_jax.Segmenter` from ``pretrained`` (a released model by name, downloaded
     and cached), ``pth`` (a released .pth, ported on the fly) or ``checkpoint`` (an orbax
     checkpoint, or a training workdir: its best, else newest one).
@@ -374,14 +429,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config, settings, segmenter, root, images, output = _prepare(args, overrides)
-    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:  # OSError: missing files, unusable --output
+    except (
+        ConfigError,
+        PthError,
+        PortError,
+        PretrainedError,
+        OSError,
+    ) as error:  # OSError: missing files, unusable --output
         warn(f"error: {error}")
         return 2
     use_tta = True if args.tta else None
 
     num_classes = int(config["model"]["num_classes"])
     palette = dataset_palette(config.get("dataset"), num_classes)
-    background = overlay_background(args.overlay_background, config.get("dataset"), num_classes)  # checked in _prepare
+    background = overlay_background(
+        args.overlay_background, config.get("dataset"), num_classes
+    )  # checked in _prepare
     stems = output_stems(images, root)
     out(f"{len(images)} image(s) from {args.input} -> {output}; inference: {_describe(settings)}")
     done, skipped, failed = 0, [], []
@@ -389,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index, (path, stem) in enumerate(zip(images, stems), 1):
         tick = time.perf_counter()
         prefix = f"[{index}/{len(images)}] {path}"
-        targets = {suffix: output / stem.parent / f"{stem.name}{suffix}" for suffix in OUTPUT_SUFFIXES}
+        targets = {
+            suffix: output / stem.parent / f"{stem.name}{suffix}" for suffix in OUTPUT_SUFFIXES
+        }
         todo = {s: p for s, p in targets.items() if args.overwrite or not p.exists()}
         kept = [p.name for s, p in targets.items() if s not in todo]
         if not todo:
@@ -412,14 +477,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_label_png(todo["_labels.png"], labels, num_classes)
             if "_overlay.jpg" in todo:
                 keep = None if background is None else labels == background
-                _save(blend(image, mask, args.overlay_alpha, keep), todo["_overlay.jpg"], "JPEG", quality=90)
+                _save(
+                    blend(image, mask, args.overlay_alpha, keep),
+                    todo["_overlay.jpg"],
+                    "JPEG",
+                    quality=90,
+                )
         except OSError as error:
             failed.append(str(path))
             warn(f"{prefix} ... cannot write the outputs: {error}")
             continue
         done += 1
         note = f" (kept existing {', '.join(kept)})" if kept else ""
-        out(f"{prefix} {image.shape[1]}x{image.shape[0]} ... {time.perf_counter() - tick:.2f} s{note}")
+        out(
+            f"{prefix} {image.shape[1]}x{image.shape[0]} ... {time.perf_counter() - tick:.2f} s{note}"
+        )
 
     summary = f"{done} segmented, {len(skipped)} skipped (outputs exist), {len(failed)} failed"
     out(f"{summary} in {time.perf_counter() - started:.1f} s; outputs in {output}")

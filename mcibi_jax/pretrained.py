@@ -36,8 +36,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -51,7 +52,13 @@ PREFIX = "pretrained:"  # train.init_from=pretrained:<name>
 TIMEOUT = 60.0  # seconds without data before a download gives up (it resumes on the next call)
 _CHUNK = 1 << 20
 # The release's file names spell some backbones differently from our config arguments.
-_FILE_BACKBONE = {"r50": "r50", "r101": "r101", "s101": "s101", "hrnet48": "hrnetv2w48", "vitl": "vitlarge"}
+_FILE_BACKBONE = {
+    "r50": "r50",
+    "r101": "r101",
+    "s101": "s101",
+    "hrnet48": "hrnetv2w48",
+    "vitl": "vitlarge",
+}
 
 
 class PretrainedError(RuntimeError):
@@ -83,7 +90,9 @@ class Release:
 
 def _release(dataset: str, backbone: str) -> Release:
     single, tta = PUBLISHED_MIOU[(dataset, backbone)]
-    return Release(f"{dataset}:{backbone}", f"deeplabv3_{_FILE_BACKBONE[backbone]}_{dataset}.pth", single, tta)
+    return Release(
+        f"{dataset}:{backbone}", f"deeplabv3_{_FILE_BACKBONE[backbone]}_{dataset}.pth", single, tta
+    )
 
 
 RELEASES: dict[str, Release] = {f"{d}:{b}": _release(d, b) for d, b in RELEASED}
@@ -93,7 +102,7 @@ def get(name: str) -> Release:
     """The release called ``name`` (e.g. ``"ade20k:r50"``); ConfigError listing the names otherwise."""
     name = str(name).strip()
     if name.startswith(PREFIX):
-        name = name[len(PREFIX):]
+        name = name[len(PREFIX) :]
     if name not in RELEASES:
         raise ConfigError(f"no released checkpoint {name!r}; choose one of {', '.join(RELEASES)}")
     return RELEASES[name]
@@ -106,7 +115,11 @@ def config(name: str) -> ml_collections.ConfigDict:
 
 def cache_dir() -> Path:
     """``$MCIBI_CACHE``, else ``~/.cache/mcibi_jax``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mcibi_jax").expanduser().absolute()
+    return (
+        Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mcibi_jax")
+        .expanduser()
+        .absolute()
+    )
 
 
 def cached_file(name: str) -> Path:
@@ -142,12 +155,19 @@ def _read_record(file: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
         return {"size": int(record["size"]), "sha256": str(record["sha256"])}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PretrainedError(f"{path} is unreadable ({error}); delete it to record {file.name} anew") from None
+        raise PretrainedError(
+            f"{path} is unreadable ({error}); delete it to record {file.name} anew"
+        ) from None
 
 
 def _write_record(file: Path, url: str, size: int, sha256: str) -> None:
-    record = {"file": file.name, "url": url, "size": size, "sha256": sha256,
-              "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        "file": file.name,
+        "url": url,
+        "size": size,
+        "sha256": sha256,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     temporary = _record_path(file).with_suffix(f".tmp-{os.getpid()}")
     temporary.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(temporary, _record_path(file))
@@ -167,13 +187,17 @@ def verify(name: str, full: bool = True) -> Path:
         _write_record(file, "(put in the cache by hand)", size, _sha256(file))
         return file
     if size != record["size"]:
-        raise PretrainedError(f"{file} has {size:,} bytes, its record {_record_path(file).name} says {record['size']:,}: "
-                              "the file is damaged or was replaced; delete it to download it again")
+        raise PretrainedError(
+            f"{file} has {size:,} bytes, its record {_record_path(file).name} says {record['size']:,}: "
+            "the file is damaged or was replaced; delete it to download it again"
+        )
     if full:
         sha = _sha256(file)
         if sha != record["sha256"]:
-            raise PretrainedError(f"{file} has sha256 {sha[:16]}..., its record {_record_path(file).name} says "
-                                  f"{record['sha256'][:16]}...: the file is damaged; delete it to download it again")
+            raise PretrainedError(
+                f"{file} has sha256 {sha[:16]}..., its record {_record_path(file).name} says "
+                f"{record['sha256'][:16]}...: the file is damaged; delete it to download it again"
+            )
     return file
 
 
@@ -200,8 +224,10 @@ def _locked(file: Path) -> Iterator[None]:
 
 
 def _by_hand(release: Release, file: Path) -> str:
-    return (f"download {release.url()} elsewhere and put it at {file} "
-            f"(or set {CACHE_ENV} to a folder holding {file.name})")
+    return (
+        f"download {release.url()} elsewhere and put it at {file} "
+        f"(or set {CACHE_ENV} to a folder holding {file.name})"
+    )
 
 
 def _total_size(response: Any, offset: int) -> tuple[int, int | None]:
@@ -209,15 +235,19 @@ def _total_size(response: Any, offset: int) -> tuple[int, int | None]:
     if response.status == 206:
         match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
         if match is None:
-            raise PretrainedError(f"the server answered a resumed download with Content-Range "
-                                  f"{response.headers.get('Content-Range')!r}")
+            raise PretrainedError(
+                f"the server answered a resumed download with Content-Range "
+                f"{response.headers.get('Content-Range')!r}"
+            )
         start, total = int(match.group(1)), match.group(2)
         return start, (None if total == "*" else int(total))
     length = response.headers.get("Content-Length")
     return 0, (int(length) if length and length.isdigit() else None)
 
 
-def _fetch(release: Release, file: Path, expected_size: int | None, log: Callable[[str], None]) -> None:
+def _fetch(
+    release: Release, file: Path, expected_size: int | None, log: Callable[[str], None]
+) -> None:
     """Downloads into ``<file>.part`` (resuming what is there); returns when it holds the whole file."""
     from mcibi_jax.progress import ProgressBar
 
@@ -233,27 +263,39 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
     headers = {"User-Agent": "mcibi_jax"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        if validator.exists():  # a changed file on the server comes whole (200) instead of a mixed part
+        if (
+            validator.exists()
+        ):  # a changed file on the server comes whole (200) instead of a mixed part
             headers["If-Range"] = validator.read_text().strip()
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=TIMEOUT
+        )
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # nothing left to send: the part is complete, or stale
             match = re.match(r"bytes \*/(\d+)", error.headers.get("Content-Range", "") or "")
             if match and int(match.group(1)) == offset:
                 return
             part.unlink()
-            raise PretrainedError(f"{url}: the server refused to resume at byte {offset:,}; the partial download "
-                                  "was removed, run again to download from the start") from None
-        raise PretrainedError(f"cannot download {release.name} (HTTP {error.code} {error.reason}): "
-                              f"{_by_hand(release, file)}") from None
+            raise PretrainedError(
+                f"{url}: the server refused to resume at byte {offset:,}; the partial download "
+                "was removed, run again to download from the start"
+            ) from None
+        raise PretrainedError(
+            f"cannot download {release.name} (HTTP {error.code} {error.reason}): "
+            f"{_by_hand(release, file)}"
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         reason = getattr(reason, "strerror", None) or reason
-        raise PretrainedError(f"cannot download {release.name} ({reason}): {_by_hand(release, file)}") from None
+        raise PretrainedError(
+            f"cannot download {release.name} ({reason}): {_by_hand(release, file)}"
+        ) from None
     with response:
         start, total = _total_size(response, offset)
-        if start != offset:  # a 200 (no resume, or the file changed) or an unexpected range: start over
+        if (
+            start != offset
+        ):  # a 200 (no resume, or the file changed) or an unexpected range: start over
             offset = 0
         if not offset:
             tag = response.headers.get("ETag") or response.headers.get("Last-Modified")
@@ -262,15 +304,22 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
             else:
                 validator.unlink(missing_ok=True)
         if expected_size is not None and total is not None and total != expected_size:
-            raise PretrainedError(f"{url} offers {total:,} bytes but {file.name} was recorded with {expected_size:,} "
-                                  f"({_record_path(file)}); the release changed or the mirror is wrong")
+            raise PretrainedError(
+                f"{url} offers {total:,} bytes but {file.name} was recorded with {expected_size:,} "
+                f"({_record_path(file)}); the release changed or the mirror is wrong"
+            )
         total = total if total is not None else expected_size
         megabytes = -(-total // (1 << 20)) if total else 0
         verb = "resuming" if offset else "downloading"
-        log(f"{verb} {release.name}: {url} -> {file}" + (f" ({total / (1 << 20):.1f} MiB)" if total else ""))
+        log(
+            f"{verb} {release.name}: {url} -> {file}"
+            + (f" ({total / (1 << 20):.1f} MiB)" if total else "")
+        )
         received = offset
-        with open(part, "ab" if offset else "wb") as out, \
-                ProgressBar(megabytes, f"{file.name} MiB") as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            ProgressBar(megabytes, f"{file.name} MiB") as bar,
+        ):
             bar.set_position(offset >> 20)
             try:
                 while True:
@@ -282,12 +331,17 @@ def _fetch(release: Release, file: Path, expected_size: int | None, log: Callabl
                     bar.update((received >> 20) - (before >> 20))
             except (OSError, http.client.HTTPException) as error:  # dropped connection, timeout
                 out.flush()
-                raise PretrainedError(f"the download of {release.name} stopped at {received:,}"
-                                      + (f" of {total:,}" if total else "") + f" bytes ({type(error).__name__}); "
-                                      f"run again to resume it (kept in {part})") from None
+                raise PretrainedError(
+                    f"the download of {release.name} stopped at {received:,}"
+                    + (f" of {total:,}" if total else "")
+                    + f" bytes ({type(error).__name__}); "
+                    f"run again to resume it (kept in {part})"
+                ) from None
     if total is not None and received != total:
-        raise PretrainedError(f"the download of {release.name} stopped at {received:,} of {total:,} bytes; "
-                              f"run again to resume it (kept in {part})")
+        raise PretrainedError(
+            f"the download of {release.name} stopped at {received:,} of {total:,} bytes; "
+            f"run again to resume it (kept in {part})"
+        )
     validator.unlink(missing_ok=True)
 
 
@@ -306,9 +360,11 @@ def download(name: str, log: Callable[[str], None] = print) -> Path:
         size, sha = part.stat().st_size, _sha256(part)
         if record is not None and (size, sha) != (record["size"], record["sha256"]):
             part.unlink()
-            raise PretrainedError(f"the download of {release.name} does not match its record {_record_path(file)} "
-                                  f"(size {size:,}, sha256 {sha[:16]}... instead of {record['size']:,}, "
-                                  f"{record['sha256'][:16]}...); removed it, run again to download it anew")
+            raise PretrainedError(
+                f"the download of {release.name} does not match its record {_record_path(file)} "
+                f"(size {size:,}, sha256 {sha[:16]}... instead of {record['size']:,}, "
+                f"{record['sha256'][:16]}...); removed it, run again to download it anew"
+            )
         if record is None:
             _write_record(file, release.url(), size, sha)
         os.replace(part, file)
@@ -345,8 +401,9 @@ def checkpoint(name: str, log: Callable[[str], None] = print) -> Path:
     return ported
 
 
-def load_variables(name: str, config: ml_collections.ConfigDict | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def load_variables(
+    name: str, config: ml_collections.ConfigDict | None = None, log: Callable[[str], None] = print
+) -> dict:
     """Flax variables of the released model ``name``, checked against ``config``'s model
     (default: the release's own config)."""
     from mcibi_jax.porting.port import load_variables as load
@@ -354,7 +411,9 @@ def load_variables(name: str, config: ml_collections.ConfigDict | None = None,
     return load(checkpoint(name, log), config if config is not None else get(name).config())
 
 
-def apply_overrides(base: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    base: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
     """``base`` with dotted ``key=value`` overrides applied (as ``load_config`` does)."""
     from mcibi_jax.config import apply_override
 
@@ -371,20 +430,33 @@ def _table() -> str:
     rows = [f"{'name':<20} {'mIoU':>6} {'TTA':>6}  cached"]
     for release in RELEASES.values():
         file = cache_dir() / release.file
-        state = "ported" if _ported_path(file).is_dir() else "downloaded" if file.exists() else \
-            "partial" if file.with_name(file.name + ".part").exists() else "-"
+        state = (
+            "ported"
+            if _ported_path(file).is_dir()
+            else "downloaded"
+            if file.exists()
+            else "partial"
+            if file.with_name(file.name + ".part").exists()
+            else "-"
+        )
         single = f"{release.miou:.2f}" if release.miou is not None else "-"
         rows.append(f"{release.name:<20} {single:>6} {release.miou_tta:>6.2f}  {state}")
     return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcibi_jax.pretrained", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="released models to download and port now, e.g. ade20k:r50")
+    parser = argparse.ArgumentParser(
+        prog="python -m mcibi_jax.pretrained", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "names", nargs="*", help="released models to download and port now, e.g. ade20k:r50"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.names:
         print(_table())
-        print(f"cache: {cache_dir()}  (published mIoU in %; Cityscapes: test server, multi-scale + flip)")
+        print(
+            f"cache: {cache_dir()}  (published mIoU in %; Cityscapes: test server, multi-scale + flip)"
+        )
         return 0
     try:
         for name in args.names:

@@ -12,7 +12,8 @@ import numbers
 import os
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -124,15 +125,26 @@ class ProgressBar:
         self._live = self._closed = False
         if self.enabled:
             self._progress = Progress(
-                TextColumn("{task.description}", table_column=_one_line()), BarColumn(bar_width=24),
-                MofNCompleteColumn(table_column=_one_line()), TimeElapsedColumn(table_column=_one_line()),
-                TimeRemainingColumn(table_column=_one_line()), _Rate(table_column=_one_line()),
+                TextColumn("{task.description}", table_column=_one_line()),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(table_column=_one_line()),
+                TimeElapsedColumn(table_column=_one_line()),
+                TimeRemainingColumn(table_column=_one_line()),
+                _Rate(table_column=_one_line()),
                 # the postfix takes the rest of the line, cut short on narrow terminals
-                TextColumn("{task.fields[postfix]}", markup=False,
-                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
-                console=Console(file=self.stream, force_terminal=True), auto_refresh=False,
-                speed_estimate_period=RATE_WINDOW_S, expand=True, transient=True, redirect_stdout=False,
-                redirect_stderr=False, get_time=clock,
+                TextColumn(
+                    "{task.fields[postfix]}",
+                    markup=False,
+                    table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+                ),
+                console=Console(file=self.stream, force_terminal=True),
+                auto_refresh=False,
+                speed_estimate_period=RATE_WINDOW_S,
+                expand=True,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+                get_time=clock,
             )
             self._task = self._progress.add_task(description, total=self.total or None, postfix="")
 
@@ -166,8 +178,9 @@ class ProgressBar:
             return
         self._start, self._started_at = self.clock(), self.done
         if self.enabled:
-            self._progress.reset(self._task, total=self.total or None, completed=self.done,
-                                 postfix=self._postfix())
+            self._progress.reset(
+                self._task, total=self.total or None, completed=self.done, postfix=self._postfix()
+            )
 
     def interleave(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """``log`` wrapped so that its lines appear above the bar (erased, then redrawn); ``log``
@@ -222,7 +235,11 @@ class ProgressBar:
             return
         self._last_line = now
         rate = (self.done - self._started_at) / max(now - self._start, 1e-9)
-        counts = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else f"{self.done}"
+        counts = (
+            f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
+            if self.total
+            else f"{self.done}"
+        )
         left = (self.total - self.done) / rate if self.total and rate > 0 else math.inf
         eta = f", about {format_duration(left)} left" if math.isfinite(left) else ""
         print(f"{self.description} {counts}, {rate:.1f} it/s{eta}", file=self.stream, flush=True)

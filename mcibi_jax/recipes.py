@@ -27,8 +27,13 @@ PUBLISHED_MIOU: dict[tuple[str, str], tuple[float | None, float]] = {
     (d, b): _config_module(d).PUBLISHED_MIOU[b] for d, b in RELEASED
 }
 # Released checkpoint layouts: ``tests/reference/keys/<name>.txt``.
-_KEYS_PREFIX = {"r50": "resnet50os8", "r101": "resnet101os8", "s101": "resnest101os8",
-                "hrnet48": "hrnetv2w48", "vitl": "vitlarge"}
+_KEYS_PREFIX = {
+    "r50": "resnet50os8",
+    "r101": "resnet101os8",
+    "s101": "resnest101os8",
+    "hrnet48": "hrnetv2w48",
+    "vitl": "vitlarge",
+}
 KEYS_FILES: dict[tuple[str, str], str] = {(d, b): f"{_KEYS_PREFIX[b]}_{d}" for d, b in RELEASED}
 
 
@@ -40,8 +45,10 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     (naming the choices) for a combination never released.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"no released MCIBI recipe for dataset {dataset!r} with backbone "
-                         f"{backbone!r}; datasets: {', '.join(DATASETS)}")
+        raise ValueError(
+            f"no released MCIBI recipe for dataset {dataset!r} with backbone "
+            f"{backbone!r}; datasets: {', '.join(DATASETS)}"
+        )
     config = _config_module(dataset).get_config(backbone)
     config.lock()
     return config

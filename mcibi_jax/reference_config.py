@@ -8,7 +8,8 @@ same network here.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -48,11 +49,17 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
     """``config.model`` equivalent of a reference segmentor config (MCIBI)."""
     head = ref["head"]
     downsample = head.get("downsample_backbone", {"stride": 1})
-    if downsample.get("stride", 1) > 1 and (downsample.get("kernel_size", 3), downsample.get("padding", 1), downsample.get("bias", False)) != (3, 1, False):
+    if downsample.get("stride", 1) > 1 and (
+        downsample.get("kernel_size", 3),
+        downsample.get("padding", 1),
+        downsample.get("bias", False),
+    ) != (3, 1, False):
         raise ValueError(f"unsupported downsample_backbone {dict(downsample)}")
     context = head.get("context_within_image", {"is_on": False})
     if context.get("is_on") and context.get("type", "aspp") != "aspp":
-        raise ValueError(f"context_within_image type {context.get('type')!r} is not supported (only 'aspp')")
+        raise ValueError(
+            f"context_within_image type {context.get('type')!r} is not supported (only 'aspp')"
+        )
     norm_cfg = head.get("norm_cfg")
     update = head["update_cfg"]
     momentum = update["momentum_cfg"]
@@ -67,11 +74,17 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
     tta = inference.get("tta", {})
     activation = dict(ref.get("act_cfg") or {"type": "ReLU"})
     if activation.get("type") not in ("ReLU", "LeakyReLU"):
-        raise ValueError(f"head activation {activation.get('type')!r} is not supported (ReLU or LeakyReLU)")
-    negative_slope = float(activation.get("negative_slope", 0.01)) if activation["type"] == "LeakyReLU" else 0.0
+        raise ValueError(
+            f"head activation {activation.get('type')!r} is not supported (ReLU or LeakyReLU)"
+        )
+    negative_slope = (
+        float(activation.get("negative_slope", 0.01)) if activation["type"] == "LeakyReLU" else 0.0
+    )
     backbone = dict(ref["backbone"])
     backbone.pop("pretrained", None)
-    backbone.setdefault("remat", False)  # ours: activation rematerialisation, off as in the reference
+    backbone.setdefault(
+        "remat", False
+    )  # ours: activation rematerialisation, off as in the reference
     return ml_collections.ConfigDict(
         {
             "num_classes": ref["num_classes"],
@@ -87,7 +100,9 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
                 "dropout": head.get("dropout", 0.1),
                 "negative_slope": negative_slope,
                 "downsample_stride": downsample.get("stride", 1),
-                "context_dilations": list(context["cfg"]["dilations"]) if context.get("is_on") else [],
+                "context_dilations": list(context["cfg"]["dilations"])
+                if context.get("is_on")
+                else [],
                 "level_norm_channels": list(norm_cfg["in_channels_list"]) if norm_cfg else [],
                 "level_norm_eps": float(norm_cfg.get("eps", 1e-5)) if norm_cfg else 1e-6,
                 "use_memory_loss": bool(head.get("use_loss", False)),

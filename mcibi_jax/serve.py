@@ -40,22 +40,35 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
-from mcibi_jax.predict import (add_weight_arguments, blend, class_names, colorize, dataset_palette, label_image,
-                               load_experiment_config, load_segmenter, overlay_background, read_rgb)
+from mcibi_jax.predict import (
+    add_weight_arguments,
+    blend,
+    class_names,
+    colorize,
+    dataset_palette,
+    label_image,
+    load_experiment_config,
+    load_segmenter,
+    overlay_background,
+    read_rgb,
+)
 
 FORMATS = ("json", "labels", "mask", "overlay")
 DEFAULT_MAX_MB = 20.0
 DEFAULT_MAX_PIXELS = 4096 * 4096
-_DRAIN_LIMIT = 256 << 20  # an oversized body up to this is read and dropped, so the client sees the 413
+_DRAIN_LIMIT = (
+    256 << 20
+)  # an oversized body up to this is read and dropped, so the client sees the 413
 
 
 class BadUpload(ValueError):
@@ -83,9 +96,16 @@ class SegmentationService:
     """What the HTTP handler calls: decodes uploads, segments them with ``segmenter`` (one image
     at a time) and renders the label, mask and overlay images."""
 
-    def __init__(self, segmenter: Any, *, name: str = "", use_tta: bool | None = None,
-                 background: str = "auto", max_bytes: int = int(DEFAULT_MAX_MB * 1e6),
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        segmenter: Any,
+        *,
+        name: str = "",
+        use_tta: bool | None = None,
+        background: str = "auto",
+        max_bytes: int = int(DEFAULT_MAX_MB * 1e6),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         config = segmenter.config
         self.segmenter, self.use_tta = segmenter, use_tta
         self.name = name or str(config.get("name", "") or "model")
@@ -95,17 +115,31 @@ class SegmentationService:
         self.class_names = class_names(dataset, self.num_classes)
         self.background = overlay_background(background, dataset, self.num_classes)
         self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
-        self._lock = threading.Lock()  # one image at a time: bounded memory, no duplicate compilations
+        self._lock = (
+            threading.Lock()
+        )  # one image at a time: bounded memory, no duplicate compilations
 
     def info(self) -> dict[str, Any]:
-        classes = [{"id": k, "name": n, "colour": _hex(c)} for k, (n, c) in enumerate(zip(self.class_names, self.palette))]
-        return {"name": self.name, "num_classes": self.num_classes, "classes": classes, "background": self.background,
-                "max_bytes": self.max_bytes, "max_pixels": self.max_pixels}
+        classes = [
+            {"id": k, "name": n, "colour": _hex(c)}
+            for k, (n, c) in enumerate(zip(self.class_names, self.palette))
+        ]
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "classes": classes,
+            "background": self.background,
+            "max_bytes": self.max_bytes,
+            "max_pixels": self.max_pixels,
+        }
 
     def check_size(self, num_bytes: int) -> None:
         if num_bytes > self.max_bytes:
-            raise BadUpload(f"the upload is too large: {num_bytes / 1e6:.1f} MB, at most {self.max_bytes / 1e6:.1f} MB "
-                            "(--max_mb)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raise BadUpload(
+                f"the upload is too large: {num_bytes / 1e6:.1f} MB, at most {self.max_bytes / 1e6:.1f} MB "
+                "(--max_mb)",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
 
     def decode(self, data: bytes) -> np.ndarray:
         """uint8 (H, W, 3) RGB of an uploaded file, or BadUpload (400 / 413)."""
@@ -118,10 +152,15 @@ class SegmentationService:
             with Image.open(io.BytesIO(data)) as probe:
                 width, height = probe.size  # from the header, before decoding the pixels
         except Exception:  # Pillow raises many types for foreign files
-            raise BadUpload("the upload is not an image Pillow can read (try a JPEG or PNG)") from None
+            raise BadUpload(
+                "the upload is not an image Pillow can read (try a JPEG or PNG)"
+            ) from None
         if width * height > self.max_pixels:
-            raise BadUpload(f"the image is too large: {width}x{height} = {width * height:,} pixels, at most "
-                            f"{self.max_pixels:,} (--max_pixels)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raise BadUpload(
+                f"the image is too large: {width}x{height} = {width * height:,} pixels, at most "
+                f"{self.max_pixels:,} (--max_pixels)",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
         try:
             return read_rgb(io.BytesIO(data))
         except ValueError as error:
@@ -143,8 +182,16 @@ class SegmentationService:
         """The classes present in ``labels``, largest share (of all pixels) first."""
         counts = np.bincount(labels.ravel(), minlength=self.num_classes)
         order = np.argsort(-counts, kind="stable")
-        return [{"id": int(k), "name": self.class_names[k], "colour": _hex(self.palette[k]),
-                 "share": float(counts[k] / labels.size)} for k in order if counts[k]]
+        return [
+            {
+                "id": int(k),
+                "name": self.class_names[k],
+                "colour": _hex(self.palette[k]),
+                "share": float(counts[k] / labels.size),
+            }
+            for k in order
+            if counts[k]
+        ]
 
     def respond(self, data: bytes, fmt: str = "json", alpha: float = 0.5) -> tuple[str, bytes]:
         """(content type, body) of a segmentation request; BadUpload for bad requests."""
@@ -162,11 +209,18 @@ class SegmentationService:
             return "image/png", encode_png(self.mask_rgba(labels))
         if fmt == "overlay":
             keep = None if self.background is None else labels == self.background
-            return "image/png", encode_png(blend(image, colorize(labels, self.palette), alpha, keep))
+            return "image/png", encode_png(
+                blend(image, colorize(labels, self.palette), alpha, keep)
+            )
         body = {
-            "width": int(image.shape[1]), "height": int(image.shape[0]), "seconds": round(seconds, 3),
-            "classes": self.shares(labels), "background": self.background,
-            "labels_png": base64.b64encode(encode_png(label_image(labels, self.num_classes))).decode("ascii"),
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "seconds": round(seconds, 3),
+            "classes": self.shares(labels),
+            "background": self.background,
+            "labels_png": base64.b64encode(
+                encode_png(label_image(labels, self.num_classes))
+            ).decode("ascii"),
             "mask_png": base64.b64encode(encode_png(self.mask_rgba(labels))).decode("ascii"),
         }
         return "application/json", json.dumps(body).encode()
@@ -204,20 +258,27 @@ def make_handler(service: SegmentationService, quiet: bool = False) -> type[Base
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", page())
             elif path == "/api/info":
                 self._send(HTTPStatus.OK, "application/json", json.dumps(service.info()).encode())
-            elif path == "/favicon.ico":  # browsers ask for it: nothing, without an error in the log
+            elif (
+                path == "/favicon.ico"
+            ):  # browsers ask for it: nothing, without an error in the log
                 self.send_response(HTTPStatus.NO_CONTENT)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             else:
-                self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}; the page is at /, the API at /api/info "
-                            "and /api/segment")
+                self._error(
+                    HTTPStatus.NOT_FOUND,
+                    f"no such page: {path}; the page is at /, the API at /api/info "
+                    "and /api/segment",
+                )
 
         do_HEAD = do_GET
 
         def do_POST(self) -> None:  # noqa: N802
             url = urlsplit(self.path)
             if url.path != "/api/segment":
-                self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {url.path}; use /api/segment")
+                self._error(
+                    HTTPStatus.NOT_FOUND, f"no such endpoint: POST {url.path}; use /api/segment"
+                )
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -250,16 +311,22 @@ def make_handler(service: SegmentationService, quiet: bool = False) -> type[Base
             except BadUpload as error:
                 self._error(error.status, str(error))
                 return
-            except Exception as error:  # the model failed (out of memory, ...): say so, keep serving
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"segmentation failed: {type(error).__name__}: {error}")
+            except (
+                Exception
+            ) as error:  # the model failed (out of memory, ...): say so, keep serving
+                self._error(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    f"segmentation failed: {type(error).__name__}: {error}",
+                )
                 return
             self._send(HTTPStatus.OK, content_type, body)
 
     return Handler
 
 
-def make_server(service: SegmentationService, host: str = "127.0.0.1", port: int = 8000,
-                quiet: bool = False) -> ThreadingHTTPServer:
+def make_server(
+    service: SegmentationService, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
+) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer for ``service`` (``port=0``: any free port, see ``server_address``)."""
     server = ThreadingHTTPServer((host, port), make_handler(service, quiet))
     server.daemon_threads = True
@@ -274,25 +341,49 @@ def load_service(args: argparse.Namespace, overrides: Sequence[str]) -> Segmenta
         raise ConfigError("--config is required with --checkpoint or --pth")
     config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
     evaluation_options(config, True if args.tta else None)  # checked before the weights load
-    segmenter = load_segmenter(config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained)
-    return SegmentationService(segmenter, use_tta=True if args.tta else None, background=args.overlay_background,
-                               max_bytes=int(args.max_mb * 1e6), max_pixels=args.max_pixels)
+    segmenter = load_segmenter(
+        config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained
+    )
+    return SegmentationService(
+        segmenter,
+        use_tta=True if args.tta else None,
+        background=args.overlay_background,
+        max_bytes=int(args.max_mb * 1e6),
+        max_pixels=args.max_pixels,
+    )
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(prog="python -m mcibi_jax.serve", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(
+        prog="python -m mcibi_jax.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50")
     add_weight_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, no "
-                        "authentication)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
-    parser.add_argument("--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)")
-    parser.add_argument("--overlay_background", default="auto",
-                        help="class left transparent in the overlay: auto (the dataset's 'background' class), none, "
-                        "or a class id")
-    parser.add_argument("--max_mb", type=float, default=DEFAULT_MAX_MB, help="largest upload, in megabytes")
-    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image, in pixels")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: every interface, no authentication)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (0: any free one)"
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
+    )
+    parser.add_argument(
+        "--overlay_background",
+        default="auto",
+        help="class left transparent in the overlay: auto (the dataset's 'background' class), none, "
+        "or a class id",
+    )
+    parser.add_argument(
+        "--max_mb", type=float, default=DEFAULT_MAX_MB, help="largest upload, in megabytes"
+    )
+    parser.add_argument(
+        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image, in pixels"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     args, rest = parser.parse_known_args(argv)
     return args, config_overrides(parser, rest)
@@ -309,13 +400,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--max_mb and --max_pixels must be positive")
         service = load_service(args, overrides)
         server = make_server(service, args.host, args.port, quiet=args.quiet)
-    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:  # OSError: missing files, port in use
+    except (
+        ConfigError,
+        PthError,
+        PortError,
+        PretrainedError,
+        OSError,
+    ) as error:  # OSError: missing files, port in use
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     host, port = server.server_address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    print(f"serving {service.name} ({service.num_classes} classes) on http://{shown}:{port}/ "
-          f"(POST images to /api/segment); Ctrl-C stops", flush=True)
+    print(
+        f"serving {service.name} ({service.num_classes} classes) on http://{shown}:{port}/ "
+        f"(POST images to /api/segment); Ctrl-C stops",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -9,7 +9,8 @@ of a global batch; :func:`global_batch` assembles the parts into one ``jax.Array
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -57,8 +58,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(put, tree)
 
 
-def global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
-                 axis: str | tuple[str, ...] = DATA) -> dict[str, jax.Array]:
+def global_batch(
+    host_batch: Mapping[str, Any], mesh: Mesh, axis: str | tuple[str, ...] = DATA
+) -> dict[str, jax.Array]:
     """This host's part of a batch -> global ``jax.Array`` s split along the batch (leading) axis.
 
     Every host calls this with its own ``(B_host, ...)`` arrays; the result has
@@ -74,13 +76,21 @@ def global_batch(host_batch: Mapping[str, Any], mesh: Mesh,
         x = np.asarray(x)
         rows = x.shape[0] * jax.process_count()
         if rows % parts:
-            raise ValueError(f"a global batch of {rows} rows ({x.shape[0]} per host) cannot be "
-                             f"split over the {parts} devices of mesh axis {axis!r}; use a batch "
-                             f"size that is a multiple of {parts}")
+            raise ValueError(
+                f"a global batch of {rows} rows ({x.shape[0]} per host) cannot be "
+                f"split over the {parts} devices of mesh axis {axis!r}; use a batch "
+                f"size that is a multiple of {parts}"
+            )
         return jax.make_array_from_process_local_data(sharding, x)
 
     return {key: put(value) for key, value in host_batch.items()}
 
 
-__all__ = ["DATA", "batch_sharding", "data_mesh", "global_batch", "replicate",
-           "replicated_sharding"]
+__all__ = [
+    "DATA",
+    "batch_sharding",
+    "data_mesh",
+    "global_batch",
+    "replicate",
+    "replicated_sharding",
+]

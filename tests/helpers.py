@@ -7,9 +7,9 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -26,8 +26,11 @@ DEMO_CONFIG = REPO / "configs" / "demo.py"
 # The demo on 64 images of 32x32 in batches of 8: 8 steps per epoch, 3 epochs (the memory loss
 # joins in epoch 2).
 DEMO_FAST = [
-    "dataset.image_size=(32, 32)", "dataset.train.num_images=64", "dataset.test.num_images=16",
-    "train.num_epochs=3", "train.log_every=4",
+    "dataset.image_size=(32, 32)",
+    "dataset.train.num_images=64",
+    "dataset.test.num_images=16",
+    "train.num_epochs=3",
+    "train.log_every=4",
 ]
 
 
@@ -74,16 +77,29 @@ def write_cityscapes(root: Path, *, lists: bool = False, seed: int = 0) -> dict[
     ``<set>.txt`` files and the trainval folders that the reference reads.
     """
     rng = np.random.default_rng(seed)
-    plan = {"train": [("aachen", (5, 7)), ("aachen", (6, 9)), ("bochum", (4, 11))],
-            "val": [("frankfurt", (7, 5))], "test": [("berlin", (3, 13))]}
+    plan = {
+        "train": [("aachen", (5, 7)), ("aachen", (6, 9)), ("bochum", (4, 11))],
+        "val": [("frankfurt", (7, 5))],
+        "test": [("berlin", (3, 13))],
+    }
     ids: dict[str, list[str]] = {}
     for split, items in plan.items():
         ids[split] = []
         for n, (city, (h, w)) in enumerate(items):
             stem = f"{city}_{n:06d}_000019"
-            labels = ids_image(np.arange(34), h, w, 7) if (split, n) == ("train", 0) else rng.integers(0, 34, size=(h, w))
-            save_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", random_rgb(rng, h, w))
-            save_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", labels.astype(np.uint8))
+            labels = (
+                ids_image(np.arange(34), h, w, 7)
+                if (split, n) == ("train", 0)
+                else rng.integers(0, 34, size=(h, w))
+            )
+            save_png(
+                root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                random_rgb(rng, h, w),
+            )
+            save_png(
+                root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+                labels.astype(np.uint8),
+            )
             ids[split].append(f"{city}/{stem}_leftImg8bit")
     ids["trainval"] = ids["train"] + ids["val"]
     if lists:
@@ -108,7 +124,11 @@ def write_ade20k(root: Path, *, lists: bool = False, seed: int = 1) -> dict[str,
         ids[split] = []
         for n, (h, w) in enumerate(sizes):
             name = f"ADE_{split}_{n + 1:08d}"
-            labels = ids_image(np.arange(151), h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 151, size=(h, w))
+            labels = (
+                ids_image(np.arange(151), h, w, 0)
+                if (split, n) == ("train", 0)
+                else rng.integers(0, 151, size=(h, w))
+            )
             save_jpg(base / "images" / folder / f"{name}.jpg", random_rgb(rng, h, w))
             save_png(base / "annotations" / folder / f"{name}.png", labels.astype(np.uint8))
             ids[split].append(name)
@@ -131,16 +151,23 @@ def write_cocostuff(root: Path, seed: int = 2) -> dict[str, list[str]]:
             name = f"COCO_train2014_{serial:012d}"
             serial += 1
             every = np.concatenate([np.arange(183), [255]])
-            labels = ids_image(every, h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 183, size=(h, w))
+            labels = (
+                ids_image(every, h, w, 0)
+                if (split, n) == ("train", 0)
+                else rng.integers(0, 183, size=(h, w))
+            )
             save_jpg(root / "images" / f"{name}.jpg", random_rgb(rng, h, w))
             (root / "annotations").mkdir(parents=True, exist_ok=True)
-            scipy.io.savemat(root / "annotations" / f"{name}.mat", {
-                "S": labels.astype(np.uint16),
-                "names": np.array(["unlabeled", "person"], dtype=object),
-                "captions": np.array(["a caption"], dtype=object),
-                "regionMapStuff": np.ones((h, w), dtype=np.uint16),
-                "regionLabelsStuff": np.zeros((1, 1), dtype=np.uint8),
-            })
+            scipy.io.savemat(
+                root / "annotations" / f"{name}.mat",
+                {
+                    "S": labels.astype(np.uint16),
+                    "names": np.array(["unlabeled", "person"], dtype=object),
+                    "captions": np.array(["a caption"], dtype=object),
+                    "regionMapStuff": np.ones((h, w), dtype=np.uint16),
+                    "regionLabelsStuff": np.zeros((1, 1), dtype=np.uint8),
+                },
+            )
             ids[split].append(name)
     ids["all"] = ids["train"] + ids["test"]
     (root / "imageLists").mkdir(parents=True, exist_ok=True)
@@ -152,13 +179,21 @@ def write_cocostuff(root: Path, seed: int = 2) -> dict[str, list[str]]:
 def write_lip(root: Path, seed: int = 3) -> dict[str, list[str]]:
     """{train,val}_images/*.jpg, {train,val}_segmentations/*.png, {train,val}_id.txt, test."""
     rng = np.random.default_rng(seed)
-    plan = {"train": ("train", [(5, 4), (9, 7)]), "val": ("val", [(6, 5)]), "test": ("testing", [(4, 9)])}
+    plan = {
+        "train": ("train", [(5, 4), (9, 7)]),
+        "val": ("val", [(6, 5)]),
+        "test": ("testing", [(4, 9)]),
+    }
     ids: dict[str, list[str]] = {}
     for split, (prefix, sizes) in plan.items():
         ids[split] = []
         for n, (h, w) in enumerate(sizes):
             name = f"{100034 + 7 * n + len(split)}_{483681 + n}"
-            labels = ids_image(np.arange(20), h, w, 0) if (split, n) == ("train", 0) else rng.integers(0, 20, size=(h, w))
+            labels = (
+                ids_image(np.arange(20), h, w, 0)
+                if (split, n) == ("train", 0)
+                else rng.integers(0, 20, size=(h, w))
+            )
             save_jpg(root / f"{prefix}_images" / f"{name}.jpg", random_rgb(rng, h, w))
             if split != "test":
                 save_png(root / f"{prefix}_segmentations" / f"{name}.png", labels.astype(np.uint8))
@@ -179,9 +214,16 @@ def free_port() -> int:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment without cluster variables, one CPU device, the repo importable; plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCIBI_", "SLURM_", "OMPI_", "TPU_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MCIBI_", "SLURM_", "OMPI_", "TPU_"))
+    }
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
     env.update(extra)
     return env
 
@@ -190,10 +232,18 @@ class MainRun:
     """A ``python -m mcibi_jax.main`` subprocess whose output lines are collected as they come."""
 
     def __init__(self, args: list[str], **env: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "mcibi_jax.main", *args], cwd=REPO, env=subprocess_env(**env),
-                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mcibi_jax.main", *args],
+            cwd=REPO,
+            env=subprocess_env(**env),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+        self._reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True
+        )
         self._reader.start()
 
     def wait_for(self, pattern: str, timeout: float = 600) -> str:
@@ -207,7 +257,9 @@ class MainRun:
                 found = [line for line in list(self.lines) if re.search(pattern, line)]
                 if found:
                     return found[0]
-                raise AssertionError(f"exited ({self.proc.returncode}) before {pattern!r}:\n{self.output[-3000:]}")
+                raise AssertionError(
+                    f"exited ({self.proc.returncode}) before {pattern!r}:\n{self.output[-3000:]}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"no {pattern!r} within {timeout}s:\n{self.output[-3000:]}")
 
@@ -232,15 +284,27 @@ class MainRun:
 
 def tiny_ade20k_config(root: Path) -> ml_collections.ConfigDict:
     """The released ADE20K r50 recipe, narrowed so that two steps run in seconds on a CPU."""
-    config = mcibi_jax.load_config("configs/ade20k.py:r50", [
-        f"dataset.root={str(root)!r}",
-        "dataset.train.output_size=(64, 48)", "dataset.train.crop_size=(32, 32)", "dataset.train.pad_size=(32, 32)",
-        "dataset.test.output_size=(64, 48)",
-        "train.batch_size=2", "train.num_replicas=2", "train.num_epochs=2", "train.log_every=1",
-        "model.head.in_channels=128", "model.head.feats_channels=16", "model.head.transform_channels=8",
-        "model.head.out_channels=16",
-    ])
-    config.model.backbone.update(base_channels=4, stem_channels=8)  # options the recipe leaves at their defaults
+    config = mcibi_jax.load_config(
+        "configs/ade20k.py:r50",
+        [
+            f"dataset.root={str(root)!r}",
+            "dataset.train.output_size=(64, 48)",
+            "dataset.train.crop_size=(32, 32)",
+            "dataset.train.pad_size=(32, 32)",
+            "dataset.test.output_size=(64, 48)",
+            "train.batch_size=2",
+            "train.num_replicas=2",
+            "train.num_epochs=2",
+            "train.log_every=1",
+            "model.head.in_channels=128",
+            "model.head.feats_channels=16",
+            "model.head.transform_channels=8",
+            "model.head.out_channels=16",
+        ],
+    )
+    config.model.backbone.update(
+        base_channels=4, stem_channels=8
+    )  # options the recipe leaves at their defaults
     config.model.auxiliary[0].update(in_channels=64, out_channels=16)
     return config
 

@@ -7,10 +7,8 @@ import json
 import sys
 
 import pytest
+
 from tests.helpers import REPO, load_script
-
-
-
 
 accelerator = load_script("benchmarks", "accelerator")
 xla_stats = load_script("benchmarks", "xla_stats")
@@ -20,8 +18,11 @@ remat_memory = load_script("benchmarks", "remat_memory")
 def test_smoke_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     rows = accelerator.main(["--smoke", "--dtypes=float32", f"--out_dir={tmp_path}"])
-    assert [(r["work"], r["dtype"]) for r in rows] == [("forward", "float32"), ("train step", "float32"),
-                                                       ("input stall", "float32")]
+    assert [(r["work"], r["dtype"]) for r in rows] == [
+        ("forward", "float32"),
+        ("train step", "float32"),
+        ("input stall", "float32"),
+    ]
     assert not any(r.get("error") for r in rows), rows
     forward, train, stall = rows
     assert forward["images"] == train["images"] == 2 and train["size"] == [32, 32]
@@ -31,7 +32,9 @@ def test_smoke_run_on_cpu(tmp_path, monkeypatch):
     assert train["flops"] > forward["flops"]
     assert stall["step_s"] > 0 and stall["resident_step_s"] > 0 and "4 threads" in stall["loader"]
     text = (tmp_path / "accelerator.md").read_text()
-    assert "| config | work | dtype | batch | compile s | step ms |" in text and "(XLA plan)" in text
+    assert (
+        "| config | work | dtype | batch | compile s | step ms |" in text and "(XLA plan)" in text
+    )
     assert "MFU: n/a" in text and "| n/a |" in text
     saved = json.loads((tmp_path / "accelerator.json").read_text())
     assert saved["device"]["platform"] == "cpu" and len(saved["rows"]) == 3
@@ -41,13 +44,36 @@ def test_run_job_reports_timeouts_crashes_and_oom():
     row = {"config": "c", "dtype": "float32", "work": "forward", "step_s": 1.0}
     printed = f"print({accelerator.RESULT + json.dumps(row)!r}, flush=True)"
     echoed = []
-    rows, why = accelerator.run_job({}, 5, echoed.append,
-                                    [sys.executable, "-c", printed + "; print('working', flush=True); import time; time.sleep(60)"])
+    rows, why = accelerator.run_job(
+        {},
+        5,
+        echoed.append,
+        [
+            sys.executable,
+            "-c",
+            printed + "; print('working', flush=True); import time; time.sleep(60)",
+        ],
+    )
     assert rows == [row] and why == "timed out after 5 s" and echoed == ["    | working"]
-    rows, why = accelerator.run_job({}, 30, echoed.append, [sys.executable, "-c", printed + (
-        "; print('jaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 3.5GiB'); raise SystemExit(1)")])
-    assert rows == [row] and why.startswith("out of memory (exit status 1): jaxlib.XlaRuntimeError: RESOURCE_EX")
-    rows, why = accelerator.run_job({}, 30, echoed.append, [sys.executable, "-c", "import os; os.abort()"])
+    rows, why = accelerator.run_job(
+        {},
+        30,
+        echoed.append,
+        [
+            sys.executable,
+            "-c",
+            printed
+            + (
+                "; print('jaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 3.5GiB'); raise SystemExit(1)"
+            ),
+        ],
+    )
+    assert rows == [row] and why.startswith(
+        "out of memory (exit status 1): jaxlib.XlaRuntimeError: RESOURCE_EX"
+    )
+    rows, why = accelerator.run_job(
+        {}, 30, echoed.append, [sys.executable, "-c", "import os; os.abort()"]
+    )
     assert rows == [] and why.startswith("crashed (exit status -6)")
     rows, why = accelerator.run_job({}, 30, echoed.append, [sys.executable, "-c", printed])
     assert rows == [row] and why is None
@@ -58,18 +84,41 @@ def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
 
     def fake_run_job(job, timeout_s, echo=None, command=None):
         calls.append((job["config"], job["dtype"], bool(job["stall"])))
-        device = {"work": "device", "device_kind": "NVIDIA H200", "platform": "gpu", "device_count": 1, "jax": "x"}
+        device = {
+            "work": "device",
+            "device_kind": "NVIDIA H200",
+            "platform": "gpu",
+            "device_count": 1,
+            "jax": "x",
+        }
         if job["config"] == "b.py":
             return [device], "out of memory (exit status 1): RESOURCE_EXHAUSTED"
-        done = {"config": job["config"], "dtype": job["dtype"], "work": "forward", "images": 2, "size": [8, 8],
-                "compile_s": 1.0, "step_s": 0.01, "images_per_s": 200.0, "flops": 2e12, "tflops_per_s": 200.0,
-                "mfu": 0.2, "peak_bytes": 2**30, "memory_plan": None, "memory_source": "device"}
+        done = {
+            "config": job["config"],
+            "dtype": job["dtype"],
+            "work": "forward",
+            "images": 2,
+            "size": [8, 8],
+            "compile_s": 1.0,
+            "step_s": 0.01,
+            "images_per_s": 200.0,
+            "flops": 2e12,
+            "tflops_per_s": 200.0,
+            "mfu": 0.2,
+            "peak_bytes": 2**30,
+            "memory_plan": None,
+            "memory_source": "device",
+        }
         return [device, done], "timed out after 3 s"
 
     monkeypatch.setattr(accelerator, "run_job", fake_run_job)
     rows = accelerator.main(["--configs=a.py,b.py", "--stall_config=a.py", f"--out_dir={tmp_path}"])
-    assert calls == [("a.py", "bfloat16", True), ("b.py", "bfloat16", False), ("a.py", "float32", False),
-                     ("b.py", "float32", False)]
+    assert calls == [
+        ("a.py", "bfloat16", True),
+        ("b.py", "bfloat16", False),
+        ("a.py", "float32", False),
+        ("b.py", "float32", False),
+    ]
     summary = {(r["config"], r["work"], r["dtype"]): r.get("error") for r in rows}
     assert summary[("a.py", "forward", "bfloat16")] is None
     assert summary[("a.py", "train step", "bfloat16")] == "timed out after 3 s"
@@ -78,19 +127,41 @@ def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
     assert len(rows) == 3 + 2 + 2 + 2
     text = (tmp_path / "accelerator.md").read_text()
     assert "NVIDIA H200" in text and "MFU against H200 SXM: bfloat16 989.4 TFLOP/s" in text
-    assert "| a.py | forward | bfloat16 | 2x8x8 | 1.0 | 10.0 | 200.0 | 1 | 2 | 200 | 20.0 % |  |" in text
+    assert (
+        "| a.py | forward | bfloat16 | 2x8x8 | 1.0 | 10.0 | 200.0 | 1 | 2 | 200 | 20.0 % |  |"
+        in text
+    )
 
     calls.clear()
-    rows = accelerator.main(["--configs=a.py", "--stall_config=", "--budget_s=0", f"--out_dir={tmp_path}"])
-    assert calls == [] and {r["error"] for r in rows} == {"skipped: time budget spent"} and len(rows) == 4
+    rows = accelerator.main(
+        ["--configs=a.py", "--stall_config=", "--budget_s=0", f"--out_dir={tmp_path}"]
+    )
+    assert (
+        calls == []
+        and {r["error"] for r in rows} == {"skipped: time budget spent"}
+        and len(rows) == 4
+    )
 
 
-@pytest.mark.parametrize("kind, entry", [
-    ("NVIDIA H200", "H200 SXM"), ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", None),
-    ("NVIDIA H200 NVL", None), ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100 80GB PCIe", "A100"),
-    ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5e", "TPU v5e"), ("TPU v5", "TPU v5p"),
-    ("TPU v5p", "TPU v5p"), ("TPU v6 lite", "TPU v6e"), ("cpu", None), ("Tesla V100-SXM2-16GB", None),
-])
+@pytest.mark.parametrize(
+    "kind, entry",
+    [
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", None),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA A100 80GB PCIe", "A100"),
+        ("TPU v4", "TPU v4"),
+        ("TPU v5 lite", "TPU v5e"),
+        ("TPU v5e", "TPU v5e"),
+        ("TPU v5", "TPU v5p"),
+        ("TPU v5p", "TPU v5p"),
+        ("TPU v6 lite", "TPU v6e"),
+        ("cpu", None),
+        ("Tesla V100-SXM2-16GB", None),
+    ],
+)
 def test_device_peaks(kind, entry):
     assert xla_stats.peak_entry(kind) == entry
     assert (xla_stats.peak_flops(kind, "bfloat16") is None) == (entry is None)
@@ -105,23 +176,46 @@ def test_mfu():
 
 def test_plan_runs_bfloat16_and_the_stall_config_first():
     jobs = accelerator.plan(["r50", "vitl", "hrnet"], ["float32", "bfloat16"], "hrnet")
-    assert jobs == [("hrnet", "bfloat16", True), ("r50", "bfloat16", False), ("vitl", "bfloat16", False),
-                    ("hrnet", "float32", False), ("r50", "float32", False), ("vitl", "float32", False)]
+    assert jobs == [
+        ("hrnet", "bfloat16", True),
+        ("r50", "bfloat16", False),
+        ("vitl", "bfloat16", False),
+        ("hrnet", "float32", False),
+        ("r50", "float32", False),
+        ("vitl", "float32", False),
+    ]
     assert accelerator.plan(["r50"], ["float32"], "r50") == [("r50", "float32", True)]
 
 
 def test_remat_memory_table(monkeypatch, capsys, tmp_path):
     def fake_measure(spec, dtype_name, per_device_batch, size, remat):
         temp = (3 if remat else 5) * per_device_batch * 2**30
-        return {"config": spec, "dtype": dtype_name, "per_device_batch": per_device_batch, "size": (512, 512),
-                "remat": remat, "temp_bytes": temp, "argument_bytes": 2**30, "output_bytes": 2**30,
-                "total_bytes": temp + 2**31, "flops": 3e12, "compile_s": 12.0}
+        return {
+            "config": spec,
+            "dtype": dtype_name,
+            "per_device_batch": per_device_batch,
+            "size": (512, 512),
+            "remat": remat,
+            "temp_bytes": temp,
+            "argument_bytes": 2**30,
+            "output_bytes": 2**30,
+            "total_bytes": temp + 2**31,
+            "flops": 3e12,
+            "compile_s": 12.0,
+        }
 
     monkeypatch.setattr(remat_memory, "measure", fake_measure)
     monkeypatch.setattr(remat_memory, "keep_remat_on_cpu", lambda: False)
     out = tmp_path / "remat.md"
     rows = remat_memory.main([f"--configs={REPO / 'configs/ade20k.py:vitl'}", f"--out={out}"])
-    assert [(r["per_device_batch"], r["remat"]) for r in rows] == [(2, False), (2, True), (4, False), (4, True)]
+    assert [(r["per_device_batch"], r["remat"]) for r in rows] == [
+        (2, False),
+        (2, True),
+        (4, False),
+        (4, True),
+    ]
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| config | dtype | per-device batch | remat | temp GiB |")
-    assert lines[-1].endswith("| float32 | 4 x 512x512 | on | 12.00 | 1.00 | 1.00 | 14.00 | 3.00 | 12 |")
+    assert lines[-1].endswith(
+        "| float32 | 4 x 512x512 | on | 12.00 | 1.00 | 1.00 | 14.00 | 3.00 | 12 |"
+    )

@@ -1,21 +1,32 @@
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from mcibi_jax.models.backbones.hrnet import ARCH_SETTINGS, HRNet, HRStage, hrnet_out_channels, hrnet_stages
+from mcibi_jax.models.backbones.hrnet import (
+    ARCH_SETTINGS,
+    HRNet,
+    HRStage,
+    hrnet_out_channels,
+    hrnet_stages,
+)
 from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
 from tests.reference_data import KEYS
 
 PREFIX = "backbone_net."
 
 
-def _variable_shapes(model: HRNet, size: tuple[int, int] = (64, 64)) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _variable_shapes(
+    model: HRNet, size: tuple[int, int] = (64, 64)
+) -> dict[tuple[str, ...], tuple[int, ...]]:
     x = jnp.zeros((1, *size, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
-    return {(col, *path): tuple(leaf.shape) for col in variables for path, leaf in flatten_dict(variables[col]).items()}
+    return {
+        (col, *path): tuple(leaf.shape)
+        for col in variables
+        for path, leaf in flatten_dict(variables[col]).items()
+    }
 
 
 def _backbone_keys(name: str) -> dict[str, tuple[int, ...]]:
@@ -23,11 +34,16 @@ def _backbone_keys(name: str) -> dict[str, tuple[int, ...]]:
     for line in (KEYS / name).read_text().splitlines():
         key, shape, _ = line.split("\t")
         if key.startswith(PREFIX):
-            keys[key[len(PREFIX):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            keys[key[len(PREFIX) :]] = tuple(
+                int(s) for s in shape.strip("()").split(",") if s.strip()
+            )
     return keys
 
 
-@pytest.mark.parametrize("keys_file, mcibi_version", [("hrnetv2w48_ade20k.txt", False), ("hrnetv2w48_cityscapes.txt", True)])
+@pytest.mark.parametrize(
+    "keys_file, mcibi_version",
+    [("hrnetv2w48_ade20k.txt", False), ("hrnetv2w48_cityscapes.txt", True)],
+)
 def test_released_layout(keys_file: str, mcibi_version: bool) -> None:
     path = KEYS / keys_file
     if not path.exists():
@@ -54,15 +70,41 @@ def test_tiny_output_shape() -> None:
     assert bool(jnp.all(jnp.isfinite(out)))
     (out_train,), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     assert out_train.shape == out.shape
-    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+        variables["batch_stats"]
+    )
 
 
 def test_explicit_arch_matches_registered() -> None:
     reference_format = {
-        "stage1": {"num_modules": 1, "num_branches": 1, "block": "BOTTLENECK", "num_blocks": (1,), "num_channels": (8,)},
-        "stage2": {"num_modules": 1, "num_branches": 2, "block": "BASIC", "num_blocks": (1, 1), "num_channels": (4, 8)},
-        "stage3": {"num_modules": 2, "num_branches": 3, "block": "BASIC", "num_blocks": (1, 1, 1), "num_channels": (4, 8, 16)},
-        "stage4": {"num_modules": 2, "num_branches": 4, "block": "BASIC", "num_blocks": (1,) * 4, "num_channels": (4, 8, 16, 32)},
+        "stage1": {
+            "num_modules": 1,
+            "num_branches": 1,
+            "block": "BOTTLENECK",
+            "num_blocks": (1,),
+            "num_channels": (8,),
+        },
+        "stage2": {
+            "num_modules": 1,
+            "num_branches": 2,
+            "block": "BASIC",
+            "num_blocks": (1, 1),
+            "num_channels": (4, 8),
+        },
+        "stage3": {
+            "num_modules": 2,
+            "num_branches": 3,
+            "block": "BASIC",
+            "num_blocks": (1, 1, 1),
+            "num_channels": (4, 8, 16),
+        },
+        "stage4": {
+            "num_modules": 2,
+            "num_branches": 4,
+            "block": "BASIC",
+            "num_blocks": (1,) * 4,
+            "num_channels": (4, 8, 16, 32),
+        },
     }
     assert hrnet_stages(reference_format) == ARCH_SETTINGS["hrnetv2_tiny"]
     small = (
@@ -73,5 +115,7 @@ def test_explicit_arch_matches_registered() -> None:
     )
     shapes = _variable_shapes(HRNet(arch=small, multiscale_output=False), (32, 32))
     # single-scale output: the last module fuses into branch 0 only
-    assert not any(path[:4] == ("params", "stage4", "0", "fuse_layers") and path[4] != "0" for path in shapes)
+    assert not any(
+        path[:4] == ("params", "stage4", "0", "fuse_layers") and path[4] != "0" for path in shapes
+    )
     assert hrnet_out_channels(small, multiscale_output=False) == 2

@@ -22,7 +22,7 @@ def released_backbone_layout(path: Path) -> dict[tuple[str, ...], tuple[int, ...
         if not name.startswith(PREFIX):
             continue
         shape = tuple(ast.literal_eval(shape))
-        flax = flax_path(name[len(PREFIX):], len(shape))
+        flax = flax_path(name[len(PREFIX) :], len(shape))
         if flax is not None:
             layout[flax] = torch_shape_to_flax(flax, shape)
     return layout
@@ -31,18 +31,24 @@ def released_backbone_layout(path: Path) -> dict[tuple[str, ...], tuple[int, ...
 @pytest.fixture(scope="module")
 def released_layout() -> dict[tuple[str, ...], tuple[int, ...]]:
     model = ResNeSt(depth=101, outstride=8)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False))
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), False)
+    )
     return {path: tuple(leaf.shape) for path, leaf in flatten_dict(dict(variables)).items()}
 
 
-@pytest.mark.skipif(not KEY_FILES, reason="no resnest101os8 key files in tests/reference (or MCIBI_SHARED)")
+@pytest.mark.skipif(
+    not KEY_FILES, reason="no resnest101os8 key files in tests/reference (or MCIBI_SHARED)"
+)
 @pytest.mark.parametrize("key_file", KEY_FILES, ids=lambda p: p.stem)
 def test_released_key_layout(key_file: Path, released_layout) -> None:
     expected = released_backbone_layout(key_file)
     assert expected, f"no {PREFIX} keys in {key_file}"
     assert set(released_layout) - set(expected) == set(), "Flax leaves with no released key"
     assert set(expected) - set(released_layout) == set(), "released keys with no Flax leaf"
-    mismatched = {k: (released_layout[k], v) for k, v in expected.items() if released_layout[k] != v}
+    mismatched = {
+        k: (released_layout[k], v) for k, v in expected.items() if released_layout[k] != v
+    }
     assert not mismatched
 
 
@@ -56,7 +62,12 @@ def test_small_output_shapes() -> None:
             variables, x, train, mutable=("batch_stats",)
         )
         # stem /2 -> 18x21, max-pool /2 -> 9x11, layer2 /2 (ceil) -> 5x6, then dilated
-        assert [o.shape for o in outs] == [(2, 9, 11, 16), (2, 5, 6, 32), (2, 5, 6, 64), (2, 5, 6, 128)]
+        assert [o.shape for o in outs] == [
+            (2, 9, 11, 16),
+            (2, 5, 6, 32),
+            (2, 5, 6, 64),
+            (2, 5, 6, 128),
+        ]
         assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
         after = flatten_dict(updates["batch_stats"])
         changed = any(bool(jnp.any(before[k] != after[k])) for k in before)

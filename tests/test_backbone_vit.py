@@ -11,19 +11,38 @@ from mcibi_jax.models.backbones.vit import VisionTransformer
 from mcibi_jax.porting.mapping import flax_path, torch_shape_to_flax
 from tests.reference_data import KEYS
 
-
 # Backbone options of the released mcibi_deeplabv3_vitlarge_{ade20k,cocostuff10k} configs.
 VIT_LARGE = dict(
-    structure_type="jx_vit_large_p16_384", img_size=(512, 512), out_indices=(9, 14, 19, 23),
-    norm_cfg={"type": "LayerNorm", "eps": 1e-6}, pretrained=True, patch_size=16, embed_dims=1024,
-    num_layers=24, num_heads=16, mlp_ratio=4, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
-    drop_path_rate=0.0, with_cls_token=True, output_cls_token=False, patch_norm=False,
-    final_norm=False, num_fcs=2,
+    structure_type="jx_vit_large_p16_384",
+    img_size=(512, 512),
+    out_indices=(9, 14, 19, 23),
+    norm_cfg={"type": "LayerNorm", "eps": 1e-6},
+    pretrained=True,
+    patch_size=16,
+    embed_dims=1024,
+    num_layers=24,
+    num_heads=16,
+    mlp_ratio=4,
+    qkv_bias=True,
+    drop_rate=0.0,
+    attn_drop_rate=0.0,
+    drop_path_rate=0.0,
+    with_cls_token=True,
+    output_cls_token=False,
+    patch_norm=False,
+    final_norm=False,
+    num_fcs=2,
 )
 
 TINY = dict(
-    structure_type="vit_tiny", img_size=(64, 64), out_indices=(0, 1, 2, 3), patch_size=16,
-    embed_dims=32, num_layers=4, num_heads=4, mlp_ratio=4,
+    structure_type="vit_tiny",
+    img_size=(64, 64),
+    out_indices=(0, 1, 2, 3),
+    patch_size=16,
+    embed_dims=32,
+    num_layers=4,
+    num_heads=4,
+    mlp_ratio=4,
 )
 
 
@@ -34,7 +53,7 @@ def _expected_variables(keys_file: Path) -> dict[tuple[str, ...], tuple[int, ...
         if not name.startswith("backbone_net."):
             continue
         shape = tuple(ast.literal_eval(shape))
-        path = flax_path(name[len("backbone_net."):], len(shape))
+        path = flax_path(name[len("backbone_net.") :], len(shape))
         if path is not None:
             assert path not in expected, name
             expected[path] = torch_shape_to_flax(path, shape)
@@ -62,7 +81,9 @@ def test_released_key_layout(case):
 @pytest.mark.parametrize("train", [False, True])
 def test_output_shapes(size, train):
     model = VisionTransformer(**TINY)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), False))
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), False)
+    )
     x = jax.ShapeDtypeStruct((2, *size, 3), jnp.float32)
     rngs = {"dropout": jax.random.PRNGKey(1)}
     outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train, rngs=rngs), variables, x)
@@ -80,14 +101,32 @@ def test_forward_runs_with_pos_embed_resizing():
 
 
 def test_options_shapes():
-    model = VisionTransformer(**{
-        **TINY, "out_indices": -1, "out_origin": True, "output_cls_token": True, "final_norm": True,
-        "pre_norm": True, "patch_norm": True, "num_fcs": 3, "drop_path_rate": 0.2, "drop_rate": 0.1,
-        "attn_drop_rate": 0.1, "interpolate_mode": "bicubic",
-    })
+    model = VisionTransformer(
+        **{
+            **TINY,
+            "out_indices": -1,
+            "out_origin": True,
+            "output_cls_token": True,
+            "final_norm": True,
+            "pre_norm": True,
+            "patch_norm": True,
+            "num_fcs": 3,
+            "drop_path_rate": 0.2,
+            "drop_rate": 0.1,
+            "attn_drop_rate": 0.1,
+            "interpolate_mode": "bicubic",
+        }
+    )
     x = jnp.ones((2, 40, 24, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, False))
-    assert set(variables["params"]) == {"patch_embed", "cls_token", "pos_embed", "ln_pre", "layers", "ln1"}
+    assert set(variables["params"]) == {
+        "patch_embed",
+        "cls_token",
+        "pos_embed",
+        "ln_pre",
+        "layers",
+        "ln1",
+    }
     assert set(variables["params"]["layers"]["0"]["ffn"]["layers"]) == {"0", "1", "2"}
     rngs = {"dropout": jax.random.PRNGKey(1)}
     outputs = jax.eval_shape(lambda v: model.apply(v, x, True, rngs=rngs), variables)

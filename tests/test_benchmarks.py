@@ -7,10 +7,8 @@ import textwrap
 
 import jax
 import pytest
+
 from tests.helpers import REPO, load_script
-
-
-
 
 train_step = load_script("benchmarks", "train_step")
 forward = load_script("benchmarks", "forward")
@@ -22,7 +20,8 @@ def tiny_config(tmp_path_factory) -> str:
     """configs/demo.py without the auxiliary head, memory loss and context branches (faster
     compiles), with a recipe per-device batch of 2 // 2 = 1."""
     path = tmp_path_factory.mktemp("configs") / "tiny.py"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         from mcibi_jax.config import load_config
 
 
@@ -35,7 +34,8 @@ def tiny_config(tmp_path_factory) -> str:
             config.train.batch_size = 2
             config.train.num_replicas = 2
             return config
-        """))
+        """)
+    )
     return str(path)
 
 
@@ -54,7 +54,11 @@ def test_train_step_reports_both_dtypes_at_the_recipe_per_device_batch(tiny_conf
         assert row.startswith(tiny_config)
         assert " 1/device  " in row and f" {n}x32x32 " in row, row
         assert re.search(r"\d+\.\d+ images/s", row), row
-        memory = "peak memory " if train_step.peak_memory(jax.devices()[0]) is not None else "host peak RSS +"
+        memory = (
+            "peak memory "
+            if train_step.peak_memory(jax.devices()[0]) is not None
+            else "host peak RSS +"
+        )
         assert re.search(re.escape(memory) + r"\d+\.\d\d GiB", row), row
         assert "nan" not in row
 
@@ -73,9 +77,20 @@ def test_dtype_options(module, monkeypatch, capsys):
 
     def fake_benchmark(spec, iters, batch, size, dtype_name):
         calls.append((spec, dtype_name, batch))
-        return {"config": spec, "dtype": dtype_name, "per_device_batch": batch or 3, "batch": batch or 3,
-                "size": (8, 8) if module is train_step else "1x8x8", "compile_s": 0.0, "step_s": 0.1,
-                "images_per_s": 1.0, "init_s": 0.0, "loss": 1.0, "peak_bytes": 2**30, "host_rss_growth_bytes": 0}
+        return {
+            "config": spec,
+            "dtype": dtype_name,
+            "per_device_batch": batch or 3,
+            "batch": batch or 3,
+            "size": (8, 8) if module is train_step else "1x8x8",
+            "compile_s": 0.0,
+            "step_s": 0.1,
+            "images_per_s": 1.0,
+            "init_s": 0.0,
+            "loss": 1.0,
+            "peak_bytes": 2**30,
+            "host_rss_growth_bytes": 0,
+        }
 
     monkeypatch.setattr(module, "benchmark", fake_benchmark)
     module.main(["--configs=a.py,b.py", "--dtype=bfloat16"])  # the old single-dtype option
@@ -96,10 +111,15 @@ def test_dtype_options(module, monkeypatch, capsys):
         assert "expected a comma-separated list of float32, bfloat16" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec, per_device", [
-    ("configs/cityscapes.py:r50", 2), ("configs/lip.py:s101", 5), ("configs/cocostuff10k.py:s101", 4),
-    ("configs/demo.py", 8),
-])
+@pytest.mark.parametrize(
+    "spec, per_device",
+    [
+        ("configs/cityscapes.py:r50", 2),
+        ("configs/lip.py:s101", 5),
+        ("configs/cocostuff10k.py:s101", 4),
+        ("configs/demo.py", 8),
+    ],
+)
 def test_recipe_per_device_batch(spec, per_device):
     config = train_step.mcibi_jax.load_config(REPO / spec)
     assert train_step.recipe_per_device_batch(config.train.to_dict()) == per_device
@@ -107,11 +127,16 @@ def test_recipe_per_device_batch(spec, per_device):
 
 def test_format_memory():
     assert train_step.format_memory({"peak_bytes": 3 * 2**29}) == "peak memory 1.50 GiB"
-    assert train_step.format_memory({"peak_bytes": None, "host_rss_growth_bytes": 2**29}) == "host peak RSS +0.50 GiB"
+    assert (
+        train_step.format_memory({"peak_bytes": None, "host_rss_growth_bytes": 2**29})
+        == "host peak RSS +0.50 GiB"
+    )
 
 
 def test_bf16_fidelity_reports_losses_logits_and_gradients(tiny_config, capsys):
-    bf16_fidelity.main([f"--config={tiny_config}", "--set=dataset.image_size=(32, 32)", "--worst=2"])
+    bf16_fidelity.main(
+        [f"--config={tiny_config}", "--set=dataset.image_size=(32, 32)", "--worst=2"]
+    )
     lines = _rows(capsys.readouterr().out)
     assert lines[0].startswith("loss        float32 ") and " bfloat16 " in lines[0]
     agreement = float(re.search(r"argmax agreement ([0-9.]+) %", lines[1]).group(1))
@@ -119,4 +144,3 @@ def test_bf16_fidelity_reports_losses_logits_and_gradients(tiny_config, capsys):
     cosine = float(re.search(r"gradients   cosine (-?[0-9.]+)", lines[2]).group(1))
     assert -1.0 <= cosine <= 1.0
     assert len(lines) == 3 + 2 and all(line.startswith("  cosine ") for line in lines[3:])
-

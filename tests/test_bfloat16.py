@@ -57,7 +57,9 @@ def _dtypes(tree) -> set[str]:
 def _eval_bfloat16(case: str):
     _, arrays, model_config, variables = _load(case)
     model = mcibi_jax.build_model(model_config, dtype=jnp.bfloat16)
-    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(nhwc(arrays["images_nchw"])))
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, jnp.asarray(nhwc(arrays["images_nchw"]))
+    )
     return arrays, variables, jax.block_until_ready(out)
 
 
@@ -101,14 +103,21 @@ def _train_bfloat16():
 
     def objective(params):
         return loss_and_updates(
-            model, cfg, params, variables["batch_stats"], memory, images, labels,
-            learning_rate=train_step["learning_rate"], epoch=train_step["epoch"],
+            model,
+            cfg,
+            params,
+            variables["batch_stats"],
+            memory,
+            images,
+            labels,
+            learning_rate=train_step["learning_rate"],
+            epoch=train_step["epoch"],
             ignore_label=train_step["ignore_label"],
         )
 
-    (total, (losses, batch_stats, new_memory)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-        variables["params"]
-    )
+    (total, (losses, batch_stats, new_memory)), grads = jax.jit(
+        jax.value_and_grad(objective, has_aux=True)
+    )(variables["params"])
     return arrays, variables, jax.block_until_ready((total, losses, batch_stats, new_memory, grads))
 
 
@@ -116,13 +125,21 @@ def _train_bfloat16():
 def test_training_step_bfloat16():
     arrays, variables, (total, losses, batch_stats, new_memory, grads) = _train_bfloat16()
     assert total.dtype == jnp.float32 and np.isfinite(float(total))
-    want = {k.split("/", 1)[1]: float(v) for k, v in arrays.items() if k.startswith("train_losses/")}
+    want = {
+        k.split("/", 1)[1]: float(v) for k, v in arrays.items() if k.startswith("train_losses/")
+    }
     want.pop("loss_total", None)
     assert set(losses) == set(want), (sorted(losses), sorted(want))
     for key, value in want.items():
         assert np.isfinite(float(losses[key])), key
-        assert abs(float(losses[key]) - value) <= LOSS_TOL * abs(value), (key, float(losses[key]), value)
-    assert abs(float(total) - float(arrays["train_loss_total"])) <= LOSS_TOL * abs(float(arrays["train_loss_total"]))
+        assert abs(float(losses[key]) - value) <= LOSS_TOL * abs(value), (
+            key,
+            float(losses[key]),
+            value,
+        )
+    assert abs(float(total) - float(arrays["train_loss_total"])) <= LOSS_TOL * abs(
+        float(arrays["train_loss_total"])
+    )
 
     assert _dtypes(new_memory) == {"float32"}, _dtypes(new_memory)
     assert _dtypes(batch_stats) == {"float32"}, _dtypes(batch_stats)

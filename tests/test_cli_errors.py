@@ -47,14 +47,20 @@ def test_load_config_messages(broken_configs):
     assert "config file configs/dmeo.py does not exist; did you mean configs/demo.py?" in message
     assert "cityscapes.py" in message and "custom_template.py" in message  # the files there
     assert "is a directory" in _message("configs")
-    assert _message("configs/cityscapes.py:r5").endswith("backbones for cityscapes: r50, r101, s101, hrnet48")
+    assert _message("configs/cityscapes.py:r5").endswith(
+        "backbones for cityscapes: r50, r101, s101, hrnet48"
+    )
     assert "vitl" in _message("configs/ade20k.py:r5")
     assert _message("configs/custom_template.py:r5").count("configs/custom_template.py:r5") == 1
-    assert "configs/demo.py takes no argument (got 'configs/demo.py:r50')" in _message("configs/demo.py:r50")
+    assert "configs/demo.py takes no argument (got 'configs/demo.py:r50')" in _message(
+        "configs/demo.py:r50"
+    )
     syntax = broken_configs["syntax"]
     assert _message(str(syntax)).startswith(f"{syntax}:")  # file:line
     assert "syntax error in the config file" in _message(str(syntax))
-    assert "ModuleNotFoundError: No module named 'no_such_module_here'" in _message(str(broken_configs["import"]))
+    assert "ModuleNotFoundError: No module named 'no_such_module_here'" in _message(
+        str(broken_configs["import"])
+    )
     assert "has no get_config()" in _message(str(broken_configs["no_get_config"]))
     assert "needs an argument" in _message(str(broken_configs["needs_arg"]))
     assert load_config(f"{broken_configs['needs_arg']}:x").a == "x"
@@ -65,7 +71,10 @@ def _mistakes(broken: dict[str, Path]) -> dict[str, tuple[str, str]]:
     """name -> (--config value, what the message must contain)."""
     return {
         "path": ("configs/dmeo.py", "did you mean configs/demo.py?"),
-        "backbone": ("configs/cityscapes.py:r5", "backbones for cityscapes: r50, r101, s101, hrnet48"),
+        "backbone": (
+            "configs/cityscapes.py:r5",
+            "backbones for cityscapes: r50, r101, s101, hrnet48",
+        ),
         "extra_arg": ("configs/demo.py:r50", "configs/demo.py takes no argument"),
         "syntax": (str(broken["syntax"]), "syntax error in the config file"),
     }
@@ -90,17 +99,28 @@ def _in_process(main, argv: list[str], capsys) -> tuple[int, str]:
 def test_argparse_command_lines(program, broken_configs, tmp_path, capsys):
     extra = {
         "port": [f"--pth={tmp_path / 'x.pth'}", f"--out={tmp_path / 'out'}"],
-        "predict": [f"--pth={tmp_path / 'x.pth'}", f"--input={tmp_path}", f"--output={tmp_path / 'out'}"],
+        "predict": [
+            f"--pth={tmp_path / 'x.pth'}",
+            f"--input={tmp_path}",
+            f"--output={tmp_path / 'out'}",
+        ],
         "inspect": ["--quiet"],
         "count": [],
     }[program]
-    main = {"port": port.main, "predict": predict.main, "inspect": inspect_cli.main, "count": count.main}[program]
+    main = {
+        "port": port.main,
+        "predict": predict.main,
+        "inspect": inspect_cli.main,
+        "count": count.main,
+    }[program]
     for spec, expected in _mistakes(broken_configs).values():
         _assert_one_line(*_in_process(main, [f"--config={spec}", *extra], capsys), expected)
     # port and predict may leave --config out with --pretrained, so they word it their own way
     _assert_one_line(*_in_process(main, extra, capsys), "--config")
-    _assert_one_line(*_in_process(main, ["--config=configs/demo.py", *extra, "--bogus"], capsys),
-                     "unrecognized arguments: --bogus")
+    _assert_one_line(
+        *_in_process(main, ["--config=configs/demo.py", *extra, "--bogus"], capsys),
+        "unrecognized arguments: --bogus",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -113,7 +133,9 @@ def test_absl_command_line_parser(broken_configs, capsys):
 
     def parse(*args: str) -> tuple[int, str]:
         values, config_argv = flags.FlagValues(), []
-        holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=config_argv)
+        holder = config_flags.DEFINE_config_file(
+            "config", None, "config", flag_values=values, sys_argv=config_argv
+        )
         flags.DEFINE_string("workdir", None, "workdir", flag_values=values)
         flags.DEFINE_enum("mode", "train", ["train", "eval"], "mode", flag_values=values)
         flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
@@ -126,33 +148,60 @@ def test_absl_command_line_parser(broken_configs, capsys):
 
     for spec, expected in _mistakes(broken_configs).values():
         _assert_one_line(*parse(f"--config={spec}", "--workdir=w"), expected)
-    _assert_one_line(*parse("--config", "configs/dmeo.py", "--workdir=w"), "configs/dmeo.py does not exist")
+    _assert_one_line(
+        *parse("--config", "configs/dmeo.py", "--workdir=w"), "configs/dmeo.py does not exist"
+    )
     _assert_one_line(*parse("--workdir=w"), "--config is required")
     _assert_one_line(*parse("--config=configs/demo.py"), "--workdir is required")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--mode=tain"), "flag --mode=tain")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--bogus=1"), "Unknown command line flag 'bogus'")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.no_such_key=1"),
-                     "unknown config key 'train.no_such_key'")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed"),
-                     "Missing value for flag --config.train.seed")
-    _assert_one_line(*parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed=x"),
-                     "flag --config.train.seed=x: invalid literal for int()")
+    _assert_one_line(
+        *parse("--config=configs/demo.py", "--workdir=w", "--mode=tain"), "flag --mode=tain"
+    )
+    _assert_one_line(
+        *parse("--config=configs/demo.py", "--workdir=w", "--bogus=1"),
+        "Unknown command line flag 'bogus'",
+    )
+    _assert_one_line(
+        *parse("--config=configs/demo.py", "--workdir=w", "--config.train.no_such_key=1"),
+        "unknown config key 'train.no_such_key'",
+    )
+    _assert_one_line(
+        *parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed"),
+        "Missing value for flag --config.train.seed",
+    )
+    _assert_one_line(
+        *parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed=x"),
+        "flag --config.train.seed=x: invalid literal for int()",
+    )
     assert parse("--config=configs/demo.py", "--workdir=w", "--config.train.seed=3") == (0, "")
 
 
 def _run(module: str, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_absl_programs(tmp_path):
     """The real ``python -m mcibi_jax.main`` and ``python -m mcibi_jax.data.prepare``."""
     workdir, data_dir = f"--workdir={tmp_path / 'work'}", f"--data_dir={tmp_path / 'records'}"
     cases = [
-        ("mcibi_jax.main", ["--config=configs/cityscapes.py:r5", workdir], "backbones for cityscapes"),
+        (
+            "mcibi_jax.main",
+            ["--config=configs/cityscapes.py:r5", workdir],
+            "backbones for cityscapes",
+        ),
         ("mcibi_jax.main", ["--config=configs/demo.py"], "--workdir is required"),
-        ("mcibi_jax.data.prepare", ["--config=configs/dmeo.py", data_dir], "did you mean configs/demo.py?"),
+        (
+            "mcibi_jax.data.prepare",
+            ["--config=configs/dmeo.py", data_dir],
+            "did you mean configs/demo.py?",
+        ),
     ]
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda case: _run(case[0], case[1]), cases))

@@ -68,20 +68,23 @@ def _parse(*args: str):
     from mcibi_jax.config import parse_absl_command_line
 
     values, config_argv = flags.FlagValues(), []
-    holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values,
-                                             sys_argv=config_argv)
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "config", flag_values=values, sys_argv=config_argv
+    )
     parse_absl_command_line(["prog", *args], holder, config_argv, flag_values=values)
     return holder.value
 
 
 def test_config_flags_overrides(capsys):
-    config = _parse("--config=configs/ade20k.py:vitl",
-                    "--config.model.head.memory_update.base_lr=0.5",
-                    "--config.model.inference.multiscale=[0.5, 1.0]",
-                    "--config.dataset.train.crop_size=(8, 8)",
-                    "--config.train.optimizer.lr=1",
-                    "--config.eval.use_tta",
-                    "--config.train.init_from=pretrained:ade20k:r50")
+    config = _parse(
+        "--config=configs/ade20k.py:vitl",
+        "--config.model.head.memory_update.base_lr=0.5",
+        "--config.model.inference.multiscale=[0.5, 1.0]",
+        "--config.dataset.train.crop_size=(8, 8)",
+        "--config.train.optimizer.lr=1",
+        "--config.eval.use_tta",
+        "--config.train.init_from=pretrained:ade20k:r50",
+    )
     assert config.model.head.memory_update.base_lr == 0.5
     assert config.model.inference.multiscale == [0.5, 1.0]
     assert config.dataset.train.crop_size == (8, 8)

@@ -13,8 +13,14 @@ from mcibi_jax.models.conv import Conv, axis_taps, conv2d, tap_conv, use_tap_mat
 
 def reference_conv(x, kernel, strides, padding, dilation, groups=1):
     return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST,
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
     )
 
 
@@ -62,7 +68,9 @@ def test_tap_conv_is_exact_in_float64():
         x = jnp.asarray(rng.standard_normal((1, 10, 9, 4)))
         kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 3)))
         args = ((1, 1), ((12, 12), (12, 12)), (12, 12))
-        np.testing.assert_allclose(tap_conv(x, kernel, *args), reference_conv(x, kernel, *args), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            tap_conv(x, kernel, *args), reference_conv(x, kernel, *args), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_dead_taps_are_skipped():
@@ -70,7 +78,11 @@ def test_dead_taps_are_skipped():
     out, taps = axis_taps(32, 3, 1, 36, (36, 36))
     assert out == 32 and [t.index for t in taps] == [1]
     out, taps = axis_taps(64, 3, 1, 36, (36, 36))
-    assert [(t.index, t.first_input, t.first_output, t.count) for t in taps] == [(0, 0, 36, 28), (1, 0, 0, 64), (2, 36, 0, 28)]
+    assert [(t.index, t.first_input, t.first_output, t.count) for t in taps] == [
+        (0, 0, 36, 28),
+        (1, 0, 0, 64),
+        (2, 36, 0, 28),
+    ]
 
 
 def test_dispatch_rule():
@@ -79,7 +91,10 @@ def test_dispatch_rule():
     one = ((1, 1), ((0, 0), (0, 0)), (1, 1))
     assert use_tap_matmuls(x, jnp.float32, (1, 1, 64, 8), *one, 1) == cpu
     assert not use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-    assert use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((12, 12), (12, 12)), (12, 12), 1) == cpu
+    assert (
+        use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((12, 12), (12, 12)), (12, 12), 1)
+        == cpu
+    )
     assert not use_tap_matmuls(x, jnp.bfloat16, (1, 1, 64, 8), *one, 1)
     assert not use_tap_matmuls(x, jnp.float32, (1, 1, 32, 8), *one, 2)
 
@@ -91,13 +106,19 @@ def test_conv2d_any_route_matches_lax(groups, dilation):
     kernel = jnp.asarray(rng.standard_normal((3, 3, 8 // groups, 4)), jnp.float32)
     args = ((1, 1), ((dilation, dilation), (dilation, dilation)), (dilation, dilation))
     f = jax.jit(lambda a, b: conv2d(a, b, *args, groups=groups))
-    np.testing.assert_allclose(f(x, kernel), reference_conv(x, kernel, *args, groups=groups), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        f(x, kernel), reference_conv(x, kernel, *args, groups=groups), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_conv_module_has_nn_conv_parameters_and_initialisation():
     x = jnp.ones((1, 6, 6, 4))
-    kwargs = dict(features=3, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True)
+    kwargs = dict(
+        features=3, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True
+    )
     ours = Conv(**kwargs).init(jax.random.key(0), x)
     flax = nn.Conv(**kwargs).init(jax.random.key(0), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ours, flax)
-    np.testing.assert_allclose(Conv(**kwargs).apply(ours, x), nn.Conv(**kwargs).apply(flax, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        Conv(**kwargs).apply(ours, x), nn.Conv(**kwargs).apply(flax, x), rtol=1e-6, atol=1e-6
+    )

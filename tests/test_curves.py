@@ -13,8 +13,15 @@ from mcibi_jax.train import curves
 def _records() -> list[dict]:
     lines = [{"hparams": {"train.lr": 0.02}}]
     for step in range(32, 321, 32):
-        lines.append({"step": step, "loss": 2.0 / (1 + step / 64), "loss_memory": 0.1 if step > 128 else 0.0,
-                      "lr": 0.02 * (1 - step / 330) ** 0.9, "epoch": 1 + step // 128})
+        lines.append(
+            {
+                "step": step,
+                "loss": 2.0 / (1 + step / 64),
+                "loss_memory": 0.1 if step > 128 else 0.0,
+                "lr": 0.02 * (1 - step / 330) ** 0.9,
+                "epoch": 1 + step // 128,
+            }
+        )
         if step % 128 == 0:
             lines.append({"step": step, "eval/mIoU": 40.0 + step / 10, "eval/aAcc": 90.0})
     return lines
@@ -22,12 +29,17 @@ def _records() -> list[dict]:
 
 def _panel(image: Image.Image, index: int) -> np.ndarray:
     array = np.asarray(image)
-    return array[index * curves.PANEL_HEIGHT + curves.MARGIN["top"] + 1:(index + 1) * curves.PANEL_HEIGHT - curves.MARGIN["bottom"],
-                 curves.MARGIN["left"] + 1:curves.WIDTH - curves.MARGIN["right"]]
+    return array[
+        index * curves.PANEL_HEIGHT + curves.MARGIN["top"] + 1 : (index + 1) * curves.PANEL_HEIGHT
+        - curves.MARGIN["bottom"],
+        curves.MARGIN["left"] + 1 : curves.WIDTH - curves.MARGIN["right"],
+    ]
 
 
 def test_curves_show_loss_lr_and_miou(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()) + '{"step": 3')  # cut line
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _records()) + '{"step": 3'
+    )  # cut line
     path = curves.write_curves(tmp_path)
     assert path == tmp_path / "curves.png" and not list(tmp_path.glob(".*tmp"))
     image = Image.open(path)

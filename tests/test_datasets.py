@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import save_jpg, save_png, write_ade20k, write_cityscapes, write_cocostuff, write_lip
 from mcibi_jax.data.datasets import (
     SPECS,
     CorruptSample,
@@ -17,18 +16,66 @@ from mcibi_jax.data.datasets import (
     DatasetLayoutError,
     build_source,
 )
+from tests.helpers import (
+    save_jpg,
+    save_png,
+    write_ade20k,
+    write_cityscapes,
+    write_cocostuff,
+    write_lip,
+)
 
 scipy_io = pytest.importorskip("scipy.io")
 
 IGNORE = -100
 
 # Official Cityscapes labelId -> trainId (255 = ignored), ids 0..33, from cityscapesScripts.
-CITYSCAPES_TRAIN_IDS = [255, 255, 255, 255, 255, 255, 255, 0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255,
-                        6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 255, 255, 16, 17, 18]
+CITYSCAPES_TRAIN_IDS = [
+    255,
+    255,
+    255,
+    255,
+    255,
+    255,
+    255,
+    0,
+    1,
+    255,
+    255,
+    2,
+    3,
+    4,
+    255,
+    255,
+    255,
+    5,
+    255,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+    255,
+    255,
+    16,
+    17,
+    18,
+]
 
 
 def config(name: str, root: Path, **extra) -> dict:
-    return {"name": name, "root": str(root), "num_classes": SPECS[name].num_classes, "ignore_label": IGNORE, **extra}
+    return {
+        "name": name,
+        "root": str(root),
+        "num_classes": SPECS[name].num_classes,
+        "ignore_label": IGNORE,
+        **extra,
+    }
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -82,7 +129,9 @@ def test_cityscapes_sets(cityscapes_root):
 
 def test_cityscapes_list_files(tmp_path):
     ids = write_cityscapes(tmp_path, lists=True)
-    (tmp_path / "val.txt").write_text(f"\n{ids['val'][0]}  \n\n")  # blank lines and spaces are ignored
+    (tmp_path / "val.txt").write_text(
+        f"\n{ids['val'][0]}  \n\n"
+    )  # blank lines and spaces are ignored
     for split in ("train", "val", "trainval"):
         source = build_source(config("cityscapes", tmp_path), split)
         assert [s.id for s in source.samples] == ids[split]
@@ -98,7 +147,9 @@ def test_cityscapes_unknown_label_id(tmp_path):
     array[0, 0] = 255
     save_png(label, array)
     source = build_source(config("cityscapes", tmp_path), "val")
-    with pytest.raises(CorruptSample, match=r"label ids \{40, 255\} are not in the cityscapes mapping") as info:
+    with pytest.raises(
+        CorruptSample, match=r"label ids \{40, 255\} are not in the cityscapes mapping"
+    ) as info:
         source[0]
     assert info.value.path == str(label) and info.value.sample_id == source.samples[0].id
 
@@ -111,7 +162,10 @@ def test_cityscapes_layout_errors(tmp_path):
     write_cityscapes(tmp_path)
     missing = tmp_path / "gtFine/train/bochum/bochum_000002_000019_gtFine_labelIds.png"
     missing.unlink()
-    with pytest.raises(DatasetLayoutError, match=f"1 of 3 samples have no label file; first: label of image .*bochum.* should be {missing}"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=f"1 of 3 samples have no label file; first: label of image .*bochum.* should be {missing}",
+    ):
         build_source(config("cityscapes", tmp_path), "train")
     with pytest.raises(DatasetLayoutError, match="no label file"):
         build_source(config("cityscapes", tmp_path), "trainval")
@@ -139,7 +193,9 @@ def test_ade20k_every_label_id_and_sets(tmp_path):
     np.testing.assert_array_equal(sample["label"].reshape(-1)[:151], expected)
     image_file = tmp_path / "ADEChallengeData2016/images/training/ADE_train_00000001.jpg"
     np.testing.assert_array_equal(sample["image"], np.array(Image.open(image_file).convert("RGB")))
-    val = build_source(config("ade20k", tmp_path / "ADEChallengeData2016"), "val")  # root may be the folder itself
+    val = build_source(
+        config("ade20k", tmp_path / "ADEChallengeData2016"), "val"
+    )  # root may be the folder itself
     assert len(val) == 1 and val[0]["label"].shape == (9, 6)
     assert source.palette.shape == (150, 3) and len(source.class_names) == 150
 
@@ -149,12 +205,19 @@ def test_ade20k_list_files_and_unlabelled_test(tmp_path):
     source = build_source(config("ade20k", tmp_path), "train")
     assert [s.id for s in source.samples] == ids["train"]  # list order, not sorted
     (tmp_path / "ADEChallengeData2016/images/testing").mkdir()
-    save_jpg(tmp_path / "ADEChallengeData2016/images/testing/ADE_test_00000001.jpg", np.zeros((4, 6, 3), np.uint8))
+    save_jpg(
+        tmp_path / "ADEChallengeData2016/images/testing/ADE_test_00000001.jpg",
+        np.zeros((4, 6, 3), np.uint8),
+    )
     with pytest.raises(DatasetLayoutError, match="annotation folder .*annotations/testing"):
         build_source(config("ade20k", tmp_path), "test")
     test = build_source(config("ade20k", tmp_path), "test", with_labels=False)
     sample = test[0]
-    assert sample["id"] == "ADE_test_00000001" and np.all(sample["label"] == IGNORE) and sample["label"].shape == (4, 6)
+    assert (
+        sample["id"] == "ADE_test_00000001"
+        and np.all(sample["label"] == IGNORE)
+        and sample["label"].shape == (4, 6)
+    )
 
 
 def test_ade20k_bad_inputs(tmp_path):
@@ -165,7 +228,9 @@ def test_ade20k_bad_inputs(tmp_path):
     array = _read_png(str(label))
     array[1, 1] = 151
     save_png(label, array)
-    with pytest.raises(CorruptSample, match=r"\{151\} are not in the ade20k mapping \(valid raw ids: 0\.\.150\)"):
+    with pytest.raises(
+        CorruptSample, match=r"\{151\} are not in the ade20k mapping \(valid raw ids: 0\.\.150\)"
+    ):
         build_source(config("ade20k", tmp_path), "val")[0]
     image = tmp_path / "ADEChallengeData2016/images/training/ADE_train_00000002.jpg"
     image.write_bytes(image.read_bytes()[:40])  # truncated JPEG
@@ -188,7 +253,10 @@ def test_ade20k_bad_inputs(tmp_path):
     with pytest.raises(DatasetLayoutError, match="no .jpg images in .*images/validation"):
         build_source(config("ade20k", tmp_path), "val")
     (tmp_path / "ADEChallengeData2016/val.txt").write_text("ADE_val_00000001\n")
-    with pytest.raises(DatasetLayoutError, match="1 of 1 samples have no image file; first: image should be .*ADE_val_00000001.jpg"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match="1 of 1 samples have no image file; first: image should be .*ADE_val_00000001.jpg",
+    ):
         build_source(config("ade20k", tmp_path), "val")
 
 
@@ -205,7 +273,9 @@ def test_cocostuff_every_label_id_and_sets(tmp_path):
             _check_sample(source[i], 182)
     sample = build_source(config("cocostuff10k", tmp_path), "train")[0]
     assert sample["image"].shape == (14, 14, 3)
-    expected = np.concatenate([[IGNORE], np.arange(182), [IGNORE]])  # 0 -> ignore, k -> k-1, 255 -> ignore
+    expected = np.concatenate(
+        [[IGNORE], np.arange(182), [IGNORE]]
+    )  # 0 -> ignore, k -> k-1, 255 -> ignore
     np.testing.assert_array_equal(sample["label"].reshape(-1)[:184], expected)
 
 
@@ -223,19 +293,28 @@ def test_cocostuff_palette_is_the_voc_colour_map():
 
 
 def test_cocostuff_bad_inputs(tmp_path):
-    with pytest.raises(DatasetLayoutError, match="list file .*imageLists/train.txt does not exist.*imageLists"):
+    with pytest.raises(
+        DatasetLayoutError, match="list file .*imageLists/train.txt does not exist.*imageLists"
+    ):
         build_source(config("cocostuff10k", tmp_path), "train")
     ids = write_cocostuff(tmp_path)
     mat = tmp_path / "annotations" / f"{ids['test'][0]}.mat"
     scipy_io.savemat(mat, {"S": np.full((7, 6), 200, np.uint16)})
-    with pytest.raises(CorruptSample, match=r"\{200\} are not in the cocostuff10k mapping \(valid raw ids: 0\.\.182, 255\)"):
+    with pytest.raises(
+        CorruptSample,
+        match=r"\{200\} are not in the cocostuff10k mapping \(valid raw ids: 0\.\.182, 255\)",
+    ):
         build_source(config("cocostuff10k", tmp_path), "test")[0]
     scipy_io.savemat(mat, {"S": np.full((7, 6), 1000, np.uint16)})
     with pytest.raises(CorruptSample, match=r"\{1000\} are not in the cocostuff10k mapping"):
         build_source(config("cocostuff10k", tmp_path), "test")[0]
-    doubles = np.arange(42, dtype=np.float64).reshape(7, 6) * 4 + 1  # MATLAB's default type: 1, 5, ..., 165
+    doubles = (
+        np.arange(42, dtype=np.float64).reshape(7, 6) * 4 + 1
+    )  # MATLAB's default type: 1, 5, ..., 165
     scipy_io.savemat(mat, {"S": doubles})
-    np.testing.assert_array_equal(build_source(config("cocostuff10k", tmp_path), "test")[0]["label"], doubles - 1)
+    np.testing.assert_array_equal(
+        build_source(config("cocostuff10k", tmp_path), "test")[0]["label"], doubles - 1
+    )
     scipy_io.savemat(mat, {"names": np.array(["x"], dtype=object)})
     with pytest.raises(CorruptSample, match="no label map field 'S'"):
         build_source(config("cocostuff10k", tmp_path), "test")[0]
@@ -246,7 +325,10 @@ def test_cocostuff_bad_inputs(tmp_path):
     with pytest.raises(CorruptSample, match="cannot read MAT file"):
         build_source(config("cocostuff10k", tmp_path), "test")[0]
     mat.unlink()
-    with pytest.raises(DatasetLayoutError, match=f"label of image .*{ids['test'][0]}.jpg should be .*annotations/{ids['test'][0]}.mat"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=f"label of image .*{ids['test'][0]}.jpg should be .*annotations/{ids['test'][0]}.mat",
+    ):
         build_source(config("cocostuff10k", tmp_path), "test")
 
 
@@ -264,21 +346,29 @@ def test_lip_every_label_id_flip_pairs_and_sets(tmp_path):
     assert source.flip_label_pairs == ((15, 14), (17, 16), (19, 18))
     names = source.class_names
     for right, left in source.flip_label_pairs:
-        assert names[right].startswith("right") and names[left] == "left" + names[right][len("right"):]
+        assert (
+            names[right].startswith("right")
+            and names[left] == "left" + names[right][len("right") :]
+        )
     assert len(build_source(config("lip", tmp_path), "val")) == 1
     test = build_source(config("lip", tmp_path), "test", with_labels=False)
     assert test[0]["image"].shape == (4, 9, 3) and np.all(test[0]["label"] == IGNORE)
 
 
 def test_lip_bad_inputs(tmp_path):
-    with pytest.raises(DatasetLayoutError, match="train_id.txt does not exist; expected layout: .*_segmentations/<id>.png"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match="train_id.txt does not exist; expected layout: .*_segmentations/<id>.png",
+    ):
         build_source(config("lip", tmp_path), "train")
     ids = write_lip(tmp_path)
     with pytest.raises(DatasetLayoutError, match="label folder .*testing_segmentations"):
         build_source(config("lip", tmp_path), "test")
     label = tmp_path / "val_segmentations" / f"{ids['val'][0]}.png"
     save_png(label, np.full((6, 5), 20, np.uint8))
-    with pytest.raises(CorruptSample, match=r"\{20\} are not in the lip mapping \(valid raw ids: 0\.\.19\)"):
+    with pytest.raises(
+        CorruptSample, match=r"\{20\} are not in the lip mapping \(valid raw ids: 0\.\.19\)"
+    ):
         build_source(config("lip", tmp_path), "val")[0]
 
 
@@ -290,7 +380,9 @@ def test_config_errors(tmp_path):
     write_lip(tmp_path)
     with pytest.raises(DatasetConfigError, match="unknown dataset 'voc'"):
         build_source({"name": "voc", "root": str(tmp_path)}, "train")
-    with pytest.raises(DatasetConfigError, match="lip has no split 'trainval'; choose one of train, val, test"):
+    with pytest.raises(
+        DatasetConfigError, match="lip has no split 'trainval'; choose one of train, val, test"
+    ):
         build_source(config("lip", tmp_path), "trainval")
     with pytest.raises(DatasetConfigError, match="num_classes=19 but lip has 20"):
         build_source(config("lip", tmp_path, num_classes=19), "train")
@@ -313,7 +405,12 @@ def test_recipe_configs_and_source_protocol(tmp_path):
         assert cfg.num_classes == SPECS[name].num_classes and cfg.ignore_label == IGNORE
         assert cfg.train_set in SPECS[name].splits and cfg.eval_set in SPECS[name].splits
     error = pickle.loads(pickle.dumps(CorruptSample("/x.png", "broken", "x")))
-    assert (error.path, error.reason, error.sample_id, str(error)) == ("/x.png", "broken", "x", "/x.png: broken (sample 'x')")
+    assert (error.path, error.reason, error.sample_id, str(error)) == (
+        "/x.png",
+        "broken",
+        "x",
+        "/x.png: broken (sample 'x')",
+    )
 
 
 def test_grey_and_palette_images_become_rgb(tmp_path):
@@ -322,4 +419,8 @@ def test_grey_and_palette_images_become_rgb(tmp_path):
     grey = np.arange(30, dtype=np.uint8).reshape(6, 5)
     save_jpg(Path(source.samples[0].image), grey)
     image = source[0]["image"]
-    assert image.shape == (6, 5, 3) and np.all(image[..., 0] == image[..., 1]) and np.all(image[..., 1] == image[..., 2])
+    assert (
+        image.shape == (6, 5, 3)
+        and np.all(image[..., 0] == image[..., 1])
+        and np.all(image[..., 1] == image[..., 2])
+    )

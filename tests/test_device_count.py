@@ -66,8 +66,14 @@ def _relative_gaps(pair: list[list[float]]) -> list[float]:
 
 def test_one_and_two_devices_agree_in_float64():
     steps = 4  # the float64 gap grows from 5e-14 (step 2) to 3.5e-10 (step 4), see above
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(steps)], cwd=REPO, capture_output=True, text=True,
-                          env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(steps)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(lines[0].split(" ", 1)[1])

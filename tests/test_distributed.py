@@ -14,7 +14,6 @@ from mcibi_jax import distributed
 from mcibi_jax.distributed import DistributedConfigError, managed_cluster, resolve_settings
 from tests.helpers import REPO, free_port, subprocess_env
 
-
 # Each process holds rows (pid + 1) * [1, 2, 3] (2 rows of them) of a global (4, 3) array laid
 # out over a 1-D mesh of both processes' devices; the jitted reductions need both halves.
 WORKER = textwrap.dedent("""
@@ -48,9 +47,18 @@ WORKER = textwrap.dedent("""
 def test_two_cpu_processes_compute_one_global_result():
     port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=subprocess_env(MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2",
-                                             MCIBI_PROCESS_ID=str(i)))
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(
+                MCIBI_COORDINATOR=f"127.0.0.1:{port}",
+                MCIBI_NUM_PROCESSES="2",
+                MCIBI_PROCESS_ID=str(i),
+            ),
+        )
         for i in range(2)
     ]
     outputs = []
@@ -65,7 +73,12 @@ def test_two_cpu_processes_compute_one_global_result():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    results = [json.loads(line.split("RESULT ", 1)[1]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")]
+    results = [
+        json.loads(line.split("RESULT ", 1)[1])
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("RESULT ")
+    ]
     assert sorted(r["pid"] for r in results) == [0, 1], outputs
     assert results[0]["combined"] == results[1]["combined"]
     for r in results:
@@ -81,7 +94,11 @@ def test_two_cpu_processes_compute_one_global_result():
 
 
 def test_single_process_is_a_no_op(monkeypatch):
-    for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    for var in (
+        distributed.ENV_COORDINATOR,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
         monkeypatch.delenv(var, raising=False)
     assert distributed.initialize(auto_detect=False) is False
     assert distributed.initialize("localhost:1234", 1, 0) is False
@@ -102,25 +119,45 @@ def test_replicate_in_one_process():
 
 
 def test_settings_from_env_and_arguments():
-    env = {"MCIBI_COORDINATOR": "10.0.0.1:1234", "MCIBI_NUM_PROCESSES": "4", "MCIBI_PROCESS_ID": "3",
-           "MCIBI_LOCAL_DEVICE_IDS": "0,1"}
+    env = {
+        "MCIBI_COORDINATOR": "10.0.0.1:1234",
+        "MCIBI_NUM_PROCESSES": "4",
+        "MCIBI_PROCESS_ID": "3",
+        "MCIBI_LOCAL_DEVICE_IDS": "0,1",
+    }
     assert resolve_settings(environ=env) == {
-        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3, "local_device_ids": [0, 1]}
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+        "local_device_ids": [0, 1],
+    }
     # arguments win over the environment
     got = resolve_settings("h:9", 2, 0, [5], environ=env)
-    assert got == {"coordinator_address": "h:9", "num_processes": 2, "process_id": 0, "local_device_ids": [5]}
+    assert got == {
+        "coordinator_address": "h:9",
+        "num_processes": 2,
+        "process_id": 0,
+        "local_device_ids": [5],
+    }
     assert resolve_settings(environ={}) is None
 
 
-@pytest.mark.parametrize("args, env, message", [
-    ((None, None, None), {"MCIBI_COORDINATOR": "h:1"}, r"num_processes \(MCIBI_NUM_PROCESSES\)"),
-    (("h:1", 2, None), {}, "process_id"),
-    ((None, 2, 1), {}, "coordinator_address"),
-    (("h", 2, 1), {}, "host:port"),
-    (("h:1", 2, 2), {}, r"process_id must be in \[0, 2\)"),
-    (("h:1", 0, 0), {}, "at least 1"),
-    (("h:1", "two", 0), {}, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (
+            (None, None, None),
+            {"MCIBI_COORDINATOR": "h:1"},
+            r"num_processes \(MCIBI_NUM_PROCESSES\)",
+        ),
+        (("h:1", 2, None), {}, "process_id"),
+        ((None, 2, 1), {}, "coordinator_address"),
+        (("h", 2, 1), {}, "host:port"),
+        (("h:1", 2, 2), {}, r"process_id must be in \[0, 2\)"),
+        (("h:1", 0, 0), {}, "at least 1"),
+        (("h:1", "two", 0), {}, "must be an integer"),
+    ],
+)
 def test_partial_or_invalid_settings_are_rejected(args, env, message):
     with pytest.raises(DistributedConfigError, match=message):
         resolve_settings(*args, environ=env)
@@ -128,12 +165,22 @@ def test_partial_or_invalid_settings_are_rejected(args, env, message):
 
 def test_managed_cluster_detection():
     assert managed_cluster({}) is None
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }
     assert managed_cluster({**slurm, "SLURM_NTASKS": "4"}) == "slurm"
     assert managed_cluster({**slurm, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}) == "slurm"
     assert managed_cluster({**slurm, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert managed_cluster({**slurm, "SLURM_NTASKS": "1"}) is None
-    assert managed_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None  # no job step
-    assert managed_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1", "OMPI_COMM_WORLD_SIZE": "2"}) == "ompi"
+    assert (
+        managed_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
+    )  # no job step
+    assert (
+        managed_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1", "OMPI_COMM_WORLD_SIZE": "2"})
+        == "ompi"
+    )
     assert managed_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
     assert managed_cluster({"TPU_WORKER_HOSTNAMES": "a,b", "JAX_PLATFORMS": "cpu"}) is None

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from mcibi_jax import load_config
-from mcibi_jax.train.checkpoints import BEST, BestCheckpoint, checkpoint_to_evaluate, latest_checkpoint
+from mcibi_jax.train.checkpoints import (
+    BEST,
+    BestCheckpoint,
+    checkpoint_to_evaluate,
+    latest_checkpoint,
+)
 from mcibi_jax.train.experiment import run
-from tests.helpers import DEMO_CONFIG, DEMO_FAST
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import DEMO_CONFIG, DEMO_FAST, REPO, subprocess_env
 
 
 def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
@@ -30,7 +34,9 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
     best = json.loads((tmp_path / "checkpoints" / BEST / "best.json").read_text())
     assert best["step"] == best_step and best["epoch"] == best_step // 8
     assert best["mIoU"] == pytest.approx(evaluations[best_step])
-    assert results["best"]["step"] == best_step and results["eval"]["mIoU"] == pytest.approx(evaluations[24])
+    assert results["best"]["step"] == best_step and results["eval"]["mIoU"] == pytest.approx(
+        evaluations[24]
+    )
 
     # the best checkpoint is never the "newest" one, and eval.checkpoint=best scores it again
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "final"
@@ -41,10 +47,22 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
 
 
 def test_training_only_mode_evaluates_only_when_asked(tmp_path):
-    run(load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=0"]), tmp_path / "off", "train", log=lambda message: None)
+    run(
+        load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=0"]),
+        tmp_path / "off",
+        "train",
+        log=lambda message: None,
+    )
     assert not (tmp_path / "off" / "checkpoints" / BEST).exists()
-    run(load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=2"]), tmp_path / "on", "train", log=lambda message: None)
-    records = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    run(
+        load_config(DEMO_CONFIG, DEMO_FAST + ["train.eval_every=2"]),
+        tmp_path / "on",
+        "train",
+        log=lambda message: None,
+    )
+    records = [
+        json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records if "eval/mIoU" in r] == [16, 24]  # epoch 2 and the last one
     assert (tmp_path / "on" / "checkpoints" / BEST / "best.json").exists()
 
@@ -117,8 +135,14 @@ print("RESULT " + json.dumps({"devices": jax.local_device_count(), "spread": spr
 
 
 def test_evaluation_spreads_images_over_local_devices():
-    out = subprocess.run([sys.executable, "-c", SPREAD], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    out = subprocess.run(
+        [sys.executable, "-c", SPREAD],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.split("RESULT ", 1)[1])
     assert result["devices"] == 4

@@ -18,8 +18,12 @@ from mcibi_jax.sharding import batch_sharding, data_mesh
 from tests.helpers import REPO
 
 DEMO = REPO / "configs" / "demo.py"
-SMALL = ["dataset.image_size=(16, 16)", "dataset.train.num_images=24", "dataset.test.num_images=5",
-         "eval.batch_size=2"]
+SMALL = [
+    "dataset.image_size=(16, 16)",
+    "dataset.train.num_images=24",
+    "dataset.test.num_images=5",
+    "eval.batch_size=2",
+]
 
 
 def test_synthetic_training_batches_are_the_generated_ones_as_global_arrays():
@@ -62,14 +66,23 @@ class _Scenes:
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng(int(index))
-        return {"image": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
-                "label": rng.integers(0, 150, (20, 24)).astype(np.int32), "id": f"scene{index}"}
+        return {
+            "image": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+            "label": rng.integers(0, 150, (20, 24)).astype(np.int32),
+            "id": f"scene{index}",
+        }
 
 
 def test_grain_training_resumes_from_its_state():
-    config = load_config("configs/ade20k.py:r50", [
-        "dataset.train.output_size=(32, 24)", "dataset.train.crop_size=(16, 16)",
-        "dataset.train.pad_size=(16, 16)", "train.batch_size=1"])
+    config = load_config(
+        "configs/ade20k.py:r50",
+        [
+            "dataset.train.output_size=(32, 24)",
+            "dataset.train.crop_size=(16, 16)",
+            "dataset.train.pad_size=(16, 16)",
+            "train.batch_size=1",
+        ],
+    )
     assert isinstance(experiment_data(config), GrainData)
     mesh = data_mesh()
     first = GrainTraining(config, _Scenes(), mesh)

@@ -18,14 +18,21 @@ from mcibi_jax import export
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.port import abstract_variables, save_variables
 
-pytest.importorskip("flatbuffers", reason=f"jax.export serialization needs flatbuffers: {export.INSTALL}")
+pytest.importorskip(
+    "flatbuffers", reason=f"jax.export serialization needs flatbuffers: {export.INSTALL}"
+)
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 SIZE = (40, 56)
 # sliding windows over two scales with flip: the most the export has to carry
-SLIDE_TTA = ["model.inference.mode='slide'", "model.inference.cropsize=[32, 32]", "model.inference.stride=[20, 20]",
-             "model.inference.multiscale=[0.75, 1.0]", "model.inference.flip=True",
-             "model.inference.use_probs_before_resize=True"]
+SLIDE_TTA = [
+    "model.inference.mode='slide'",
+    "model.inference.cropsize=[32, 32]",
+    "model.inference.stride=[20, 20]",
+    "model.inference.multiscale=[0.75, 1.0]",
+    "model.inference.flip=True",
+    "model.inference.use_probs_before_resize=True",
+]
 
 LOADER = textwrap.dedent("""
     import json, sys
@@ -39,15 +46,24 @@ LOADER = textwrap.dedent("""
     assert not any(name.startswith("mcibi_jax") for name in sys.modules), "the loader imported mcibi_jax"
 """)
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """Random weights of the demo model (positive variances)."""
     config = mcibi_jax.load_config(DEMO)
     rng = np.random.default_rng(5)
     shapes = abstract_variables(build_model(config["model"]), config["model"])
-    variables = {collection: jax.tree_util.tree_map(
-        lambda leaf: (0.5 + rng.random(leaf.shape) if collection == "batch_stats" else 0.3 * rng.standard_normal(leaf.shape)
-                      ).astype(np.float32), dict(tree)) for collection, tree in shapes.items()}
+    variables = {
+        collection: jax.tree_util.tree_map(
+            lambda leaf, collection=collection: (
+                0.5 + rng.random(leaf.shape)
+                if collection == "batch_stats"
+                else 0.3 * rng.standard_normal(leaf.shape)
+            ).astype(np.float32),
+            dict(tree),
+        )
+        for collection, tree in shapes.items()
+    }
     return save_variables(tmp_path_factory.mktemp("ckpt") / "demo", variables)
 
 
@@ -58,9 +74,15 @@ def _images(count: int) -> np.ndarray:
 
 VARIANTS = {"whole": [], "slide_tta": SLIDE_TTA, "test_resize": []}
 # the demo model behind a released-style test pipeline: resize to fit (72, 54), keep the ratio
-RESIZING_DATASET = {"name": "cityscapes", "num_classes": 4, "ignore_label": -100, "mean": (123.675, 116.28, 103.53),
-                    "std": (58.395, 57.12, 57.375), "train": {"flip_label_pairs": ()},
-                    "test": {"output_size": (72, 54), "keep_ratio": True}}
+RESIZING_DATASET = {
+    "name": "cityscapes",
+    "num_classes": 4,
+    "ignore_label": -100,
+    "mean": (123.675, 116.28, 103.53),
+    "std": (58.395, 57.12, 57.375),
+    "train": {"flip_label_pairs": ()},
+    "test": {"output_size": (72, 54), "keep_ratio": True},
+}
 
 
 def _config(variant: str):
@@ -76,14 +98,27 @@ def served(checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--size={SIZE[0]}x{SIZE[1]}"]
     for name in ("whole", "slide_tta"):  # through the command line
-        assert export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in VARIANTS[name]]) == 0
+        assert (
+            export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in VARIANTS[name]])
+            == 0
+        )
     segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, _config("test_resize"))
     exported, description = export.export_segmenter(segmenter, SIZE)
     assert description["test_resize"] == [51, 72]  # 40x56 scaled to fit 72 x 54
     export.save(root / "test_resize", exported, description)
     np.save(root / "images.npy", _images(3))
-    subprocess.run([sys.executable, "-c", LOADER, str(root / "images.npy"), *(str(root / n) for n in VARIANTS)],
-                   check=True, cwd=root, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOADER,
+            str(root / "images.npy"),
+            *(str(root / n) for n in VARIANTS),
+        ],
+        check=True,
+        cwd=root,
+        timeout=600,
+    )
     return {name: (root / name, dict(np.load(root / name / "result.npz"))) for name in VARIANTS}
 
 
@@ -113,7 +148,12 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (taken / "keep").read_text() == "mine"
     assert export.main(base + [f"--out={tmp_path / 'a'}", "--size=40by56"]) == 2
     assert "HEIGHTxWIDTH" in capsys.readouterr().err
-    assert export.main([f"--config={DEMO}", f"--checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'b'}"]) == 2
+    assert (
+        export.main(
+            [f"--config={DEMO}", f"--checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'b'}"]
+        )
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -122,7 +162,14 @@ def test_the_test_resize_is_opencvs_bit_for_bit():
     import jax.numpy as jnp
 
     rng = np.random.default_rng(2)
-    for (h, w), (out_h, out_w) in [((30, 40), (51, 68)), ((64, 96), (32, 48)), ((57, 91), (40, 33)), ((5, 7), (3, 2))]:
+    for (h, w), (out_h, out_w) in [
+        ((30, 40), (51, 68)),
+        ((64, 96), (32, 48)),
+        ((57, 91), (40, 33)),
+        ((5, 7), (3, 2)),
+    ]:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         ours = np.asarray(export._resize_uint8(jnp.asarray(image[None]), (out_h, out_w))[0])
-        np.testing.assert_array_equal(ours, cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR))
+        np.testing.assert_array_equal(
+            ours, cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        )

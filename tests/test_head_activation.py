@@ -6,8 +6,8 @@ import jax
 import numpy as np
 
 import mcibi_jax
-from mcibi_jax.reference_config import model_config_from_reference
 from mcibi_jax.recipes import released_config
+from mcibi_jax.reference_config import model_config_from_reference
 from tests.reference_data import FIXTURES, read_case
 
 
@@ -22,10 +22,19 @@ def test_reference_act_cfg_becomes_negative_slope_and_changes_outputs():
     ref = dict(meta["reference_config"], act_cfg={"type": "LeakyReLU", "negative_slope": 0.01})
     leaky_config = model_config_from_reference(ref)
     assert leaky_config.head.negative_slope == 0.01
-    relu = mcibi_jax.Segmenter.from_pth(FIXTURES / "resnet50_cityscapes.pth", model_config_from_reference(meta["reference_config"]))
+    relu = mcibi_jax.Segmenter.from_pth(
+        FIXTURES / "resnet50_cityscapes.pth", model_config_from_reference(meta["reference_config"])
+    )
     leaky = mcibi_jax.Segmenter.from_pth(FIXTURES / "resnet50_cityscapes.pth", leaky_config)
     images = np.transpose(arrays["images_nchw"], (0, 2, 3, 1))
     # Every head module takes part: the logits move, the backbone (ReLU) does not.
-    assert not np.allclose(relu.forward(images)["stage2"], leaky.forward(images)["stage2"], atol=1e-6)
-    levels = [jax.jit(lambda v, x: s.model.apply(v, x, False, method=s.model.backbone_levels))(s.variables, images) for s in (relu, leaky)]
+    assert not np.allclose(
+        relu.forward(images)["stage2"], leaky.forward(images)["stage2"], atol=1e-6
+    )
+    levels = [
+        jax.jit(lambda v, x, s=s: s.model.apply(v, x, False, method=s.model.backbone_levels))(
+            s.variables, images
+        )
+        for s in (relu, leaky)
+    ]
     np.testing.assert_array_equal(levels[0][-1], levels[1][-1])

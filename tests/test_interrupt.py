@@ -32,7 +32,10 @@ TINY_DEMO = textwrap.dedent("""
 
 
 def _history(workdir: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in json.loads((workdir / "results.json").read_text())["train"]["history"]}
+    return {
+        e["step"]: e["loss"]
+        for e in json.loads((workdir / "results.json").read_text())["train"]["history"]
+    }
 
 
 def test_ctrl_c_during_compilation_saves_then_the_rerun_resumes(tmp_path):
@@ -46,8 +49,11 @@ def test_ctrl_c_during_compilation_saves_then_the_rerun_resumes(tmp_path):
     first.proc.send_signal(signal.SIGINT)
     assert first.finish() == 128 + signal.SIGINT, first.output[-3000:]
     stopped = first.wait_for(r"^stopped by SIGINT")
-    assert re.search(r"at step (\d)/8; saved .*train_state/\1\. Resume with the same command: python\S* -m mcibi_jax.main "
-                     + re.escape(f"--config={tmp_path / 'tiny.py'}"), stopped), stopped
+    assert re.search(
+        r"at step (\d)/8; saved .*train_state/\1\. Resume with the same command: python\S* -m mcibi_jax.main "
+        + re.escape(f"--config={tmp_path / 'tiny.py'}"),
+        stopped,
+    ), stopped
     assert "Traceback" not in first.output and "Fatal" not in first.output
     step = int(re.search(r"at step (\d)", stopped).group(1))
     assert (tmp_path / "b" / "train_state" / str(step) / "data" / "process_0-of-1.json").exists()
@@ -56,7 +62,9 @@ def test_ctrl_c_during_compilation_saves_then_the_rerun_resumes(tmp_path):
     assert rerun.finish() == 0, rerun.output[-3000:]
     assert f"resuming from {tmp_path / 'b' / 'train_state'} at step {step}" in rerun.output
     want, got = _history(tmp_path / "a"), _history(tmp_path / "b")
-    for at in range(step + 1, 9):  # inside the first epoch too: the batches continue where they stopped
+    for at in range(
+        step + 1, 9
+    ):  # inside the first epoch too: the batches continue where they stopped
         assert got[at] == want[at], (at, got[at], want[at])
 
 
@@ -74,8 +82,14 @@ SLEEPER = textwrap.dedent("""
 
 
 def test_a_second_signal_exits_at_once():
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=REPO, env=subprocess_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER],
+        cwd=REPO,
+        env=subprocess_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert proc.stdout.readline().strip() == "READY"
         proc.send_signal(signal.SIGINT)

@@ -69,11 +69,18 @@ print(json.dumps({
 @pytest.mark.skipif(not (FIXTURES / f"{CASE}.pth").exists(), reason=f"fixture {CASE} missing")
 def test_cityscapes_sized_image_slides_in_bounded_memory():
     argument = json.dumps([CASE, HEIGHT, WIDTH, list(CROP), list(STRIDE)])
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, argument], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, argument],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    num_classes = json.loads((FIXTURES / f"{CASE}.json").read_text())["reference_config"]["num_classes"]
+    num_classes = json.loads((FIXTURES / f"{CASE}.json").read_text())["reference_config"][
+        "num_classes"
+    ]
     assert result["shape"] == [1, HEIGHT, WIDTH, num_classes]
     assert result["dtype"] == "float32" and result["finite"]
     assert result["windows"] == 25

@@ -15,15 +15,21 @@ SETTINGS = json.loads((FIXTURES / "memory_update.json").read_text())
 ARRAYS = dict(np.load(FIXTURES / "memory_update.npz"))
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['index']}-{s['strategy']}-F{s['num_feats_per_cls']}")
+@pytest.mark.parametrize(
+    "setting", SETTINGS, ids=lambda s: f"{s['index']}-{s['strategy']}-F{s['num_feats_per_cls']}"
+)
 def test_memory_update_matches_reference(setting):
     i = setting["index"]
     before = ARRAYS[f"{i}/memory_before"]
     momentum = memory_momentum(setting["learning_rate"], **setting["momentum_cfg"])
     update = jax.jit(update_memory, static_argnames=("strategy", "ignore_label"))
     after = update(
-        before, nhwc(ARRAYS[f"{i}/features_nchw"]), ARRAYS[f"{i}/labels"],
-        momentum=momentum, strategy=setting["strategy"], ignore_label=setting["ignore_label"],
+        before,
+        nhwc(ARRAYS[f"{i}/features_nchw"]),
+        ARRAYS[f"{i}/labels"],
+        momentum=momentum,
+        strategy=setting["strategy"],
+        ignore_label=setting["ignore_label"],
     )
     assert after.shape == before.shape
     assert relative_error(after, ARRAYS[f"{i}/memory_after"]) < 1e-5
@@ -31,7 +37,13 @@ def test_memory_update_matches_reference(setting):
 
 def test_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="unknown memory update strategy"):
-        update_memory(np.zeros((2, 1, 4), np.float32), np.zeros((1, 2, 2, 4), np.float32), np.zeros((1, 2, 2), np.int32), momentum=0.1, strategy="median")
+        update_memory(
+            np.zeros((2, 1, 4), np.float32),
+            np.zeros((1, 2, 2, 4), np.float32),
+            np.zeros((1, 2, 2), np.int32),
+            momentum=0.1,
+            strategy="median",
+        )
 
 
 def test_absent_classes_and_ignored_pixels_leave_memory_alone():
@@ -43,9 +55,13 @@ def test_absent_classes_and_ignored_pixels_leave_memory_alone():
     assert not np.allclose(after[0], memory[0])
 
 
-@pytest.mark.parametrize("strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)])
+@pytest.mark.parametrize(
+    "strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)]
+)
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_banded_update_equals_the_update_of_the_upsampled_features(strategy, num_feats, align_corners):
+def test_banded_update_equals_the_update_of_the_upsampled_features(
+    strategy, num_feats, align_corners
+):
     from mcibi_jax.models.resize import resize
 
     rng = np.random.default_rng(0)
@@ -55,10 +71,24 @@ def test_banded_update_equals_the_update_of_the_upsampled_features(strategy, num
     labels = rng.integers(-1, 5, (2, 29, 45)).astype(np.int32)  # 29 rows: the last band is padded
     labels[:, :, :10] = 255
     kwargs = dict(momentum=0.3, strategy=strategy, ignore_label=255)
-    whole = update_memory(memory, resize(low, (29, 45), align_corners=align_corners), labels, band_values=10**9, **kwargs)
+    whole = update_memory(
+        memory,
+        resize(low, (29, 45), align_corners=align_corners),
+        labels,
+        band_values=10**9,
+        **kwargs,
+    )
     for band_values in (2 * 45 * 8 * 3, 2 * 45 * 8, 1):  # 3 rows, 1 row, at least 1 row per band
-        banded = update_memory(memory, low, labels, align_corners=align_corners, band_values=band_values, **kwargs)
+        banded = update_memory(
+            memory, low, labels, align_corners=align_corners, band_values=band_values, **kwargs
+        )
         np.testing.assert_allclose(banded, whole, rtol=2e-5, atol=2e-6)
         # features already at the labels' size are cut into bands without resampling
-        same = update_memory(memory, resize(low, (29, 45), align_corners=align_corners), labels, band_values=band_values, **kwargs)
+        same = update_memory(
+            memory,
+            resize(low, (29, 45), align_corners=align_corners),
+            labels,
+            band_values=band_values,
+            **kwargs,
+        )
         np.testing.assert_allclose(same, whole, rtol=2e-5, atol=2e-6)

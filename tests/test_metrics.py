@@ -8,7 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from mcibi_jax.evaluation.metrics import ConfusionMatrix, confusion_matrix, format_table, segmentation_metrics, to_json
+from mcibi_jax.evaluation.metrics import (
+    ConfusionMatrix,
+    confusion_matrix,
+    format_table,
+    segmentation_metrics,
+    to_json,
+)
 
 
 def test_hand_computed_case_with_absent_class_and_ignore():
@@ -16,7 +22,9 @@ def test_hand_computed_case_with_absent_class_and_ignore():
     labels = np.array([[0, 1], [2, -100]])
     counts = np.asarray(confusion_matrix(predictions, labels, num_classes=4))
     expected = np.zeros((4, 4), int)
-    expected[0, 0] = expected[1, 1] = expected[2, 1] = 1  # the ignored pixel (predicted 2) is not counted
+    expected[0, 0] = expected[1, 1] = expected[2, 1] = (
+        1  # the ignored pixel (predicted 2) is not counted
+    )
     np.testing.assert_array_equal(counts, expected)
 
     m = segmentation_metrics(counts)
@@ -44,7 +52,9 @@ def test_class_predicted_but_absent_from_ground_truth():
 
 def test_labels_outside_the_classes_are_ignored():
     predictions = np.array([0, 1, 1, 0])
-    labels = np.array([0, 255, -1, 1])  # the reference maps labels outside [0, K) to its ignore index
+    labels = np.array(
+        [0, 255, -1, 1]
+    )  # the reference maps labels outside [0, K) to its ignore index
     counts = np.asarray(confusion_matrix(predictions, labels, 2, ignore_label=-100))
     np.testing.assert_array_equal(counts, [[1, 0], [1, 0]])
 

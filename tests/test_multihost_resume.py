@@ -11,9 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.helpers import write_ade20k
-from tests.helpers import free_port
-from tests.helpers import MainRun
+from tests.helpers import MainRun, free_port, write_ade20k
 
 STEPS = 12  # one step per epoch (2 training images, batch 2); a checkpoint every 3
 
@@ -36,8 +34,15 @@ def _start(config: Path, workdir: Path, processes: int) -> list[MainRun]:
     if processes == 1:
         return [MainRun(args, XLA_FLAGS="--xla_force_host_platform_device_count=2")]
     port = free_port()
-    return [MainRun(args, MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES="2", MCIBI_PROCESS_ID=str(i))
-            for i in range(processes)]
+    return [
+        MainRun(
+            args,
+            MCIBI_COORDINATOR=f"127.0.0.1:{port}",
+            MCIBI_NUM_PROCESSES="2",
+            MCIBI_PROCESS_ID=str(i),
+        )
+        for i in range(processes)
+    ]
 
 
 def _finish(runs: list[MainRun], timeout: float = 600) -> list[int]:
@@ -46,14 +51,19 @@ def _finish(runs: list[MainRun], timeout: float = 600) -> list[int]:
 
 
 def _history(workdir: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in json.loads((workdir / "results.json").read_text())["train"]["history"]}
+    return {
+        e["step"]: e["loss"]
+        for e in json.loads((workdir / "results.json").read_text())["train"]["history"]
+    }
 
 
 def _wait_until(condition, timeout: float, what: str, runs: list[MainRun]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline or any(run.proc.poll() is not None for run in runs):
-            raise AssertionError(f"no {what}:\n" + "\n----\n".join(run.output[-2000:] for run in runs))
+            raise AssertionError(
+                f"no {what}:\n" + "\n----\n".join(run.output[-2000:] for run in runs)
+            )
         time.sleep(0.1)
 
 
@@ -62,7 +72,9 @@ def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path)
     config = tmp_path / "tiny_ade.py"
     config.write_text(CONFIG.format(root=str(tmp_path / "ade"), steps=STEPS))
 
-    reference = _start(config, tmp_path / "ref", processes=1)  # 1 process x 2 devices: the same global batches
+    reference = _start(
+        config, tmp_path / "ref", processes=1
+    )  # 1 process x 2 devices: the same global batches
     assert _finish(reference) == [0], reference[0].output[-3000:]
 
     work = tmp_path / "w"
@@ -79,8 +91,12 @@ def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path)
     # A host that cannot resume (here: process 1's data state belongs to another host) stops both at once.
     broken = tmp_path / "broken"
     shutil.copytree(work, broken)
-    state = json.loads((broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").read_text())
-    (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").write_text(json.dumps({**state, "shard_index": 0}))
+    state = json.loads(
+        (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").read_text()
+    )
+    (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").write_text(
+        json.dumps({**state, "shard_index": 0})
+    )
     runs = _start(config, broken, processes=2)
     codes = _finish(runs, timeout=120)
     combined = "".join(run.output for run in runs)

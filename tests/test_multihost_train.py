@@ -7,22 +7,42 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import DEMO_FAST
-from tests.helpers import REPO, free_port, subprocess_env
+from tests.helpers import DEMO_FAST, REPO, free_port, subprocess_env
 
-COMMAND = [sys.executable, "-m", "mcibi_jax.main", f"--config={REPO / 'configs' / 'demo.py'}", "--mode=train_and_eval",
-           *[f"--config.{o}" for o in DEMO_FAST], "--config.train.num_epochs=1"]
+COMMAND = [
+    sys.executable,
+    "-m",
+    "mcibi_jax.main",
+    f"--config={REPO / 'configs' / 'demo.py'}",
+    "--mode=train_and_eval",
+    *[f"--config.{o}" for o in DEMO_FAST],
+    "--config.train.num_epochs=1",
+]
 
 
 def _run(workdir, processes: int, devices_per_process: int) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = []
     for i in range(processes):
-        env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        env = subprocess_env(
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}"
+        )
         if processes > 1:
-            env.update(MCIBI_COORDINATOR=f"127.0.0.1:{port}", MCIBI_NUM_PROCESSES=str(processes), MCIBI_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([*COMMAND, f"--workdir={workdir}"], cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            env.update(
+                MCIBI_COORDINATOR=f"127.0.0.1:{port}",
+                MCIBI_NUM_PROCESSES=str(processes),
+                MCIBI_PROCESS_ID=str(i),
+            )
+        procs.append(
+            subprocess.Popen(
+                [*COMMAND, f"--workdir={workdir}"],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     deadline, done = time.monotonic() + 240, []
     try:
         for proc in procs:

@@ -37,14 +37,18 @@ class IdentitySource:
 
     def __getitem__(self, index):
         if index in self.corrupt:
-            raise CorruptSample(f"/data/bad/{index}.jpg", "cannot decode image: truncated", f"img{index}")
+            raise CorruptSample(
+                f"/data/bad/{index}.jpg", "cannot decode image: truncated", f"img{index}"
+            )
         image = self.images[index]
-        return {"image": image, "label": np.full(image.shape[:2], index, np.int32), "id": f"img{index}"}
+        return {
+            "image": image,
+            "label": np.full(image.shape[:2], index, np.int32),
+            "id": f"img{index}",
+        }
 
     def __repr__(self):
         return f"IdentitySource({len(self)})"
-
-
 
 
 def identities(batch):
@@ -73,8 +77,14 @@ def test_batches_have_the_crop_shape_and_dtypes():
     assert loader.batch_size == 4 and loader.shape == (PIPELINE_CROP, PIPELINE_CROP)
     batch = next(iter(loader))
     assert set(batch) == {"image", "label"}
-    assert batch["image"].shape == (4, PIPELINE_CROP, PIPELINE_CROP, 3) and batch["image"].dtype == np.float32
-    assert batch["label"].shape == (4, PIPELINE_CROP, PIPELINE_CROP) and batch["label"].dtype == np.int32
+    assert (
+        batch["image"].shape == (4, PIPELINE_CROP, PIPELINE_CROP, 3)
+        and batch["image"].dtype == np.float32
+    )
+    assert (
+        batch["label"].shape == (4, PIPELINE_CROP, PIPELINE_CROP)
+        and batch["label"].dtype == np.int32
+    )
     assert np.isfinite(batch["image"]).all() and abs(float(batch["image"].mean())) < 3  # normalised
 
 
@@ -94,20 +104,33 @@ def test_epochs_are_reshuffled_permutations_and_the_seed_decides():
 def test_worker_and_thread_counts_do_not_change_the_batches():
     source = IdentitySource()
     config = small_ade20k_config()
-    expected = take(iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=0)), 3)
-    assert_same_batches(take(iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=3)), 3),
-                        expected)
+    expected = take(
+        iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=0)), 3
+    )
+    assert_same_batches(
+        take(iter(pipeline.train_loader(config, source=source, num_workers=0, num_threads=3)), 3),
+        expected,
+    )
     with iter(pipeline.train_loader(config, source=source, num_workers=2, num_threads=2)) as it:
         assert_same_batches(take(it, 3), expected)
 
 
 def test_two_hosts_read_disjoint_halves_of_the_single_host_stream():
     source = IdentitySource()
-    single = take(iter(pipeline.train_loader(small_ade20k_config(batch_size=4), source=source, num_workers=0)), 2)
+    single = take(
+        iter(
+            pipeline.train_loader(small_ade20k_config(batch_size=4), source=source, num_workers=0)
+        ),
+        2,
+    )
     hosts = []
     for h in range(2):
-        loader = pipeline.train_loader(small_ade20k_config(batch_size=4), source=source, num_workers=0,
-                                       shard_options=ShardOptions(shard_index=h, shard_count=2, drop_remainder=True))
+        loader = pipeline.train_loader(
+            small_ade20k_config(batch_size=4),
+            source=source,
+            num_workers=0,
+            shard_options=ShardOptions(shard_index=h, shard_count=2, drop_remainder=True),
+        )
         assert loader.batch_size == 2
         hosts.append(take(iter(loader), 2))
     seen = [sum((identities(b) for b in batches), []) for batches in hosts]
@@ -126,19 +149,27 @@ def test_resume_from_saved_state_reproduces_the_next_batches():
     take(original, 2)
     state = json.loads(json.dumps(pipeline.iterator_state(original)))  # as a checkpoint stores it
     expected = take(original, 4)
-    resumed = pipeline.restore_iterator(pipeline.train_loader(config, source=source, num_workers=0), state)
+    resumed = pipeline.restore_iterator(
+        pipeline.train_loader(config, source=source, num_workers=0), state
+    )
     assert_same_batches(take(resumed, 4), expected)
     assert resumed.skipped == original.skipped
-    with pipeline.restore_iterator(pipeline.train_loader(config, source=source, num_workers=2), state) as it:
+    with pipeline.restore_iterator(
+        pipeline.train_loader(config, source=source, num_workers=2), state
+    ) as it:
         assert_same_batches(take(it, 2), expected[:2])  # the worker count may change on resume
     with pytest.raises(ValueError, match="seed: saved 0, now 7"):
-        pipeline.restore_iterator(pipeline.train_loader(config, source=source, num_workers=0, seed=7), state)
+        pipeline.restore_iterator(
+            pipeline.train_loader(config, source=source, num_workers=0, seed=7), state
+        )
 
 
 def test_a_corrupt_sample_is_skipped_counted_and_logged(caplog):
     source = IdentitySource(corrupt={3})
     before = pipeline.skipped_count()
-    it = iter(pipeline.train_loader(small_ade20k_config(batch_size=7), source=source, num_workers=0))
+    it = iter(
+        pipeline.train_loader(small_ade20k_config(batch_size=7), source=source, num_workers=0)
+    )
     with caplog.at_level(logging.WARNING, logger="mcibi_jax.data.pipeline"):
         batch = next(it)  # positions 0..7 = the first epoch, one of them unreadable
     assert sorted(identities(batch)) == [0, 1, 2, 4, 5, 6, 7]
@@ -150,8 +181,12 @@ def test_a_corrupt_sample_is_skipped_counted_and_logged(caplog):
 
 def test_global_batch_must_divide_over_hosts():
     with pytest.raises(ValueError, match=r"batch_size=5 .* not divisible by the 2 hosts"):
-        pipeline.train_loader(small_ade20k_config(batch_size=5), source=IdentitySource(), num_workers=0,
-                              shard_options=ShardOptions(shard_index=1, shard_count=2))
+        pipeline.train_loader(
+            small_ade20k_config(batch_size=5),
+            source=IdentitySource(),
+            num_workers=0,
+            shard_options=ShardOptions(shard_index=1, shard_count=2),
+        )
 
 
 def test_eval_items_are_whole_samples_sharded_without_dropping():
@@ -159,13 +194,25 @@ def test_eval_items_are_whole_samples_sharded_without_dropping():
     config = small_ade20k_config()
     items = []
     for h in range(2):
-        loader = pipeline.eval_loader(config, source=source, num_workers=0,
-                                      shard_options=ShardOptions(shard_index=h, shard_count=2))
+        loader = pipeline.eval_loader(
+            config,
+            source=source,
+            num_workers=0,
+            shard_options=ShardOptions(shard_index=h, shard_count=2),
+        )
         assert len(loader) == 3
         items.append(list(loader))
         assert len(items[-1]) == 3
-    assert [i["index"] for i in items[0]] == [0, 2, 4] and [i["index"] for i in items[1]] == [1, 3, 0]
-    assert [bool(i["valid"][0]) for i in items[1]] == [True, True, False]  # padding: a repeated sample
+    assert [i["index"] for i in items[0]] == [0, 2, 4] and [i["index"] for i in items[1]] == [
+        1,
+        3,
+        0,
+    ]
+    assert [bool(i["valid"][0]) for i in items[1]] == [
+        True,
+        True,
+        False,
+    ]  # padding: a repeated sample
     assert not items[0][1]["valid"][0]  # the corrupt one, as a placeholder
     valid = [i for host in items for i in host if i["valid"][0]]
     assert sorted(i["index"] for i in valid) == [0, 1, 3, 4]
@@ -175,8 +222,14 @@ def test_eval_items_are_whole_samples_sharded_without_dropping():
         assert (item["label"] == item["index"]).all()
         assert item["image"].shape == (1, *resized_shape((h, w), (64, 32), True), 3)
         assert item["image"].dtype == np.float32 and item["id"] == f"img{item['index']}"
-    with_workers = list(pipeline.eval_loader(config, source=source, num_workers=2,
-                                             shard_options=ShardOptions(shard_index=0, shard_count=2)))
+    with_workers = list(
+        pipeline.eval_loader(
+            config,
+            source=source,
+            num_workers=2,
+            shard_options=ShardOptions(shard_index=0, shard_count=2),
+        )
+    )
     for a, b in zip(with_workers, items[0]):
         np.testing.assert_array_equal(a["image"], b["image"])
         assert a["index"] == b["index"] and a["valid"] == b["valid"]
@@ -195,7 +248,11 @@ def test_ade20k_layout_with_an_unreadable_jpeg(tmp_path, caplog):
     it = iter(loader)
     with caplog.at_level(logging.WARNING, logger="mcibi_jax.data.pipeline"):
         batches = take(it, 3)  # 6 samples from 3 epochs of 3, of which 2 usable each
-    assert all(b["image"].shape == (2, PIPELINE_CROP, PIPELINE_CROP, 3) and b["label"].shape == (2, PIPELINE_CROP, PIPELINE_CROP) for b in batches)
+    assert all(
+        b["image"].shape == (2, PIPELINE_CROP, PIPELINE_CROP, 3)
+        and b["label"].shape == (2, PIPELINE_CROP, PIPELINE_CROP)
+        for b in batches
+    )
     labels = np.concatenate([b["label"] for b in batches])
     assert labels.max() < 150 and labels[labels != IGNORE_LABEL].min() >= 0
     assert it.skipped == 3 and str(bad) in caplog.text
@@ -224,15 +281,26 @@ def test_global_batch_shards_the_batch_axis(tmp_path):
             raise AssertionError("no error for 3 rows over 2 devices")
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def test_a_source_with_nothing_usable_stops_with_an_error():
-    it = iter(pipeline.train_loader(small_ade20k_config(batch_size=2), source=IdentitySource(SIZES[:2], corrupt={0, 1}),
-                                    num_workers=0))
+    it = iter(
+        pipeline.train_loader(
+            small_ade20k_config(batch_size=2),
+            source=IdentitySource(SIZES[:2], corrupt={0, 1}),
+            num_workers=0,
+        )
+    )
     with pytest.raises(RuntimeError, match="3 samples in a row could not be used"):
         next(it)

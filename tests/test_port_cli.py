@@ -30,18 +30,32 @@ def config_file(tmp_path):
 
 def test_port_writes_a_checkpoint_that_reproduces_the_reference(config_file, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]) == 0
+    assert (
+        port.main(
+            [f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 1 and "ported" in summary[0] and "memory (5, 1, 16)" in summary[0]
     config = mcibi_jax.load_config(f"{config_file}:{CASE}")
     _, arrays = read_case(CASE)
-    logits = mcibi_jax.Segmenter.from_checkpoint(out, config).forward(nhwc(arrays["images_nchw"]))["stage2"]
+    logits = mcibi_jax.Segmenter.from_checkpoint(out, config).forward(nhwc(arrays["images_nchw"]))[
+        "stage2"
+    ]
     assert relative_error(logits, nhwc(arrays["logits_stage2_nchw"])) < 1e-4
 
 
 def test_port_refuses_a_checkpoint_of_another_config(config_file, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    code = port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}", "--config.model.num_classes=7"])
+    code = port.main(
+        [
+            f"--config={config_file}:{CASE}",
+            f"--pth={FIXTURES / CASE}.pth",
+            f"--out={out}",
+            "--config.model.num_classes=7",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "memory_module.memory" in err and "decoder_stage2.4.weight" in err
@@ -52,7 +66,12 @@ def test_port_never_overwrites(config_file, tmp_path, capsys):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "precious").write_text("keep me")
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]) == 2
+    assert (
+        port.main(
+            [f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]
+        )
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err
     assert (out / "precious").read_text() == "keep me"
 
@@ -60,18 +79,40 @@ def test_port_never_overwrites(config_file, tmp_path, capsys):
 def test_port_accepts_wrapped_and_prefixed_state_dicts(config_file, tmp_path):
     state_dict = load_state_dict(FIXTURES / f"{CASE}.pth")
     wrapped = tmp_path / "wrapped.pth"
-    save_state_dict({f"module.{k}": v for k, v in state_dict.items()}, wrapped, wrap_key="state_dict")
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={wrapped}", f"--out={tmp_path / 'a'}"]) == 0
+    save_state_dict(
+        {f"module.{k}": v for k, v in state_dict.items()}, wrapped, wrap_key="state_dict"
+    )
+    assert (
+        port.main([f"--config={config_file}:{CASE}", f"--pth={wrapped}", f"--out={tmp_path / 'a'}"])
+        == 0
+    )
 
 
 def test_port_reports_missing_and_foreign_files(config_file, tmp_path, capsys):
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'a'}"]) == 2
+    assert (
+        port.main(
+            [
+                f"--config={config_file}:{CASE}",
+                f"--pth={tmp_path / 'nope.pth'}",
+                f"--out={tmp_path / 'a'}",
+            ]
+        )
+        == 2
+    )
     assert "nope.pth" in capsys.readouterr().err
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={garbage}", f"--out={tmp_path / 'b'}"]) == 2
+    assert (
+        port.main([f"--config={config_file}:{CASE}", f"--pth={garbage}", f"--out={tmp_path / 'b'}"])
+        == 2
+    )
     assert "garbage.pth" in capsys.readouterr().err
-    assert port.main([f"--config={tmp_path / 'missing.py'}", f"--pth={garbage}", f"--out={tmp_path / 'c'}"]) == 2
+    assert (
+        port.main(
+            [f"--config={tmp_path / 'missing.py'}", f"--pth={garbage}", f"--out={tmp_path / 'c'}"]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("case", ["resnet50_cityscapes", "hrnetv2_lip", "vit_ade20k"])
@@ -79,10 +120,15 @@ def test_forward_accepts_any_input_size(case):
     meta, _ = read_case(case)
     from mcibi_jax.reference_config import model_config_from_reference
 
-    segmenter = mcibi_jax.Segmenter.from_pth(FIXTURES / f"{case}.pth", model_config_from_reference(meta["reference_config"]))
+    segmenter = mcibi_jax.Segmenter.from_pth(
+        FIXTURES / f"{case}.pth", model_config_from_reference(meta["reference_config"])
+    )
     for h, w in [(37, 53), (64, 64), (81, 50)]:
         out = segmenter.forward(np.zeros((1, h, w, 3), np.float32))
-        assert out["stage1"].shape[0] == 1 and out["stage2"].shape[-1] == meta["reference_config"]["num_classes"]
+        assert (
+            out["stage1"].shape[0] == 1
+            and out["stage2"].shape[-1] == meta["reference_config"]["num_classes"]
+        )
         assert np.isfinite(np.asarray(out["stage2"])).all()
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         segmenter.forward(np.zeros((1, 3, 32, 32), np.float32))
@@ -92,7 +138,15 @@ def test_checkpoint_of_another_config_is_refused_on_load(config_file, tmp_path):
     from mcibi_jax.porting.convert import PortError
 
     out = tmp_path / "ckpt"
-    assert port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]) == 0
+    assert (
+        port.main(
+            [f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"]
+        )
+        == 0
+    )
     config = mcibi_jax.load_config(f"{config_file}:{CASE}", ["model.num_classes=7"])
-    with pytest.raises(PortError, match="memory_module/memory: checkpoint \\(5, 1, 16\\), model expects \\(7, 1, 16\\)"):
+    with pytest.raises(
+        PortError,
+        match="memory_module/memory: checkpoint \\(5, 1, 16\\), model expects \\(7, 1, 16\\)",
+    ):
         mcibi_jax.Segmenter.from_checkpoint(out, config)

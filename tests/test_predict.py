@@ -50,7 +50,10 @@ def config(config_file):
 
 @pytest.fixture(scope="module")
 def checkpoint(config, tmp_path_factory):
-    return save_variables(tmp_path_factory.mktemp("ckpt") / "r50", variables_from_pth(FIXTURES / f"{CASE}.pth", config))
+    return save_variables(
+        tmp_path_factory.mktemp("ckpt") / "r50",
+        variables_from_pth(FIXTURES / f"{CASE}.pth", config),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +85,20 @@ def test_predict_equals_the_argmax_of_tta_scores_at_the_original_size(segmenter,
     # by hand: keep-ratio resize for (96, 48) -> factor min(96 / 53, 48 / 37) -> (48, 69), normalise
     resized = cv2.resize(image, (69, 48), interpolation=cv2.INTER_LINEAR).astype(np.float64)
     normalised = ((resized - np.array(MEAN)) / np.array(STD)).astype(np.float32)
-    settings = {"mode": "whole", "multiscale": [0.75, 1.0], "flip": True, "use_probs_before_resize": True}
-    scores = tta_scores(segmenter.model, segmenter.variables, normalised[None], settings,
-                        flip_label_pairs=[(1, 3)], output_size=SIZES["wide"])
+    settings = {
+        "mode": "whole",
+        "multiscale": [0.75, 1.0],
+        "flip": True,
+        "use_probs_before_resize": True,
+    }
+    scores = tta_scores(
+        segmenter.model,
+        segmenter.variables,
+        normalised[None],
+        settings,
+        flip_label_pairs=[(1, 3)],
+        output_size=SIZES["wide"],
+    )
     want = np.asarray(scores[0]).argmax(-1)
 
     got = segmenter.predict(image, use_tta=True)
@@ -94,7 +108,9 @@ def test_predict_equals_the_argmax_of_tta_scores_at_the_original_size(segmenter,
 
     tta_config = config.copy_and_resolve_references()
     tta_config.eval.use_tta = True  # the config's switch picks the same settings
-    np.testing.assert_array_equal(mcibi_jax.Segmenter.from_config(tta_config, segmenter.variables).predict(image), got)
+    np.testing.assert_array_equal(
+        mcibi_jax.Segmenter.from_config(tta_config, segmenter.variables).predict(image), got
+    )
 
 
 def test_predict_rejects_what_is_not_a_uint8_rgb_image(segmenter):
@@ -105,14 +121,23 @@ def test_predict_rejects_what_is_not_a_uint8_rgb_image(segmenter):
         segmenter.predict(image[..., 0])
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         segmenter.predict(np.concatenate([image, image[..., :1]], -1))
-    model_only = mcibi_jax.Segmenter(segmenter.model, segmenter.variables, segmenter.config["model"])
+    model_only = mcibi_jax.Segmenter(
+        segmenter.model, segmenter.variables, segmenter.config["model"]
+    )
     with pytest.raises(ValueError, match="dataset"):
         model_only.predict(image)
 
 
-def test_cli_writes_mask_labels_and_overlay_and_skips_what_exists(config_file, checkpoint, segmenter, image_dir, tmp_path, capsys):
+def test_cli_writes_mask_labels_and_overlay_and_skips_what_exists(
+    config_file, checkpoint, segmenter, image_dir, tmp_path, capsys
+):
     out = tmp_path / "out" / "nested"
-    args = [f"--config={config_file}", f"--checkpoint={checkpoint}", f"--input={image_dir}", f"--output={out}"]
+    args = [
+        f"--config={config_file}",
+        f"--checkpoint={checkpoint}",
+        f"--input={image_dir}",
+        f"--output={out}",
+    ]
     assert predict.main(args + ["--overlay_alpha=0.4"]) == 1  # 1: the broken file
     captured = capsys.readouterr()
     assert "[2/3]" in captured.out and "tall.png" in captured.out and " s" in captured.out
@@ -150,32 +175,58 @@ def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
     base = [f"--config={config_file}", f"--output={tmp_path / 'out'}"]
     cases = {
         "no checkpoint at": base + [f"--checkpoint={tmp_path / 'missing'}", f"--input={image_dir}"],
-        "is not a checkpoint directory": base + [f"--checkpoint={image_dir}", f"--input={image_dir}"],
+        "is not a checkpoint directory": base
+        + [f"--checkpoint={image_dir}", f"--input={image_dir}"],
         "no images": base + [f"--pth={pth}", f"--input={tmp_path / 'out'}"],
         "does not exist": base + [f"--pth={pth}", f"--input={tmp_path / 'nowhere'}"],
-        "unknown config key": base + [f"--pth={pth}", f"--input={image_dir}", "--config.model.nope=1"],
+        "unknown config key": base
+        + [f"--pth={pth}", f"--input={image_dir}", "--config.model.nope=1"],
         "overlay_alpha": base + [f"--pth={pth}", f"--input={image_dir}", "--overlay_alpha=2"],
-        "overlay_background": base + [f"--pth={pth}", f"--input={image_dir}", "--overlay_background=5"],
+        "overlay_background": base
+        + [f"--pth={pth}", f"--input={image_dir}", "--overlay_background=5"],
     }
     (tmp_path / "out").mkdir()
     for message, args in cases.items():
         assert predict.main(args) == 2, message
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
-    assert predict.main([f"--config={tmp_path / 'nope.py'}", f"--pth={pth}", f"--input={image_dir}", f"--output={tmp_path}"]) == 2
+    assert (
+        predict.main(
+            [
+                f"--config={tmp_path / 'nope.py'}",
+                f"--pth={pth}",
+                f"--input={image_dir}",
+                f"--output={tmp_path}",
+            ]
+        )
+        == 2
+    )
     assert "nope.py" in capsys.readouterr().err
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_overlay_leaves_the_background_class_unpainted(config_file, checkpoint, segmenter, image_dir, tmp_path):
+def test_overlay_leaves_the_background_class_unpainted(
+    config_file, checkpoint, segmenter, image_dir, tmp_path
+):
     source = np.asarray(Image.open(image_dir / "wide.bmp"))
     labels = segmenter.predict(source)
-    common = int(np.bincount(labels.ravel()).argmax())  # the fixture model has no background: pick one
+    common = int(
+        np.bincount(labels.ravel()).argmax()
+    )  # the fixture model has no background: pick one
     (image_dir / "tall.png").unlink()
     (image_dir / "broken.jpg").unlink()
-    args = [f"--config={config_file}", f"--checkpoint={checkpoint}", f"--input={image_dir}", "--overlay_alpha=0.8"]
-    assert predict.main(args + [f"--output={tmp_path / 'a'}", f"--overlay_background={common}"]) == 0
-    assert predict.main(args + [f"--output={tmp_path / 'b'}"]) == 0  # auto: Cityscapes has no background
+    args = [
+        f"--config={config_file}",
+        f"--checkpoint={checkpoint}",
+        f"--input={image_dir}",
+        "--overlay_alpha=0.8",
+    ]
+    assert (
+        predict.main(args + [f"--output={tmp_path / 'a'}", f"--overlay_background={common}"]) == 0
+    )
+    assert (
+        predict.main(args + [f"--output={tmp_path / 'b'}"]) == 0
+    )  # auto: Cityscapes has no background
     kept = np.asarray(Image.open(tmp_path / "a" / "wide_overlay.jpg"), int)
     painted = np.asarray(Image.open(tmp_path / "b" / "wide_overlay.jpg"), int)
     background = labels == common
@@ -189,7 +240,11 @@ def test_overlay_leaves_the_background_class_unpainted(config_file, checkpoint, 
 def test_background_class_per_dataset():
     from mcibi_jax.data.datasets import SPECS
 
-    for name in ("cityscapes", "ade20k", "cocostuff10k"):  # no background class: unlabelled pixels are ignored
+    for name in (
+        "cityscapes",
+        "ade20k",
+        "cocostuff10k",
+    ):  # no background class: unlabelled pixels are ignored
         assert predict.background_class({"name": name}, SPECS[name].num_classes) is None
     assert predict.background_class({"name": "lip"}, 20) == 0
     assert predict.background_class({"name": "synthetic"}, 4) == 0
@@ -208,7 +263,9 @@ def test_background_class_per_dataset():
     painted = predict.overlay(image, labels, palette, 0.5, background=0)
     np.testing.assert_array_equal(painted[labels == 0], image[labels == 0])  # not dimmed
     np.testing.assert_array_equal(painted[labels == 1], [[100, 100, 228]] * 3)
-    np.testing.assert_array_equal(predict.overlay(image, labels, palette, 0.5)[0, 0], [100, 100, 100])
+    np.testing.assert_array_equal(
+        predict.overlay(image, labels, palette, 0.5)[0, 0], [100, 100, 100]
+    )
 
 
 def test_palettes_and_16_bit_labels(tmp_path):
@@ -220,7 +277,9 @@ def test_palettes_and_16_bit_labels(tmp_path):
     np.testing.assert_array_equal(predict.generated_palette(300), generated)
     for name in ("cityscapes", "ade20k", "cocostuff10k", "lip"):
         k = len(SPECS[name].palette)
-        np.testing.assert_array_equal(predict.dataset_palette({"name": name}, k), np.asarray(SPECS[name].palette, np.uint8))
+        np.testing.assert_array_equal(
+            predict.dataset_palette({"name": name}, k), np.asarray(SPECS[name].palette, np.uint8)
+        )
     np.testing.assert_array_equal(predict.dataset_palette({"name": "synthetic"}, 4), generated[:4])
 
     labels = (np.arange(12 * 7).reshape(12, 7) * 3) % 300
@@ -237,7 +296,13 @@ def test_finding_images(tmp_path):
     root, flat = predict.find_images(tmp_path, exclude=tmp_path)
     assert root == tmp_path and [p.name for p in flat] == ["a.jpeg", "a.png", "b.JPG"]
     _, deep = predict.find_images(tmp_path, recursive=True, exclude=tmp_path / "elsewhere")
-    assert [p.relative_to(tmp_path).as_posix() for p in deep] == ["a.jpeg", "a.png", "a_mask.png", "b.JPG", "sub/c.bmp"]
+    assert [p.relative_to(tmp_path).as_posix() for p in deep] == [
+        "a.jpeg",
+        "a.png",
+        "a_mask.png",
+        "b.JPG",
+        "sub/c.bmp",
+    ]
     stems = predict.output_stems(deep, tmp_path)
     assert [s.as_posix() for s in stems] == ["a_jpeg", "a_png", "a_mask", "b", "sub/c"]
     assert predict.find_images(tmp_path / "a.png") == (tmp_path, [tmp_path / "a.png"])
@@ -255,4 +320,6 @@ def test_a_training_workdir_means_its_best_else_its_newest_checkpoint(tmp_path):
     best.mkdir()
     (best / "_METADATA").write_text("{}")
     assert workdir_checkpoint(tmp_path) == best
-    assert workdir_checkpoint(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # reported later as missing
+    assert (
+        workdir_checkpoint(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    )  # reported later as missing

@@ -56,7 +56,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-        if start and self.headers.get("If-Range") not in (None, self.etag(data)):  # changed since: send it all
+        if start and self.headers.get("If-Range") not in (
+            None,
+            self.etag(data),
+        ):  # changed since: send it all
             start = 0
         if start:
             self.send_response(206)
@@ -87,9 +90,17 @@ def tiny_pth(tiny_config, tmp_path_factory) -> bytes:
     """A checkpoint of the demo model with random weights (positive variances), in the released layout."""
     rng = np.random.default_rng(3)
     shapes = abstract_variables(build_model(tiny_config["model"]), tiny_config["model"])
-    variables = {collection: jax.tree_util.tree_map(
-        lambda leaf: (0.5 + rng.random(leaf.shape) if collection == "batch_stats" else 0.2 * rng.standard_normal(leaf.shape)
-                      ).astype(np.float32), dict(tree)) for collection, tree in shapes.items()}
+    variables = {
+        collection: jax.tree_util.tree_map(
+            lambda leaf, collection=collection: (
+                0.5 + rng.random(leaf.shape)
+                if collection == "batch_stats"
+                else 0.2 * rng.standard_normal(leaf.shape)
+            ).astype(np.float32),
+            dict(tree),
+        )
+        for collection, tree in shapes.items()
+    }
     path = tmp_path_factory.mktemp("pth") / FILE
     save_state_dict(variables_to_state_dict(variables), path)
     return path.read_bytes()
@@ -114,7 +125,9 @@ def release(tiny_config, server, tmp_path, monkeypatch):
     url, _ = server
     monkeypatch.setenv(pretrained.URL_ENV, url)
     monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
-    entry = pretrained.Release(NAME, FILE, 50.0, 51.0, make_config=lambda: mcibi_jax.load_config(DEMO))
+    entry = pretrained.Release(
+        NAME, FILE, 50.0, 51.0, make_config=lambda: mcibi_jax.load_config(DEMO)
+    )
     monkeypatch.setitem(pretrained.RELEASES, NAME, entry)
     return entry
 
@@ -130,10 +143,16 @@ def test_the_18_released_checkpoints():
     assert len(names) == 18 and names[0] == "cityscapes:r50" and names[-1] == "lip:hrnet48"
     assert "cityscapes:vitl" not in names and "lip:vitl" not in names
     assert pretrained.get("ade20k:r50").url() == (
-        "https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_memorynet/deeplabv3_r50_ade20k.pth")
-    assert pretrained.get("pretrained:cocostuff10k:vitl").file == "deeplabv3_vitlarge_cocostuff10k.pth"
+        "https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_memorynet/deeplabv3_r50_ade20k.pth"
+    )
+    assert (
+        pretrained.get("pretrained:cocostuff10k:vitl").file == "deeplabv3_vitlarge_cocostuff10k.pth"
+    )
     assert pretrained.get("lip:hrnet48").file == "deeplabv3_hrnetv2w48_lip.pth"
-    assert (pretrained.get("ade20k:r50").miou, pretrained.get("ade20k:r50").miou_tta) == (44.39, 45.97)
+    assert (pretrained.get("ade20k:r50").miou, pretrained.get("ade20k:r50").miou_tta) == (
+        44.39,
+        45.97,
+    )
     assert pretrained.get("cityscapes:r50").miou is None
     with pytest.raises(mcibi_jax.ConfigError, match="ade20k:r50"):
         pretrained.get("ade20k:r18")
@@ -243,7 +262,9 @@ def test_a_file_put_by_hand_is_recorded_and_ported(release, tiny_pth, monkeypatc
     target.parent.mkdir(parents=True)
     target.write_bytes(tiny_pth)
     ported = pretrained.checkpoint(NAME, log=lambda message: None)
-    assert ported.is_dir() and json.loads(target.with_name(FILE + ".json").read_text())["size"] == len(tiny_pth)
+    assert ported.is_dir() and json.loads(target.with_name(FILE + ".json").read_text())[
+        "size"
+    ] == len(tiny_pth)
 
 
 def test_port_once_and_from_pretrained(release, server, tiny_config, tiny_pth, tmp_path):
@@ -277,9 +298,16 @@ def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path,
     photos.mkdir()
     image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     Image.fromarray(image).save(photos / "a.png")
-    assert predict.main([f"--pretrained={NAME}", f"--input={photos}", f"--output={tmp_path / 'masks'}"]) == 0
+    assert (
+        predict.main(
+            [f"--pretrained={NAME}", f"--input={photos}", f"--output={tmp_path / 'masks'}"]
+        )
+        == 0
+    )
     labels = np.asarray(Image.open(tmp_path / "masks" / "a_labels.png"))
-    np.testing.assert_array_equal(labels, mcibi_jax.Segmenter.from_config(tiny_config, ported).predict(image))
+    np.testing.assert_array_equal(
+        labels, mcibi_jax.Segmenter.from_config(tiny_config, ported).predict(image)
+    )
 
     config = mcibi_jax.load_config(DEMO, [f"train.init_from='pretrained:{NAME}'"])
     lines = []
@@ -292,6 +320,15 @@ def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path,
     bad = mcibi_jax.load_config(DEMO, ["train.init_from='pretrained:ade20k:r18'"])
     with pytest.raises(mcibi_jax.ConfigError, match="no released checkpoint"):
         initial_variables(bad, lines.append)
-    assert predict.main([f"--input={photos}", f"--output={tmp_path / 'x'}", f"--pretrained={NAME}",
-                         "--config.model.num_classes=5"]) == 2
+    assert (
+        predict.main(
+            [
+                f"--input={photos}",
+                f"--output={tmp_path / 'x'}",
+                f"--pretrained={NAME}",
+                "--config.model.num_classes=5",
+            ]
+        )
+        == 2
+    )
     assert "does not match" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def screen(text: str) -> list[str]:
                 lines.append("")
         else:
             line = lines[row].ljust(col)
-            lines[row] = line[:col] + ch + line[col + 1:]
+            lines[row] = line[:col] + ch + line[col + 1 :]
             col += 1
         i += 1
     return [line.rstrip(" ") for line in lines]
@@ -188,7 +188,12 @@ def test_log_lines_appear_above_the_bar():
         bar.update(1)
         log(f"step {step} loss 0.5")
     rows = screen(stream.getvalue())
-    assert rows[:4] == ["before the first step", "step 1 loss 0.5", "step 2 loss 0.5", "step 3 loss 0.5"]
+    assert rows[:4] == [
+        "before the first step",
+        "step 1 loss 0.5",
+        "step 2 loss 0.5",
+        "step 3 loss 0.5",
+    ]
     assert len(rows) == 5 and rows[4].startswith("train ") and " 3/10 " in rows[4]
     bar.close()
     log("after the bar")

@@ -1,8 +1,8 @@
 import ast
 import os
-import tracemalloc
 import pickle
 import struct
+import tracemalloc
 import zipfile
 
 import ml_dtypes
@@ -10,12 +10,23 @@ import numpy as np
 import pytest
 
 from mcibi_jax.porting.pth import PthError, load_checkpoint, load_state_dict, save_state_dict
-from tests.reference_data import KEYS, FIXTURES as REFERENCE_FIXTURES
+from tests.reference_data import FIXTURES as REFERENCE_FIXTURES
+from tests.reference_data import KEYS
 
 FIXTURES = sorted(REFERENCE_FIXTURES.glob("*.pth"))
 
-ALL_DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.int16,
-              np.int8, np.uint8, np.bool_]
+ALL_DTYPES = [
+    np.float32,
+    np.float64,
+    np.float16,
+    ml_dtypes.bfloat16,
+    np.int64,
+    np.int32,
+    np.int16,
+    np.int8,
+    np.uint8,
+    np.bool_,
+]
 
 
 # --- a tiny hand-written pickle emitter, to build checkpoints the way torch lays them out ----------
@@ -76,8 +87,15 @@ def dumps(obj, legacy=False) -> bytes:
     return bytes(out + b".")
 
 
-def write_zip(path, pickled: bytes, storages: dict, byteorder="little", root="archive", skip=(),
-              compression=zipfile.ZIP_STORED):
+def write_zip(
+    path,
+    pickled: bytes,
+    storages: dict,
+    byteorder="little",
+    root="archive",
+    skip=(),
+    compression=zipfile.ZIP_STORED,
+):
     with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr(f"{root}/data.pkl", pickled)
         z.writestr(f"{root}/byteorder", byteorder)
@@ -144,7 +162,11 @@ def test_fixture_checkpoints(path):
         assert (value.ndim, value.dtype.name) == (ndim, dtype), key
         assert value.dtype == (np.int64 if key.endswith(".num_batches_tracked") else np.float32)
     golden = np.load(path.with_suffix(".npz"))
-    after = {k[len("state_after/"):]: golden[k].shape for k in golden.files if k.startswith("state_after/")}
+    after = {
+        k[len("state_after/") :]: golden[k].shape
+        for k in golden.files
+        if k.startswith("state_after/")
+    }
     assert set(after) <= set(sd)
     assert all(k.endswith(".num_batches_tracked") for k in set(sd) - set(after))
     assert all(sd[k].shape == shape for k, shape in after.items())
@@ -187,7 +209,9 @@ def test_writer_layout(tmp_path):
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         names = z.namelist()
         assert names[0] == "layout/data.pkl"
-        assert {"layout/byteorder", "layout/version", "layout/data/0", "layout/data/4"} <= set(names)
+        assert {"layout/byteorder", "layout/version", "layout/data/0", "layout/data/4"} <= set(
+            names
+        )
         for info in z.infolist():  # record data 64-byte aligned, like torch.save
             assert info.compress_type == zipfile.ZIP_STORED
             f.seek(info.header_offset)
@@ -201,7 +225,7 @@ def test_results_are_writable_and_unshared(tmp_path):
     sd = load_state_dict(path)
     arrays = list(sd.values())
     assert all(a.flags.writeable for a in arrays)
-    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1 :])
 
 
 # --- hand-built storages: strides, offsets, shared storages, byte order -----------------------------
@@ -220,10 +244,15 @@ def test_strided_views_on_shared_storage(tmp_path):
             "ints": Tensor("1", "LongStorage", 3, 1, (2,), (1,), module="torch.cuda"),
         },
         "epoch": 12,
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1], "nesterov": False}]},
+        "optimizer": {
+            "state": {},
+            "param_groups": [{"lr": 0.01, "params": [0, 1], "nesterov": False}],
+        },
     }
     path = tmp_path / "views.pth"
-    write_zip(path, dumps(obj), {"0": storage.tobytes(), "1": np.array([5, 6, 7], np.int64).tobytes()})
+    write_zip(
+        path, dumps(obj), {"0": storage.tobytes(), "1": np.array([5, 6, 7], np.int64).tobytes()}
+    )
     sd = load_state_dict(path)
     assert list(sd) == list(obj["model"])
     i, j = np.arange(3)[:, None], np.arange(4)[None, :]
@@ -235,18 +264,26 @@ def test_strided_views_on_shared_storage(tmp_path):
     assert_same(sd["empty"], np.zeros((0, 5), np.float32))
     assert_same(sd["ints"], np.array([6, 7], np.int64))
     arrays = list(sd.values())
-    assert not any(np.shares_memory(a, b) for k, a in enumerate(arrays) for b in arrays[k + 1:])
+    assert not any(np.shares_memory(a, b) for k, a in enumerate(arrays) for b in arrays[k + 1 :])
     ckpt = load_checkpoint(path)
     assert ckpt["epoch"] == 12 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.01
 
 
 def test_big_endian_archive(tmp_path):
     values = np.arange(6, dtype=np.float64).reshape(2, 3) - 2.5
-    obj = {"model": {"w": Tensor("0", "DoubleStorage", 6, 0, (3, 2), (1, 3)),
-                     "h": Tensor("1", "HalfStorage", 2, 0, (2,), (1,))}}
+    obj = {
+        "model": {
+            "w": Tensor("0", "DoubleStorage", 6, 0, (3, 2), (1, 3)),
+            "h": Tensor("1", "HalfStorage", 2, 0, (2,), (1,)),
+        }
+    }
     path = tmp_path / "big.pth"
-    write_zip(path, dumps(obj), {"0": values.astype(">f8").tobytes(),
-                                 "1": np.array([1.5, -2], ">f2").tobytes()}, byteorder="big")
+    write_zip(
+        path,
+        dumps(obj),
+        {"0": values.astype(">f8").tobytes(), "1": np.array([1.5, -2], ">f2").tobytes()},
+        byteorder="big",
+    )
     sd = load_state_dict(path)
     assert_same(sd["w"], values.T)
     assert_same(sd["h"], np.array([1.5, -2], np.float16))
@@ -254,12 +291,19 @@ def test_big_endian_archive(tmp_path):
 
 def test_legacy_format(tmp_path):
     storage = np.arange(12, dtype=np.float32)
-    obj = {"state_dict": {"module.a": Tensor("94", "FloatStorage", 12, 0, (3, 4), (4, 1)),
-                          "module.b": Tensor("94", "FloatStorage", 12, 1, (4, 2), (1, 4)),
-                          "module.c": Tensor("17", "LongStorage", 1, 0, (), ())}}
+    obj = {
+        "state_dict": {
+            "module.a": Tensor("94", "FloatStorage", 12, 0, (3, 4), (4, 1)),
+            "module.b": Tensor("94", "FloatStorage", 12, 1, (4, 2), (1, 4)),
+            "module.c": Tensor("17", "LongStorage", 1, 0, (), ()),
+        }
+    }
     path = tmp_path / "legacy.pth"
-    write_legacy(path, dumps(obj, legacy=True),
-                 {"94": (storage.tobytes(), 12), "17": (np.array([9], np.int64).tobytes(), 1)})
+    write_legacy(
+        path,
+        dumps(obj, legacy=True),
+        {"94": (storage.tobytes(), 12), "17": (np.array([9], np.int64).tobytes(), 1)},
+    )
     sd = load_state_dict(path)
     assert list(sd) == ["a", "b", "c"]
     assert_same(sd["a"], storage.reshape(3, 4))
@@ -284,8 +328,13 @@ def test_wrappers_prefix_and_entry(tmp_path):
         for key in sd:
             assert_same(back[key], sd[key])
     mixed = tmp_path / "mixed.pth"
-    save_state_dict({"module.a": sd["decoder_stage1.0.bias"], "b": sd["decoder_stage1.0.bias"]}, mixed)
-    assert list(load_state_dict(mixed)) == ["module.a", "b"]  # prefix stripped only when on every key
+    save_state_dict(
+        {"module.a": sd["decoder_stage1.0.bias"], "b": sd["decoder_stage1.0.bias"]}, mixed
+    )
+    assert list(load_state_dict(mixed)) == [
+        "module.a",
+        "b",
+    ]  # prefix stripped only when on every key
 
     ema = tmp_path / "ema.pth"
     save_state_dict(sd, ema, wrap_key="model_ema")
@@ -296,9 +345,17 @@ def test_wrappers_prefix_and_entry(tmp_path):
         load_state_dict(ema, entry="model")
 
     both = tmp_path / "both.pth"
-    write_zip(both, dumps({"model": {"x": Tensor("0", "FloatStorage", 1, 0, (), ())},
-                           "model_ema": {"x": Tensor("1", "FloatStorage", 1, 0, (), ())}, "epoch": 3}),
-              {"0": np.float32(1).tobytes(), "1": np.float32(2).tobytes()})
+    write_zip(
+        both,
+        dumps(
+            {
+                "model": {"x": Tensor("0", "FloatStorage", 1, 0, (), ())},
+                "model_ema": {"x": Tensor("1", "FloatStorage", 1, 0, (), ())},
+                "epoch": 3,
+            }
+        ),
+        {"0": np.float32(1).tobytes(), "1": np.float32(2).tobytes()},
+    )
     assert load_state_dict(both)["x"] == 1 and load_state_dict(both, entry="model_ema")["x"] == 2
 
 
@@ -328,7 +385,10 @@ def test_malicious_pickle_is_refused(tmp_path, payload, protocol):
     pickled = pickle.dumps({"model": {"w": payload(marker)}}, protocol=protocol)
     path = tmp_path / "evil.pth"
     write_zip(path, pickled, {})
-    with pytest.raises(PthError, match=r"refusing to load .*evil\.pth: it references (posix\.system|builtins\.eval)"):
+    with pytest.raises(
+        PthError,
+        match=r"refusing to load .*evil\.pth: it references (posix\.system|builtins\.eval)",
+    ):
         load_checkpoint(path)
     legacy = tmp_path / "evil_legacy.pth"
     write_legacy(legacy, pickled, {})
@@ -340,11 +400,15 @@ def test_malicious_pickle_is_refused(tmp_path, payload, protocol):
 def test_loader_objects_cannot_be_modified(tmp_path):
     # BUILD with (None, {"__defaults__": ({"neg": True},)}) on a rebuild function would
     # silently negate every tensor of later loads if the loader handed out its own functions.
-    tamper = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
-              b"}X\x03\x00\x00\x00neg\x88s\x85s\x86b.")
+    tamper = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
+        b"}X\x03\x00\x00\x00neg\x88s\x85s\x86b."
+    )
     path = tmp_path / "tamper.pth"
     write_zip(path, tamper, {})
-    with pytest.raises(PthError, match="refusing to load .*tries to modify torch._utils._rebuild_tensor_v2"):
+    with pytest.raises(
+        PthError, match="refusing to load .*tries to modify torch._utils._rebuild_tensor_v2"
+    ):
         load_checkpoint(path)
     good = tmp_path / "good.pth"
     save_state_dict({"w": np.arange(3, dtype=np.float32)}, good)
@@ -376,12 +440,19 @@ def test_bad_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
 
     no_record = tmp_path / "no_record.pth"
-    write_zip(no_record, dumps({"w": Tensor("0", "FloatStorage", 4, 0, (4,), (1,))}), {"0": b""}, skip=("0",))
+    write_zip(
+        no_record,
+        dumps({"w": Tensor("0", "FloatStorage", 4, 0, (4,), (1,))}),
+        {"0": b""},
+        skip=("0",),
+    )
     with pytest.raises(PthError, match="data/0 is missing"):
         load_checkpoint(no_record)
 
     overrun = tmp_path / "overrun.pth"
-    write_zip(overrun, dumps({"w": Tensor("0", "FloatStorage", 4, 1, (2, 2), (2, 1))}), {"0": bytes(16)})
+    write_zip(
+        overrun, dumps({"w": Tensor("0", "FloatStorage", 4, 1, (2, 2), (2, 1))}), {"0": bytes(16)}
+    )
     with pytest.raises(PthError, match="past the end"):
         load_checkpoint(overrun)
 
@@ -462,7 +533,9 @@ def test_ordered_dict_metadata_is_dropped(tmp_path):
     pickled = bytearray(b"\x80\x02}X\x05\x00\x00\x00modelccollections\nOrderedDict\n)R")
     _emit("w", pickled, False)
     _emit(FOUR_FLOATS["model"]["w"], pickled, False)
-    pickled += b"s}X\t\x00\x00\x00_metadata}sbsX\x04\x00\x00\x00list]ccollections\nOrderedDict\n)Ras."
+    pickled += (
+        b"s}X\t\x00\x00\x00_metadata}sbsX\x04\x00\x00\x00list]ccollections\nOrderedDict\n)Ras."
+    )
     path = tmp_path / "metadata.pth"
     write_zip(path, bytes(pickled), {"0": np.arange(4, dtype=np.float32).tobytes()})
     ckpt = load_checkpoint(path)
@@ -479,7 +552,9 @@ def test_build_on_a_container_is_refused(tmp_path):
 
 def test_bytearray_cannot_allocate(tmp_path):
     path = tmp_path / "bytearray.pth"
-    write_zip(path, b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R.", {})  # bytearray(256 MiB)
+    write_zip(
+        path, b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R.", {}
+    )  # bytearray(256 MiB)
     result, peak = load_with_peak(path)
     assert isinstance(result, PthError) and "unsupported bytearray call" in str(result)
     assert peak < 16 << 20
@@ -493,7 +568,9 @@ def test_zip_bomb_member_is_not_inflated(tmp_path):
     path = tmp_path / "bomb.pth"
     write_zip(path, dumps(FOUR_FLOATS), {"0": bytes(64 << 20)}, compression=zipfile.ZIP_DEFLATED)
     result, peak = load_with_peak(path)
-    assert isinstance(result, PthError) and "holds 67108864 bytes, but the pickle needs 16" in str(result)
+    assert isinstance(result, PthError) and "holds 67108864 bytes, but the pickle needs 16" in str(
+        result
+    )
     assert peak < 8 << 20
 
 
@@ -547,14 +624,20 @@ def test_storage_size_checked_against_the_file_before_allocation(tmp_path):
     write_legacy(legacy, dumps(obj, legacy=True), {"0": (bytes(16), 1 << 29)})
     result, peak = load_with_peak(legacy)
     assert isinstance(result, PthError)
-    assert "truncated inside storage 0 (2147483648 bytes declared, 16 left in the file)" in str(result)
+    assert "truncated inside storage 0 (2147483648 bytes declared, 16 left in the file)" in str(
+        result
+    )
     assert peak < 8 << 20
 
 
 def test_overlapping_records_are_refused(tmp_path):
     # Two storages whose directory entries point at the same bytes (N of them would multiply memory).
-    obj = {"model": {"a": Tensor("0", "FloatStorage", 4, 0, (4,), (1,)),
-                     "b": Tensor("1", "FloatStorage", 4, 0, (4,), (1,))}}
+    obj = {
+        "model": {
+            "a": Tensor("0", "FloatStorage", 4, 0, (4,), (1,)),
+            "b": Tensor("1", "FloatStorage", 4, 0, (4,), (1,)),
+        }
+    }
     path = tmp_path / "overlap.pth"
     write_zip(path, dumps(obj), {"0": bytes(16), "1": bytes(16)})
     with zipfile.ZipFile(path) as z:
@@ -580,9 +663,18 @@ def test_broadcast_views_cannot_multiply_memory(tmp_path):
     # tied weights (two tensors on one storage) still load
     tied = tmp_path / "tied.pth"
     storage = np.arange(6, dtype=np.float32)
-    write_zip(tied, dumps({"model": {"a": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1)),
-                                     "b": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1))}}),
-              {"0": storage.tobytes()})
+    write_zip(
+        tied,
+        dumps(
+            {
+                "model": {
+                    "a": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1)),
+                    "b": Tensor("0", "FloatStorage", 6, 0, (2, 3), (3, 1)),
+                }
+            }
+        ),
+        {"0": storage.tobytes()},
+    )
     sd = load_state_dict(tied)
     assert_same(sd["a"], storage.reshape(2, 3))
     assert_same(sd["b"], storage.reshape(2, 3))

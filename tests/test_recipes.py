@@ -41,7 +41,7 @@ def zero_state_dict(name: str) -> dict[str, np.ndarray]:
     return state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def abstract_of(dataset: str, backbone: str) -> dict:
     model_config = released_config(dataset, backbone).model
     return abstract_variables(build_model(model_config), model_config)
@@ -73,12 +73,15 @@ def test_default_arg_is_r50():
     assert load_config(CONFIGS / "ade20k.py") == released_config("ade20k", "r50")
 
 
-@pytest.mark.parametrize("dataset,backbone,choices", [
-    ("lip", "vitl", "backbones for lip: r50, r101, s101, hrnet48"),
-    ("cityscapes", "vitl", "backbones for cityscapes: r50, r101, s101, hrnet48"),
-    ("voc", "r50", "datasets: cityscapes, ade20k, cocostuff10k, lip"),
-    ("lip", "r18", "backbones for lip: r50, r101, s101, hrnet48"),
-])
+@pytest.mark.parametrize(
+    "dataset,backbone,choices",
+    [
+        ("lip", "vitl", "backbones for lip: r50, r101, s101, hrnet48"),
+        ("cityscapes", "vitl", "backbones for cityscapes: r50, r101, s101, hrnet48"),
+        ("voc", "r50", "datasets: cityscapes, ade20k, cocostuff10k, lip"),
+        ("lip", "r18", "backbones for lip: r50, r101, s101, hrnet48"),
+    ],
+)
 def test_unreleased_combination_lists_the_choices(dataset, backbone, choices):
     with pytest.raises(ValueError, match=choices):
         released_config(dataset, backbone)
@@ -86,13 +89,17 @@ def test_unreleased_combination_lists_the_choices(dataset, backbone, choices):
 
 def test_wrong_pairing_is_refused():
     with pytest.raises(PortError, match=r"memory_module\.memory"):
-        state_dict_to_variables(zero_state_dict(KEYS_FILES[("ade20k", "r50")]), abstract_of("cityscapes", "r50"))
+        state_dict_to_variables(
+            zero_state_dict(KEYS_FILES[("ade20k", "r50")]), abstract_of("cityscapes", "r50")
+        )
 
 
 def test_overrides():
     overrides = ["model.num_classes=7", "train.optimizer.lr=0.02", "eval.use_tta=True"]
     config = load_config(spec("cityscapes", "r50"), overrides)
-    assert config.model.num_classes == 7 and config.train.optimizer.lr == 0.02 and config.eval.use_tta
+    assert (
+        config.model.num_classes == 7 and config.train.optimizer.lr == 0.02 and config.eval.use_tta
+    )
     abstract = abstract_variables(build_model(config.model), config.model)
     assert abstract["memory"]["memory_module"]["memory"].shape == (7, 1, 512)
     with pytest.raises(ConfigError):
@@ -119,7 +126,11 @@ def test_recipes_reproduce_the_reference_on_8_gpus():
         train = released_config(dataset, backbone).train
         assert train.num_replicas == 8 and train.batch_size % 8 == 0, (dataset, backbone)
     config = load_config("configs/ade20k.py:r50", ["train.batch_size=2"])
-    with pytest.raises(ConfigError, match=r"num_replicas=8 must divide train.batch_size=2 .*num_replicas=1"):
+    with pytest.raises(
+        ConfigError, match=r"num_replicas=8 must divide train.batch_size=2 .*num_replicas=1"
+    ):
         check_train_config(config)
-    check_train_config(load_config("configs/ade20k.py:r50", ["train.batch_size=2", "train.num_replicas=1"]))
+    check_train_config(
+        load_config("configs/ade20k.py:r50", ["train.batch_size=2", "train.num_replicas=1"])
+    )
     assert load_config("configs/custom_template.py:r50").train.num_replicas == 1

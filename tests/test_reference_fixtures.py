@@ -14,7 +14,14 @@ import mcibi_jax
 from mcibi_jax.porting.convert import variables_to_state_dict
 from mcibi_jax.reference_config import model_config_from_reference
 from mcibi_jax.train.objective import loss_and_updates
-from tests.reference_data import FIXTURES, model_cases, nhwc, read_case, read_float64_truth, relative_error
+from tests.reference_data import (
+    FIXTURES,
+    model_cases,
+    nhwc,
+    read_case,
+    read_float64_truth,
+    relative_error,
+)
 
 CASES = model_cases()
 LOGIT_TOL, ARGMAX_MIN, LOSS_TOL = 1e-4, 0.999, 1e-5
@@ -64,21 +71,31 @@ def _train_step(model_config, variables, arrays, train_step, dtype):
     for aux in cfg["auxiliary"]:
         aux["dropout"] = train_step["dropout"]
     model = mcibi_jax.build_model(cfg, dtype=dtype)
-    cast = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+
+    def cast(tree):
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+
     memory = {"memory_module": {"memory": jnp.asarray(arrays["train_memory_before"], dtype)}}
     images = jnp.asarray(nhwc(arrays["train_images_nchw"]), dtype)
     labels = jnp.asarray(arrays["train_labels"])
 
     def objective(params):
         return loss_and_updates(
-            model, cfg, params, cast(variables["batch_stats"]), memory, images, labels,
-            learning_rate=train_step["learning_rate"], epoch=train_step["epoch"],
+            model,
+            cfg,
+            params,
+            cast(variables["batch_stats"]),
+            memory,
+            images,
+            labels,
+            learning_rate=train_step["learning_rate"],
+            epoch=train_step["epoch"],
             ignore_label=train_step["ignore_label"],
         )
 
-    (total, (losses, batch_stats, new_memory)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-        cast(variables["params"])
-    )
+    (total, (losses, batch_stats, new_memory)), grads = jax.jit(
+        jax.value_and_grad(objective, has_aux=True)
+    )(cast(variables["params"]))
     return (
         float(total),
         {k: float(v) for k, v in losses.items()},
@@ -107,11 +124,13 @@ def _errors_against_truth(got: dict, truth: dict) -> dict[str, float]:
 def _overall_error(got: dict, truth: dict) -> float:
     """Euclidean norm of the error over every tensor together, relative to the truth's norm."""
     error = sum(float(np.sum((np.asarray(got[k], np.float64) - v) ** 2)) for k, v in truth.items())
-    return (error / sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in truth.values())) ** 0.5
+    return (
+        error / sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in truth.values())
+    ) ** 0.5
 
 
 def _with_prefix(arrays: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def test_training_step(case):
@@ -127,26 +146,48 @@ def test_training_step(case):
     name, meta, arrays, model_config, segmenter = case
     truth = read_float64_truth(name)
     train_step = meta["train_step"]
-    total, losses, grads, state = _train_step(model_config, segmenter.variables, arrays, train_step, jnp.float32)
+    total, losses, grads, state = _train_step(
+        model_config, segmenter.variables, arrays, train_step, jnp.float32
+    )
     with jax.enable_x64(True):
         total64, losses64, grads64, state64 = _train_step(
             model_config, segmenter.variables, arrays, train_step, jnp.float64
         )
 
-    logged = {k: float(v) for k, v in _with_prefix(arrays, "train_losses/").items() if k != "loss_total"}
-    logged64 = {k: float(v) for k, v in _with_prefix(truth, "train_losses/").items() if k != "loss_total"}
+    logged = {
+        k: float(v) for k, v in _with_prefix(arrays, "train_losses/").items() if k != "loss_total"
+    }
+    logged64 = {
+        k: float(v) for k, v in _with_prefix(truth, "train_losses/").items() if k != "loss_total"
+    }
     assert set(losses) == set(logged) == set(logged64), (name, sorted(losses), sorted(logged))
     for key, want in logged.items():
         assert abs(losses[key] - want) <= LOSS_TOL * abs(want), (name, key, losses[key], want)
         assert abs(losses64[key] - logged64[key]) <= F64_TOL * abs(logged64[key]), (name, key)
-    assert abs(total - float(arrays["train_loss_total"])) <= LOSS_TOL * abs(float(arrays["train_loss_total"]))
-    assert abs(total64 - float(truth["train_loss_total"])) <= F64_TOL * abs(float(truth["train_loss_total"]))
+    assert abs(total - float(arrays["train_loss_total"])) <= LOSS_TOL * abs(
+        float(arrays["train_loss_total"])
+    )
+    assert abs(total64 - float(truth["train_loss_total"])) <= F64_TOL * abs(
+        float(truth["train_loss_total"])
+    )
 
-    for what, ours32, ours64, slack in (("grad/", grads, grads64, GRAD_TOL), ("state_after/", state, state64, STATE_TOL)):
-        true = {k: v for k, v in _with_prefix(truth, what).items() if not k.endswith("num_batches_tracked")}
+    for what, ours32, ours64, slack in (
+        ("grad/", grads, grads64, GRAD_TOL),
+        ("state_after/", state, state64, STATE_TOL),
+    ):
+        true = {
+            k: v
+            for k, v in _with_prefix(truth, what).items()
+            if not k.endswith("num_batches_tracked")
+        }
         exact = _errors_against_truth(ours64, true)
         wrong = {k: e for k, e in exact.items() if e > F64_TOL}
-        assert not wrong, (name, what, "float64 step differs from the reference's float64 step", wrong)
+        assert not wrong, (
+            name,
+            what,
+            "float64 step differs from the reference's float64 step",
+            wrong,
+        )
         # The float64 file carries no memory: there our float64 step, equal to the reference's
         # everywhere else, stands in for the truth, and must match the reference's float32 memory.
         for key in set(ours64) - set(true):
@@ -160,7 +201,18 @@ def test_training_step(case):
             for k in true
             if reference[k] < WELL_CONDITIONED and ours[k] > slack + F32_FACTOR * reference[k]
         }
-        assert not worse, (name, what, "float32 tensors further from the truth than the reference's", worse)
+        assert not worse, (
+            name,
+            what,
+            "float32 tensors further from the truth than the reference's",
+            worse,
+        )
         ours, reference = _overall_error(ours32, true), _overall_error(theirs32, true)
         print(f"{name} {what} overall float32 error: ours {ours:.3g}, reference {reference:.3g}")
-        assert ours <= slack + OVERALL_FACTOR * reference, (name, what, "float32 step less accurate", ours, reference)
+        assert ours <= slack + OVERALL_FACTOR * reference, (
+            name,
+            what,
+            "float32 step less accurate",
+            ours,
+            reference,
+        )

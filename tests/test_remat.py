@@ -17,18 +17,38 @@ from mcibi_jax.recipes import BACKBONES
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "ResNet": {"type": "ResNet", "depth": 18, "base_channels": 4, "stem_channels": 8, "outstride": 8},
-    "ResNeSt": {"type": "ResNeSt", "depth": 50, "base_channels": 4, "stem_channels": 8, "outstride": 8},
+    "ResNet": {
+        "type": "ResNet",
+        "depth": 18,
+        "base_channels": 4,
+        "stem_channels": 8,
+        "outstride": 8,
+    },
+    "ResNeSt": {
+        "type": "ResNeSt",
+        "depth": 50,
+        "base_channels": 4,
+        "stem_channels": 8,
+        "outstride": 8,
+    },
     "HRNet": {"type": "HRNet", "arch": "hrnetv2_tiny", "mcibi_version": True},
     "VisionTransformer": {
-        "type": "VisionTransformer", "img_size": (32, 32), "patch_size": 8, "embed_dims": 16, "num_layers": 3,
-        "num_heads": 2, "out_indices": (0, 1, 2), "drop_path_rate": 0.1,
+        "type": "VisionTransformer",
+        "img_size": (32, 32),
+        "patch_size": 8,
+        "embed_dims": 16,
+        "num_layers": 3,
+        "num_heads": 2,
+        "out_indices": (0, 1, 2),
+        "drop_path_rate": 0.1,
     },
 }
 # Fewer blocks per stage (quicker compiles); the last stage keeps two, so blocks without a
 # projection are rematerialised too.
-FEWER_BLOCKS = {"ResNet": (resnet.ARCH_SETTINGS, 18, ("basic", (1, 1, 1, 2))),
-                "ResNeSt": (resnest.ARCH_SETTINGS, 50, (1, 1, 1, 2))}
+FEWER_BLOCKS = {
+    "ResNet": (resnet.ARCH_SETTINGS, 18, ("basic", (1, 1, 1, 2))),
+    "ResNeSt": (resnest.ARCH_SETTINGS, 50, (1, 1, 1, 2)),
+}
 
 
 def _loss_grads_stats(options: dict, remat: bool, images: jax.Array, variables: dict):
@@ -36,9 +56,16 @@ def _loss_grads_stats(options: dict, remat: bool, images: jax.Array, variables: 
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss(params):
-        outputs, updates = model.apply({"params": params, **rest}, images, train=True, mutable=["batch_stats"],
-                                       rngs={"dropout": jax.random.key(1)})
-        value = sum(jnp.sum(jnp.sin(o.astype(jnp.float32))) for o in jax.tree_util.tree_leaves(outputs))
+        outputs, updates = model.apply(
+            {"params": params, **rest},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(1)},
+        )
+        value = sum(
+            jnp.sum(jnp.sin(o.astype(jnp.float32))) for o in jax.tree_util.tree_leaves(outputs)
+        )
         return value, (outputs, updates)
 
     (value, (outputs, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -51,7 +78,9 @@ def test_remat_changes_no_number(name, monkeypatch):
         monkeypatch.setitem(*FEWER_BLOCKS[name])
     images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     # one set of variables for both (remat changes no variable either)
-    variables = jax.jit(build_backbone(TINY[name]).init, static_argnames="train")(jax.random.key(0), images, train=False)
+    variables = jax.jit(build_backbone(TINY[name]).init, static_argnames="train")(
+        jax.random.key(0), images, train=False
+    )
     plain = _loss_grads_stats(TINY[name], False, images, variables)
     remat = _loss_grads_stats(TINY[name], True, images, variables)
     assert not plain[0].use_checkpoint and remat[0].use_checkpoint

@@ -11,8 +11,7 @@ import pytest
 from mcibi_jax.config import ConfigError
 from mcibi_jax.porting.port import load_variables
 from mcibi_jax.train.experiment import run
-from tests.helpers import write_ade20k
-from tests.helpers import tiny_ade20k_config
+from tests.helpers import tiny_ade20k_config, write_ade20k
 
 
 def _train(config, workdir):
@@ -28,7 +27,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     straight, _ = _train(config, tmp_path / "a")
 
     _train(config, tmp_path / "b")
-    steps = sorted(int(p.name) for p in (tmp_path / "b" / "train_state").iterdir() if p.name.isdigit())
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "b" / "train_state").iterdir() if p.name.isdigit()
+    )
     assert steps == [1, 2, 3]  # one checkpoint per epoch (one step each here)
     shutil.rmtree(tmp_path / "b" / "train_state" / "3")  # as if the run died during epoch 3
     shutil.rmtree(tmp_path / "b" / "checkpoints")
@@ -61,7 +62,9 @@ def test_incompatible_checkpoint_in_workdir_is_a_clear_error(tmp_path):
         assert "does not fit this config" in str(error) and "--workdir" in str(error)
     else:
         raise AssertionError("expected a ConfigError")
-    assert sorted(p.name for p in (tmp_path / "w" / "train_state").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert sorted(
+        p.name for p in (tmp_path / "w" / "train_state").iterdir() if p.name.isdigit()
+    ) == ["1", "2"]
 
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
@@ -70,14 +73,30 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
 
     config = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1"])
     first = run(config, tmp_path / "a", mode="train", log=lambda _: None)
-    tuned = load_config(DEMO_CONFIG, DEMO_FAST + ["train.num_epochs=1", "train.optimizer.lr=0.0", "train.schedule.min_lr=0.0",
-                                      "train.optimizer.weight_decay=0.0", f"train.init_from={first['checkpoint']!r}"])
+    tuned = load_config(
+        DEMO_CONFIG,
+        DEMO_FAST
+        + [
+            "train.num_epochs=1",
+            "train.optimizer.lr=0.0",
+            "train.schedule.min_lr=0.0",
+            "train.optimizer.weight_decay=0.0",
+            f"train.init_from={first['checkpoint']!r}",
+        ],
+    )
     lines = []
     second = run(tuned, tmp_path / "b", mode="train", log=lines.append)
     assert any(line.startswith("initialised from") for line in lines)
-    before, after = load_variables(first["checkpoint"], config), load_variables(second["checkpoint"], config)
-    for x, y in zip(jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # lr 0: the weights stay the loaded ones
+    before, after = (
+        load_variables(first["checkpoint"], config),
+        load_variables(second["checkpoint"], config),
+    )
+    for x, y in zip(
+        jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y)
+        )  # lr 0: the weights stay the loaded ones
 
     tuned.model.head.feats_channels = 24
     try:
@@ -102,9 +121,15 @@ def test_resumed_run_reports_the_whole_run_once(tmp_path):
     shutil.rmtree(tmp_path / "train_state" / "24")  # as if the run died during epoch 3
     shutil.rmtree(tmp_path / "checkpoints" / "final")
     resumed = run(config, tmp_path, mode="train", log=lambda _: None)["train"]
-    again = run(config, tmp_path, mode="train_and_eval", log=lambda _: None)  # already trained: evaluates
+    again = run(
+        config, tmp_path, mode="train_and_eval", log=lambda _: None
+    )  # already trained: evaluates
 
-    for results in (resumed, again["train"], json.loads((tmp_path / "results.json").read_text())["train"]):
+    for results in (
+        resumed,
+        again["train"],
+        json.loads((tmp_path / "results.json").read_text())["train"],
+    ):
         assert [h["step"] for h in results["history"]] == [4, 8, 12, 16, 20, 24]
         assert results["first_loss"] == first["first_loss"] == first["history"][0]["loss"]
         for a, b in zip(results["history"], first["history"]):  # an exact resume: the same values

@@ -82,19 +82,25 @@ def test_endpoint_segments_and_renders(server, segmenter):
     np.testing.assert_array_equal(decoded, labels)
     shares = {c["name"]: c["share"] for c in result["classes"]}
     counts = np.bincount(labels.ravel(), minlength=4) / labels.size
-    assert shares == {name: pytest.approx(counts[k]) for k, name in enumerate(service.class_names) if counts[k]}
+    assert shares == {
+        name: pytest.approx(counts[k]) for k, name in enumerate(service.class_names) if counts[k]
+    }
     assert [c["share"] for c in result["classes"]] == sorted(shares.values(), reverse=True)
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask_png"]))))
     assert mask.shape == (40, 56, 4)
     np.testing.assert_array_equal(mask[..., :3], service.palette[labels])
-    np.testing.assert_array_equal(mask[..., 3] == 0, labels == 0)  # the background class is transparent
+    np.testing.assert_array_equal(
+        mask[..., 3] == 0, labels == 0
+    )  # the background class is transparent
 
     status, kind, body = _request(f"{url}/api/segment?format=labels", _png(image))
     assert status == 200 and kind == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), labels)
     status, _, body = _request(f"{url}/api/segment?format=overlay&alpha=0.7", _png(image))
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))),
-                                  predict.overlay(image, labels, service.palette, 0.7, background=0))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(body))),
+        predict.overlay(image, labels, service.palette, 0.7, background=0),
+    )
 
     status, kind, body = _request(f"{url}/api/info")
     info = json.loads(body)
@@ -109,8 +115,12 @@ def test_bad_uploads_get_a_clear_message(server):
     cases = [
         ("/api/segment", b"this is not an image", 400, "not an image"),
         ("/api/segment", b"", 400, "empty"),
-        ("/api/segment", _png(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)), 413,
-         "too large"),  # about 270 kB of noise, above the 200 kB limit
+        (
+            "/api/segment",
+            _png(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)),
+            413,
+            "too large",
+        ),  # about 270 kB of noise, above the 200 kB limit
         ("/api/segment", _png(np.zeros((401, 400, 3), np.uint8)), 413, "160,400 pixels"),
         ("/api/segment?format=gif", _png(_image(8, 8)), 400, "unknown format"),
         ("/api/segment?format=overlay&alpha=x", _png(_image(8, 8)), 400, "alpha"),
@@ -127,7 +137,9 @@ def test_bad_uploads_get_a_clear_message(server):
 def test_command_line_loads_a_checkpoint_and_reports_errors(segmenter, tmp_path, capsys):
     workdir = tmp_path / "run"
     save_variables(workdir / "checkpoints" / "final", segmenter.variables)  # a training workdir
-    args, overrides = serve.parse_args([f"--config={DEMO}", f"--checkpoint={workdir}", "--overlay_background=none"])
+    args, overrides = serve.parse_args(
+        [f"--config={DEMO}", f"--checkpoint={workdir}", "--overlay_background=none"]
+    )
     service = serve.load_service(args, overrides)
     image = _image(24, 32)
     np.testing.assert_array_equal(service.segment(image), segmenter.predict(image))
@@ -136,8 +148,14 @@ def test_command_line_loads_a_checkpoint_and_reports_errors(segmenter, tmp_path,
     for argv, message in [
         ([f"--config={DEMO}", f"--checkpoint={tmp_path / 'missing'}"], "no checkpoint at"),
         ([f"--checkpoint={workdir}"], "--config is required"),
-        ([f"--config={DEMO}", f"--checkpoint={workdir}", "--config.model.nope=1"], "unknown config key"),
-        ([f"--config={DEMO}", f"--checkpoint={workdir}", "--overlay_background=9"], "overlay_background"),
+        (
+            [f"--config={DEMO}", f"--checkpoint={workdir}", "--config.model.nope=1"],
+            "unknown config key",
+        ),
+        (
+            [f"--config={DEMO}", f"--checkpoint={workdir}", "--overlay_background=9"],
+            "overlay_background",
+        ),
         ([f"--config={DEMO}", f"--checkpoint={workdir}", "--max_mb=0"], "--max_mb"),
     ]:
         assert serve.main(argv) == 2, message
@@ -154,16 +172,31 @@ def test_python_m_serve_starts_answers_and_stops(segmenter, tmp_path):
 
     save_variables(tmp_path / "ckpt", segmenter.variables)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "mcibi_jax.serve", f"--config={DEMO}", f"--checkpoint={tmp_path / 'ckpt'}",
-                                "--port=0", "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mcibi_jax.serve",
+            f"--config={DEMO}",
+            f"--checkpoint={tmp_path / 'ckpt'}",
+            "--port=0",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         found = re.search(r"on (http://127\.0\.0\.1:\d+/)", line)
         assert found, line + process.stderr.read() if process.poll() is not None else line
         status, _, body = _request(found.group(1) + "api/info")
         assert status == 200 and json.loads(body)["name"] == "mcibi_r18_synthetic_demo"
-        status, kind, body = _request(found.group(1) + "api/segment?format=labels", _png(_image(16, 24)))
+        status, kind, body = _request(
+            found.group(1) + "api/segment?format=labels", _png(_image(16, 24))
+        )
         assert status == 200 and np.asarray(Image.open(io.BytesIO(body))).shape == (16, 24)
     finally:
         process.send_signal(signal.SIGINT)
@@ -178,13 +211,23 @@ def _browser():
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         pytest.skip(f"the browser test needs selenium and Chromium: {BROWSER_INSTALL}")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    binary = (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
         pytest.skip(f"the browser test needs Chromium and its driver: {BROWSER_INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(driver_path))
 
@@ -199,7 +242,9 @@ def test_page_in_a_headless_browser(server, segmenter, tmp_path):
     Image.fromarray(image).save(tmp_path / "photo.png")
     (tmp_path / "notes.png").write_text("not an image at all")
     np.random.seed(0)
-    Image.fromarray(np.random.randint(0, 256, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.random.randint(0, 256, (300, 300, 3), dtype=np.uint8)).save(
+        tmp_path / "big.png"
+    )
 
     driver = _browser()
     try:
@@ -208,15 +253,26 @@ def test_page_in_a_headless_browser(server, segmenter, tmp_path):
         wait.until(lambda d: "4 classes" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "file").send_keys(str(tmp_path / "photo.png"))
         wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
-        wait.until(lambda d: d.execute_script("return document.getElementById('mask').complete "
-                                              "&& document.getElementById('mask').naturalWidth > 0"))
+        wait.until(
+            lambda d: d.execute_script(
+                "return document.getElementById('mask').complete "
+                "&& document.getElementById('mask').naturalWidth > 0"
+            )
+        )
         # the overlay: the photo with the mask over it, both at the image's size
-        assert driver.execute_script("return [document.getElementById('mask').naturalWidth, "
-                                     "document.getElementById('mask').naturalHeight]") == [64, 48]
-        assert driver.find_element(By.ID, "mask").is_displayed() and driver.find_element(By.ID, "photo").is_displayed()
+        assert driver.execute_script(
+            "return [document.getElementById('mask').naturalWidth, "
+            "document.getElementById('mask').naturalHeight]"
+        ) == [64, 48]
+        assert (
+            driver.find_element(By.ID, "mask").is_displayed()
+            and driver.find_element(By.ID, "photo").is_displayed()
+        )
         assert driver.find_element(By.ID, "mask").value_of_css_property("opacity") == "0.6"
-        driver.execute_script("const s = document.getElementById('opacity'); s.value = 25; "
-                              "s.dispatchEvent(new Event('input'));")
+        driver.execute_script(
+            "const s = document.getElementById('opacity'); s.value = 25; "
+            "s.dispatchEvent(new Event('input'));"
+        )
         assert driver.find_element(By.ID, "mask").value_of_css_property("opacity") == "0.25"
         # the legend: each predicted class with its colour and share
         labels = segmenter.predict(image)
@@ -225,23 +281,33 @@ def test_page_in_a_headless_browser(server, segmenter, tmp_path):
         shown = {int(li.get_attribute("data-class-id")): li.text for li in items}
         assert set(shown) == {k for k in range(4) if counts[k]}
         for k, text in shown.items():
-            assert service.class_names[k] in text and f"{100 * counts[k] / labels.size:.1f} %" in text
-        swatch = items[0].find_element(By.CLASS_NAME, "swatch").value_of_css_property("background-color")
+            assert (
+                service.class_names[k] in text and f"{100 * counts[k] / labels.size:.1f} %" in text
+            )
+        swatch = (
+            items[0].find_element(By.CLASS_NAME, "swatch").value_of_css_property("background-color")
+        )
         first = int(items[0].get_attribute("data-class-id"))
-        assert swatch.replace(" ", "").startswith("rgb") and \
-            tuple(int(v) for v in swatch[swatch.index("(") + 1:].rstrip(")").split(",")[:3]) == tuple(service.palette[first])
+        assert swatch.replace(" ", "").startswith("rgb") and tuple(
+            int(v) for v in swatch[swatch.index("(") + 1 :].rstrip(")").split(",")[:3]
+        ) == tuple(service.palette[first])
         # the download link holds the label PNG
         link = driver.find_element(By.ID, "download")
         assert link.get_attribute("download") == "photo_labels.png"
         href = link.get_attribute("href")
         assert href.startswith("data:image/png;base64,")
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))), labels)
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))), labels
+        )
         assert driver.find_element(By.ID, "error").text == ""
 
         # bad uploads: the server's message on the page
         driver.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.png"))
         wait.until(lambda d: d.find_element(By.ID, "error").text)
-        assert "400" in driver.find_element(By.ID, "error").text and "not an image" in driver.find_element(By.ID, "error").text
+        assert (
+            "400" in driver.find_element(By.ID, "error").text
+            and "not an image" in driver.find_element(By.ID, "error").text
+        )
         assert not driver.find_element(By.ID, "result").is_displayed()
         driver.find_element(By.ID, "file").send_keys(str(tmp_path / "big.png"))
         wait.until(lambda d: "413" in d.find_element(By.ID, "error").text)

@@ -46,10 +46,17 @@ print("RESULT " + json.dumps(out))
 
 def test_eight_devices_equal_one():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
     one, eight = out["one"], out["eight"]
     assert (one["devices"], eight["devices"]) == (1, 8)
     assert abs(one["loss"] - eight["loss"]) <= 1e-5 * abs(one["loss"])
@@ -57,4 +64,6 @@ def test_eight_devices_equal_one():
 
     for a, b in zip(one["params"], eight["params"]):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(eight["memory"]), np.asarray(one["memory"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(eight["memory"]), np.asarray(one["memory"]), rtol=1e-4, atol=1e-6
+    )

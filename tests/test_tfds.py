@@ -11,16 +11,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets is not installed (pip install -e '.[tfds]')")
-pytest.importorskip("array_record", reason="array_record is not installed (pip install -e '.[tfds]')")
-pytest.importorskip("importlib_resources", reason="importlib_resources is not installed (pip install -e '.[tfds]')")
+pytest.importorskip(
+    "tensorflow_datasets", reason="tensorflow-datasets is not installed (pip install -e '.[tfds]')"
+)
+pytest.importorskip(
+    "array_record", reason="array_record is not installed (pip install -e '.[tfds]')"
+)
+pytest.importorskip(
+    "importlib_resources", reason="importlib_resources is not installed (pip install -e '.[tfds]')"
+)
 
 from mcibi_jax.data import pipeline  # noqa: E402
-from mcibi_jax.data.datasets import CorruptSample, DatasetConfigError, DatasetLayoutError, build_source  # noqa: E402
+from mcibi_jax.data.datasets import (
+    CorruptSample,
+    DatasetConfigError,
+    DatasetLayoutError,
+    build_source,
+)  # noqa: E402
 from mcibi_jax.data.prepare import prepare  # noqa: E402
 from mcibi_jax.data.tfds_builders import TfdsSource, tfds_source  # noqa: E402
-from tests.helpers import write_ade20k  # noqa: E402
-from tests.helpers import small_ade20k_config  # noqa: E402
+from tests.helpers import (
+    small_ade20k_config,  # noqa: E402
+    write_ade20k,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,9 +44,16 @@ def prepared(tmp_path_factory) -> tuple[Path, Path, dict[str, list[str]]]:
     ids = write_ade20k(root)
     # a greyscale JPEG (stored re-encoded as an RGB PNG) next to the RGB ones (stored as they are)
     grey = np.random.default_rng(5).integers(0, 256, size=(5, 8), dtype=np.uint8)
-    Image.fromarray(grey, mode="L").save(root / "ADEChallengeData2016/images/training/ADE_train_00000002.jpg")
+    Image.fromarray(grey, mode="L").save(
+        root / "ADEChallengeData2016/images/training/ADE_train_00000002.jpg"
+    )
     data_dir = tmp_path_factory.mktemp("records")
-    prepare({"name": "ade20k", "root": str(root), "num_classes": 150}, data_dir, num_threads=2, log_every=1)
+    prepare(
+        {"name": "ade20k", "root": str(root), "num_classes": 150},
+        data_dir,
+        num_threads=2,
+        log_every=1,
+    )
     return root, data_dir, ids
 
 
@@ -56,9 +76,15 @@ def test_records_equal_build_source(prepared):
         assert [source[i]["id"] for i in range(len(source))] == ids[split]
         assert_same_samples(source, build_source(config, split))
     train = tfds_source("mcibi_ade20k", "train", data_dir, ignore_label=255)
-    np.testing.assert_array_equal(train[0]["label"], build_source({**config, "ignore_label": 255}, "train")[0]["label"])
+    np.testing.assert_array_equal(
+        train[0]["label"], build_source({**config, "ignore_label": 255}, "train")[0]["label"]
+    )
     assert (train[0]["label"] == 255).any()  # label 0 ("other") is ignored
-    assert train.num_classes == 150 and len(train.class_names) == 150 and train.palette.shape == (150, 3)
+    assert (
+        train.num_classes == 150
+        and len(train.class_names) == 150
+        and train.palette.shape == (150, 3)
+    )
     assert train[-1]["id"] == ids["train"][-1]
     with pytest.raises(IndexError):
         train[len(train)]
@@ -95,7 +121,9 @@ def test_corrupt_record_raises_corrupt_sample(prepared):
             return {**self.records[i], "image": b"not an image"}
 
     source._records = Damaged(source._records)
-    with pytest.raises(CorruptSample, match=r"mcibi_ade20k.*\[val\]/0.*cannot decode image") as error:
+    with pytest.raises(
+        CorruptSample, match=r"mcibi_ade20k.*\[val\]/0.*cannot decode image"
+    ) as error:
         source[0]
     assert error.value.sample_id == "ADE_val_00000001"
 
@@ -107,14 +135,18 @@ def test_train_loader_over_records(prepared):
     assert isinstance(source, TfdsSource)
     iterator = iter(pipeline.train_loader(config, source=source, num_threads=2))
     batches = [next(iterator) for _ in range(3)]
-    reference = iter(pipeline.train_loader(config, num_threads=0))  # build_source over the same root
+    reference = iter(
+        pipeline.train_loader(config, num_threads=0)
+    )  # build_source over the same root
     for batch in batches:
         assert batch["image"].shape == (2, 24, 24, 3) and batch["image"].dtype == np.float32
         assert batch["label"].shape == (2, 24, 24) and batch["label"].dtype == np.int32
         expected = next(reference)  # same records in the same order -> the same stream
         np.testing.assert_array_equal(batch["image"], expected["image"])
         np.testing.assert_array_equal(batch["label"], expected["label"])
-    items = list(pipeline.eval_loader(config, source=tfds_source("ade20k", "val", data_dir), num_threads=0))
+    items = list(
+        pipeline.eval_loader(config, source=tfds_source("ade20k", "val", data_dir), num_threads=0)
+    )
     assert [item["id"] for item in items] == ["ADE_val_00000001"]
 
 
@@ -122,8 +154,16 @@ def test_prepare_cli(tmp_path):
     root = tmp_path / "ade"
     write_ade20k(root)
     data_dir = tmp_path / "records"
-    command = [sys.executable, "-m", "mcibi_jax.data.prepare", "--config=configs/ade20k.py:r50",
-               f"--config.dataset.root={root}", f"--data_dir={data_dir}", "--num_threads=0", "--log_every=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mcibi_jax.data.prepare",
+        "--config=configs/ade20k.py:r50",
+        f"--config.dataset.root={root}",
+        f"--data_dir={data_dir}",
+        "--num_threads=0",
+        "--log_every=1",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "[mcibi_ade20k/train] 2/2 samples" in done.stdout
@@ -131,7 +171,12 @@ def test_prepare_cli(tmp_path):
     assert len(tfds_source("ade20k", "val", data_dir)) == 1
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already prepared" in again.stdout
-    missing = subprocess.run(command[:4] + [f"--config.dataset.root={tmp_path / 'nothing'}", f"--data_dir={data_dir}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        command[:4] + [f"--config.dataset.root={tmp_path / 'nothing'}", f"--data_dir={data_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1
     assert "error: dataset root" in missing.stderr and "does not exist" in missing.stderr

@@ -36,7 +36,11 @@ def test_tiny_model_counts_by_hand():
     # 2 FLOPs per multiply-add (XLA skips the zero padding of the 3x3 border windows)
     macs = 16 * 16 * (27 * 8 + 8 * 4)
     assert 0.9 * 2 * macs <= flops <= 1.1 * 2 * macs
-    assert 3.8 < count.forward_flops(model, count._abstract_variables(model, (32, 32)), (32, 32)) / flops < 4.3
+    assert (
+        3.8
+        < count.forward_flops(model, count._abstract_variables(model, (32, 32)), (32, 32)) / flops
+        < 4.3
+    )
 
 
 def test_demo_counts_match_the_initialised_tree():
@@ -45,18 +49,27 @@ def test_demo_counts_match_the_initialised_tree():
     assert counts["size"] == (64, 64)  # the demo's image size (it has no crop_size)
     model = build_model(config.model)
     variables = init_variables(model, jax.random.key(0, impl="rbg"), (64, 64))  # real arrays
-    expected = {k: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(v)) for k, v in variables["params"].items()}
+    expected = {
+        k: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(v))
+        for k, v in variables["params"].items()
+    }
     assert counts["params"] == expected
     assert counts["total_params"] == sum(expected.values())
-    assert {"backbone_net", "auxiliary_decoder", "memory_module", "decoder_stage2"} <= set(counts["params"])
+    assert {"backbone_net", "auxiliary_decoder", "memory_module", "decoder_stage2"} <= set(
+        counts["params"]
+    )
     assert counts["flops"] > 0
     bigger = count.model_counts(config, (128, 128))
     assert bigger["params"] == counts["params"]
-    assert 3.5 < bigger["flops"] / counts["flops"] < 5.0  # ~4x; small maps pay fixed costs (pooling branch)
+    assert (
+        3.5 < bigger["flops"] / counts["flops"] < 5.0
+    )  # ~4x; small maps pay fixed costs (pooling branch)
 
 
 def test_cli_prints_units(capsys):
-    assert count.main(["--config", str(DEMO), "--size=32x48", "--config.model.head.dropout=0.0"]) == 0
+    assert (
+        count.main(["--config", str(DEMO), "--size=32x48", "--config.model.head.dropout=0.0"]) == 0
+    )
     out = capsys.readouterr().out
     assert "backbone_net" in out and "total" in out and "32x48 image" in out and "M" in out
     assert count.parse_size("512x1024") == (512, 1024) and count.parse_size("64") == (64, 64)
@@ -65,8 +78,8 @@ def test_cli_prints_units(capsys):
 
 def test_eval_writes_the_confusion_matrix(tmp_path):
     from mcibi_jax.evaluation.confusion import read_csv
-    from mcibi_jax.train.experiment import run
     from mcibi_jax.porting.port import save_variables
+    from mcibi_jax.train.experiment import run
 
     config = load_config(DEMO, ["dataset.image_size=(32, 32)", "dataset.test.num_images=8"])
     variables = init_variables(build_model(config.model), jax.random.key(0, impl="rbg"), (32, 32))
@@ -76,10 +89,10 @@ def test_eval_writes_the_confusion_matrix(tmp_path):
     names, counts = read_csv(tmp_path / "confusion.csv")
     assert names == ["background", "shape1", "shape2", "shape3"]
     assert counts.shape == (4, 4) and counts.sum() > 0
-    assert results["eval"]["aAcc"] == pytest.approx(100 * np.trace(counts) / counts.sum())  # percent
+    assert results["eval"]["aAcc"] == pytest.approx(
+        100 * np.trace(counts) / counts.sum()
+    )  # percent
     assert (tmp_path / "confusion.png").is_file() and any("confusion" in line for line in lines)
-
-
 
 
 def test_released_recipe_counts_the_released_parameters():
@@ -89,11 +102,17 @@ def test_released_recipe_counts_the_released_parameters():
     trainable = 0
     for line in keys.read_text().splitlines():
         name, shape = line.split("\t")[:2]
-        if "running_" in name or "num_batches_tracked" in name or name.endswith("memory_module.memory"):
+        if (
+            "running_" in name
+            or "num_batches_tracked" in name
+            or name.endswith("memory_module.memory")
+        ):
             continue  # buffers, and the memory (updated by the step, not by gradients)
         trainable += int(np.prod([int(s) for s in shape.strip("()[] ").split(",") if s.strip()]))
     config = load_config("configs/cityscapes.py:r50")
-    params = count.count_parameters(count._abstract_variables(build_model(config.model), (64, 64))["params"])
+    params = count.count_parameters(
+        count._abstract_variables(build_model(config.model), (64, 64))["params"]
+    )
     assert sum(params.values()) == trainable == 91_209_113
 
 

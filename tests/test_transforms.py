@@ -55,7 +55,10 @@ class LegacyRng:
 
 def _sample(h: int, w: int, label_value: int = 1, seed: int = 0) -> dict:
     rs = np.random.RandomState(seed)
-    return {"image": rs.randint(0, 256, (h, w, 3)).astype(np.uint8), "label": np.full((h, w), label_value, np.int32)}
+    return {
+        "image": rs.randint(0, 256, (h, w, 3)).astype(np.uint8),
+        "label": np.full((h, w), label_value, np.int32),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +88,9 @@ def test_random_resize_scale():
     assert out["image"].shape == (448, 597, 3) and out["label"].shape == (448, 597)
     assert rng.calls == [("random", ())]
     # the scaled sizes are truncated before resizing: 520 * 0.76 = 395.2 -> 395
-    out = T.random_resize(_sample(30, 20), (520, 520), False, (0.75, 1.25), ScriptedRng(random=[0.02]))
+    out = T.random_resize(
+        _sample(30, 20), (520, 520), False, (0.75, 1.25), ScriptedRng(random=[0.02])
+    )
     assert out["image"].shape == (395, 395, 3)
     rng = ScriptedRng()
     assert T.random_resize(_sample(30, 20), (40, 30), True, None, rng)["image"].shape == (40, 27, 3)
@@ -116,11 +121,16 @@ def _ninety_percent_label() -> np.ndarray:
 
 
 def test_crop_retries_until_no_class_dominates():
-    sample = {"image": np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3), "label": _ninety_percent_label()}
+    sample = {
+        "image": np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3),
+        "label": _ninety_percent_label(),
+    }
     # crops 10x4: left 0 (all class 0), left 15 (3/4 class 0: not < 0.75), left 16 (half/half): accepted
     rng = ScriptedRng(integers=[0, 0, 0, 15, 0, 16, 0, 99])
     out = T.random_crop(sample, (12, 4), rng, one_category_max_ratio=0.75)
-    assert rng.calls == [("integers", (0, 1)), ("integers", (0, 17))] * 3  # crop height capped at 10
+    assert (
+        rng.calls == [("integers", (0, 1)), ("integers", (0, 17))] * 3
+    )  # crop height capped at 10
     np.testing.assert_array_equal(out["label"], sample["label"][:, 16:20])
     np.testing.assert_array_equal(out["image"], sample["image"][:, 16:20])
 
@@ -178,7 +188,9 @@ def test_rotation():
     image = np.random.RandomState(0).randint(0, 256, (4, 4, 3)).astype(np.uint8)
     out = T.rotate({"image": image, "label": label}, 90)
     # 90 degrees counter-clockwise about (2, 2): dst(x, y) = src(4 - y, x); row 0 falls outside
-    np.testing.assert_array_equal(out["label"], [[-100] * 4, [3, 7, 11, 15], [2, 6, 10, 14], [1, 5, 9, 13]])
+    np.testing.assert_array_equal(
+        out["label"], [[-100] * 4, [3, 7, 11, 15], [2, 6, 10, 14], [1, 5, 9, 13]]
+    )
     np.testing.assert_array_equal(out["image"][0], 0)
     same = T.rotate({"image": image, "label": label}, 0)
     np.testing.assert_array_equal(same["image"], image)
@@ -197,9 +209,13 @@ def test_rotation():
 
 
 def test_photometric_steps():
-    np.testing.assert_array_equal(T.adjust_brightness(np.array([0, 100, 250], np.uint8), 10.7), [10, 110, 255])
+    np.testing.assert_array_equal(
+        T.adjust_brightness(np.array([0, 100, 250], np.uint8), 10.7), [10, 110, 255]
+    )
     np.testing.assert_array_equal(T.adjust_brightness(np.array([5, 100], np.uint8), -10.2), [0, 89])
-    np.testing.assert_array_equal(T.adjust_contrast(np.array([100, 200, 3], np.uint8), 1.5), [150, 255, 4])
+    np.testing.assert_array_equal(
+        T.adjust_contrast(np.array([100, 200, 3], np.uint8), 1.5), [150, 255, 4]
+    )
     pixel = np.array([[[200, 100, 50]]], np.uint8)
     np.testing.assert_array_equal(T.adjust_saturation(pixel, 0.0), [[[200, 200, 200]]])
     np.testing.assert_array_equal(T.adjust_saturation(pixel, 1.0), pixel)
@@ -216,15 +232,28 @@ def test_photometric_draw_order():
     rng = ScriptedRng(integers=[1, 0, 0, 1, 0, 1], uniform=[10.0, 1.5])
     out = T.photometric_distortion({"image": image}, rng)
     assert rng.calls == [
-        ("integers", (2,)), ("uniform", (-32, 32)), ("integers", (2,)), ("integers", (2,)),
-        ("integers", (2,)), ("integers", (-18, 18)), ("integers", (2,)), ("uniform", (0.5, 1.5)),
+        ("integers", (2,)),
+        ("uniform", (-32, 32)),
+        ("integers", (2,)),
+        ("integers", (2,)),
+        ("integers", (2,)),
+        ("integers", (-18, 18)),
+        ("integers", (2,)),
+        ("uniform", (0.5, 1.5)),
     ]
     np.testing.assert_array_equal(out["image"], 165)
     # brightness on (+60), mode 1: contrast next (x2), saturation off, hue off
     rng = ScriptedRng(integers=[1, 1, 1, 0, 0], uniform=[60.0, 2.0])
     out = T.photometric_distortion({"image": image}, rng)
-    assert [c[0] for c in rng.calls] == ["integers", "uniform", "integers", "integers", "uniform", "integers",
-                                         "integers"]
+    assert [c[0] for c in rng.calls] == [
+        "integers",
+        "uniform",
+        "integers",
+        "integers",
+        "uniform",
+        "integers",
+        "integers",
+    ]
     np.testing.assert_array_equal(out["image"], 255)
 
 
@@ -275,7 +304,9 @@ def test_normalize():
     np.testing.assert_allclose(out, expected, rtol=0, atol=5e-7)
     np.testing.assert_allclose(out[0, 0], [-2.117904, -2.035714, -1.804444], atol=1e-6)
     # float32 subtraction, float64 multiplication by 1/std (the reference's cv2.subtract / multiply)
-    assert out[0, 2, 0] == np.float32(np.float64(np.float32(124) - np.float32(MEAN[0])) * (1 / STD[0]))
+    assert out[0, 2, 0] == np.float32(
+        np.float64(np.float32(124) - np.float32(MEAN[0])) * (1 / STD[0])
+    )
 
 
 def test_pad_centred():
@@ -308,19 +339,40 @@ def test_pad_transposes_size_and_cuts():
 
 def _config(**train) -> dict:
     base = {
-        "output_size": (24, 16), "keep_ratio": True, "scale_range": (0.5, 2.0), "crop_size": (8, 12),
-        "one_category_max_ratio": 0.75, "flip_prob": 0.5, "flip_label_pairs": (), "rotation_prob": 0.0,
-        "rotation_max_angle": 0.0, "photometric_distortion": True, "pad_size": (8, 12),
+        "output_size": (24, 16),
+        "keep_ratio": True,
+        "scale_range": (0.5, 2.0),
+        "crop_size": (8, 12),
+        "one_category_max_ratio": 0.75,
+        "flip_prob": 0.5,
+        "flip_label_pairs": (),
+        "rotation_prob": 0.0,
+        "rotation_max_angle": 0.0,
+        "photometric_distortion": True,
+        "pad_size": (8, 12),
     }
     base.update(train)
-    return {"mean": MEAN, "std": STD, "ignore_label": -100, "train": base,
-            "test": {"output_size": base["output_size"], "keep_ratio": base["keep_ratio"]}}
+    return {
+        "mean": MEAN,
+        "std": STD,
+        "ignore_label": -100,
+        "train": base,
+        "test": {"output_size": base["output_size"], "keep_ratio": base["keep_ratio"]},
+    }
 
 
 CONFIGS = {
     "keep": _config(),
-    "lip": _config(output_size=(14, 14), keep_ratio=False, scale_range=(0.75, 1.25), crop_size=(12, 12),
-                   flip_label_pairs=LIP_PAIRS, rotation_prob=0.6, rotation_max_angle=30.0, pad_size=(12, 12)),
+    "lip": _config(
+        output_size=(14, 14),
+        keep_ratio=False,
+        scale_range=(0.75, 1.25),
+        crop_size=(12, 12),
+        flip_label_pairs=LIP_PAIRS,
+        rotation_prob=0.6,
+        rotation_max_angle=30.0,
+        pad_size=(12, 12),
+    ),
 }
 
 
@@ -344,30 +396,30 @@ def _digest(a: np.ndarray) -> str:
 # tiny_case(seed) with np.random.seed(seed): output shape, digests of the float32 image and the
 # int32 label, and the next np.random.random_sample() after the pipeline (same number of draws).
 REFERENCE = {
-    ('keep', 0): ((8, 12), '9ca6406b38d5c130', 'bd9672fd13a64f33', 0.9636627605010293),
-    ('keep', 1): ((8, 12), '9b942b757cde7c2f', '5c5fe23f6902df47', 0.4191945144032948),
-    ('keep', 2): ((8, 12), '173e1006694a4ffa', '6601a40ee6f2d1d2', 0.6327377306009369),
-    ('keep', 3): ((12, 8), '6c099cffe32d5394', 'ff6c02fc7ba505ae', 0.8175707258758211),
-    ('keep', 4): ((8, 12), 'e70450f33e60a205', 'f1f3f16cc8e09462', 0.6984202359093901),
-    ('keep', 5): ((8, 12), '2c945c6187ccb61e', 'b8d983c4635ecd26', 0.3541380429150014),
-    ('keep', 6): ((8, 12), '5e473d5774a8f70d', '5c9bd7c41888b4a8', 0.7550129721751966),
-    ('keep', 7): ((8, 12), '4a8b197560617018', 'ee24c70af76eec57', 0.4193722104164882),
-    ('keep', 8): ((8, 12), 'b849ea56e2bddc40', 'fcaced4653bc4f89', 0.5553564738223304),
-    ('keep', 9): ((12, 8), '695a04f0265666ab', '303850058e4ca379', 0.878559085532659),
-    ('keep', 10): ((8, 12), '2d068f811532b822', 'ff6c02fc7ba505ae', 0.6741336150663453),
-    ('keep', 11): ((12, 8), '412e9f5e299d680f', 'd04b09d37a6bdedb', 0.09281249233182576),
-    ('lip', 0): ((12, 12), 'bfe9be43d3598410', '23ea81e1306e5a15', 0.3834415188257777),
-    ('lip', 1): ((12, 12), 'b3d56d48a5179ee3', 'a2b2833dcdd2cf4c', 0.4191945144032948),
-    ('lip', 2): ((12, 12), 'bb45565a7b21ad6c', 'f93851b56be3adc3', 0.6211338327692949),
-    ('lip', 3): ((12, 12), '6be36b0ed45ce369', '73d3a1913a50cc97', 0.6931379183129963),
-    ('lip', 4): ((12, 12), 'ab5fab314ef25e08', 'a903cb07a3dacacd', 0.7793829217937525),
-    ('lip', 5): ((12, 12), 'daf755e7b77bcd6d', 'ec455bc1f84e77f4', 0.29680050157622195),
-    ('lip', 6): ((12, 12), 'c73b044b554761eb', '158199bb556b2ede', 0.7550129721751966),
-    ('lip', 7): ((12, 12), '17ff1bfab3de93a5', '0f50fbbdb630db32', 0.26843898010187117),
-    ('lip', 8): ((12, 12), 'aff598a0c65f5e32', '3587765995532ea2', 0.5553564738223304),
-    ('lip', 9): ((12, 12), '5819b4ced8443dee', '61216b3480c2a866', 0.4946545151380922),
-    ('lip', 10): ((12, 12), 'ff8a2a1a45c7f6d9', '73d3a1913a50cc97', 0.8776149398973291),
-    ('lip', 11): ((12, 12), 'da71073efae1573b', 'b26b328dabeaeea2', 0.09281249233182576),
+    ("keep", 0): ((8, 12), "9ca6406b38d5c130", "bd9672fd13a64f33", 0.9636627605010293),
+    ("keep", 1): ((8, 12), "9b942b757cde7c2f", "5c5fe23f6902df47", 0.4191945144032948),
+    ("keep", 2): ((8, 12), "173e1006694a4ffa", "6601a40ee6f2d1d2", 0.6327377306009369),
+    ("keep", 3): ((12, 8), "6c099cffe32d5394", "ff6c02fc7ba505ae", 0.8175707258758211),
+    ("keep", 4): ((8, 12), "e70450f33e60a205", "f1f3f16cc8e09462", 0.6984202359093901),
+    ("keep", 5): ((8, 12), "2c945c6187ccb61e", "b8d983c4635ecd26", 0.3541380429150014),
+    ("keep", 6): ((8, 12), "5e473d5774a8f70d", "5c9bd7c41888b4a8", 0.7550129721751966),
+    ("keep", 7): ((8, 12), "4a8b197560617018", "ee24c70af76eec57", 0.4193722104164882),
+    ("keep", 8): ((8, 12), "b849ea56e2bddc40", "fcaced4653bc4f89", 0.5553564738223304),
+    ("keep", 9): ((12, 8), "695a04f0265666ab", "303850058e4ca379", 0.878559085532659),
+    ("keep", 10): ((8, 12), "2d068f811532b822", "ff6c02fc7ba505ae", 0.6741336150663453),
+    ("keep", 11): ((12, 8), "412e9f5e299d680f", "d04b09d37a6bdedb", 0.09281249233182576),
+    ("lip", 0): ((12, 12), "bfe9be43d3598410", "23ea81e1306e5a15", 0.3834415188257777),
+    ("lip", 1): ((12, 12), "b3d56d48a5179ee3", "a2b2833dcdd2cf4c", 0.4191945144032948),
+    ("lip", 2): ((12, 12), "bb45565a7b21ad6c", "f93851b56be3adc3", 0.6211338327692949),
+    ("lip", 3): ((12, 12), "6be36b0ed45ce369", "73d3a1913a50cc97", 0.6931379183129963),
+    ("lip", 4): ((12, 12), "ab5fab314ef25e08", "a903cb07a3dacacd", 0.7793829217937525),
+    ("lip", 5): ((12, 12), "daf755e7b77bcd6d", "ec455bc1f84e77f4", 0.29680050157622195),
+    ("lip", 6): ((12, 12), "c73b044b554761eb", "158199bb556b2ede", 0.7550129721751966),
+    ("lip", 7): ((12, 12), "17ff1bfab3de93a5", "0f50fbbdb630db32", 0.26843898010187117),
+    ("lip", 8): ((12, 12), "aff598a0c65f5e32", "3587765995532ea2", 0.5553564738223304),
+    ("lip", 9): ((12, 12), "5819b4ced8443dee", "61216b3480c2a866", 0.4946545151380922),
+    ("lip", 10): ((12, 12), "ff8a2a1a45c7f6d9", "73d3a1913a50cc97", 0.8776149398973291),
+    ("lip", 11): ((12, 12), "da71073efae1573b", "b26b328dabeaeea2", 0.09281249233182576),
 }
 
 
@@ -375,7 +427,9 @@ REFERENCE = {
 def test_train_pipeline_matches_reference(name, seed):
     shape, image_digest, label_digest, next_draw = REFERENCE[name, seed]
     if CONFIGS[name]["train"]["rotation_prob"] > 0 and int(cv2.__version__.split(".")[0]) != 5:
-        pytest.skip("OpenCV 4's warpAffine rounds differently from the OpenCV 5 the expectations came from")
+        pytest.skip(
+            "OpenCV 4's warpAffine rounds differently from the OpenCV 5 the expectations came from"
+        )
     rng = LegacyRng(seed)
     out = T.train_transform(CONFIGS[name], rng)(tiny_case(seed))
     assert out["image"].shape == shape + (3,) and out["label"].shape == shape
@@ -402,8 +456,10 @@ def test_released_configs():
     from mcibi_jax.recipes import released_config
 
     rs = np.random.RandomState(0)
-    sample = {"image": rs.randint(0, 256, (60, 90, 3)).astype(np.uint8),
-              "label": np.repeat(rs.randint(0, 19, (6, 9)), 10, 0).repeat(10, 1).astype(np.int32)}
+    sample = {
+        "image": rs.randint(0, 256, (60, 90, 3)).astype(np.uint8),
+        "label": np.repeat(rs.randint(0, 19, (6, 9)), 10, 0).repeat(10, 1).astype(np.int32),
+    }
     for dataset, crop in [("cityscapes", (512, 1024)), ("ade20k", (512, 512)), ("lip", (473, 473))]:
         cfg = released_config(dataset, "r50").dataset
         out = T.train_transform(cfg, np.random.default_rng(0))(sample)

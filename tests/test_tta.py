@@ -22,10 +22,15 @@ def test_tta_matches_the_reference(case):
     meta, arrays = read_case(case)
     model_config = model_config_from_reference(meta["reference_config"])
     segmenter = mcibi_jax.Segmenter.from_pth(FIXTURES / f"{case}.pth", model_config)
-    scores = np.asarray(tta_scores(
-        segmenter.model, segmenter.variables, nhwc(arrays["tta_images_nchw"]), model_config.inference.to_dict(),
-        align_corners=model_config.align_corners,
-    ))
+    scores = np.asarray(
+        tta_scores(
+            segmenter.model,
+            segmenter.variables,
+            nhwc(arrays["tta_images_nchw"]),
+            model_config.inference.to_dict(),
+            align_corners=model_config.align_corners,
+        )
+    )
     want = nhwc(arrays["tta_scores_nchw"])
     assert scores.shape == want.shape
     assert relative_error(scores, want) < 1e-4, relative_error(scores, want)

@@ -30,8 +30,8 @@ def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
 
     data, pos, found = path.read_bytes(), 0, {}
     while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = Event.FromString(data[pos + 12:pos + 12 + length])
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = Event.FromString(data[pos + 12 : pos + 12 + length])
         pos += 12 + length + 4
         for value in event.summary.value:
             if value.WhichOneof("value") == "simple_value":
@@ -44,13 +44,22 @@ def test_jsonl_and_non_finite(tmp_path):
     assert writer.backend == "none" and not writer.has_tensorboard
     writer.write_scalars(3, {"loss": 0.5, "lr": 1e-3})
     writer.write_scalars(4, {"loss": float("nan"), "grad": float("inf")})
-    writer.write_hparams({"optimizer": {"lr": 0.01, "betas": (0.9, 0.99)}, "seed": 1, "ratio": float("nan")})
+    writer.write_hparams(
+        {"optimizer": {"lr": 0.01, "betas": (0.9, 0.99)}, "seed": 1, "ratio": float("nan")}
+    )
     writer.close()
     writer.close()  # idempotent
     assert _lines(tmp_path) == [
         {"step": 3, "loss": 0.5, "lr": 1e-3},
         {"step": 4, "loss": None, "grad": None},
-        {"hparams": {"optimizer.lr": 0.01, "optimizer.betas": "(0.9, 0.99)", "seed": 1, "ratio": None}},
+        {
+            "hparams": {
+                "optimizer.lr": 0.01,
+                "optimizer.betas": "(0.9, 0.99)",
+                "seed": 1,
+                "ratio": None,
+            }
+        },
     ]
     assert not (tmp_path / "tensorboard").exists()
     # appends across writers (resumed runs)
@@ -62,10 +71,16 @@ def test_jsonl_and_non_finite(tmp_path):
 
 def test_flatten_hparams_configdict():
     ml_collections = pytest.importorskip("ml_collections")
-    config = ml_collections.ConfigDict({"train": {"lr": 0.1, "steps": 10, "schedule": None}, "flag": True})
+    config = ml_collections.ConfigDict(
+        {"train": {"lr": 0.1, "steps": 10, "schedule": None}, "flag": True}
+    )
     assert flatten_hparams({"config": config, "name": "x"}) == {
-        "config.train.lr": 0.1, "config.train.steps": 10, "config.train.schedule": "None",
-        "config.flag": True, "name": "x"}
+        "config.train.lr": 0.1,
+        "config.train.steps": 10,
+        "config.train.schedule": "None",
+        "config.flag": True,
+        "name": "x",
+    }
 
 
 def test_tensorboardx_backend(tmp_path):
@@ -147,11 +162,15 @@ def test_clu_backend_wiring(tmp_path, monkeypatch, backend):
     (hparams_call, scalars_call, flush_call, close_call) = clu_writer.calls
     assert hparams_call == ("write_hparams", {"optimizer.lr": 0.01, "optimizer.policy": "None"})
     name, step, scalars = scalars_call
-    assert (name, step, scalars["loss"]) == ("write_scalars", 7, 1.25) and math.isnan(scalars["bad"])
+    assert (name, step, scalars["loss"]) == ("write_scalars", 7, 1.25) and math.isnan(
+        scalars["bad"]
+    )
     assert type(step) is int and all(type(v) is float for v in scalars.values())
     assert (flush_call, close_call) == (("flush",), ("close",))
-    assert _lines(tmp_path) == [{"hparams": {"optimizer.lr": 0.01, "optimizer.policy": "None"}},
-                                {"step": 7, "loss": 1.25, "bad": None}]
+    assert _lines(tmp_path) == [
+        {"hparams": {"optimizer.lr": 0.01, "optimizer.policy": "None"}},
+        {"step": 7, "loss": 1.25, "bad": None},
+    ]
 
 
 def test_null_writer():

@@ -20,7 +20,8 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, Iterable, Sequence, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -31,7 +32,13 @@ from mcibi_jax.progress import ProgressBar
 EXIT_CLEAN, EXIT_PROBLEMS, EXIT_UNUSABLE = 0, 1, 2
 
 # Problem kinds, in report order.
-MISSING, UNREADABLE, SIZE, UNKNOWN_IDS, DUPLICATE = "missing", "unreadable", "size", "ids", "duplicate"
+MISSING, UNREADABLE, SIZE, UNKNOWN_IDS, DUPLICATE = (
+    "missing",
+    "unreadable",
+    "size",
+    "ids",
+    "duplicate",
+)
 PROBLEM_TITLES = {
     MISSING: "missing image or mask (no pair)",
     UNREADABLE: "unreadable files",
@@ -88,7 +95,11 @@ def _check_sample(source: Source, sample: Sample) -> _SampleResult:
     if not image_ok:
         problems.append(Problem(MISSING, sample.id, sample.image, "image file does not exist"))
     if not label_ok:
-        problems.append(Problem(MISSING, sample.id, sample.label, f"mask file does not exist (image {sample.image})"))
+        problems.append(
+            Problem(
+                MISSING, sample.id, sample.label, f"mask file does not exist (image {sample.image})"
+            )
+        )
     size = None
     if image_ok:
         try:
@@ -103,8 +114,14 @@ def _check_sample(source: Source, sample: Sample) -> _SampleResult:
         problems.append(Problem(UNREADABLE, sample.id, error.path, error.reason))
         return _SampleResult(problems, size, None)
     if size is not None and raw.shape[:2] != size:
-        problems.append(Problem(SIZE, sample.id, sample.label,
-                                f"mask is {raw.shape[0]}x{raw.shape[1]} but image {sample.image} is {size[0]}x{size[1]}"))
+        problems.append(
+            Problem(
+                SIZE,
+                sample.id,
+                sample.label,
+                f"mask is {raw.shape[0]}x{raw.shape[1]} but image {sample.image} is {size[0]}x{size[1]}",
+            )
+        )
     if raw.dtype.kind == "u" and raw.dtype.itemsize == 1:
         counts = np.bincount(raw.ravel(), minlength=256)
         ids = np.flatnonzero(counts)
@@ -123,14 +140,23 @@ def _check_sample(source: Source, sample: Sample) -> _SampleResult:
         else:
             class_pixels[target] += count
     if unknown:
-        shown = ", ".join(f"{i} ({n} px)" for i, n in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        problems.append(Problem(UNKNOWN_IDS, sample.id, sample.label,
-                                f"ids {shown} are not classes of {spec.name} ({spec.num_classes} classes)"))
+        shown = ", ".join(f"{i} ({n} px)" for i, n in unknown[:10]) + (
+            ", ..." if len(unknown) > 10 else ""
+        )
+        problems.append(
+            Problem(
+                UNKNOWN_IDS,
+                sample.id,
+                sample.label,
+                f"ids {shown} are not classes of {spec.name} ({spec.num_classes} classes)",
+            )
+        )
     return _SampleResult(problems, size, class_pixels, ignored)
 
 
-def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None = None,
-                   progress_every: float = 5.0) -> Report:
+def inspect_source(
+    source: Source, *, workers: int = 4, progress: TextIO | None = None, progress_every: float = 5.0
+) -> Report:
     """Decodes every sample of ``source`` and collects problems and statistics.
 
     Args:
@@ -149,8 +175,13 @@ def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None 
     class_pixels = np.zeros(num_classes, dtype=np.int64)
     class_images = np.zeros(num_classes, dtype=np.int64)
     ignored, sizes, labelled = 0, [], 0
-    bar = ProgressBar(len(source), "inspecting", stream=progress, enabled=None if progress is not None else False,
-                      log_every=progress_every)
+    bar = ProgressBar(
+        len(source),
+        "inspecting",
+        stream=progress,
+        enabled=None if progress is not None else False,
+        log_every=progress_every,
+    )
 
     def check(sample: Sample) -> _SampleResult:
         return _check_sample(source, sample)
@@ -166,11 +197,21 @@ def inspect_source(source: Source, *, workers: int = 4, progress: TextIO | None 
                 class_images += result.class_pixels > 0
                 ignored += result.ignored_pixels
             bar.update()
-    return Report(len(source), source.class_names, problems, class_pixels, class_images, ignored, sizes, labelled)
+    return Report(
+        len(source),
+        source.class_names,
+        problems,
+        class_pixels,
+        class_images,
+        ignored,
+        sizes,
+        labelled,
+    )
 
 
-def _ordered(pool: concurrent.futures.Executor, fn: Callable[[Any], Any], items: Sequence[Any],
-             window: int) -> Iterable[Any]:
+def _ordered(
+    pool: concurrent.futures.Executor, fn: Callable[[Any], Any], items: Sequence[Any], window: int
+) -> Iterable[Any]:
     """``map(fn, items)`` on ``pool`` with at most ``window`` items in flight."""
     pending: collections.deque = collections.deque()
     for item in items:
@@ -205,21 +246,29 @@ def format_report(report: Report, *, max_listed: int = 20) -> str:
     total = labelled_pixels + report.ignored_pixels
     if report.labelled_samples:
         ignored_share = 100.0 * report.ignored_pixels / total if total else 0.0
-        lines.append(f"class frequencies over {report.labelled_samples} masks: {labelled_pixels} labelled pixels, "
-                     f"{report.ignored_pixels} ignored ({ignored_share:.2f}% of all)")
+        lines.append(
+            f"class frequencies over {report.labelled_samples} masks: {labelled_pixels} labelled pixels, "
+            f"{report.ignored_pixels} ignored ({ignored_share:.2f}% of all)"
+        )
         width = max([len("class")] + [len(n) for n in report.class_names])
         width = min(width, 40)
-        lines.append(f"  {'id':>3}  {'class':<{width}}  {'pixels':>14}  {'share %':>8}  {'images':>8}  {'images %':>8}")
+        lines.append(
+            f"  {'id':>3}  {'class':<{width}}  {'pixels':>14}  {'share %':>8}  {'images':>8}  {'images %':>8}"
+        )
         for k, name in enumerate(report.class_names):
             pixels, images = int(report.class_pixels[k]), int(report.class_images[k])
             share = 100.0 * pixels / labelled_pixels if labelled_pixels else 0.0
             image_share = 100.0 * images / report.labelled_samples
             shown = name if len(name) <= width else name[: width - 3] + "..."
-            lines.append(f"  {k:>3}  {shown:<{width}}  {pixels:>14}  {share:>8.2f}  {images:>8}  {image_share:>8.2f}")
+            lines.append(
+                f"  {k:>3}  {shown:<{width}}  {pixels:>14}  {share:>8.2f}  {images:>8}  {image_share:>8.2f}"
+            )
         absent = [name for k, name in enumerate(report.class_names) if report.class_images[k] == 0]
         if absent:
-            lines.append(f"  classes that never occur: {len(absent)} ({'; '.join(absent[:10])}"
-                         f"{', ...' if len(absent) > 10 else ''})")
+            lines.append(
+                f"  classes that never occur: {len(absent)} ({'; '.join(absent[:10])}"
+                f"{', ...' if len(absent) > 10 else ''})"
+            )
     else:
         lines.append("no masks were read: no class frequencies")
 
@@ -228,11 +277,15 @@ def format_report(report: Report, *, max_listed: int = 20) -> str:
         sizes = np.asarray(report.image_sizes, dtype=np.int64)
         h, w = sizes[:, 0], sizes[:, 1]
         lines.append(f"image sizes over {len(sizes)} images (height x width):")
-        lines.append(f"  height min {h.min()}, mean {h.mean():.1f}, max {h.max()}; "
-                     f"width min {w.min()}, mean {w.mean():.1f}, max {w.max()}")
+        lines.append(
+            f"  height min {h.min()}, mean {h.mean():.1f}, max {h.max()}; "
+            f"width min {w.min()}, mean {w.mean():.1f}, max {w.max()}"
+        )
         short, long = np.minimum(h, w), np.maximum(h, w)
-        lines.append(f"  short side min {short.min()}, median {int(np.median(short))}, max {short.max()}; "
-                     f"long side min {long.min()}, median {int(np.median(long))}, max {long.max()}")
+        lines.append(
+            f"  short side min {short.min()}, median {int(np.median(short))}, max {short.max()}; "
+            f"long side min {long.min()}, median {int(np.median(long))}, max {long.max()}"
+        )
         common = collections.Counter(map(tuple, sizes.tolist())).most_common(5)
         lines.append("  most common: " + ", ".join(f"{a}x{b} ({n})" for (a, b), n in common))
     else:
@@ -250,15 +303,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="python -m mcibi_jax.data.inspect",
         description="Check a dataset split's files; print class frequencies and image sizes. "
-                    "Exit 0: clean, 1: problems found, 2: config or layout unusable.",
-        epilog="Change config values with --config.<key>=<value>, e.g. --config.dataset.root=/data/my_set.")
-    parser.add_argument("--config", required=True, help="config file[:arg], e.g. configs/custom_template.py:r50")
-    parser.add_argument("--split", default=None, help="split to check (default: config.dataset.train_set)")
-    parser.add_argument("--max_listed", "--max-listed", type=int, default=20,
-                        help="problems listed per kind before only counting (default 20)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
-    parser.add_argument("--no_labels", "--no-labels", action="store_true",
-                        help="the split has no masks (e.g. a test set): check images only")
+        "Exit 0: clean, 1: problems found, 2: config or layout unusable.",
+        epilog="Change config values with --config.<key>=<value>, e.g. --config.dataset.root=/data/my_set.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="config file[:arg], e.g. configs/custom_template.py:r50"
+    )
+    parser.add_argument(
+        "--split", default=None, help="split to check (default: config.dataset.train_set)"
+    )
+    parser.add_argument(
+        "--max_listed",
+        "--max-listed",
+        type=int,
+        default=20,
+        help="problems listed per kind before only counting (default 20)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads"
+    )
+    parser.add_argument(
+        "--no_labels",
+        "--no-labels",
+        action="store_true",
+        help="the split has no masks (e.g. a test set): check images only",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress (bar or lines) on stderr")
     return parser
 
@@ -268,7 +337,9 @@ def _error(message: str, stream: TextIO) -> int:
     return EXIT_UNUSABLE
 
 
-def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
     """Runs the command line (``argv`` without the program name) and returns the exit status."""
     from mcibi_jax.config import load_config, split_overrides
 
@@ -291,10 +362,19 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         if not split:
             return _error("give --split=<name> (the config has no dataset.train_set)", stderr)
         source = build_source(dataset, split, with_labels=not args.no_labels, check=False)
-    except (ValueError, KeyError, DatasetError, FileNotFoundError) as error:  # ConfigError is a ValueError
+    except (
+        ValueError,
+        KeyError,
+        DatasetError,
+        FileNotFoundError,
+    ) as error:  # ConfigError is a ValueError
         return _error(str(error), stderr)
     root = dataset.get("root")
-    print(f"{name} split {split!r} at {root}: {len(source)} samples, {source.num_classes} classes", file=stdout, flush=True)
+    print(
+        f"{name} split {split!r} at {root}: {len(source)} samples, {source.num_classes} classes",
+        file=stdout,
+        flush=True,
+    )
     report = inspect_source(source, workers=args.workers, progress=None if args.quiet else stderr)
     print(format_report(report, max_listed=max(0, args.max_listed)), file=stdout, flush=True)
     return EXIT_CLEAN if report.clean else EXIT_PROBLEMS

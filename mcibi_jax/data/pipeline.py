@@ -94,8 +94,15 @@ def _record_skip(skipped: _Skipped, what: str) -> None:
         _skipped_by_path[skipped.path] += 1
         total = _skipped_total
     sample = f" (sample {skipped.sample_id!r})" if skipped.sample_id is not None else ""
-    log.warning("%s: skipping record %d%s, %s: %s [%d skipped in this process]",
-                what, skipped.index, sample, skipped.path, skipped.reason, total)
+    log.warning(
+        "%s: skipping record %d%s, %s: %s [%d skipped in this process]",
+        what,
+        skipped.index,
+        sample,
+        skipped.path,
+        skipped.reason,
+        total,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +132,11 @@ def _pair(x: Any) -> tuple[int, int]:
 
 
 def _shard(shard_options: grain.sharding.ShardOptions | None) -> tuple[int, int]:
-    options = shard_options if shard_options is not None else grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    options = (
+        shard_options
+        if shard_options is not None
+        else grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    )
     if not 0 <= options.shard_index < options.shard_count:
         raise ValueError(f"shard_index {options.shard_index} is not in [0, {options.shard_count})")
     return int(options.shard_index), int(options.shard_count)
@@ -154,7 +165,8 @@ def host_batch_size(global_batch_size: int, num_hosts: int) -> int:
         raise ValueError(
             f"config.train.batch_size={global_batch_size} (the global batch) is not divisible by the "
             f"{num_hosts} hosts (jax.process_count() / shard_count): each host loads an equal part of "
-            f"every batch; use a global batch that is a multiple of {num_hosts}")
+            f"every batch; use a global batch that is a multiple of {num_hosts}"
+        )
     return global_batch_size // num_hosts
 
 
@@ -171,7 +183,9 @@ class _Augment(grain.transforms.RandomMap):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if self._fn is None:
-            self._fn = train_transform(self._config, np.random.default_rng(0))  # default rng never used
+            self._fn = train_transform(
+                self._config, np.random.default_rng(0)
+            )  # default rng never used
         return self._fn(element, rng=rng)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -181,8 +195,15 @@ class _Augment(grain.transforms.RandomMap):
 class _TrainElement:
     """Host stream position -> augmented ``{"image", "label"}``, or :class:`_Skipped`."""
 
-    def __init__(self, source: Any, sampler: grain.samplers.IndexSampler, shard_index: int, shard_count: int,
-                 augment: _Augment, shape: tuple[int, int]):
+    def __init__(
+        self,
+        source: Any,
+        sampler: grain.samplers.IndexSampler,
+        shard_index: int,
+        shard_count: int,
+        augment: _Augment,
+        shape: tuple[int, int],
+    ):
         self.source, self.sampler, self.augment, self.shape = source, sampler, augment, shape
         self.shard_index, self.shard_count = shard_index, shard_count
 
@@ -197,10 +218,17 @@ class _TrainElement:
         if image.shape[:2] != self.shape:
             # only with a non-square pad size and an image smaller than the crop in the other
             # orientation, which the transform then pads transposed (as the reference does)
-            return _Skipped(int(meta.record_key), _image_file(self.source, meta.record_key, sample),
-                            f"augmented to {image.shape[0]}x{image.shape[1]}, not the batch's "
-                            f"{self.shape[0]}x{self.shape[1]}", sample.get("id"))
-        return {"image": np.ascontiguousarray(image, np.float32), "label": np.ascontiguousarray(label, np.int32)}
+            return _Skipped(
+                int(meta.record_key),
+                _image_file(self.source, meta.record_key, sample),
+                f"augmented to {image.shape[0]}x{image.shape[1]}, not the batch's "
+                f"{self.shape[0]}x{self.shape[1]}",
+                sample.get("id"),
+            )
+        return {
+            "image": np.ascontiguousarray(image, np.float32),
+            "label": np.ascontiguousarray(label, np.int32),
+        }
 
 
 def _absl_flags_ready() -> None:
@@ -234,8 +262,18 @@ class TrainLoader:
     of a batch).
     """
 
-    def __init__(self, source: Any, dataset_config: Mapping[str, Any], *, global_batch_size: int, seed: int,
-                 shard_index: int, shard_count: int, num_workers: int = 0, num_threads: int = 0):
+    def __init__(
+        self,
+        source: Any,
+        dataset_config: Mapping[str, Any],
+        *,
+        global_batch_size: int,
+        seed: int,
+        shard_index: int,
+        shard_count: int,
+        num_workers: int = 0,
+        num_threads: int = 0,
+    ):
         if len(source) == 0:
             raise ValueError(f"the training source {source!r} has no samples")
         self.source = source
@@ -246,10 +284,15 @@ class TrainLoader:
         train = dataset_config["train"]
         self.shape = _pair(train.get("pad_size", train["crop_size"]))
         self.sampler = grain.samplers.IndexSampler(
-            num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None,
-            seed=self.seed)
-        self._element = _TrainElement(source, self.sampler, shard_index, shard_count, _Augment(dataset_config),
-                                      self.shape)
+            num_records=len(source),
+            shard_options=grain.sharding.NoSharding(),
+            shuffle=True,
+            num_epochs=None,
+            seed=self.seed,
+        )
+        self._element = _TrainElement(
+            source, self.sampler, shard_index, shard_count, _Augment(dataset_config), self.shape
+        )
 
     def __iter__(self) -> TrainIterator:
         return TrainIterator(self)
@@ -260,19 +303,30 @@ class TrainLoader:
         if self.num_workers > 0:
             _absl_flags_ready()
             buffer = max(2, math.ceil(self.batch_size / self.num_workers))
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                             per_worker_buffer_size=buffer),
-                                worker_init_fn=_worker_init)
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.num_workers, per_worker_buffer_size=buffer
+                ),
+                worker_init_fn=_worker_init,
+            )
         return iter(ds)
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"seed": self.seed, "shard_index": self.shard_index, "shard_count": self.shard_count,
-                "batch_size": self.batch_size, "num_records": len(self.source), "shape": list(self.shape)}
+        return {
+            "seed": self.seed,
+            "shard_index": self.shard_index,
+            "shard_count": self.shard_count,
+            "batch_size": self.batch_size,
+            "num_records": len(self.source),
+            "shape": list(self.shape),
+        }
 
     def __repr__(self) -> str:
-        return (f"TrainLoader({self.source!r}, batch {self.batch_size} per host of {self.global_batch_size}, "
-                f"host {self.shard_index}/{self.shard_count}, seed {self.seed}, {self.num_workers} workers, "
-                f"{self.num_threads} threads)")
+        return (
+            f"TrainLoader({self.source!r}, batch {self.batch_size} per host of {self.global_batch_size}, "
+            f"host {self.shard_index}/{self.shard_count}, seed {self.seed}, {self.num_workers} workers, "
+            f"{self.num_threads} threads)"
+        )
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
@@ -306,8 +360,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
                 skipped += 1
                 in_a_row += 1
                 if in_a_row > len(self.loader.source):
-                    raise RuntimeError(f"{in_a_row} samples in a row could not be used; "
-                                       f"the last: {element.path}: {element.reason}")
+                    raise RuntimeError(
+                        f"{in_a_row} samples in a row could not be used; "
+                        f"the last: {element.path}: {element.reason}"
+                    )
                 continue
             in_a_row = 0
             images.append(element["image"])
@@ -316,8 +372,12 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         return {"image": np.stack(images), "label": np.stack(labels)}
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "position": self._position, "skipped": self.skipped,
-                **self.loader._fingerprint()}
+        return {
+            "version": _STATE_VERSION,
+            "position": self._position,
+            "skipped": self.skipped,
+            **self.loader._fingerprint(),
+        }
 
     def set_state(self, state: Mapping[str, Any] | bytes | str) -> None:
         if isinstance(state, (bytes, str)):
@@ -327,7 +387,9 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         expected = self.loader._fingerprint()
         saved = {k: state.get(k) for k in expected}
         if saved != expected:
-            diff = ", ".join(f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in expected.items() if saved[k] != v)
+            diff = ", ".join(
+                f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in expected.items() if saved[k] != v
+            )
             raise ValueError(f"the data iterator state was saved for another pipeline ({diff})")
         self.close()
         self._position, self.skipped = int(state["position"]), int(state["skipped"])
@@ -344,9 +406,15 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.close()
 
 
-def train_loader(config: Any, *, source: Any = None, seed: int | None = None, num_workers: int | None = None,
-                 num_threads: int | None = None,
-                 shard_options: grain.sharding.ShardOptions | None = None) -> TrainLoader:
+def train_loader(
+    config: Any,
+    *,
+    source: Any = None,
+    seed: int | None = None,
+    num_workers: int | None = None,
+    num_threads: int | None = None,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> TrainLoader:
     """Endless, shuffled, augmented training batches of this host.
 
     Args:
@@ -382,10 +450,16 @@ def train_loader(config: Any, *, source: Any = None, seed: int | None = None, nu
         seed = _get(train, "seed", _get(config, "seed", 0))
     if source is None:
         source = build_source(config.dataset, config.dataset.train_set)
-    return TrainLoader(source, _plain(config.dataset), global_batch_size=int(_get(train, "batch_size")),
-                       seed=int(seed), shard_index=shard_index, shard_count=shard_count,
-                       num_workers=_count(config, "num_workers", num_workers, NUM_WORKERS),
-                       num_threads=_count(config, "num_threads", num_threads, NUM_THREADS))
+    return TrainLoader(
+        source,
+        _plain(config.dataset),
+        global_batch_size=int(_get(train, "batch_size")),
+        seed=int(seed),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=_count(config, "num_workers", num_workers, NUM_WORKERS),
+        num_threads=_count(config, "num_threads", num_threads, NUM_THREADS),
+    )
 
 
 def iterator_state(iterator: TrainIterator) -> dict[str, Any]:
@@ -411,7 +485,9 @@ def restore_iterator(loader: TrainLoader, state: Mapping[str, Any] | bytes | str
 class _EvalElement:
     """Host position -> evaluation item (without the placeholder for unusable samples)."""
 
-    def __init__(self, source: Any, dataset_config: Mapping[str, Any], shard_index: int, shard_count: int):
+    def __init__(
+        self, source: Any, dataset_config: Mapping[str, Any], shard_index: int, shard_count: int
+    ):
         self.source, self.config = source, dict(dataset_config)
         self.shard_index, self.shard_count = shard_index, shard_count
         self._fn = None
@@ -430,8 +506,13 @@ class _EvalElement:
         except CorruptSample as error:
             return _Skipped(index, error.path, error.reason, error.sample_id)
         out = self._fn({"image": sample["image"], "label": sample["label"]})
-        return {"image": out["image"][None], "label": out["label"][None], "valid": np.array([valid]),
-                "id": str(sample.get("id", index)), "index": index}
+        return {
+            "image": out["image"][None],
+            "label": out["label"][None],
+            "valid": np.array([valid]),
+            "id": str(sample.get("id", index)),
+            "index": index,
+        }
 
 
 class EvalLoader:
@@ -440,8 +521,16 @@ class EvalLoader:
     ``len(loader)`` items per host (the same on every host); see :func:`eval_loader`.
     """
 
-    def __init__(self, source: Any, dataset_config: Mapping[str, Any], *, shard_index: int, shard_count: int,
-                 num_workers: int = 0, num_threads: int = 0):
+    def __init__(
+        self,
+        source: Any,
+        dataset_config: Mapping[str, Any],
+        *,
+        shard_index: int,
+        shard_count: int,
+        num_workers: int = 0,
+        num_threads: int = 0,
+    ):
         if len(source) == 0:
             raise ValueError(f"the evaluation source {source!r} has no samples")
         self.source, self.shard_index, self.shard_count = source, shard_index, shard_count
@@ -450,38 +539,61 @@ class EvalLoader:
         ignore = int(dataset_config.get("ignore_label", IGNORE_LABEL))
         test = dataset_config["test"]
         side = min(_pair(test["output_size"]))
-        h, w = resized_shape((side, side), _pair(test["output_size"]), bool(test.get("keep_ratio", True)))
+        h, w = resized_shape(
+            (side, side), _pair(test["output_size"]), bool(test.get("keep_ratio", True))
+        )
         self._placeholder = (h, w, ignore)
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.shard_count)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = grain.MapDataset.range(len(self)).map(self._element).to_iter_dataset(_read_options(self.num_threads))
+        ds = (
+            grain.MapDataset.range(len(self))
+            .map(self._element)
+            .to_iter_dataset(_read_options(self.num_threads))
+        )
         if self.num_workers > 0:
             _absl_flags_ready()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2),
-                                worker_init_fn=_worker_init)
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self.num_workers, per_worker_buffer_size=2
+                ),
+                worker_init_fn=_worker_init,
+            )
         stream = iter(ds)
         try:
             for item in stream:
                 if isinstance(item, _Skipped):
                     _record_skip(item, "evaluation data")
                     h, w, ignore = self._placeholder
-                    item = {"image": np.zeros((1, h, w, 3), np.float32), "label": np.full((1, h, w), ignore, np.int32),
-                            "valid": np.array([False]), "id": str(item.sample_id or item.index), "index": item.index}
+                    item = {
+                        "image": np.zeros((1, h, w, 3), np.float32),
+                        "label": np.full((1, h, w), ignore, np.int32),
+                        "valid": np.array([False]),
+                        "id": str(item.sample_id or item.index),
+                        "index": item.index,
+                    }
                 yield item
         finally:
             if hasattr(stream, "close"):
                 stream.close()
 
     def __repr__(self) -> str:
-        return (f"EvalLoader({self.source!r}, {len(self)} items on host {self.shard_index}/{self.shard_count}, "
-                f"{self.num_workers} workers, {self.num_threads} threads)")
+        return (
+            f"EvalLoader({self.source!r}, {len(self)} items on host {self.shard_index}/{self.shard_count}, "
+            f"{self.num_workers} workers, {self.num_threads} threads)"
+        )
 
 
-def eval_loader(config: Any, *, source: Any = None, num_workers: int | None = None, num_threads: int | None = None,
-                shard_options: grain.sharding.ShardOptions | None = None) -> EvalLoader:
+def eval_loader(
+    config: Any,
+    *,
+    source: Any = None,
+    num_workers: int | None = None,
+    num_threads: int | None = None,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> EvalLoader:
     """One pass over this host's share of ``config.dataset.eval_set``, in order, one sample per item.
 
     Evaluation runs whole images of different sizes, so items are single samples (batch 1) of
@@ -500,9 +612,14 @@ def eval_loader(config: Any, *, source: Any = None, num_workers: int | None = No
     shard_index, shard_count = _shard(shard_options)
     if source is None:
         source = build_source(config.dataset, config.dataset.eval_set)
-    return EvalLoader(source, _plain(config.dataset), shard_index=shard_index, shard_count=shard_count,
-                      num_workers=_count(config, "num_workers", num_workers, NUM_WORKERS),
-                      num_threads=_count(config, "num_threads", num_threads, NUM_THREADS))
+    return EvalLoader(
+        source,
+        _plain(config.dataset),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_workers=_count(config, "num_workers", num_workers, NUM_WORKERS),
+        num_threads=_count(config, "num_threads", num_threads, NUM_THREADS),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +637,10 @@ class GrainData:
         try:
             return build_source(self._config["dataset"], split, with_labels=with_labels)
         except DatasetError as error:
-            raise DatasetUnavailable(f"{error}\n(see docs/datasets.md for the expected layout; set "
-                                     "--config.dataset.root=...)") from None
+            raise DatasetUnavailable(
+                f"{error}\n(see docs/datasets.md for the expected layout; set "
+                "--config.dataset.root=...)"
+            ) from None
 
     def training(self, mesh: Mesh) -> GrainTraining:
         return GrainTraining(self._config, self._source(self._config["dataset"]["train_set"]), mesh)
@@ -529,8 +648,11 @@ class GrainData:
     def evaluation(self) -> EvaluationData:
         source = self._source(self._config["dataset"]["eval_set"])
         # Each image at its own size; padding items of a host (valid=False) are not scored.
-        batches = ({"images": item["image"], "labels": item["label"]}
-                   for item in eval_loader(self._config, source=source) if item["valid"].all())
+        batches = (
+            {"images": item["image"], "labels": item["label"]}
+            for item in eval_loader(self._config, source=source)
+            if item["valid"].all()
+        )
         return EvaluationData(batches, len(source), list(source.class_names))
 
     def submission(self) -> tuple[EvalLoader, int]:
@@ -552,7 +674,9 @@ class GrainTraining:
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         del epoch  # the stream goes on from epoch to epoch
-        for _ in range(self.steps_per_epoch - skip):  # a restored iterator is already past the skipped ones
+        for _ in range(
+            self.steps_per_epoch - skip
+        ):  # a restored iterator is already past the skipped ones
             batch = next(self._iterator)
             yield global_batch({"images": batch["image"], "labels": batch["label"]}, self._mesh)
 
@@ -565,12 +689,24 @@ class GrainTraining:
         try:
             self._iterator = restore_iterator(self._loader, state)
         except ValueError as error:
-            raise ConfigError(f"cannot resume the input pipeline of process {jax.process_index()}: {error}. "
-                              "Resume with the dataset, batch size and processes of the checkpoint, or use a new "
-                              "--workdir.") from None
+            raise ConfigError(
+                f"cannot resume the input pipeline of process {jax.process_index()}: {error}. "
+                "Resume with the dataset, batch size and processes of the checkpoint, or use a new "
+                "--workdir."
+            ) from None
 
 
 __all__ = [
-    "EvalLoader", "GrainData", "GrainTraining", "TrainIterator", "TrainLoader", "eval_loader", "host_batch_size",
-    "iterator_state", "restore_iterator", "skipped_count", "skipped_files", "train_loader",
+    "EvalLoader",
+    "GrainData",
+    "GrainTraining",
+    "TrainIterator",
+    "TrainLoader",
+    "eval_loader",
+    "host_batch_size",
+    "iterator_state",
+    "restore_iterator",
+    "skipped_count",
+    "skipped_files",
+    "train_loader",
 ]

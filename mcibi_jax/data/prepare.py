@@ -13,8 +13,9 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mcibi_jax.data.datasets import SPECS, DatasetConfigError, DatasetError, DatasetLayoutError
 
@@ -23,8 +24,16 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
 
-def prepare(dataset_config: Any, data_dir: str | Path, *, splits: Sequence[str] | None = None, num_threads: int = 4,
-            log_every: int = 100, skip_corrupt: bool = False, force: bool = False) -> Path:
+def prepare(
+    dataset_config: Any,
+    data_dir: str | Path,
+    *,
+    splits: Sequence[str] | None = None,
+    num_threads: int = 4,
+    log_every: int = 100,
+    skip_corrupt: bool = False,
+    force: bool = False,
+) -> Path:
     """Builds the records of ``dataset_config`` (``name``, ``root``) into ``data_dir``.
 
     Args:
@@ -55,28 +64,45 @@ def prepare(dataset_config: Any, data_dir: str | Path, *, splits: Sequence[str] 
     num_classes = _get(dataset_config, "num_classes")
     if num_classes is not None and int(num_classes) != spec.num_classes:
         raise DatasetConfigError(
-            f"config says num_classes={num_classes} but {spec.name} has {spec.num_classes} classes")
+            f"config says num_classes={num_classes} but {spec.name} has {spec.num_classes} classes"
+        )
     root_value = _get(dataset_config, "root")
     if not root_value:
-        raise DatasetConfigError(f"the dataset config for {spec.name} has no 'root'; pass --config.dataset.root=PATH")
+        raise DatasetConfigError(
+            f"the dataset config for {spec.name} has no 'root'; pass --config.dataset.root=PATH"
+        )
     root = Path(root_value).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetLayoutError(f"dataset root {root} (config.dataset.root) does not exist or is not a folder; "
-                                 f"download the dataset there or pass --config.dataset.root=PATH. "
-                                 f"Expected layout: {spec.layout}")
-    builder = builder_cls(data_dir=str(data_dir), num_threads=num_threads, log_every=log_every,
-                          skip_corrupt=skip_corrupt, splits=splits)
+        raise DatasetLayoutError(
+            f"dataset root {root} (config.dataset.root) does not exist or is not a folder; "
+            f"download the dataset there or pass --config.dataset.root=PATH. "
+            f"Expected layout: {spec.layout}"
+        )
+    builder = builder_cls(
+        data_dir=str(data_dir),
+        num_threads=num_threads,
+        log_every=log_every,
+        skip_corrupt=skip_corrupt,
+        splits=splits,
+    )
     if builder.is_prepared() and not force:
-        print(f"{builder.name} is already prepared in {builder.data_dir} "
-              f"({_counts(builder)}); pass --force to rebuild", flush=True)
+        print(
+            f"{builder.name} is already prepared in {builder.data_dir} "
+            f"({_counts(builder)}); pass --force to rebuild",
+            flush=True,
+        )
         return Path(builder.data_dir)
     print(f"preparing {builder.name} from {root} into {builder.data_dir}", flush=True)
-    scratch = tempfile.mkdtemp(prefix="mcibi_tfds_")  # TFDS wants a download dir; nothing is downloaded
+    scratch = tempfile.mkdtemp(
+        prefix="mcibi_tfds_"
+    )  # TFDS wants a download dir; nothing is downloaded
     try:
         modes = tfds.download.GenerateMode
         mode = modes.FORCE_REDOWNLOAD if force else modes.REUSE_DATASET_IF_EXISTS
-        builder.download_and_prepare(download_dir=scratch, download_config=tfds.download.DownloadConfig(
-            manual_dir=str(root), download_mode=mode))
+        builder.download_and_prepare(
+            download_dir=scratch,
+            download_config=tfds.download.DownloadConfig(manual_dir=str(root), download_mode=mode),
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"done: {builder.name} in {builder.data_dir} ({_counts(builder)})", flush=True)
@@ -97,13 +123,18 @@ def _define_flags() -> Any:
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
-        "config", None, "experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared",
-        sys_argv=_ARGV)
+        "config",
+        None,
+        "experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared",
+        sys_argv=_ARGV,
+    )
     flags.DEFINE_string("data_dir", None, "where the records go (DIR/mcibi_<dataset>/<version>/)")
     flags.DEFINE_list("splits", None, "only these sets (default: every set found)")
     flags.DEFINE_integer("num_threads", 4, "threads reading and encoding samples")
     flags.DEFINE_integer("log_every", 100, "print progress every that many samples (0: never)")
-    flags.DEFINE_bool("skip_corrupt", False, "leave out unusable samples (printed) instead of failing")
+    flags.DEFINE_bool(
+        "skip_corrupt", False, "leave out unusable samples (printed) instead of failing"
+    )
     flags.DEFINE_bool("force", False, "rebuild even if the records are already there")
     flags.mark_flags_as_required(["config", "data_dir"])
     return config
@@ -121,8 +152,15 @@ def main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
     try:
-        prepare(_CONFIG.value.dataset, f.data_dir, splits=f.splits, num_threads=f.num_threads,
-                log_every=f.log_every, skip_corrupt=f.skip_corrupt, force=f.force)
+        prepare(
+            _CONFIG.value.dataset,
+            f.data_dir,
+            splits=f.splits,
+            num_threads=f.num_threads,
+            log_every=f.log_every,
+            skip_corrupt=f.skip_corrupt,
+            force=f.force,
+        )
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

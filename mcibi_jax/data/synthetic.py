@@ -15,7 +15,8 @@ configs/demo.py) to an experiment like any dataset (see :mod:`mcibi_jax.data.exp
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -43,17 +44,28 @@ def class_styles(num_classes: int) -> dict[str, np.ndarray]:
     frequency = rng.uniform(0.15, 0.9, size=num_classes)  # radians per pixel
     orientation = rng.uniform(0.0, np.pi, size=num_classes)
     amplitude = rng.uniform(0.08, 0.2, size=num_classes)
-    return {"colour": colours, "frequency": frequency, "orientation": orientation, "amplitude": amplitude}
+    return {
+        "colour": colours,
+        "frequency": frequency,
+        "orientation": orientation,
+        "amplitude": amplitude,
+    }
 
 
-def _texture(style: dict[str, np.ndarray], k: int, yy: np.ndarray, xx: np.ndarray, phase: float) -> np.ndarray:
+def _texture(
+    style: dict[str, np.ndarray], k: int, yy: np.ndarray, xx: np.ndarray, phase: float
+) -> np.ndarray:
     """(H, W, 3) colour of class ``k`` everywhere."""
     theta = style["orientation"][k]
     wave = np.sin(style["frequency"][k] * (np.cos(theta) * xx + np.sin(theta) * yy) + phase)
-    return style["colour"][k] + style["amplitude"][k] * wave[..., None] * np.array([1.0, -0.5, 0.75])
+    return style["colour"][k] + style["amplitude"][k] * wave[..., None] * np.array(
+        [1.0, -0.5, 0.75]
+    )
 
 
-def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+def _shape_mask(
+    kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, size: tuple[int, int]
+) -> np.ndarray:
     h, w = size
     cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
     ry, rx = rng.uniform(0.1, 0.3) * h, rng.uniform(0.1, 0.3) * w
@@ -65,20 +77,30 @@ def _shape_mask(kind: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Genera
         v = -np.sin(angle) * (xx - cx) + np.cos(angle) * (yy - cy)
         return (np.abs(u) <= rx) & (np.abs(v) <= ry)
     # triangle: inside three half-planes around the centre
-    angles = rng.uniform(0, 2 * np.pi) + np.array([0.0, 2.0, 4.0]) * np.pi / 3 + rng.uniform(-0.3, 0.3, 3)
+    angles = (
+        rng.uniform(0, 2 * np.pi)
+        + np.array([0.0, 2.0, 4.0]) * np.pi / 3
+        + rng.uniform(-0.3, 0.3, 3)
+    )
     radius = max(ry, rx)
     corners = np.stack([cy + radius * np.sin(angles), cx + radius * np.cos(angles)], axis=1)
     inside = np.ones(yy.shape, bool)
     for i in range(3):
         (ay, ax), (by, bx) = corners[i], corners[(i + 1) % 3]
         (oy, ox) = corners[(i + 2) % 3]
-        side = lambda py, px: (bx - ax) * (py - ay) - (by - ay) * (px - ax)  # noqa: E731
+
+        def side(py, px, ay=ay, ax=ax, by=by, bx=bx):  # which side of the edge a->b
+            return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+
         inside &= np.sign(side(yy, xx)) == np.sign(side(oy, ox))
     return inside
 
 
 def make_scene(
-    rng: np.random.Generator, size: tuple[int, int], num_classes: int, style: dict[str, np.ndarray] | None = None
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    num_classes: int,
+    style: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: rgb float32 (H, W, 3) roughly in [0, 1] and labels int32 (H, W)."""
     style = style if style is not None else class_styles(num_classes)
@@ -101,7 +123,9 @@ def make_scene(
     return image.astype(np.float32), labels
 
 
-def make_split(seed: int, n: int, size: tuple[int, int] | int, num_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def make_split(
+    seed: int, n: int, size: tuple[int, int] | int, num_classes: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` scenes: normalised images float32 (n, H, W, 3) and labels int32 (n, H, W).
 
     Deterministic in ``seed``; labels are in [0, num_classes) or ``IGNORE_LABEL``.
@@ -121,7 +145,13 @@ def make_split(seed: int, n: int, size: tuple[int, int] | int, num_classes: int 
 
 
 def batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, epoch: int, flip_prob: float = 0.0
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    flip_prob: float = 0.0,
 ):
     """Shuffled full batches of one epoch (the last partial batch is dropped), random h-flips.
 
@@ -130,7 +160,7 @@ def batches(
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(images))
     for start in range(0, len(order) - batch_size + 1, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         x, y = images[index], labels[index]
         flip = rng.uniform(size=batch_size) < flip_prob
         if flip.any():
@@ -154,35 +184,59 @@ class SyntheticData:
     def _split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         data = self._config["dataset"]
         split = data[data[which]]
-        return make_split(int(split["seed"]), int(split["num_images"]), tuple(data["image_size"]),
-                          int(data["num_classes"]))
+        return make_split(
+            int(split["seed"]),
+            int(split["num_images"]),
+            tuple(data["image_size"]),
+            int(data["num_classes"]),
+        )
 
     def training(self, mesh: Mesh) -> SyntheticTraining:
         images, labels = self._split("train_set")
         train = self._config["train"]
-        return SyntheticTraining(images, labels, int(train["batch_size"]), mesh, seed=int(train["seed"]),
-                                 flip_prob=float(self._config["dataset"]["train"]["flip_prob"]))
+        return SyntheticTraining(
+            images,
+            labels,
+            int(train["batch_size"]),
+            mesh,
+            seed=int(train["seed"]),
+            flip_prob=float(self._config["dataset"]["train"]["flip_prob"]),
+        )
 
     def evaluation(self) -> EvaluationData:
         images, labels = self._split("eval_set")
         share = np.array_split(np.arange(len(images)), jax.process_count())[jax.process_index()]
         mine_images, mine_labels = images[share], labels[share]  # each process scores its own share
         size = max(1, int(self._config["eval"]["batch_size"]))
-        batches = ({"images": mine_images[i:i + size], "labels": mine_labels[i:i + size]}
-                   for i in range(0, len(mine_images), size))
-        return EvaluationData(batches, len(images), class_names(int(self._config["dataset"]["num_classes"])))
+        batches = (
+            {"images": mine_images[i : i + size], "labels": mine_labels[i : i + size]}
+            for i in range(0, len(mine_images), size)
+        )
+        return EvaluationData(
+            batches, len(images), class_names(int(self._config["dataset"]["num_classes"]))
+        )
 
     def submission(self) -> tuple[Any, int]:
-        raise ConfigError("eval.format_only writes files for a dataset's evaluation server; the synthetic dataset has "
-                          "none")
+        raise ConfigError(
+            "eval.format_only writes files for a dataset's evaluation server; the synthetic dataset has "
+            "none"
+        )
 
 
 class SyntheticTraining:
     """The global batches of each epoch: a pure function of the seed and the epoch (nothing to
     save with a checkpoint). Each host feeds its slice of every global batch."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Mesh, *, seed: int,
-                 flip_prob: float):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        mesh: Mesh,
+        *,
+        seed: int,
+        flip_prob: float,
+    ):
         self._images, self._labels, self._mesh = images, labels, mesh
         self.batch_size, self.seed, self.flip_prob = batch_size, seed, flip_prob
         self.num_images = len(images)
@@ -191,10 +245,18 @@ class SyntheticTraining:
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         host, part = jax.process_index(), self.batch_size // jax.process_count()
-        epoch_batches = batches(self._images, self._labels, self.batch_size, seed=self.seed, epoch=epoch,
-                                flip_prob=self.flip_prob)
+        epoch_batches = batches(
+            self._images,
+            self._labels,
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            flip_prob=self.flip_prob,
+        )
         for batch in itertools.islice(epoch_batches, skip, None):
-            yield global_batch({k: v[host * part:(host + 1) * part] for k, v in batch.items()}, self._mesh)
+            yield global_batch(
+                {k: v[host * part : (host + 1) * part] for k, v in batch.items()}, self._mesh
+            )
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -25,8 +25,9 @@ import concurrent.futures
 import io
 import operator
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -35,8 +36,10 @@ from PIL import Image
 try:  # tensorflow-datasets 4.9.10 uses it for builders in packages, but newer etils no longer install it
     import importlib_resources  # noqa: F401
 except ImportError as _error:
-    raise ImportError("mcibi_jax.data.tfds_builders needs importlib_resources next to tensorflow-datasets: "
-                      "pip install importlib_resources (or pip install -e '.[tfds]')") from _error
+    raise ImportError(
+        "mcibi_jax.data.tfds_builders needs importlib_resources next to tensorflow-datasets: "
+        "pip install importlib_resources (or pip install -e '.[tfds]')"
+    ) from _error
 
 from mcibi_jax.data.datasets import (
     IGNORE_LABEL,
@@ -69,7 +72,9 @@ def _image_bytes(path: str, pixels: np.ndarray) -> bytes:
     """The file's bytes if it is an 8-bit RGB JPEG or PNG (decodes to ``pixels``), else a PNG of ``pixels``."""
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as image:
-        keep = image.mode == "RGB" and (image.format == "JPEG" or (image.format == "PNG" and data[24] == 8))
+        keep = image.mode == "RGB" and (
+            image.format == "JPEG" or (image.format == "PNG" and data[24] == 8)
+        )
     return data if keep else _png(pixels)  # data[24]: the PNG header's bit depth
 
 
@@ -112,8 +117,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # split -> the stored splits it concatenates; stored itself only when the root lists it otherwise
     DERIVED: dict[str, tuple[str, ...]] = {}
 
-    def __init__(self, *, num_threads: int = 4, log_every: int = 0, skip_corrupt: bool = False,
-                 splits: Iterable[str] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        num_threads: int = 4,
+        log_every: int = 0,
+        skip_corrupt: bool = False,
+        splits: Iterable[str] | None = None,
+        **kwargs: Any,
+    ):
         """``num_threads``: threads encoding samples; ``log_every``: print progress every that many
         samples (0: never); ``skip_corrupt``: leave out samples that raise ``CorruptSample`` (with a
         printed warning) instead of failing; ``splits``: build only these; other arguments as
@@ -133,18 +145,30 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         spec = self.spec
         return tfds.core.DatasetInfo(
             builder=self,
-            description=(f"{spec.name} for mcibi_jax: the samples of mcibi_jax.data.datasets.build_source in its "
-                         f"order; label = class index in [0, {spec.num_classes}) or {STORED_IGNORE} (ignore)."),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                "label": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png",
-                                             use_colormap=True),
-                "id": tfds.features.Text(),
-            }),
+            description=(
+                f"{spec.name} for mcibi_jax: the samples of mcibi_jax.data.datasets.build_source in its "
+                f"order; label = class index in [0, {spec.num_classes}) or {STORED_IGNORE} (ignore)."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+                    "label": tfds.features.Image(
+                        shape=(None, None, 1),
+                        dtype=np.uint8,
+                        encoding_format="png",
+                        use_colormap=True,
+                    ),
+                    "id": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=True,  # record i = build_source(...)[i]
-            metadata=tfds.core.MetadataDict(dataset=spec.name, num_classes=spec.num_classes,
-                                            ignore_value=STORED_IGNORE, class_names=list(spec.class_names)),
+            metadata=tfds.core.MetadataDict(
+                dataset=spec.name,
+                num_classes=spec.num_classes,
+                ignore_value=STORED_IGNORE,
+                class_names=list(spec.class_names),
+            ),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
@@ -155,7 +179,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if wanted is not None:
             unknown = [s for s in wanted if s not in known]
             if unknown:
-                raise DatasetConfigError(f"{self.name} has no split {unknown[0]!r}; choose from {', '.join(known)}")
+                raise DatasetConfigError(
+                    f"{self.name} has no split {unknown[0]!r}; choose from {', '.join(known)}"
+                )
             wanted = tuple(wanted) + sum((self.DERIVED[s] for s in wanted if s in self.DERIVED), ())
         generators: dict[str, Any] = {}
         ids: dict[str, list[str]] = {}
@@ -178,13 +204,20 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 source = build_source(config, split, check=False)
             except DatasetLayoutError:
                 continue
-            if all(p in ids for p in parts) and [s.id for s in source.samples] == sum((ids[p] for p in parts), []):
+            if all(p in ids for p in parts) and [s.id for s in source.samples] == sum(
+                (ids[p] for p in parts), []
+            ):
                 continue  # read as "+".join(parts)
-            print(f"[{self.name}] {split!r} is not {' + '.join(parts)} in this root: storing it too", flush=True)
+            print(
+                f"[{self.name}] {split!r} is not {' + '.join(parts)} in this root: storing it too",
+                flush=True,
+            )
             check = build_source(config, split)
             generators[split] = self._generate_examples(check)
         if not generators:
-            raise DatasetLayoutError(f"{self.name}: none of the splits {wanted} was found under {root}")
+            raise DatasetLayoutError(
+                f"{self.name}: none of the splits {wanted} was found under {root}"
+            )
         return generators
 
     def _generate_examples(self, source: Source) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -198,11 +231,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 image = _image_bytes(source.samples[index].image, sample["image"])
             except CorruptSample as error:
                 return index, error
-            return index, {"image": image, "label": encode_label(sample["label"], source.ignore_label),
-                           "id": sample["id"]}
+            return index, {
+                "image": image,
+                "label": encode_label(sample["label"], source.ignore_label),
+                "id": sample["id"],
+            }
 
         skipped = 0
-        for done, (index, example) in enumerate(_ordered_map(encode, range(total), self.num_threads), 1):
+        for done, (index, example) in enumerate(
+            _ordered_map(encode, range(total), self.num_threads), 1
+        ):
             if isinstance(example, CorruptSample):
                 if not self.skip_corrupt:
                     raise example
@@ -212,11 +250,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 yield index, example  # integer keys: records are written in key order
             if self.log_every and (done % self.log_every == 0 or done == total):
                 rate = done / max(time.monotonic() - start, 1e-9)
-                print(f"[{name}] {done}/{total} samples ({rate:.1f}/s, {skipped} skipped)", flush=True)
+                print(
+                    f"[{name}] {done}/{total} samples ({rate:.1f}/s, {skipped} skipped)", flush=True
+                )
 
 
-_INSTRUCTIONS = ("Pass the dataset root (the folder build_source reads, see docs/datasets.md) as the "
-                 "manual dir, e.g. `python -m mcibi_jax.data.prepare --config=configs/{name}.py --data_dir=DIR`.")
+_INSTRUCTIONS = (
+    "Pass the dataset root (the folder build_source reads, see docs/datasets.md) as the "
+    "manual dir, e.g. `python -m mcibi_jax.data.prepare --config=configs/{name}.py --data_dir=DIR`."
+)
 
 
 class McibiCityscapes(_Builder):
@@ -258,12 +300,13 @@ class McibiLip(_Builder):
 
 
 BUILDERS: dict[str, type[_Builder]] = {
-    b.DATASET: b for b in (McibiCityscapes, McibiAde20k, McibiCocostuff10k, McibiLip)}
+    b.DATASET: b for b in (McibiCityscapes, McibiAde20k, McibiCocostuff10k, McibiLip)
+}
 
 
 def builder_class(name: str) -> type[_Builder]:
     """The builder of a dataset, by dataset name (``"ade20k"``) or TFDS name (``"mcibi_ade20k"``)."""
-    key = name[len("mcibi_"):] if name.startswith("mcibi_") else name
+    key = name[len("mcibi_") :] if name.startswith("mcibi_") else name
     if key not in BUILDERS:
         raise DatasetConfigError(f"unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
     return BUILDERS[key]
@@ -282,7 +325,9 @@ class TfdsSource(DescribedBySpec):
     Grain worker processes can have copies.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | Path, *, ignore_label: int = IGNORE_LABEL):
+    def __init__(
+        self, name: str, split: str, data_dir: str | Path, *, ignore_label: int = IGNORE_LABEL
+    ):
         builder_cls = builder_class(name)
         self.spec: DatasetSpec = SPECS[builder_cls.DATASET]
         self.builder_name = builder_cls.name
@@ -302,15 +347,20 @@ class TfdsSource(DescribedBySpec):
             raise DatasetLayoutError(
                 f"no prepared {self.builder_name} records in {self.data_dir} (looked for {builder.data_dir}); "
                 f"build them with `python -m mcibi_jax.data.prepare --config=configs/{self.spec.name}.py "
-                f"--data_dir={self.data_dir}`")
+                f"--data_dir={self.data_dir}`"
+            )
         stored = builder.info.splits
         if self.split in stored:
             tfds_split = self.split
-        elif self.split in builder_cls.DERIVED and all(p in stored for p in builder_cls.DERIVED[self.split]):
+        elif self.split in builder_cls.DERIVED and all(
+            p in stored for p in builder_cls.DERIVED[self.split]
+        ):
             tfds_split = "+".join(builder_cls.DERIVED[self.split])
         else:
-            raise DatasetConfigError(f"{self.builder_name} in {self.data_dir} has no split {self.split!r}; "
-                                     f"prepared: {', '.join(stored)}")
+            raise DatasetConfigError(
+                f"{self.builder_name} in {self.data_dir} has no split {self.split!r}; "
+                f"prepared: {', '.join(stored)}"
+            )
         skip = tfds.decode.SkipDecoding()
         self.tfds_split = tfds_split
         self.location = f"{builder.data_dir}[{tfds_split}]"
@@ -326,7 +376,9 @@ class TfdsSource(DescribedBySpec):
             raise IndexError(f"index {index} out of range for {size} records of {self.location}")
         index %= size
         record = self._records[index]
-        sample_id = record["id"].decode("utf-8") if isinstance(record["id"], bytes) else str(record["id"])
+        sample_id = (
+            record["id"].decode("utf-8") if isinstance(record["id"], bytes) else str(record["id"])
+        )
         where = f"{self.location}/{index}"
         try:
             image = read_image(io.BytesIO(record["image"]), sample_id)
@@ -335,18 +387,26 @@ class TfdsSource(DescribedBySpec):
         try:
             with Image.open(io.BytesIO(record["label"])) as decoded:
                 if decoded.mode != "L":
-                    raise CorruptSample(where, f"stored label has mode {decoded.mode!r}, expected 'L'", sample_id)
+                    raise CorruptSample(
+                        where, f"stored label has mode {decoded.mode!r}, expected 'L'", sample_id
+                    )
                 stored = np.array(decoded, dtype=np.uint8)
         except CorruptSample:
             raise
         except Exception as error:  # PIL raises many types for damaged data
             raise CorruptSample(where, f"cannot decode stored label: {error}", sample_id) from error
         if stored.shape != image.shape[:2]:
-            raise CorruptSample(where, f"label is {stored.shape} but image {image.shape[:2]}", sample_id)
+            raise CorruptSample(
+                where, f"label is {stored.shape} but image {image.shape[:2]}", sample_id
+            )
         label = self._table[stored]
         if (label == _INVALID).any():
-            raise CorruptSample(where, f"stored label values {np.unique(stored[label == _INVALID])[:10].tolist()} "
-                                       f"are not classes of {self.name}", sample_id)
+            raise CorruptSample(
+                where,
+                f"stored label values {np.unique(stored[label == _INVALID])[:10].tolist()} "
+                f"are not classes of {self.name}",
+                sample_id,
+            )
         return {"image": image, "label": label, "id": sample_id}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -362,7 +422,9 @@ class TfdsSource(DescribedBySpec):
         return f"TfdsSource({self.builder_name!r}, split={self.split!r}, {len(self)} records in {self.data_dir})"
 
 
-def tfds_source(name: str, split: str, data_dir: str | Path, *, ignore_label: int = IGNORE_LABEL) -> TfdsSource:
+def tfds_source(
+    name: str, split: str, data_dir: str | Path, *, ignore_label: int = IGNORE_LABEL
+) -> TfdsSource:
     """The prepared records of one split as a random-access source (like ``build_source``'s).
 
     Args:

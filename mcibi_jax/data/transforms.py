@@ -54,7 +54,9 @@ def _replace(sample: Mapping[str, Any], **arrays: np.ndarray) -> Sample:
 # Resize
 
 
-def resized_shape(shape: tuple[int, int], output_size: Sequence[int], keep_ratio: bool) -> tuple[int, int]:
+def resized_shape(
+    shape: tuple[int, int], output_size: Sequence[int], keep_ratio: bool
+) -> tuple[int, int]:
     """(h, w) an image of ``shape`` (h, w) is resized to for ``output_size`` (a size pair).
 
     With ``keep_ratio`` the aspect ratio is kept and the image fits its long side in
@@ -72,15 +74,22 @@ def resized_shape(shape: tuple[int, int], output_size: Sequence[int], keep_ratio
 def resize(sample: Mapping[str, Any], shape: tuple[int, int]) -> Sample:
     """Resize to ``shape`` (h, w): image bilinear (OpenCV, uint8 fixed point), label nearest."""
     h, w = shape
-    out = _replace(sample, image=cv2.resize(sample["image"], (w, h), interpolation=cv2.INTER_LINEAR))
+    out = _replace(
+        sample, image=cv2.resize(sample["image"], (w, h), interpolation=cv2.INTER_LINEAR)
+    )
     if "label" in sample:
         label = cv2.resize(_cv_label(sample["label"]), (w, h), interpolation=cv2.INTER_NEAREST)
         out["label"] = label.astype(np.int32)
     return out
 
 
-def random_resize(sample: Mapping[str, Any], output_size: Sequence[int], keep_ratio: bool,
-                  scale_range: Sequence[float] | None, rng: np.random.Generator) -> Sample:
+def random_resize(
+    sample: Mapping[str, Any],
+    output_size: Sequence[int],
+    keep_ratio: bool,
+    scale_range: Sequence[float] | None,
+    rng: np.random.Generator,
+) -> Sample:
     """Resize for ``output_size`` scaled by a factor drawn uniformly from ``scale_range``.
 
     Each side of ``output_size`` is multiplied by the factor and truncated to an int before
@@ -100,16 +109,21 @@ def random_resize(sample: Mapping[str, Any], output_size: Sequence[int], keep_ra
 
 def crop(sample: Mapping[str, Any], top: int, left: int, height: int, width: int) -> Sample:
     """Crop rows ``top:top+height`` and columns ``left:left+width`` of image and label."""
-    window = np.s_[top:top + height, left:left + width]
+    window = np.s_[top : top + height, left : left + width]
     out = _replace(sample, image=sample["image"][window])
     if "label" in sample:
         out["label"] = sample["label"][window]
     return out
 
 
-def random_crop(sample: Mapping[str, Any], crop_size: int | Sequence[int], rng: np.random.Generator,
-                one_category_max_ratio: float = 0.75, ignore_label: int = IGNORE_LABEL,
-                max_tries: int = CROP_TRIES) -> Sample:
+def random_crop(
+    sample: Mapping[str, Any],
+    crop_size: int | Sequence[int],
+    rng: np.random.Generator,
+    one_category_max_ratio: float = 0.75,
+    ignore_label: int = IGNORE_LABEL,
+    max_tries: int = CROP_TRIES,
+) -> Sample:
     """Random crop of at most ``crop_size`` (h, w), re-drawn while one class dominates it.
 
     A crop is accepted when its non-ignored pixels hold at least two classes and the largest
@@ -149,8 +163,12 @@ def hflip(sample: Mapping[str, Any], label_pairs: Sequence[Sequence[int]] = ()) 
     return out
 
 
-def random_flip(sample: Mapping[str, Any], rng: np.random.Generator, prob: float = 0.5,
-                label_pairs: Sequence[Sequence[int]] = ()) -> Sample:
+def random_flip(
+    sample: Mapping[str, Any],
+    rng: np.random.Generator,
+    prob: float = 0.5,
+    label_pairs: Sequence[Sequence[int]] = (),
+) -> Sample:
     """:func:`hflip` when ``rng.random() <= prob``."""
     if rng.random() > prob:
         return dict(sample)
@@ -164,18 +182,33 @@ def rotate(sample: Mapping[str, Any], angle: float, ignore_label: int = IGNORE_L
     """
     h, w = sample["image"].shape[:2]
     matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
-    image = cv2.warpAffine(np.ascontiguousarray(sample["image"]), matrix, (w, h), flags=cv2.INTER_CUBIC,
-                           borderValue=0.0)
+    image = cv2.warpAffine(
+        np.ascontiguousarray(sample["image"]),
+        matrix,
+        (w, h),
+        flags=cv2.INTER_CUBIC,
+        borderValue=0.0,
+    )
     out = _replace(sample, image=image)
     if "label" in sample:
-        label = cv2.warpAffine(_cv_label(sample["label"]), matrix, (w, h), flags=cv2.INTER_NEAREST,
-                               borderValue=float(ignore_label))
+        label = cv2.warpAffine(
+            _cv_label(sample["label"]),
+            matrix,
+            (w, h),
+            flags=cv2.INTER_NEAREST,
+            borderValue=float(ignore_label),
+        )
         out["label"] = label.astype(np.int32)
     return out
 
 
-def random_rotation(sample: Mapping[str, Any], rng: np.random.Generator, prob: float = 0.5,
-                    max_angle: int = 30, ignore_label: int = IGNORE_LABEL) -> Sample:
+def random_rotation(
+    sample: Mapping[str, Any],
+    rng: np.random.Generator,
+    prob: float = 0.5,
+    max_angle: int = 30,
+    ignore_label: int = IGNORE_LABEL,
+) -> Sample:
     """:func:`rotate` when ``rng.random() <= prob``, by an integer angle in [-max_angle, max_angle).
 
     The upper end is excluded, as in the reference (``integers(-max_angle, max_angle)``).
@@ -230,9 +263,14 @@ def adjust_hue(image: np.ndarray, delta: int) -> np.ndarray:
     return _from_hsv(hsv)
 
 
-def photometric_distortion(sample: Mapping[str, Any], rng: np.random.Generator, brightness_delta: float = 32,
-                           contrast_range: Sequence[float] = (0.5, 1.5),
-                           saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18) -> Sample:
+def photometric_distortion(
+    sample: Mapping[str, Any],
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: Sequence[float] = (0.5, 1.5),
+    saturation_range: Sequence[float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> Sample:
     """Random brightness, contrast, saturation and hue changes of the uint8 image.
 
     Order and draws: brightness (``integers(2)`` to apply, then ``uniform(-d, d)``); a mode
@@ -280,16 +318,24 @@ def normalize(sample: Mapping[str, Any], mean: Sequence[float], std: Sequence[fl
     return _replace(sample, image=normalize_image(sample["image"], mean, std))
 
 
-def _pad_or_crop(x: np.ndarray, top: int, bottom: int, left: int, right: int, value: float) -> np.ndarray:
+def _pad_or_crop(
+    x: np.ndarray, top: int, bottom: int, left: int, right: int, value: float
+) -> np.ndarray:
     # negative amounts remove rows/columns, as torch.nn.functional.pad does in the reference
     h, w = x.shape[:2]
-    x = x[max(-top, 0):h - max(-bottom, 0), max(-left, 0):w - max(-right, 0)]
-    widths = [(max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))] + [(0, 0)] * (x.ndim - 2)
+    x = x[max(-top, 0) : h - max(-bottom, 0), max(-left, 0) : w - max(-right, 0)]
+    widths = [(max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))] + [(0, 0)] * (
+        x.ndim - 2
+    )
     return np.pad(x, widths, constant_values=value)
 
 
-def pad(sample: Mapping[str, Any], size: int | Sequence[int], ignore_label: int = IGNORE_LABEL,
-        image_value: float = 0.0) -> Sample:
+def pad(
+    sample: Mapping[str, Any],
+    size: int | Sequence[int],
+    ignore_label: int = IGNORE_LABEL,
+    image_value: float = 0.0,
+) -> Sample:
     """Pad image and label to ``size`` (h, w), centred: top/left get the smaller half.
 
     If the image is portrait and ``size`` landscape (or the reverse), ``size`` is transposed
@@ -302,7 +348,9 @@ def pad(sample: Mapping[str, Any], size: int | Sequence[int], ignore_label: int 
         th, tw = tw, th
     top, left = (th - h) // 2, (tw - w) // 2
     bottom, right = th - h - top, tw - w - left
-    out = _replace(sample, image=_pad_or_crop(sample["image"], top, bottom, left, right, image_value))
+    out = _replace(
+        sample, image=_pad_or_crop(sample["image"], top, bottom, left, right, image_value)
+    )
     if "label" in sample:
         out["label"] = _pad_or_crop(sample["label"], top, bottom, left, right, ignore_label)
     return out
@@ -388,8 +436,25 @@ def eval_transform(dataset_config: Mapping[str, Any]) -> Transform:
 
 
 __all__ = [
-    "CROP_TRIES", "IGNORE_LABEL", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
-    "crop", "eval_transform", "hflip", "normalize", "normalize_image", "pad", "photometric_distortion",
-    "random_crop", "random_flip", "random_resize", "random_rotation", "resize", "resized_shape", "rotate",
+    "CROP_TRIES",
+    "IGNORE_LABEL",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "crop",
+    "eval_transform",
+    "hflip",
+    "normalize",
+    "normalize_image",
+    "pad",
+    "photometric_distortion",
+    "random_crop",
+    "random_flip",
+    "random_resize",
+    "random_rotation",
+    "resize",
+    "resized_shape",
+    "rotate",
     "train_transform",
 ]

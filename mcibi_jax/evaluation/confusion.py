@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,9 @@ def write_csv(path: str | os.PathLike, counts: Any, class_names: Sequence[str]) 
     """A (K + 1) x (K + 1) table: header row of predicted classes, one row per ground-truth class."""
     counts = np.asarray(counts)
     if counts.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"confusion matrix {counts.shape} does not fit {len(class_names)} class names")
+        raise ValueError(
+            f"confusion matrix {counts.shape} does not fit {len(class_names)} class names"
+        )
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
@@ -38,7 +41,9 @@ def read_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     with Path(path).open(newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))
     names = rows[0][1:]
-    return names, np.array([[int(v) for v in row[1:]] for row in rows[1:]], np.int64).reshape(len(names), len(names))
+    return names, np.array([[int(v) for v in row[1:]] for row in rows[1:]], np.int64).reshape(
+        len(names), len(names)
+    )
 
 
 def _colour(values: np.ndarray) -> np.ndarray:
@@ -62,7 +67,10 @@ def heatmap_image(counts: Any, class_names: Sequence[str] | None = None, cell: i
     margin = 0
     if labelled:
         font = ImageFont.load_default()
-        margin = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(n), font=font)) for n in class_names)
+        margin = 8 + max(
+            int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(n), font=font))
+            for n in class_names
+        )
     grid = np.repeat(np.repeat(_colour(shares), cell, axis=0), cell, axis=1)
     image = Image.new("RGB", (margin + k * cell, margin + k * cell), "white")
     image.paste(Image.fromarray(grid), (margin, margin))
@@ -79,12 +87,18 @@ def heatmap_image(counts: Any, class_names: Sequence[str] | None = None, cell: i
             for i in range(k):
                 for j in range(k):
                     colour = "white" if shares[i, j] > 0.5 else "black"
-                    draw.text((margin + j * cell + 2, margin + i * cell + cell // 2 - 5), f"{100 * shares[i, j]:.0f}",
-                              fill=colour, font=font)
+                    draw.text(
+                        (margin + j * cell + 2, margin + i * cell + cell // 2 - 5),
+                        f"{100 * shares[i, j]:.0f}",
+                        fill=colour,
+                        font=font,
+                    )
     return image
 
 
-def save_confusion(directory: str | os.PathLike, counts: Any, class_names: Sequence[str]) -> tuple[Path, Path]:
+def save_confusion(
+    directory: str | os.PathLike, counts: Any, class_names: Sequence[str]
+) -> tuple[Path, Path]:
     """Writes ``directory``/confusion.csv and confusion.png; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

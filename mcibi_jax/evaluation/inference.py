@@ -4,7 +4,8 @@ confusion-matrix accumulation behind the metrics."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,12 @@ from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.models.segmentor import MCIBI
 
 Array = jax.Array
-WHOLE_IMAGE = {"mode": "whole", "multiscale": [1.0], "flip": False, "use_probs_before_resize": False}
+WHOLE_IMAGE = {
+    "mode": "whole",
+    "multiscale": [1.0],
+    "flip": False,
+    "use_probs_before_resize": False,
+}
 
 
 def check_inference_config(inference: Mapping[str, Any]) -> None:
@@ -28,7 +34,9 @@ def check_inference_config(inference: Mapping[str, Any]) -> None:
         for key in ("cropsize", "stride"):
             value = inference.get(key) or ()
             if len(value) != 2 or min(int(v) for v in value) < 1:
-                raise ConfigError(f"sliding-window inference needs inference.{key}=(h, w), got {value!r}")
+                raise ConfigError(
+                    f"sliding-window inference needs inference.{key}=(h, w), got {value!r}"
+                )
     scales = [float(s) for s in (inference.get("multiscale") or [1.0])]
     if min(scales) <= 0:
         raise ConfigError(f"inference.multiscale must be positive, got {scales}")
@@ -56,8 +64,11 @@ def evaluation_options(config: Mapping[str, Any], use_tta: bool | None = None) -
     settings = inference_settings(config, use_tta)
     check_inference_config(settings)
     pairs = (config["dataset"].get("train", None) or {}).get("flip_label_pairs", ())
-    return {"inference": settings, "align_corners": bool(config["model"].get("align_corners", False)),
-            "flip_label_pairs": tuple(tuple(int(c) for c in pair) for pair in pairs)}
+    return {
+        "inference": settings,
+        "align_corners": bool(config["model"].get("align_corners", False)),
+        "flip_label_pairs": tuple(tuple(int(c) for c in pair) for pair in pairs),
+    }
 
 
 def predict(
@@ -71,8 +82,15 @@ def predict(
     output_size: tuple[int, int] | None = None,
 ) -> Array:
     """Per-pixel classes (N, *output_size) int32 of normalised images (N, H, W, 3)."""
-    scores = tta_scores(model, variables, images, inference, align_corners=align_corners,
-                        flip_label_pairs=flip_label_pairs, output_size=output_size)
+    scores = tta_scores(
+        model,
+        variables,
+        images,
+        inference,
+        align_corners=align_corners,
+        flip_label_pairs=flip_label_pairs,
+        output_size=output_size,
+    )
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
@@ -97,7 +115,9 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     # Without jax_enable_x64 the gather would cast to int32: send 31-bit halves.
     low, high = (counts & 0x7FFFFFFF).astype(np.int32), (counts >> 31).astype(np.int32)
     gathered = multihost_utils.process_allgather({"low": low, "high": high})
-    return (np.asarray(gathered["high"], np.int64) << 31).sum(0) + np.asarray(gathered["low"], np.int64).sum(0)
+    return (np.asarray(gathered["high"], np.int64) << 31).sum(0) + np.asarray(
+        gathered["low"], np.int64
+    ).sum(0)
 
 
 def confusion_counts(
@@ -132,8 +152,15 @@ def confusion_counts(
         device = devices[index % len(devices)]
         labels = jax.device_put(np.asarray(batch["labels"]), device)
         images = jax.device_put(np.asarray(batch["images"], np.float32), device)
-        predictions = predict(model, placed[index % len(devices)], images, inference, align_corners=align_corners,
-                              flip_label_pairs=flip_label_pairs, output_size=tuple(labels.shape[1:3]))
+        predictions = predict(
+            model,
+            placed[index % len(devices)],
+            images,
+            inference,
+            align_corners=align_corners,
+            flip_label_pairs=flip_label_pairs,
+            output_size=tuple(labels.shape[1:3]),
+        )
         pending.append(_confusion(predictions, labels, num_classes, ignore_label))
         if len(pending) > len(devices):
             matrix.add(pending.pop(0))
@@ -144,7 +171,12 @@ def confusion_counts(
     return sum_over_processes(matrix.counts)
 
 
-def evaluate(model: MCIBI, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]], **kwargs: Any) -> dict[str, Any]:
+def evaluate(
+    model: MCIBI,
+    variables: Mapping[str, Any],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Metrics (see :func:`mcibi_jax.evaluation.metrics.segmentation_metrics`) of
     :func:`confusion_counts` (same arguments)."""
     return segmentation_metrics(confusion_counts(model, variables, batches, **kwargs))

@@ -23,7 +23,9 @@ import numpy as np
 Array = jax.Array
 
 
-def confusion_matrix(predictions: Array, labels: Array, num_classes: int, ignore_label: int = -100) -> Array:
+def confusion_matrix(
+    predictions: Array, labels: Array, num_classes: int, ignore_label: int = -100
+) -> Array:
     """(K, K) int32 counts, rows = ground truth, columns = prediction. Works under jit.
 
     predictions, labels: int arrays of the same shape; predictions in [0, K).
@@ -46,7 +48,9 @@ class ConfusionMatrix:
     def add(self, counts: Any) -> None:
         counts = np.asarray(counts)
         if counts.shape != self.counts.shape:
-            raise ValueError(f"confusion matrix of shape {counts.shape}, expected {self.counts.shape}")
+            raise ValueError(
+                f"confusion matrix of shape {counts.shape}, expected {self.counts.shape}"
+            )
         self.counts += counts.astype(np.int64)
 
     def update(self, predictions: Any, labels: Any, ignore_label: int = -100) -> None:
@@ -84,7 +88,9 @@ def format_table(metrics: dict[str, Any], class_names: list[str] | None = None) 
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for name, i, a in zip(names, iou, acc):
         lines.append(f"{name:<{width}}  {_pct(i):>6}  {_pct(a):>6}")
-    lines.append(f"mIoU {_pct(metrics['mIoU'])}  aAcc {_pct(metrics['aAcc'])}  mAcc {_pct(metrics['mAcc'])}")
+    lines.append(
+        f"mIoU {_pct(metrics['mIoU'])}  aAcc {_pct(metrics['aAcc'])}  mAcc {_pct(metrics['mAcc'])}"
+    )
     return "\n".join(lines)
 
 
@@ -99,6 +105,7 @@ def as_percent(metrics: dict[str, Any]) -> dict[str, Any]:
     """Copy of :func:`segmentation_metrics`' result in percent (0-100), the one unit of every
     score the package reports (logs, metrics.jsonl, results.json, best.json, TensorBoard), as
     the reference's logs and the published tables."""
+
     def scale(v: Any) -> Any:
         return 100 * np.asarray(v, np.float64) if isinstance(v, np.ndarray) else 100 * float(v)
 
@@ -107,6 +114,7 @@ def as_percent(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def to_json(metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy: arrays to lists, NaN to None."""
+
     def clean(v):
         if isinstance(v, np.ndarray):
             return [clean(x) for x in v.tolist()]

@@ -18,8 +18,9 @@ The reference writes server files for Cityscapes only; the other datasets follow
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,14 @@ def raw_id_table(spec: DatasetSpec) -> np.ndarray:
         if target is None or raw < 0:
             continue
         if table[target] != -1:
-            raise ValueError(f"{spec.name}: class {target} has several raw ids ({table[target]}, {raw})")
+            raise ValueError(
+                f"{spec.name}: class {target} has several raw ids ({table[target]}, {raw})"
+            )
         table[target] = raw
     if (table < 0).any() or (table > 255).any():
-        raise ValueError(f"{spec.name}: classes {np.flatnonzero((table < 0) | (table > 255)).tolist()} have no 8-bit raw id")
+        raise ValueError(
+            f"{spec.name}: classes {np.flatnonzero((table < 0) | (table > 255)).tolist()} have no 8-bit raw id"
+        )
     return table.astype(np.uint8)
 
 
@@ -109,12 +114,21 @@ def write_submission(
         if not np.asarray(item.get("valid", True)).all():
             continue
         size = tuple(np.shape(item["label"])[1:3])
-        classes = predict(model, variables, item["image"], inference, align_corners=align_corners,
-                          flip_label_pairs=flip_label_pairs, output_size=size)
+        classes = predict(
+            model,
+            variables,
+            item["image"],
+            inference,
+            align_corners=align_corners,
+            flip_label_pairs=flip_label_pairs,
+            output_size=size,
+        )
         ids = item["id"]
         ids = [ids] if isinstance(ids, str) else list(np.asarray(ids).reshape(-1))
         for sample_id, prediction in zip(ids, np.asarray(classes)):
-            written.append(save_prediction(directory / file_name(str(sample_id), dataset), prediction, dataset))
+            written.append(
+                save_prediction(directory / file_name(str(sample_id), dataset), prediction, dataset)
+            )
         if log is not None and len(written) % 100 == 0:
             log(f"wrote {len(written)} predictions")
     return written

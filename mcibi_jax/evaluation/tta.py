@@ -16,7 +16,8 @@ activations plus the canvas, whatever the image size.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,16 @@ def _scores(logits: Array, probabilities: bool) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "probabilities"))
-def whole_scores(model: MCIBI, variables: Mapping[str, Any], images: Array, probabilities: bool) -> Array:
+def whole_scores(
+    model: MCIBI, variables: Mapping[str, Any], images: Array, probabilities: bool
+) -> Array:
     """Stage-2 scores at head resolution: (N, H, W, 3) -> (N, h, w, K)."""
     return _scores(model.apply(variables, images, train=False)["stage2"], probabilities)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "crop", "stride", "probabilities", "align_corners"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "crop", "stride", "probabilities", "align_corners")
+)
 def slide_scores(
     model: MCIBI,
     variables: Mapping[str, Any],
@@ -58,33 +63,57 @@ def slide_scores(
     """Sliding-window scores at the input size: (N, H, W, 3) -> (N, H, W, K)."""
     n, height, width, _ = images.shape
     crop_h, crop_w = min(crop[0], height), min(crop[1], width)
-    starts = np.array([(y, x) for y in window_starts(height, crop[0], stride[0]) for x in window_starts(width, crop[1], stride[1])], np.int32)
+    starts = np.array(
+        [
+            (y, x)
+            for y in window_starts(height, crop[0], stride[0])
+            for x in window_starts(width, crop[1], stride[1])
+        ],
+        np.int32,
+    )
     count = np.zeros((height, width), np.float32)
     for y, x in starts:
-        count[y:y + crop_h, x:x + crop_w] += 1
+        count[y : y + crop_h, x : x + crop_w] += 1
 
     def score_window(canvas, start):
-        window = jax.lax.dynamic_slice(images, (0, start[0], start[1], 0), (n, crop_h, crop_w, images.shape[-1]))
+        window = jax.lax.dynamic_slice(
+            images, (0, start[0], start[1], 0), (n, crop_h, crop_w, images.shape[-1])
+        )
         logits = model.apply(variables, window, train=False)["stage2"].astype(jnp.float32)
         scores = _scores(resize(logits, (crop_h, crop_w), "bilinear", align_corners), probabilities)
         current = jax.lax.dynamic_slice(canvas, (0, start[0], start[1], 0), scores.shape)
-        return jax.lax.dynamic_update_slice(canvas, current + scores, (0, start[0], start[1], 0)), None
+        return jax.lax.dynamic_update_slice(
+            canvas, current + scores, (0, start[0], start[1], 0)
+        ), None
 
-    num_classes = jax.eval_shape(lambda w: model.apply(variables, w, train=False)["stage2"],
-                                 jax.ShapeDtypeStruct((n, crop_h, crop_w, images.shape[-1]), images.dtype)).shape[-1]
+    num_classes = jax.eval_shape(
+        lambda w: model.apply(variables, w, train=False)["stage2"],
+        jax.ShapeDtypeStruct((n, crop_h, crop_w, images.shape[-1]), images.dtype),
+    ).shape[-1]
     canvas = jnp.zeros((n, height, width, num_classes), jnp.float32)
     canvas, _ = jax.lax.scan(score_window, canvas, jnp.asarray(starts))
     return canvas / jnp.asarray(count)[None, :, :, None]
 
 
-def inference_scores(model: MCIBI, variables: Mapping[str, Any], images: Array, inference: Mapping[str, Any], align_corners: bool) -> Array:
+def inference_scores(
+    model: MCIBI,
+    variables: Mapping[str, Any],
+    images: Array,
+    inference: Mapping[str, Any],
+    align_corners: bool,
+) -> Array:
     """One scale, no flip: the reference's ``inference``. Whole mode keeps head resolution."""
     probabilities = bool(inference.get("use_probs_before_resize", False))
     if inference.get("mode", "whole") == "whole":
         return whole_scores(model, variables, images, probabilities)
     if inference.get("mode") != "slide":
-        raise ValueError(f"unknown inference mode {inference.get('mode')!r}; choose 'whole' or 'slide'")
-    crop, stride = tuple(int(v) for v in inference["cropsize"]), tuple(int(v) for v in inference["stride"])
+        raise ValueError(
+            f"unknown inference mode {inference.get('mode')!r}; choose 'whole' or 'slide'"
+        )
+    crop, stride = (
+        tuple(int(v) for v in inference["cropsize"]),
+        tuple(int(v) for v in inference["stride"]),
+    )
     return slide_scores(model, variables, images, crop, stride, probabilities, align_corners)
 
 
@@ -105,10 +134,18 @@ def tta_scores(
     results = []
     for scale in inference.get("multiscale") or [1.0]:
         scale = float(scale)
-        scaled = resize(images, scaled_size(images.shape[1:3], scale), "bilinear", align_corners, scale_factor=scale)
+        scaled = resize(
+            images,
+            scaled_size(images.shape[1:3], scale),
+            "bilinear",
+            align_corners,
+            scale_factor=scale,
+        )
         results.append(inference_scores(model, variables, scaled, inference, align_corners))
         if inference.get("flip", False):
-            flipped = inference_scores(model, variables, scaled[:, :, ::-1], inference, align_corners)
+            flipped = inference_scores(
+                model, variables, scaled[:, :, ::-1], inference, align_corners
+            )
             flipped = flipped[..., _swap_permutation(flipped.shape[-1], flip_label_pairs)]
             results.append(flipped[:, :, ::-1])
     return sum(resize(r, output_size, "bilinear", align_corners) for r in results) / len(results)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,9 +28,19 @@ class ASPP(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         """(N, H, W, C) -> (N, H, W, out_channels)."""
         slope = self.negative_slope
-        outputs = [Branch(self.out_channels, self.dilations, slope, self.dtype, name="parallel_branches")(x, train)]
-        outputs.append(ImageLevelBranch(self.out_channels, self.align_corners, slope, self.dtype, name="global_branch")(x, train))
-        bottleneck = ConvBNReLU(self.out_channels, 3, negative_slope=slope, dtype=self.dtype, name="bottleneck")
+        outputs = [
+            Branch(self.out_channels, self.dilations, slope, self.dtype, name="parallel_branches")(
+                x, train
+            )
+        ]
+        outputs.append(
+            ImageLevelBranch(
+                self.out_channels, self.align_corners, slope, self.dtype, name="global_branch"
+            )(x, train)
+        )
+        bottleneck = ConvBNReLU(
+            self.out_channels, 3, negative_slope=slope, dtype=self.dtype, name="bottleneck"
+        )
         return bottleneck(jnp.concatenate(outputs, axis=-1), train)
 
 
@@ -46,8 +57,12 @@ class Branch(nn.Module):
         return jnp.concatenate(
             [
                 ConvBNReLU(
-                    self.out_channels, 1 if d == 1 else 3, dilation=d, negative_slope=self.negative_slope,
-                    dtype=self.dtype, name=str(i),
+                    self.out_channels,
+                    1 if d == 1 else 3,
+                    dilation=d,
+                    negative_slope=self.negative_slope,
+                    dtype=self.dtype,
+                    name=str(i),
                 )(x, train)
                 for i, d in enumerate(self.dilations)
             ],
@@ -65,7 +80,9 @@ class ImageLevelBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        pooled = jnp.mean(x.astype(compute_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(x.dtype)
+        pooled = jnp.mean(x.astype(compute_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(
+            x.dtype
+        )
         pooled = conv(self.out_channels, 1, name="1", dtype=self.dtype)(pooled)
         pooled = relu(BatchNorm(dtype=self.dtype, name="2")(pooled, train), self.negative_slope)
         return resize(pooled, x.shape[1:3], "bilinear", self.align_corners)

@@ -30,15 +30,28 @@ class SelfAttentionBlock(nn.Module):
         """(N, H, W, Cq), (N, H', W', Ck) -> (N, H, W, out_channels)."""
         n, h, w, _ = query_feats.shape
         kwargs = dict(negative_slope=self.negative_slope, dtype=self.dtype)
-        query = TwoLayerProjection(self.transform_channels, **kwargs, name="query_project")(query_feats, train)
-        key = TwoLayerProjection(self.transform_channels, **kwargs, name="key_project")(key_feats, train)
-        value = ConvBNReLU(self.transform_channels, 1, **kwargs, name="value_project")(key_feats, train)
+        query = TwoLayerProjection(self.transform_channels, **kwargs, name="query_project")(
+            query_feats, train
+        )
+        key = TwoLayerProjection(self.transform_channels, **kwargs, name="key_project")(
+            key_feats, train
+        )
+        value = ConvBNReLU(self.transform_channels, 1, **kwargs, name="value_project")(
+            key_feats, train
+        )
         query = query.reshape(n, h * w, -1)
         key = key.reshape(n, -1, key.shape[-1])
         value = value.reshape(n, -1, value.shape[-1])
-        logits = jnp.einsum("nqc,nkc->nqk", query, key, precision="highest") * self.transform_channels**-0.5
-        attention = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(value.dtype)
-        context = jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest").reshape(n, h, w, -1)
+        logits = (
+            jnp.einsum("nqc,nkc->nqk", query, key, precision="highest")
+            * self.transform_channels**-0.5
+        )
+        attention = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(
+            value.dtype
+        )
+        context = jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest").reshape(
+            n, h, w, -1
+        )
         return ConvBNReLU(self.out_channels, 1, **kwargs, name="out_project")(context, train)
 
 
@@ -52,5 +65,7 @@ class TwoLayerProjection(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in range(2):
-            x = ConvBNReLU(self.features, 1, negative_slope=self.negative_slope, dtype=self.dtype, name=str(i))(x, train)
+            x = ConvBNReLU(
+                self.features, 1, negative_slope=self.negative_slope, dtype=self.dtype, name=str(i)
+            )(x, train)
         return x

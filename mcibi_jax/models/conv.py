@@ -12,7 +12,8 @@ Other backends, dtypes and grouped convs use ``lax.conv_general_dilated``.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,22 +36,31 @@ class Tap(NamedTuple):
     count: int
 
 
-def axis_taps(size: int, kernel: int, stride: int, dilation: int, padding: tuple[int, int]) -> tuple[int, list[Tap]]:
+def axis_taps(
+    size: int, kernel: int, stride: int, dilation: int, padding: tuple[int, int]
+) -> tuple[int, list[Tap]]:
     """Output size and the taps along one axis that read at least one input (not padding)."""
     low, high = padding
     out = (size + low + high - dilation * (kernel - 1) - 1) // stride + 1
     taps = []
     for index in range(kernel):
         offset = index * dilation - low  # input index read by output 0
-        first = max(0, -(-(-offset) // stride))  # smallest o with o * stride + offset >= 0
+        first = max(0, -(offset // stride))  # smallest o with o * stride + offset >= 0
         last = min(out - 1, (size - 1 - offset) // stride)
         if first <= last:
             taps.append(Tap(index, first * stride + offset, first, last - first + 1))
     return out, taps
 
 
-def use_tap_matmuls(x_shape: Sequence[int], x_dtype: Any, kernel_shape: Sequence[int], strides, padding, dilation,
-                    groups: int) -> bool:
+def use_tap_matmuls(
+    x_shape: Sequence[int],
+    x_dtype: Any,
+    kernel_shape: Sequence[int],
+    strides,
+    padding,
+    dilation,
+    groups: int,
+) -> bool:
     """Whether :func:`conv2d` takes the per-tap matmul path (static: shapes, dtype, backend).
 
     On CPU, float32, ungrouped: when only one tap reads the input (1x1 convs, and dilated
@@ -80,17 +90,26 @@ def conv2d(
     """
     strides, dilation = tuple(strides), tuple(dilation)
     padding = tuple(tuple(p) for p in padding)
-    if x.dtype == kernel.dtype and use_tap_matmuls(x.shape, x.dtype, kernel.shape, strides, padding, dilation, groups):
+    if x.dtype == kernel.dtype and use_tap_matmuls(
+        x.shape, x.dtype, kernel.shape, strides, padding, dilation, groups
+    ):
         return tap_conv(x, kernel, strides, padding, dilation)
     return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups, precision=precision,
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=precision,
     )
 
 
 def _plan(shape: Sequence[int], kernel_shape: Sequence[int], strides, padding, dilation):
     (out_h, rows), (out_w, cols) = (
-        axis_taps(shape[1 + a], kernel_shape[a], strides[a], dilation[a], padding[a]) for a in range(2)
+        axis_taps(shape[1 + a], kernel_shape[a], strides[a], dilation[a], padding[a])
+        for a in range(2)
     )
     return out_h, out_w, [(r, c) for r in rows for c in cols]
 
@@ -99,8 +118,14 @@ def _input_window(x: Array, r: Tap, c: Tap, strides) -> Array:
     """The (N, r.count, c.count, C) input pixels that taps (r, c) read."""
     (sh, sw) = strides
     return jax.lax.slice(
-        x, (0, r.first_input, c.first_input, 0),
-        (x.shape[0], r.first_input + (r.count - 1) * sh + 1, c.first_input + (c.count - 1) * sw + 1, x.shape[3]),
+        x,
+        (0, r.first_input, c.first_input, 0),
+        (
+            x.shape[0],
+            r.first_input + (r.count - 1) * sh + 1,
+            c.first_input + (c.count - 1) * sw + 1,
+            x.shape[3],
+        ),
         (1, sh, sw, 1),
     )
 
@@ -108,12 +133,22 @@ def _input_window(x: Array, r: Tap, c: Tap, strides) -> Array:
 def _place(y: Array, r: Tap, c: Tap, out_h: int, out_w: int) -> Array:
     """(N, r.count, c.count, O) -> (N, out_h, out_w, O), zeros outside the tap's outputs."""
     zero = jnp.zeros((), y.dtype)
-    return jax.lax.pad(y, zero, ((0, 0, 0), (r.first_output, out_h - r.first_output - r.count, 0),
-                                 (c.first_output, out_w - c.first_output - c.count, 0), (0, 0, 0)))
+    return jax.lax.pad(
+        y,
+        zero,
+        (
+            (0, 0, 0),
+            (r.first_output, out_h - r.first_output - r.count, 0),
+            (c.first_output, out_w - c.first_output - c.count, 0),
+            (0, 0, 0),
+        ),
+    )
 
 
 def _dot(a: Array, b: Array) -> Array:
-    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.dot_general(
+        a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def _tap_conv_forward(x, kernel, strides, padding, dilation):
@@ -146,18 +181,28 @@ def _tap_conv_bwd(strides, padding, dilation, residuals, grad):
     grad_x = None
     grad_kernel = jnp.zeros_like(kernel)
     for r, c in taps:
-        g = jax.lax.slice(grad, (0, r.first_output, c.first_output, 0),
-                          (grad.shape[0], r.first_output + r.count, c.first_output + c.count, grad.shape[3]))
+        g = jax.lax.slice(
+            grad,
+            (0, r.first_output, c.first_output, 0),
+            (grad.shape[0], r.first_output + r.count, c.first_output + c.count, grad.shape[3]),
+        )
         window = _input_window(x, r, c, strides)
         tap_grad = jnp.einsum("nhwc,nhwo->co", window, g, precision=jax.lax.Precision.HIGHEST)
         grad_kernel = grad_kernel.at[r.index, c.index].add(tap_grad)
-        gx = jax.lax.dot_general(g, kernel[r.index, c.index], (((3,), (1,)), ((), ())),
-                                 precision=jax.lax.Precision.HIGHEST)
+        gx = jax.lax.dot_general(
+            g,
+            kernel[r.index, c.index],
+            (((3,), (1,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         # back to input positions: stride - 1 zeros between pixels, zeros around
         end_h = x.shape[1] - r.first_input - (r.count - 1) * sh - 1
         end_w = x.shape[2] - c.first_input - (c.count - 1) * sw - 1
-        gx = jax.lax.pad(gx, jnp.zeros((), gx.dtype),
-                         ((0, 0, 0), (r.first_input, end_h, sh - 1), (c.first_input, end_w, sw - 1), (0, 0, 0)))
+        gx = jax.lax.pad(
+            gx,
+            jnp.zeros((), gx.dtype),
+            ((0, 0, 0), (r.first_input, end_h, sh - 1), (c.first_input, end_w, sw - 1), (0, 0, 0)),
+        )
         grad_x = gx if grad_x is None else grad_x + gx
     if grad_x is None:
         grad_x = jnp.zeros_like(x)
@@ -192,12 +237,26 @@ class Conv(nn.Module):
         """(N, H, W, C) -> (N, H', W', features)."""
         in_features = x.shape[-1]
         if in_features % self.feature_group_count:
-            raise ValueError(f"{in_features} input channels do not split into {self.feature_group_count} groups")
+            raise ValueError(
+                f"{in_features} input channels do not split into {self.feature_group_count} groups"
+            )
         shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d(x, kernel, self.strides, self.padding, self.kernel_dilation, self.feature_group_count, self.precision)
+        y = conv2d(
+            x,
+            kernel,
+            self.strides,
+            self.padding,
+            self.kernel_dilation,
+            self.feature_group_count,
+            self.precision,
+        )
         if bias is not None:
             y = y + bias.reshape(1, 1, 1, -1)
         return y

@@ -52,7 +52,9 @@ class AuxiliaryDecoder(nn.Module):
         index = 0
         for _ in range(self.num_convs):
             x = conv(self.out_channels, 3, name=str(index), dtype=self.dtype)(x)
-            x = relu(BatchNorm(dtype=self.dtype, name=str(index + 1))(x, train), self.negative_slope)
+            x = relu(
+                BatchNorm(dtype=self.dtype, name=str(index + 1))(x, train), self.negative_slope
+            )
             index += 3
             if self.upsample_scale:
                 size = (x.shape[1] * self.upsample_scale, x.shape[2] * self.upsample_scale)

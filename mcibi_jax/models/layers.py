@@ -41,8 +41,12 @@ class BatchNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
+        )
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
+        )
         if train:
             y, mean, var = batch_normalize(x, scale, bias, self.epsilon, self.dtype or x.dtype)
             if not self.is_initializing():
@@ -50,7 +54,9 @@ class BatchNorm(nn.Module):
                 # PyTorch keeps the unbiased batch variance in its running statistics.
                 unbiased = var * (count / max(count - 1, 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
+                running_var.value = (
+                    1 - self.momentum
+                ) * running_var.value + self.momentum * unbiased
             return y
         mean, var = running_mean.value, running_var.value
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
@@ -70,7 +76,9 @@ def two_pass_mean(x: Array, axes: tuple[int, ...]) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_normalize(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype) -> tuple[Array, Array, Array]:
+def batch_normalize(
+    x: Array, scale: Array, bias: Array, epsilon: float, dtype: Dtype
+) -> tuple[Array, Array, Array]:
     """Training-mode batch normalisation over every axis but the last.
 
     Returns ``(y, mean, var)``: ``y`` like ``x`` (cast to ``dtype``), the batch mean and the biased
@@ -178,8 +186,14 @@ class ConvBNReLU(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         x = conv(
-            self.features, self.kernel_size, stride=self.stride, dilation=self.dilation,
-            padding=self.padding, use_bias=self.use_bias, name="0", dtype=self.dtype,
+            self.features,
+            self.kernel_size,
+            stride=self.stride,
+            dilation=self.dilation,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            name="0",
+            dtype=self.dtype,
         )(x)
         x = BatchNorm(dtype=self.dtype, name="1")(x, train)
         return relu(x, self.negative_slope) if self.activate else x

@@ -77,30 +77,50 @@ class MemoryModule(nn.Module):
         if labels is not None:
             # feats are upsampled to the labels' size inside, a band of rows at a time
             replica_memories = update_memory_per_replica(
-                memory, feats, labels, num_replicas, momentum=momentum, strategy=self.update_strategy,
-                ignore_label=self.ignore_label, align_corners=self.align_corners,
+                memory,
+                feats,
+                labels,
+                num_replicas,
+                momentum=momentum,
+                strategy=self.update_strategy,
+                ignore_label=self.ignore_label,
+                align_corners=self.align_corners,
             )
         weights = jax.nn.softmax(class_logits.astype(compute_dtype(class_logits.dtype)), axis=-1)
         if self.use_hard_aggregate:
-            weights = jax.nn.one_hot(jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype)
-        gradient_memory = memory[None] if replica_memories is None else jax.lax.stop_gradient(replica_memories)
+            weights = jax.nn.one_hot(
+                jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype
+            )
+        gradient_memory = (
+            memory[None] if replica_memories is None else jax.lax.stop_gradient(replica_memories)
+        )
         # (N, H, W, K) x (K, F, C) -> (N, H, W, F, C): each pixel's expected memory vectors.
         selected = read_memory(weights, memory, gradient_memory).astype(feats.dtype)
         attention_kwargs = dict(
-            transform_channels=self.transform_channels, out_channels=self.feats_channels,
-            negative_slope=self.negative_slope, dtype=self.dtype,
+            transform_channels=self.transform_channels,
+            out_channels=self.feats_channels,
+            negative_slope=self.negative_slope,
+            dtype=self.dtype,
         )
         conv_kwargs = dict(negative_slope=self.negative_slope, dtype=self.dtype)
         if self.num_feats_per_cls > 1:
-            attended = SlotAttentions(self.num_feats_per_cls, attention_kwargs, name="self_attentions")(feats, selected, train)
-            selected_memory = ConvBNReLU(self.feats_channels, 1, **conv_kwargs, name="fuse_memory_conv")(attended, train)
+            attended = SlotAttentions(
+                self.num_feats_per_cls, attention_kwargs, name="self_attentions"
+            )(feats, selected, train)
+            selected_memory = ConvBNReLU(
+                self.feats_channels, 1, **conv_kwargs, name="fuse_memory_conv"
+            )(attended, train)
         else:
-            selected_memory = SelfAttentionBlock(**attention_kwargs, name="self_attention")(feats, selected[..., 0, :], train)
+            selected_memory = SelfAttentionBlock(**attention_kwargs, name="self_attention")(
+                feats, selected[..., 0, :], train
+            )
         output = ConvBNReLU(self.out_channels, 3, **conv_kwargs, name="bottleneck")(
             jnp.concatenate([feats, selected_memory], axis=-1), train
         )
         if self.use_context_within_image:
-            context = SelfAttentionBlock(**attention_kwargs, name="self_attention_ms")(feats, context, train)
+            context = SelfAttentionBlock(**attention_kwargs, name="self_attention_ms")(
+                feats, context, train
+            )
             output = ConvBNReLU(self.out_channels, 3, **conv_kwargs, name="bottleneck_ms")(
                 jnp.concatenate([context, output], axis=-1), train
             )
@@ -125,8 +145,14 @@ def _read_memory_bwd(residuals, grad):
     weights, memory, gradient_memory = residuals
     replicas = gradient_memory.shape[0]
     grad = grad.reshape(replicas, -1, *grad.shape[1:])
-    grad_weights = jnp.einsum("rnhwfc,rkfc->rnhwk", grad, gradient_memory, precision="highest").reshape(weights.shape)
-    return grad_weights.astype(weights.dtype), jnp.zeros_like(memory), jnp.zeros_like(gradient_memory)
+    grad_weights = jnp.einsum(
+        "rnhwfc,rkfc->rnhwk", grad, gradient_memory, precision="highest"
+    ).reshape(weights.shape)
+    return (
+        grad_weights.astype(weights.dtype),
+        jnp.zeros_like(memory),
+        jnp.zeros_like(gradient_memory),
+    )
 
 
 read_memory.defvjp(_read_memory_fwd, _read_memory_bwd)
@@ -142,12 +168,23 @@ class SlotAttentions(nn.Module):
     def __call__(self, feats: Array, selected: Array, train: bool) -> Array:
         """feats (N, H, W, C), selected (N, H, W, F, C) -> (N, H, W, F * C)."""
         return jnp.concatenate(
-            [SelfAttentionBlock(**self.attention_kwargs, name=str(i))(feats, selected[..., i, :], train) for i in range(self.num_slots)],
+            [
+                SelfAttentionBlock(**self.attention_kwargs, name=str(i))(
+                    feats, selected[..., i, :], train
+                )
+                for i in range(self.num_slots)
+            ],
             axis=-1,
         )
 
 
-def memory_momentum(learning_rate: Array | float, *, base_momentum: float, base_lr: float, adjust_by_learning_rate: bool) -> Array | float:
+def memory_momentum(
+    learning_rate: Array | float,
+    *,
+    base_momentum: float,
+    base_lr: float,
+    adjust_by_learning_rate: bool,
+) -> Array | float:
     """The update momentum; the reference ties it to the learning rate's decay."""
     if adjust_by_learning_rate:
         return base_momentum / base_lr * learning_rate
@@ -182,10 +219,20 @@ def update_memory_per_replica(
     """
     batch = features.shape[0]
     if num_replicas < 1 or batch % num_replicas:
-        raise ValueError(f"a batch of {batch} cannot be split into {num_replicas} equal replica parts")
-    split = lambda x: x.reshape(num_replicas, batch // num_replicas, *x.shape[1:])
-    update = functools.partial(update_memory, momentum=momentum, strategy=strategy, ignore_label=ignore_label,
-                               align_corners=align_corners)
+        raise ValueError(
+            f"a batch of {batch} cannot be split into {num_replicas} equal replica parts"
+        )
+
+    def split(x):
+        return x.reshape(num_replicas, batch // num_replicas, *x.shape[1:])
+
+    update = functools.partial(
+        update_memory,
+        momentum=momentum,
+        strategy=strategy,
+        ignore_label=ignore_label,
+        align_corners=align_corners,
+    )
     return jax.vmap(update, in_axes=(None, 0, 0))(memory, split(features), split(labels))
 
 
@@ -242,25 +289,41 @@ def update_memory(
         row_matrix = np.zeros((num_bands * rows, in_h))
         row_matrix[:out_h] = interpolation_matrix(in_h, out_h, "bilinear", align_corners)
         row_bands = jnp.asarray(row_matrix.reshape(num_bands, rows, in_h), memory.dtype)
-        column_matrix = jnp.asarray(interpolation_matrix(in_w, out_w, "bilinear", align_corners), memory.dtype)
+        column_matrix = jnp.asarray(
+            interpolation_matrix(in_w, out_w, "bilinear", align_corners), memory.dtype
+        )
 
         def band_features(index):  # the rows of resize(features, (out_h, out_w)) in this band
             return resample(features, row_bands[index], column_matrix)
 
     def add_band(totals, band):
         index, labels_of_band = band
-        stats = _class_statistics(memory, band_features(index).reshape(-1, channels), labels_of_band.reshape(-1),
-                                  strategy, ignore_label)
+        stats = _class_statistics(
+            memory,
+            band_features(index).reshape(-1, channels),
+            labels_of_band.reshape(-1),
+            strategy,
+            ignore_label,
+        )
         return jax.tree_util.tree_map(jnp.add, totals, stats), None
 
-    shapes = jax.eval_shape(lambda: _class_statistics(memory, features[:1, :1, :1].reshape(-1, channels),
-                                                      labels[:1, :1, :1].reshape(-1), strategy, ignore_label))
+    shapes = jax.eval_shape(
+        lambda: _class_statistics(
+            memory,
+            features[:1, :1, :1].reshape(-1, channels),
+            labels[:1, :1, :1].reshape(-1),
+            strategy,
+            ignore_label,
+        )
+    )
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     stats, _ = jax.lax.scan(add_band, zeros, (jnp.arange(num_bands), band_labels))
     return _moved_memory(memory, stats, momentum, strategy)
 
 
-def _class_statistics(memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int) -> dict[str, Array]:
+def _class_statistics(
+    memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int
+) -> dict[str, Array]:
     """Sums over pixels (feats (P, C), labels (P,)) that the update needs; they add up over
     parts of the batch: pixel count and feature sum per class, and for ``cosine_similarity``
     the dissimilarity weight and weighted feature sum per memory slot."""
@@ -269,7 +332,9 @@ def _class_statistics(memory: Array, feats: Array, labels: Array, strategy: str,
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
     stats = {
-        "count": jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[:num_classes],
+        "count": jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[
+            :num_classes
+        ],
         "sum": jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes],
     }
     if strategy == "mean":
@@ -279,18 +344,24 @@ def _class_statistics(memory: Array, feats: Array, labels: Array, strategy: str,
     if num_feats == 1:
         slot = jnp.zeros_like(safe_labels)
     else:
-        relation = jnp.einsum("pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest")
+        relation = jnp.einsum(
+            "pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest"
+        )
         slot = jnp.argmax(relation, axis=-1)
     own_memory = jnp.take_along_axis(class_memory, slot[:, None, None], axis=1)[:, 0]
     dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
     slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
     num_segments = num_classes * num_feats + 1
     stats["weight"] = jax.ops.segment_sum(dissimilarity, slot_segment, num_segments)[:-1]
-    stats["weighted"] = jax.ops.segment_sum(feats * dissimilarity[:, None], slot_segment, num_segments)[:-1]
+    stats["weighted"] = jax.ops.segment_sum(
+        feats * dissimilarity[:, None], slot_segment, num_segments
+    )[:-1]
     return stats
 
 
-def _moved_memory(memory: Array, stats: dict[str, Array], momentum: Array | float, strategy: str) -> Array:
+def _moved_memory(
+    memory: Array, stats: dict[str, Array], momentum: Array | float, strategy: str
+) -> Array:
     num_classes, num_feats, channels = memory.shape
     count = stats["count"]
     class_mean = stats["sum"] / jnp.maximum(count, 1.0)[:, None]
@@ -300,13 +371,17 @@ def _moved_memory(memory: Array, stats: dict[str, Array], momentum: Array | floa
     else:
         total = stats["weight"]
         # A slot that no pixel chose gets a zero batch vector: the reference then only decays it.
-        batch_vectors = (stats["weighted"] / jnp.where(total == 0, 1.0, total)[:, None]).reshape(num_classes, num_feats, channels)
+        batch_vectors = (stats["weighted"] / jnp.where(total == 0, 1.0, total)[:, None]).reshape(
+            num_classes, num_feats, channels
+        )
     momentum = jnp.asarray(momentum, memory.dtype)
     moved = (1.0 - momentum) * memory + momentum * batch_vectors
 
     is_zero = jnp.all(memory == 0, axis=-1)  # (K, F)
     has_zero = jnp.any(is_zero, axis=-1)
-    first_zero = jax.nn.one_hot(jnp.argmax(is_zero, axis=-1), num_feats, dtype=bool) & has_zero[:, None]
+    first_zero = (
+        jax.nn.one_hot(jnp.argmax(is_zero, axis=-1), num_feats, dtype=bool) & has_zero[:, None]
+    )
     initialised = jnp.where(first_zero[..., None], class_mean[:, None, :], memory)
     new_memory = jnp.where(has_zero[:, None, None], initialised, moved)
     return jnp.where(present[:, None, None], new_memory, memory)

@@ -9,7 +9,7 @@ matmuls (fast on TPU/GPU and differentiable).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
-from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from mcibi_jax.models.aspp import ASPP
 from mcibi_jax.models.backbones import build_backbone
@@ -28,7 +29,9 @@ class LevelNorms(nn.Module):
     @nn.compact
     def __call__(self, levels: Sequence[Array]) -> list[Array]:
         if len(levels) != self.num_levels:
-            raise ValueError(f"{len(levels)} backbone levels for {self.num_levels} head norm layers")
+            raise ValueError(
+                f"{len(levels)} backbone levels for {self.num_levels} head norm layers"
+            )
         return [
             nn.LayerNorm(epsilon=self.epsilon, use_fast_variance=False, name=str(i))(x)
             for i, x in enumerate(levels)
@@ -45,15 +48,18 @@ class AuxiliaryDecoders(nn.Module):
 
     @nn.compact
     def __call__(self, levels: Sequence[Array], train: bool) -> list[Array]:
-        levels = list(levels)[-len(self.configs):]
+        levels = list(levels)[-len(self.configs) :]
         return [
-            _auxiliary_decoder(cfg, self.num_classes, self.negative_slope, self.dtype, str(i))(x, train)
+            _auxiliary_decoder(cfg, self.num_classes, self.negative_slope, self.dtype, str(i))(
+                x, train
+            )
             for i, (cfg, x) in enumerate(zip(self.configs, levels))
         ]
 
 
-def _auxiliary_decoder(cfg: Auxiliary, num_classes: int, negative_slope: float, dtype: Any,
-                       name: str | None) -> AuxiliaryDecoder:
+def _auxiliary_decoder(
+    cfg: Auxiliary, num_classes: int, negative_slope: float, dtype: Any, name: str | None
+) -> AuxiliaryDecoder:
     return AuxiliaryDecoder(
         out_channels=cfg.out_channels,
         num_classes=num_classes,
@@ -91,11 +97,20 @@ class MCIBI(nn.Module):
             self.norm_layers = LevelNorms(len(head.level_norm_channels), head.level_norm_eps)
         if head.downsample_stride > 1:
             self.downsample_backbone = ConvBNReLU(
-                head.in_channels, 3, stride=head.downsample_stride, padding=1, negative_slope=slope, dtype=self.dtype
+                head.in_channels,
+                3,
+                stride=head.downsample_stride,
+                padding=1,
+                negative_slope=slope,
+                dtype=self.dtype,
             )
         if head.context_dilations:
             self.context_within_image_module = ASPP(
-                head.feats_channels, head.context_dilations, self.align_corners, slope, dtype=self.dtype
+                head.feats_channels,
+                head.context_dilations,
+                self.align_corners,
+                slope,
+                dtype=self.dtype,
             )
         self.bottleneck = ConvBNReLU(head.feats_channels, 3, negative_slope=slope, dtype=self.dtype)
         self.memory_module = MemoryModule(
@@ -112,12 +127,20 @@ class MCIBI(nn.Module):
             negative_slope=slope,
             dtype=self.dtype,
         )
-        self.decoder_stage1 = ClassifierDecoder(head.feats_channels, self.num_classes, head.dropout, slope, self.dtype)
-        self.decoder_stage2 = ClassifierDecoder(head.out_channels, self.num_classes, head.dropout, slope, self.dtype)
+        self.decoder_stage1 = ClassifierDecoder(
+            head.feats_channels, self.num_classes, head.dropout, slope, self.dtype
+        )
+        self.decoder_stage2 = ClassifierDecoder(
+            head.out_channels, self.num_classes, head.dropout, slope, self.dtype
+        )
         if len(self.auxiliary) == 1:
-            self.auxiliary_decoder = _auxiliary_decoder(self.auxiliary[0], self.num_classes, slope, self.dtype, None)
+            self.auxiliary_decoder = _auxiliary_decoder(
+                self.auxiliary[0], self.num_classes, slope, self.dtype, None
+            )
         elif len(self.auxiliary) > 1:
-            self.auxiliary_decoder = AuxiliaryDecoders(self.auxiliary, self.num_classes, slope, self.dtype)
+            self.auxiliary_decoder = AuxiliaryDecoders(
+                self.auxiliary, self.num_classes, slope, self.dtype
+            )
 
     def backbone_levels(self, images: Array, train: bool) -> list[Array]:
         """Backbone outputs picked by ``selected_indices``, normalised and downsampled."""
@@ -140,17 +163,26 @@ class MCIBI(nn.Module):
     ) -> dict[str, Any]:
         levels = self.backbone_levels(images, train)
         top = levels[-1]
-        context = self.context_within_image_module(top, train) if self.head.context_dilations else None
+        context = (
+            self.context_within_image_module(top, train) if self.head.context_dilations else None
+        )
         features = self.bottleneck(top, train)
         stage1 = self.decoder_stage1(features, train)
-        fused, replica_memories = self.memory_module(features, stage1, context, train, labels, memory_momentum, num_replicas)
+        fused, replica_memories = self.memory_module(
+            features, stage1, context, train, labels, memory_momentum, num_replicas
+        )
         stage2 = self.decoder_stage2(fused, train)
         aux: tuple[Array, ...] = ()
         if len(self.auxiliary) == 1:
             aux = (self.auxiliary_decoder(levels[-2], train),)
         elif len(self.auxiliary) > 1:
             aux = tuple(self.auxiliary_decoder(levels[:-1], train))
-        return {"stage1": stage1, "stage2": stage2, "aux": aux, "replica_memories": replica_memories}
+        return {
+            "stage1": stage1,
+            "stage2": stage2,
+            "aux": aux,
+            "replica_memories": replica_memories,
+        }
 
     def classify_memory(self, memory: Array, train: bool = False) -> Array:
         """Stage-2 logits of every memory vector: (..., C) -> (prod(...), num_classes)."""

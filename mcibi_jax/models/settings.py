@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mcibi_jax.config import ConfigError
 
@@ -72,7 +73,8 @@ def typed(cls: type, values: Mapping[str, Any], where: str) -> Any:
     missing = [name for name in names if name not in values]
     if unknown or missing:
         parts = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + (
-            [f"missing key(s) {', '.join(missing)}"] if missing else [])
+            [f"missing key(s) {', '.join(missing)}"] if missing else []
+        )
         raise ConfigError(f"{where}: {'; '.join(parts)} (expected exactly: {', '.join(names)})")
     kwargs = {}
     for name in names:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -20,7 +21,9 @@ def _describe(items: list[str], limit: int = 20) -> str:
     return f"\n  {shown}{more}"
 
 
-def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any]) -> dict:
+def state_dict_to_variables(
+    state_dict: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any]
+) -> dict:
     """Flax variables with the structure of ``abstract_variables`` filled from ``state_dict``.
 
     Every key of the state_dict must be consumed and every leaf filled, with matching
@@ -40,18 +43,28 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], abstract_varia
             continue
         expected = tuple(targets[path].shape)
         if torch_shape_to_flax(path, value.shape) != expected:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model expects {expected} as {'/'.join(path)}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(value.shape)}, model expects {expected} as {'/'.join(path)}"
+            )
             mismatched_paths.add(path)
             continue
         filled[path] = to_flax_array(path, value).astype(targets[path].dtype, copy=False)
-    missing = ["/".join(p) + f" {tuple(targets[p].shape)}" for p in targets if p not in filled and p not in mismatched_paths]
+    missing = [
+        "/".join(p) + f" {tuple(targets[p].shape)}"
+        for p in targets
+        if p not in filled and p not in mismatched_paths
+    ]
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches:" + _describe(mismatched))
     if unused:
-        problems.append(f"{len(unused)} checkpoint keys the model has no place for:" + _describe(unused))
+        problems.append(
+            f"{len(unused)} checkpoint keys the model has no place for:" + _describe(unused)
+        )
     if missing:
-        problems.append(f"{len(missing)} model variables the checkpoint does not provide:" + _describe(missing))
+        problems.append(
+            f"{len(missing)} model variables the checkpoint does not provide:" + _describe(missing)
+        )
     if problems:
         raise PortError("the checkpoint does not match the model config.\n" + "\n".join(problems))
     return traverse_util.unflatten_dict(filled)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +38,18 @@ def _probe_size(model_config: Mapping[str, Any]) -> int:
     return 64
 
 
-def variables_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict:
+def variables_from_state_dict(
+    state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> dict:
     """Flax variables (params, batch_stats, memory) of ``config``'s model from a state_dict."""
     model_config = model_config_of(config)
     model = build_model(model_config)
     return state_dict_to_variables(state_dict, abstract_variables(model, model_config))
 
 
-def variables_from_pth(path: str | os.PathLike, config: Mapping[str, Any], entry: str | None = None) -> dict:
+def variables_from_pth(
+    path: str | os.PathLike, config: Mapping[str, Any], entry: str | None = None
+) -> dict:
     """Reads a released ``.pth`` (without torch) and maps it onto ``config``'s model."""
     state_dict = load_state_dict(path, entry=entry)
     try:
@@ -60,7 +65,11 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any]) -
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new output directory")
-    tree = {k: jax.tree_util.tree_map(np.asarray, dict(variables[k])) for k in VARIABLE_COLLECTIONS if k in variables}
+    tree = {
+        k: jax.tree_util.tree_map(np.asarray, dict(variables[k]))
+        for k in VARIABLE_COLLECTIONS
+        if k in variables
+    }
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory, tree)
     return directory
@@ -80,7 +89,9 @@ def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> d
         try:
             restored = checkpointer.restore(directory, target)
         except (ValueError, KeyError) as error:
-            raise PortError(f"the checkpoint at {directory} does not match the model config: {error}") from None
+            raise PortError(
+                f"the checkpoint at {directory} does not match the model config: {error}"
+            ) from None
     # orbax restores the stored shapes whatever the target says: compare them ourselves.
     wanted = traverse_util.flatten_dict(target)
     got = traverse_util.flatten_dict(dict(restored))
@@ -89,8 +100,16 @@ def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> d
         for path, leaf in wanted.items()
         if path not in got or tuple(np.shape(got[path])) != tuple(leaf.shape)
     ]
-    mismatches += [f"{'/'.join(path)}: in the checkpoint, not in the model" for path in got if path not in wanted]
+    mismatches += [
+        f"{'/'.join(path)}: in the checkpoint, not in the model"
+        for path in got
+        if path not in wanted
+    ]
     if mismatches:
-        shown = "\n  ".join(mismatches[:20]) + (f"\n  ... and {len(mismatches) - 20} more" if len(mismatches) > 20 else "")
-        raise PortError(f"the checkpoint at {directory} does not match the model config ({len(mismatches)} variables):\n  {shown}")
+        shown = "\n  ".join(mismatches[:20]) + (
+            f"\n  ... and {len(mismatches) - 20} more" if len(mismatches) > 20 else ""
+        )
+        raise PortError(
+            f"the checkpoint at {directory} does not match the model config ({len(mismatches)} variables):\n  {shown}"
+        )
     return jax.tree_util.tree_map(jnp.asarray, restored)

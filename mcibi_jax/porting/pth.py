@@ -107,7 +107,9 @@ class _Frozen:
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise _Bad(f"it tries to modify {self!r}; released checkpoints never do", verb="refusing to load")
+        raise _Bad(
+            f"it tries to modify {self!r}; released checkpoints never do", verb="refusing to load"
+        )
 
     def __repr__(self) -> str:
         return getattr(self, "name", "a storage")
@@ -155,8 +157,11 @@ class _Budget:
 
     def charge(self, nbytes: int, size: tuple[int, ...]) -> None:
         if nbytes > self.left:
-            raise _Bad(f"a tensor of shape {size} would take {nbytes} bytes: more than the file's storages "
-                       "can fill (broadcast or repeated views of the same data)", verb="refusing to load")
+            raise _Bad(
+                f"a tensor of shape {size} would take {nbytes} bytes: more than the file's storages "
+                "can fill (broadcast or repeated views of the same data)",
+                verb="refusing to load",
+            )
         self.left -= nbytes
 
 
@@ -168,7 +173,13 @@ class _Buffer:
 
     __slots__ = ("raw", "big_endian", "handed_out", "budget")
 
-    def __init__(self, raw: np.ndarray | None, budget: _Budget, big_endian: bool = False, handed_out: bool = False):
+    def __init__(
+        self,
+        raw: np.ndarray | None,
+        budget: _Budget,
+        big_endian: bool = False,
+        handed_out: bool = False,
+    ):
         self.raw = raw
         self.big_endian = big_endian
         self.handed_out = handed_out
@@ -203,7 +214,9 @@ def _c_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None) -> np.ndarray | None:
+def _tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None
+) -> np.ndarray | None:
     """C-contiguous array of ``size`` read from ``storage`` at element ``offset`` with ``stride``."""
     if not isinstance(storage, _Storage):
         raise _Bad(f"tensor data is a {type(storage).__name__}, not a storage")
@@ -241,7 +254,10 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype |
         return flat.reshape(size)
     buffer.budget.charge(numel * dtype.itemsize, size)
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], shape=size, strides=tuple(s * dtype.itemsize for s in stride), writeable=False
+        flat[offset:],
+        shape=size,
+        strides=tuple(s * dtype.itemsize for s in stride),
+        writeable=False,
     )
     return np.array(view, dtype=dtype, order="C")
 
@@ -262,11 +278,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
+):
     return _apply_metadata(_tensor(storage, storage_offset, size, stride), metadata)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+def _rebuild_tensor_v3(
+    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
     if not isinstance(dtype, _TorchDtype):
         raise _Bad(f"tensor dtype {dtype!r} is not a torch dtype")
     return _apply_metadata(_tensor(storage, storage_offset, size, stride, dtype.numpy), metadata)
@@ -280,13 +300,22 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     return data
 
 
-_TENSOR_REBUILDS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
-                    _rebuild_parameter_with_state)
+_TENSOR_REBUILDS = (
+    _rebuild_tensor,
+    _rebuild_tensor_v2,
+    _rebuild_tensor_v3,
+    _rebuild_parameter,
+    _rebuild_parameter_with_state,
+)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     # A tensor or parameter carrying Python attributes: keep the data, drop the attributes.
-    if not (isinstance(func, _Global) and func.fn in _TENSOR_REBUILDS and isinstance(new_type, _TensorClass)):
+    if not (
+        isinstance(func, _Global)
+        and func.fn in _TENSOR_REBUILDS
+        and isinstance(new_type, _TensorClass)
+    ):
         raise _Bad("unsupported tensor subclass")
     if not isinstance(args, tuple):
         raise _Bad("malformed tensor record")
@@ -373,7 +402,9 @@ for _name in ("torch.UntypedStorage", "torch.storage.UntypedStorage"):
     _ALLOWED[_name] = _StorageType(name=_name, dtype=np.dtype(np.uint8))
 for _cls, _dtype_name in _STORAGE_CLASSES.items():
     for _module in ("torch", "torch.cuda"):  # torch < 1.13 names GPU storages torch.cuda.*
-        _ALLOWED[f"{_module}.{_cls}"] = _StorageType(name=f"{_module}.{_cls}", dtype=_DTYPES[_dtype_name])
+        _ALLOWED[f"{_module}.{_cls}"] = _StorageType(
+            name=f"{_module}.{_cls}", dtype=_DTYPES[_dtype_name]
+        )
 for _dtype_name, _dtype in _DTYPES.items():
     _ALLOWED[f"torch.{_dtype_name}"] = _TorchDtype(name=f"torch.{_dtype_name}", numpy=_dtype)
 
@@ -387,10 +418,13 @@ def _find_global(module: str, name: str) -> Any:
     if module.startswith("torch.nn.modules."):
         raise _Bad(f"it pickles a whole model ({full}); this reader needs a state_dict checkpoint")
     if module == "torch" or module.startswith("torch."):
-        raise _Bad(f"it uses {full}, which this torch-free reader does not support "
-                   "(only dense tensors in plain containers)")
-    raise _Bad(f"it references {full}; released checkpoints only contain tensors",
-               verb="refusing to load")
+        raise _Bad(
+            f"it uses {full}, which this torch-free reader does not support "
+            "(only dense tensors in plain containers)"
+        )
+    raise _Bad(
+        f"it references {full}; released checkpoints only contain tensors", verb="refusing to load"
+    )
 
 
 class _Unpickler(pickle.Unpickler):
@@ -409,7 +443,9 @@ def _no_persistent(pid: Any) -> Any:
     raise _Bad("unexpected storage reference outside the main pickle")
 
 
-def _unpickle(file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] = _no_persistent) -> Any:
+def _unpickle(
+    file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] = _no_persistent
+) -> Any:
     try:
         return _plain(_Unpickler(file, persistent_load).load(), {})
     except _Bad:
@@ -417,8 +453,10 @@ def _unpickle(file: io.BufferedIOBase, persistent_load: Callable[[Any], Any] = _
     except RecursionError:
         raise _Bad("its pickle nests too deeply") from None
     except AttributeError as e:  # BUILD on an object without attributes (e.g. a list)
-        raise _Bad(f"it tries to set attributes ({e}); released checkpoints never do",
-                   verb="refusing to load") from None
+        raise _Bad(
+            f"it tries to set attributes ({e}); released checkpoints never do",
+            verb="refusing to load",
+        ) from None
     except Exception as e:  # anything the pickle machine raises on malformed input
         raise _Bad(f"corrupt or truncated pickle data ({type(e).__name__}: {e})") from None
 
@@ -432,7 +470,12 @@ def _storage_id(pid: Any, legacy: bool) -> tuple[_StorageType, str, int, Any]:
         raise _Bad(f"unsupported persistent record {kind!r}")
     storage_type, key, _location, numel = pid[1:5]
     view = pid[5] if legacy else None
-    if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not _is_int(numel) or numel < 0:
+    if (
+        not isinstance(storage_type, _StorageType)
+        or not isinstance(key, str)
+        or not _is_int(numel)
+        or numel < 0
+    ):
         raise _Bad(f"malformed storage reference {pid!r}")
     return storage_type, key, numel, view
 
@@ -477,8 +520,10 @@ class _Records:
         if info.flag_bits & 0x1:
             raise _Bad(f"{name} is encrypted")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _Bad(f"{name} uses zip compression method {info.compress_type}; "
-                       "only stored and deflated records are supported")
+            raise _Bad(
+                f"{name} uses zip compression method {info.compress_type}; "
+                "only stored and deflated records are supported"
+            )
         if info.file_size != size:
             raise _Bad(f"{name} holds {info.file_size} bytes, but the pickle needs {size}")
         self.file.seek(info.header_offset)
@@ -500,8 +545,11 @@ class _Records:
                 raise _Bad(f"checksum mismatch in {name}: the file is corrupt")
             return data
         if size > info.compress_size * _DEFLATE_MAX_RATIO + 1024:
-            raise _Bad(f"{name} claims to inflate {info.compress_size} bytes to {size}, "
-                       "more than deflate can (a zip bomb?)", verb="refusing to load")
+            raise _Bad(
+                f"{name} claims to inflate {info.compress_size} bytes to {size}, "
+                "more than deflate can (a zip bomb?)",
+                verb="refusing to load",
+            )
         out, done = np.empty(size, np.uint8), 0
         try:
             with self.archive.open(info) as stream:  # stops at file_size, checks the CRC there
@@ -519,9 +567,12 @@ class _Records:
 
     def _claim(self, start: int, end: int, name: str) -> None:
         i = bisect.bisect(self.spans, (start, end))
-        if (i > 0 and self.spans[i - 1][1] > start) or (i < len(self.spans) and self.spans[i][0] < end):
-            raise _Bad(f"{name} overlaps another record; torch never writes that",
-                       verb="refusing to load")
+        if (i > 0 and self.spans[i - 1][1] > start) or (
+            i < len(self.spans) and self.spans[i][0] < end
+        ):
+            raise _Bad(
+                f"{name} overlaps another record; torch never writes that", verb="refusing to load"
+            )
         self.spans.insert(i, (start, end))
 
 
@@ -565,7 +616,9 @@ def _load_zip(file: io.BufferedIOBase) -> Any:
             buffers[key] = _Buffer(records.read(info, size), budget, big_endian)
             budget.add_storage(size)
         elif buffers[key].raw.nbytes != size:
-            raise _Bad(f"storage {key} is referenced with two sizes ({buffers[key].raw.nbytes} and {size} bytes)")
+            raise _Bad(
+                f"storage {key} is referenced with two sizes ({buffers[key].raw.nbytes} and {size} bytes)"
+            )
         ident = (key, storage_type.dtype)
         if ident not in storages:
             storages[ident] = _Storage(buffers[key], storage_type.dtype)
@@ -573,8 +626,11 @@ def _load_zip(file: io.BufferedIOBase) -> Any:
 
     info = archive.getinfo(f"{root}/data.pkl")
     if info.file_size > _MAX_PICKLE_BYTES:
-        raise _Bad(f"its data.pkl claims {info.file_size} bytes, more than the "
-                   f"{_MAX_PICKLE_BYTES >> 20} MiB a checkpoint's pickle needs", verb="refusing to load")
+        raise _Bad(
+            f"its data.pkl claims {info.file_size} bytes, more than the "
+            f"{_MAX_PICKLE_BYTES >> 20} MiB a checkpoint's pickle needs",
+            verb="refusing to load",
+        )
     pickled = records.read(info, info.file_size)
     return _unpickle(io.BytesIO(memoryview(pickled)), persistent_load)
 
@@ -611,12 +667,16 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
         elif dtypes[key] != dtype:
             raise _Bad(f"storage {key} is referenced with two element types")
         elif numels[key] != numel:
-            raise _Bad(f"storage {key} is referenced with two sizes ({numels[key]} and {numel} elements)")
+            raise _Bad(
+                f"storage {key} is referenced with two sizes ({numels[key]} and {numel} elements)"
+            )
         buffer = buffers[key]
         if view is None:
             return _Storage(buffer, dtype)
         # A view on part of a storage (very old files): (view key, element offset, element count).
-        if not (isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])):
+        if not (
+            isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])
+        ):
             raise _Bad(f"malformed storage view {view!r}")
         view_key, offset, count = view
         if (view_key, dtype) not in views:
@@ -649,8 +709,10 @@ def _load_legacy(file: io.BufferedIOBase) -> Any:
             raise _Bad(f"storage {key} is stored twice")
         size = numel * dtypes[key].itemsize
         if size > length - file.tell():  # checked before allocating the buffer
-            raise _Bad(f"file is truncated inside storage {key} ({size} bytes declared, "
-                       f"{length - file.tell()} left in the file)")
+            raise _Bad(
+                f"file is truncated inside storage {key} ({size} bytes declared, "
+                f"{length - file.tell()} left in the file)"
+            )
         buffers[key].raw = _read_exact(file, size, f"storage {key}")
         budget.add_storage(size)
     missing = [k for k, b in buffers.items() if b.raw is None]
@@ -723,7 +785,9 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[s
     else:
         state = ckpt
     if not isinstance(state, Mapping):
-        raise PthError(f"cannot load {path}: the state_dict is a {type(state).__name__}, not a dict")
+        raise PthError(
+            f"cannot load {path}: the state_dict is a {type(state).__name__}, not a dict"
+        )
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad and state is ckpt:
         keys = [str(k) for k in list(ckpt)[:10]]
@@ -732,7 +796,9 @@ def load_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[s
             f"a state_dict (top-level keys: {keys}); pick one with entry="
         )
     if bad:
-        raise PthError(f"cannot load {path}: not a state_dict, its entry {bad[0]!r} is not a tensor")
+        raise PthError(
+            f"cannot load {path}: not a state_dict, its entry {bad[0]!r} is not a tensor"
+        )
     out = dict(state)
     if out and all(k.startswith("module.") for k in out):
         out = {k[len("module.") :]: v for k, v in out.items()}
@@ -851,7 +917,9 @@ def save_state_dict(
                 array = array.astype(array.dtype.newbyteorder("="))
             torch_dtype = _torch_dtype_name(array.dtype)
             if torch_dtype is None:
-                raise PthError(f"cannot save {path}: {name!r} has dtype {array.dtype}, which torch cannot hold")
+                raise PthError(
+                    f"cannot save {path}: {name!r} has dtype {array.dtype}, which torch cannot hold"
+                )
             array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
             writer.str_(name)
             writer.tensor(str(len(arrays)), array, torch_dtype)
@@ -883,7 +951,9 @@ def _write_aligned(archive: zipfile.ZipFile, file: io.BufferedIOBase, name: str,
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = len(data) if isinstance(data, bytes) else data.nbytes
-    zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule for a 20-byte zip64 extra
+    zip64 = (
+        info.file_size * 1.05 > zipfile.ZIP64_LIMIT
+    )  # zipfile's own rule for a 20-byte zip64 extra
     header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
     pad = -(file.tell() + header) % _ALIGNMENT
     info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # padding field, id "FB" like torch

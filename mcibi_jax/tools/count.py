@@ -12,7 +12,8 @@ lowered from abstract shapes. XLA counts a multiply-add as 2 FLOPs.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,9 @@ from mcibi_jax.models.segmentor import build_model
 def default_size(config: Mapping[str, Any]) -> tuple[int, int]:
     """``dataset.train.crop_size`` or, for the generated dataset, ``dataset.image_size``."""
     dataset = config["dataset"]
-    size = (dataset.get("train", None) or {}).get("crop_size", None) or dataset.get("image_size", None)
+    size = (dataset.get("train", None) or {}).get("crop_size", None) or dataset.get(
+        "image_size", None
+    )
     if not size:
         raise ConfigError("the config has no dataset.train.crop_size; pass --size=HxW")
     size = tuple(int(s) for s in (size if isinstance(size, (list, tuple)) else (size, size)))
@@ -33,7 +36,7 @@ def default_size(config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"512x1024" -> (512, 1024); "512" -> (512, 512)."""
+    """ "512x1024" -> (512, 1024); "512" -> (512, 512)."""
     parts = text.lower().replace(",", "x").split("x")
     try:
         values = [int(p) for p in parts]
@@ -53,13 +56,18 @@ def _abstract_variables(model: Any, size: tuple[int, int]) -> dict[str, Any]:
 
 def count_parameters(params: Mapping[str, Any]) -> dict[str, int]:
     """{top-level module: number of parameters} of a params tree (shapes or arrays)."""
-    return {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(sub)) for name, sub in params.items()}
+    return {
+        name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(sub))
+        for name, sub in params.items()
+    }
 
 
 def forward_flops(model: Any, variables: Mapping[str, Any], size: tuple[int, int]) -> float:
     """FLOPs of one eval-mode forward of a (1, H, W, 3) image, by XLA's cost analysis."""
     images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
-    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
+    compiled = (
+        jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
+    )
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
         analysis = analysis[0] if analysis else {}
@@ -72,8 +80,12 @@ def model_counts(config: Mapping[str, Any], size: tuple[int, int] | None = None)
     model = build_model(config["model"])
     variables = _abstract_variables(model, size)
     params = count_parameters(variables["params"])
-    return {"size": size, "params": params, "total_params": sum(params.values()),
-            "flops": forward_flops(model, variables, size)}
+    return {
+        "size": size,
+        "params": params,
+        "total_params": sum(params.values()),
+        "flops": forward_flops(model, variables, size),
+    }
 
 
 def human(value: float) -> str:
@@ -88,16 +100,26 @@ def format_counts(counts: Mapping[str, Any]) -> str:
     width = max(len("total"), *(len(k) for k in counts["params"]))
     lines = [f"{'module':<{width}}  {'params':>10}"]
     lines += [f"{name:<{width}}  {human(n):>10}  ({n:,})" for name, n in counts["params"].items()]
-    lines.append(f"{'total':<{width}}  {human(counts['total_params']):>10}  ({counts['total_params']:,})")
+    lines.append(
+        f"{'total':<{width}}  {human(counts['total_params']):>10}  ({counts['total_params']:,})"
+    )
     h, w = counts["size"]
-    lines.append(f"forward FLOPs per {h}x{w} image: {human(counts['flops'])} ({counts['flops']:.4g})")
+    lines.append(
+        f"forward FLOPs per {h}x{w} image: {human(counts['flops'])} ({counts['flops']:.4g})"
+    )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandLineParser(prog="python -m mcibi_jax.tools.count", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50")
-    parser.add_argument("--size", default=None, help="image size HxW (default: dataset.train.crop_size)")
+    parser = CommandLineParser(
+        prog="python -m mcibi_jax.tools.count", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50"
+    )
+    parser.add_argument(
+        "--size", default=None, help="image size HxW (default: dataset.train.crop_size)"
+    )
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = config_overrides(parser, rest)
     try:

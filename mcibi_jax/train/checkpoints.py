@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -70,8 +71,10 @@ class ProcessDataHandler(ocp.AsyncCheckpointHandler):
         path.write_text(text)
 
     def save(self, directory: Any, args: ProcessDataSave) -> None:
-        self.write(directory / process_file(jax.process_index(), jax.process_count()),
-                   json.dumps(args.state, indent=1) + "\n")
+        self.write(
+            directory / process_file(jax.process_index(), jax.process_count()),
+            json.dumps(args.state, indent=1) + "\n",
+        )
 
     def restore(self, directory: Any, args: ProcessDataRestore | None = None) -> Any:
         index, count = jax.process_index(), jax.process_count()
@@ -82,9 +85,15 @@ class ProcessDataHandler(ocp.AsyncCheckpointHandler):
         if count == 1 and legacy.exists():
             return json.loads(legacy.read_text())
         found = sorted(p.name for p in directory.glob("process_*-of-*.json"))
-        saved = f"written by {found[0].split('-of-')[1][:-5]} process(es)" if found else "without a data state"
-        raise DataStateMismatch(f"the checkpoint was {saved}, and this run has {count} "
-                                f"(no {path.name}); resume with the same number of processes")
+        saved = (
+            f"written by {found[0].split('-of-')[1][:-5]} process(es)"
+            if found
+            else "without a data state"
+        )
+        raise DataStateMismatch(
+            f"the checkpoint was {saved}, and this run has {count} "
+            f"(no {path.name}); resume with the same number of processes"
+        )
 
     def metadata(self, directory: Any) -> None:
         return None
@@ -118,8 +127,11 @@ class TrainCheckpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, int(keep))), create=True,
-                enable_async_checkpointing=True, cleanup_tmp_directories=True),
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, int(keep))),
+                create=True,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,
+            ),
             item_names=("state", "data"),
         )
 
@@ -133,8 +145,12 @@ class TrainCheckpoints:
         """Starts saving ``state`` and this process's ``data_state`` (call it on every process);
         returns the checkpoint's directory, complete after the next ``save``, ``wait`` or ``close``."""
         step = int(state.step)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                           data=ProcessDataSave(data_state or {})))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ProcessDataSave(data_state or {})
+            ),
+        )
         return self.step_directory(step)
 
     def wait(self) -> None:
@@ -150,7 +166,11 @@ class TrainCheckpoints:
             return None
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like), data=ProcessDataRestore()))
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(like), data=ProcessDataRestore()
+                ),
+            )
         except DataStateMismatch as error:
             raise ConfigError(f"cannot resume from {self.step_directory(step)}: {error}") from None
         except (ValueError, KeyError, TypeError) as error:
@@ -161,8 +181,10 @@ class TrainCheckpoints:
                 "their variables with that version, then train on with train.init_from)."
             ) from None
         except (OSError, RuntimeError) as error:
-            raise ConfigError(f"cannot read the training checkpoint {self.step_directory(step)}: {_first_line(error)}. "
-                              "Remove that directory to resume from the one before, or use a new --workdir.") from None
+            raise ConfigError(
+                f"cannot read the training checkpoint {self.step_directory(step)}: {_first_line(error)}. "
+                "Remove that directory to resume from the one before, or use a new --workdir."
+            ) from None
         return restored.state, restored.data
 
     def close(self) -> None:
@@ -197,7 +219,9 @@ class BestCheckpoint:
         self._new = self.directory.with_name(self.directory.name + ".new")
         self._old = self.directory.with_name(self.directory.name + ".old")
         if jax.process_index() == 0:
-            if not self.directory.exists() and self._old.exists():  # stopped between the two renames
+            if (
+                not self.directory.exists() and self._old.exists()
+            ):  # stopped between the two renames
                 self._old.rename(self.directory)
             for leftover in (self._new, self._old):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -209,19 +233,25 @@ class BestCheckpoint:
         info = self.directory / self.INFO
         return json.loads(info.read_text()) if info.exists() else None
 
-    def offer(self, variables: Mapping[str, Any], metrics: Mapping[str, Any], **details: Any) -> bool:
+    def offer(
+        self, variables: Mapping[str, Any], metrics: Mapping[str, Any], **details: Any
+    ) -> bool:
         """Makes ``variables`` the best if ``metrics[self.metric]`` beats the current best (no
         score, NaN or None as in results.json, never does); returns whether it did."""
         from mcibi_jax.porting.port import save_variables
 
         value = float("nan") if metrics[self.metric] is None else float(metrics[self.metric])
         current = self.record
-        if not math.isfinite(value) or (current is not None and value <= float(current[self.metric])):
+        if not math.isfinite(value) or (
+            current is not None and value <= float(current[self.metric])
+        ):
             return False
         save_variables(self._new, variables)
         _sync("mcibi_best_checkpoint_saved")
         if jax.process_index() == 0:
-            (self._new / self.INFO).write_text(json.dumps({**details, self.metric: value}, indent=2) + "\n")
+            (self._new / self.INFO).write_text(
+                json.dumps({**details, self.metric: value}, indent=2) + "\n"
+            )
             if self.directory.exists():
                 self.directory.rename(self._old)
             self._new.rename(self.directory)
@@ -249,11 +279,15 @@ def new_checkpoint_dir(workdir: Path, step: int) -> Path:
 def latest_checkpoint(workdir: Path) -> Path:
     """The newest exported checkpoint under WORKDIR/checkpoints (the best-so-far one aside)."""
     root = Path(workdir) / "checkpoints"
-    found = [p for p in root.glob("*")  # nothing when there is no such folder
-             if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())]
+    found = [
+        p
+        for p in root.glob("*")  # nothing when there is no such folder
+        if p.is_dir() and not p.name.startswith(BEST) and any(p.iterdir())
+    ]
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {root}; train first (--mode=train or "
-                                "train_and_eval)")
+        raise FileNotFoundError(
+            f"no checkpoint under {root}; train first (--mode=train or train_and_eval)"
+        )
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
@@ -264,7 +298,10 @@ def checkpoint_to_evaluate(workdir: Path, choice: str) -> Path:
         return latest_checkpoint(workdir)
     path = Path(workdir) / "checkpoints" / BEST if choice == BEST else Path(choice).absolute()
     if not path.is_dir():
-        hint = " (it is written when train.eval_every > 0 or in --mode=train_and_eval)" \
-            if choice == BEST else ""
+        hint = (
+            " (it is written when train.eval_every > 0 or in --mode=train_and_eval)"
+            if choice == BEST
+            else ""
+        )
         raise FileNotFoundError(f"eval.checkpoint={choice!r}: no checkpoint at {path}{hint}")
     return path

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,16 @@ from mcibi_jax.train.writers import read_records
 CURVES = "curves.png"
 WIDTH, PANEL_HEIGHT = 720, 210
 MARGIN = {"left": 70, "right": 150, "top": 26, "bottom": 30}
-COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127))
+COLOURS = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+)
 Series = tuple[str, Sequence[float], Sequence[float]]  # (name, steps, values)
 
 
@@ -55,17 +64,23 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _panel(draw: Any, top: int, title: str, series: Sequence[Series], last_step: float, empty: str) -> None:
+def _panel(
+    draw: Any, top: int, title: str, series: Sequence[Series], last_step: float, empty: str
+) -> None:
     """One panel: axes with round ticks, each series as a line (dots where it has few points)."""
     font = _font(12)
     left, right = MARGIN["left"], WIDTH - MARGIN["right"]
     y0, y1 = top + MARGIN["top"], top + PANEL_HEIGHT - MARGIN["bottom"]
     draw.text((left, top + 6), title, fill=(0, 0, 0), font=_font(14))
     draw.rectangle((left, y0, right, y1), outline=(120, 120, 120))
-    values = np.concatenate([np.asarray(v, np.float64) for _, _, v in series]) if series else np.zeros(0)
+    values = (
+        np.concatenate([np.asarray(v, np.float64) for _, _, v in series]) if series else np.zeros(0)
+    )
     values = values[np.isfinite(values)]
     if values.size == 0:
-        draw.text(((left + right) // 2 - 60, (y0 + y1) // 2 - 6), empty, fill=(110, 110, 110), font=font)
+        draw.text(
+            ((left + right) // 2 - 60, (y0 + y1) // 2 - 6), empty, fill=(110, 110, 110), font=font
+        )
         return
     ticks = nice_ticks(float(values.min()), float(values.max()))
     low, high = ticks[0], ticks[-1]
@@ -86,7 +101,9 @@ def _panel(draw: Any, top: int, title: str, series: Sequence[Series], last_step:
         draw.text((x(tick), y1 + 6), _label(tick), fill=(60, 60, 60), font=font, anchor="ma")
     for index, (name, steps, series_values) in enumerate(series):
         colour = COLOURS[index % len(COLOURS)]
-        points = [(x(s), y(v)) for s, v in zip(steps, series_values) if v is not None and math.isfinite(v)]
+        points = [
+            (x(s), y(v)) for s, v in zip(steps, series_values) if v is not None and math.isfinite(v)
+        ]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2 if index == 0 else 1)
         if len(points) <= 20:
@@ -113,18 +130,38 @@ def draw_curves(records: Sequence[Mapping[str, Any]]) -> Any:
 
     image = Image.new("RGB", (WIDTH, 3 * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    _panel(draw, 0, "training loss (mean since the previous line)", [series(train, k) for k in loss_keys if
-                                                                      any(r.get(k) is not None for r in train)],
-           last_step, "no training steps yet")
-    _panel(draw, PANEL_HEIGHT, "learning rate", [series(train, "lr")] if train else [], last_step, "no training steps yet")
+    _panel(
+        draw,
+        0,
+        "training loss (mean since the previous line)",
+        [series(train, k) for k in loss_keys if any(r.get(k) is not None for r in train)],
+        last_step,
+        "no training steps yet",
+    )
+    _panel(
+        draw,
+        PANEL_HEIGHT,
+        "learning rate",
+        [series(train, "lr")] if train else [],
+        last_step,
+        "no training steps yet",
+    )
     best = max((r["eval/mIoU"] for r in evaluations), default=None)
     title = "held-out mIoU (%)" + (f", best {best:.2f}" if best is not None else "")
-    _panel(draw, 2 * PANEL_HEIGHT, title, [series(evaluations, "eval/mIoU", "mIoU")] if evaluations else [],
-           last_step, "no evaluation yet")
+    _panel(
+        draw,
+        2 * PANEL_HEIGHT,
+        title,
+        [series(evaluations, "eval/mIoU", "mIoU")] if evaluations else [],
+        last_step,
+        "no evaluation yet",
+    )
     return image
 
 
-def write_curves(workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]] | None = None) -> Path:
+def write_curves(
+    workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]] | None = None
+) -> Path:
     """Draws ``WORKDIR/curves.png`` from ``records`` (default: WORKDIR/metrics.jsonl), through a
     temporary file so a reader never sees half a picture."""
     workdir = Path(workdir)

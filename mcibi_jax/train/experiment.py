@@ -24,8 +24,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 
@@ -75,8 +76,10 @@ def _log(message: str) -> None:
 def check_dataset_config(config: Mapping[str, Any]) -> None:
     """Raises ConfigError when the dataset and the model disagree on the classes."""
     if config["dataset"]["num_classes"] != config["model"]["num_classes"]:
-        raise ConfigError(f"dataset.num_classes={config['dataset']['num_classes']} but "
-                          f"model.num_classes={config['model']['num_classes']}")
+        raise ConfigError(
+            f"dataset.num_classes={config['dataset']['num_classes']} but "
+            f"model.num_classes={config['model']['num_classes']}"
+        )
 
 
 def check_train_config(config: Mapping[str, Any]) -> None:
@@ -86,14 +89,17 @@ def check_train_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.num_epochs must be at least 1, got {train_config['num_epochs']}")
     batch_size, devices = int(train_config["batch_size"]), jax.device_count()
     if batch_size < 1 or batch_size % devices:
-        raise ConfigError(f"train.batch_size={batch_size} must be a positive multiple of the "
-                          f"{devices} device(s)")
+        raise ConfigError(
+            f"train.batch_size={batch_size} must be a positive multiple of the {devices} device(s)"
+        )
     num_replicas = int(train_config["num_replicas"])
     if num_replicas < 1 or batch_size % num_replicas:
-        raise ConfigError(f"train.num_replicas={num_replicas} must divide train.batch_size="
-                          f"{batch_size} (it is the reference's GPU count whose per-GPU loss means "
-                          "and memory updates are reproduced; --config.train.num_replicas=1 uses "
-                          "the whole batch at once)")
+        raise ConfigError(
+            f"train.num_replicas={num_replicas} must divide train.batch_size="
+            f"{batch_size} (it is the reference's GPU count whose per-GPU loss means "
+            "and memory updates are reproduced; --config.train.num_replicas=1 uses "
+            "the whole batch at once)"
+        )
     optimizer, schedule = train_config["optimizer"]["name"], train_config["schedule"]["name"]
     if str(optimizer).lower() != "sgd":
         raise ConfigError(f"train.optimizer.name={optimizer!r}: only 'sgd' is implemented")
@@ -101,8 +107,10 @@ def check_train_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.schedule.name={schedule!r}: only 'poly' is implemented")
     ema_decay = float(train_config["ema_decay"])
     if not 0.0 <= ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={ema_decay} must be in [0, 1) (0 = off; decay = 1 - "
-                          "the reference's EMA momentum)")
+        raise ConfigError(
+            f"train.ema_decay={ema_decay} must be in [0, 1) (0 = off; decay = 1 - "
+            "the reference's EMA momentum)"
+        )
 
 
 # ============================================================================================
@@ -137,44 +145,67 @@ def initial_variables(config: Mapping[str, Any], log: Log) -> dict[str, Any] | N
 # Evaluation
 
 
-def evaluate_variables(model: Any, variables: Mapping[str, Any], data: ExperimentData,
-                       config: Mapping[str, Any], workdir: Path, log: Log, *,
-                       detailed: bool = True) -> dict[str, Any]:
+def evaluate_variables(
+    model: Any,
+    variables: Mapping[str, Any],
+    data: ExperimentData,
+    config: Mapping[str, Any],
+    workdir: Path,
+    log: Log,
+    *,
+    detailed: bool = True,
+) -> dict[str, Any]:
     """Scores ``variables`` on ``dataset.eval_set`` under the config's inference settings, spread
     over all processes and their devices; returns the ``eval`` section of results.json.
     ``detailed`` logs the per-class table and writes the confusion matrix
     (``eval.save_confusion``)."""
     batches, num_images, names = data.evaluation()
     started = time.perf_counter()
-    progress = ProgressBar(num_images, "evaluating",
-                           enabled=None if detailed and distributed.is_main_process() else False)
+    progress = ProgressBar(
+        num_images,
+        "evaluating",
+        enabled=None if detailed and distributed.is_main_process() else False,
+    )
 
     def on_batch(n: int) -> None:  # images of all processes, assuming they keep pace with this one
         progress.update(min(n * jax.process_count(), num_images - progress.done))
 
     with progress:
-        counts = confusion_counts(model, variables, batches,
-                                  num_classes=int(config["dataset"]["num_classes"]),
-                                  ignore_label=int(config["dataset"]["ignore_label"]),
-                                  on_batch=on_batch, **evaluation_options(config))
+        counts = confusion_counts(
+            model,
+            variables,
+            batches,
+            num_classes=int(config["dataset"]["num_classes"]),
+            ignore_label=int(config["dataset"]["ignore_label"]),
+            on_batch=on_batch,
+            **evaluation_options(config),
+        )
     metrics = segmentation_metrics(counts)
     seconds = time.perf_counter() - started
     if detailed:
         if config["eval"]["save_confusion"] and distributed.is_main_process():
             csv_path, png_path = save_confusion(workdir, counts, names)
             log(f"wrote the confusion matrix to {csv_path} and {png_path}")
-        log(f"evaluation on {num_images} held-out images ({seconds:.1f}s on "
-            f"{jax.device_count()} device(s)):")
+        log(
+            f"evaluation on {num_images} held-out images ({seconds:.1f}s on "
+            f"{jax.device_count()} device(s)):"
+        )
         log(format_table(metrics, names))
     if counts.sum() == 0:
-        log(f"warning: {config['dataset']['eval_set']!r} has no labelled pixels, so no metrics (a "
+        log(
+            f"warning: {config['dataset']['eval_set']!r} has no labelled pixels, so no metrics (a "
             "test split? score it with --config.eval.format_only=True, or evaluate "
-            "--config.dataset.eval_set=val)")
+            "--config.dataset.eval_set=val)"
+        )
     clean = to_json(as_percent(metrics))  # percent, as the table above and the reference's logs
     return {
-        "num_images": num_images, "seconds": round(seconds, 1),
-        "mIoU": clean["mIoU"], "aAcc": clean["aAcc"], "mAcc": clean["mAcc"],
-        "IoU": dict(zip(names, clean["IoU"])), "Acc": dict(zip(names, clean["Acc"])),
+        "num_images": num_images,
+        "seconds": round(seconds, 1),
+        "mIoU": clean["mIoU"],
+        "aAcc": clean["aAcc"],
+        "mAcc": clean["mAcc"],
+        "IoU": dict(zip(names, clean["IoU"])),
+        "Acc": dict(zip(names, clean["Acc"])),
     }
 
 
@@ -198,8 +229,15 @@ class EpochEvaluation:
     last one itself, in detail, once the training bar is gone. Each records ``eval/*`` scalars
     and offers the variables to the best checkpoint, DIR/checkpoints/best."""
 
-    def __init__(self, model: Any, data: ExperimentData, config: Mapping[str, Any], workdir: Path,
-                 log: Log, writer: Any):
+    def __init__(
+        self,
+        model: Any,
+        data: ExperimentData,
+        config: Mapping[str, Any],
+        workdir: Path,
+        log: Log,
+        writer: Any,
+    ):
         self.model, self.data, self.config = model, data, config
         self.workdir, self.log, self.writer = workdir, log, writer
         self.every = max(0, int(config["train"]["eval_every"]))
@@ -213,19 +251,28 @@ class EpochEvaluation:
         if self.due(epoch):
             self.evaluate(state.export_variables, int(state.step), epoch)
 
-    def evaluate(self, variables: Mapping[str, Any], step: int, epoch: int, *,
-                 detailed: bool = False) -> dict[str, Any]:
-        result = evaluate_variables(self.model, variables, self.data, self.config, self.workdir,
-                                    self.log, detailed=detailed)
+    def evaluate(
+        self, variables: Mapping[str, Any], step: int, epoch: int, *, detailed: bool = False
+    ) -> dict[str, Any]:
+        result = evaluate_variables(
+            self.model, variables, self.data, self.config, self.workdir, self.log, detailed=detailed
+        )
         scores = {k: _scalar(result[k]) for k in ("mIoU", "aAcc", "mAcc")}
         self.writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
         _draw_curves(self.workdir, self.log)
         improved = self.best.offer(variables, result, step=step, epoch=epoch)
         best = self.best.record or {}
-        self.log(f"epoch {epoch} evaluation: mIoU {scores['mIoU']:.2f} aAcc {scores['aAcc']:.2f} "
-                 f"mAcc {scores['mAcc']:.2f} ({result['seconds']:.1f}s)"
-                 + (f"; new best, saved to {self.best.directory}" if improved else
-                    f"; best {best['mIoU']:.2f} at epoch {best['epoch']}" if best else ""))
+        self.log(
+            f"epoch {epoch} evaluation: mIoU {scores['mIoU']:.2f} aAcc {scores['aAcc']:.2f} "
+            f"mAcc {scores['mAcc']:.2f} ({result['seconds']:.1f}s)"
+            + (
+                f"; new best, saved to {self.best.directory}"
+                if improved
+                else f"; best {best['mIoU']:.2f} at epoch {best['epoch']}"
+                if best
+                else ""
+            )
+        )
         return result
 
 
@@ -233,9 +280,17 @@ class EpochEvaluation:
 # Training
 
 
-def _train(model: Any, data: ExperimentData, config: Mapping[str, Any], workdir: Path, log: Log, *,
-           periodic: bool, final: bool,
-           handle_signals: bool) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+def _train(
+    model: Any,
+    data: ExperimentData,
+    config: Mapping[str, Any],
+    workdir: Path,
+    log: Log,
+    *,
+    periodic: bool,
+    final: bool,
+    handle_signals: bool,
+) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
     """Trains in ``workdir`` (resuming from DIR/train_state) and exports the variables; returns
     them, their results.json entries, and the evaluation after the last epoch (or None).
 
@@ -248,34 +303,50 @@ def _train(model: Any, data: ExperimentData, config: Mapping[str, Any], workdir:
     mesh = data_mesh()
     training = data.training(mesh)
     num_epochs = int(config["train"]["num_epochs"])
-    checkpoints = TrainCheckpoints(workdir / "train_state",
-                                   keep=int(config["train"]["keep_checkpoints"]))
+    checkpoints = TrainCheckpoints(
+        workdir / "train_state", keep=int(config["train"]["keep_checkpoints"])
+    )
     total_steps = num_epochs * training.steps_per_epoch
     resumed_from = checkpoints.latest_step() or 0
     earlier: list[dict[str, Any]] = []  # what earlier launches of this run logged, to the resume
     if main_process:
         redo = resumed_from >= total_steps and final  # the final evaluation is done again
-        earlier = [r for r in rewind_records(workdir, resumed_from, redo_evaluation=redo)
-                   if "loss" in r]
+        earlier = [
+            r for r in rewind_records(workdir, resumed_from, redo_evaluation=redo) if "loss" in r
+        ]
     writer = MetricWriter(workdir) if main_process else NullWriter()
     writer.write_hparams(config)
     bar = ProgressBar(total_steps, "training", enabled=None if main_process else False)
     train_log = bar.interleave(log)
 
-    evaluation = EpochEvaluation(model, data, config, workdir, train_log, writer) \
-        if periodic or final else None
-    stop = StopRequests(abort=_abort, check_every=int(config["train"]["log_every"])) \
-        if handle_signals else None
+    evaluation = (
+        EpochEvaluation(model, data, config, workdir, train_log, writer)
+        if periodic or final
+        else None
+    )
+    stop = (
+        StopRequests(abort=_abort, check_every=int(config["train"]["log_every"]))
+        if handle_signals
+        else None
+    )
     final_result = None
     started = time.perf_counter()
     try:
         with stop or contextlib.nullcontext():  # a signal in the final evaluation only asks to stop
             with bar:
-                state, history = train(model, config, training, mesh, log=train_log,
-                                       checkpoints=checkpoints, record=writer.write_scalars,
-                                       initial_variables=initial_variables(config, train_log),
-                                       after_epoch=evaluation.after_epoch if periodic else None,
-                                       progress=bar, stop=stop)
+                state, history = train(
+                    model,
+                    config,
+                    training,
+                    mesh,
+                    log=train_log,
+                    checkpoints=checkpoints,
+                    record=writer.write_scalars,
+                    initial_variables=initial_variables(config, train_log),
+                    after_epoch=evaluation.after_epoch if periodic else None,
+                    progress=bar,
+                    stop=stop,
+                )
             variables, step = state.export_variables, int(state.step)
             if final or (periodic and step > resumed_from):  # the last epoch ended in this run
                 final_result = evaluation.evaluate(variables, step, num_epochs, detailed=True)
@@ -288,14 +359,20 @@ def _train(model: Any, data: ExperimentData, config: Mapping[str, Any], workdir:
     checkpoint = save_variables(new_checkpoint_dir(workdir, step), variables)
     ema = state.ema_params is not None
     if ema:
-        log(f"using the EMA weights (train.ema_decay={config['train']['ema_decay']}) for the "
-            "checkpoint and the evaluation")
+        log(
+            f"using the EMA weights (train.ema_decay={config['train']['ema_decay']}) for the "
+            "checkpoint and the evaluation"
+        )
     log(f"saved the {'EMA ' if ema else ''}variables to {checkpoint}")
     history = earlier + history  # results.json describes the whole run, from step 1
     entries: dict[str, Any] = {
-        "train": {"steps": step, "seconds": round(seconds, 1),
-                  "first_loss": history[0]["loss"] if history else None,
-                  "final_loss": history[-1]["loss"] if history else None, "history": history},
+        "train": {
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "first_loss": history[0]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "history": history,
+        },
         "checkpoint": str(checkpoint),
     }
     if ema:
@@ -305,8 +382,14 @@ def _train(model: Any, data: ExperimentData, config: Mapping[str, Any], workdir:
     return variables, entries, final_result
 
 
-def _write_submission(model: Any, variables: Any, data: ExperimentData, config: Mapping[str, Any],
-                      workdir: Path, log: Log) -> dict[str, Any]:
+def _write_submission(
+    model: Any,
+    variables: Any,
+    data: ExperimentData,
+    config: Mapping[str, Any],
+    workdir: Path,
+    log: Log,
+) -> dict[str, Any]:
     """Writes the predictions of ``dataset.eval_set`` for the dataset's evaluation server; returns
     the ``submission`` section of results.json."""
     from mcibi_jax.evaluation.submission import write_submission
@@ -315,11 +398,14 @@ def _write_submission(model: Any, variables: Any, data: ExperimentData, config: 
     name = config["dataset"]["name"]
     directory = workdir / "submission" / name
     started = time.perf_counter()
-    written = write_submission(model, variables, items, name, directory, log=log,
-                               **evaluation_options(config))
+    written = write_submission(
+        model, variables, items, name, directory, log=log, **evaluation_options(config)
+    )
     split = str(config["dataset"]["eval_set"])
-    log(f"wrote {len(written)} predictions of {num_images} {split} images to {directory} "
-        f"({time.perf_counter() - started:.1f}s); no metrics (eval.format_only)")
+    log(
+        f"wrote {len(written)} predictions of {num_images} {split} images to {directory} "
+        f"({time.perf_counter() - started:.1f}s); no metrics (eval.format_only)"
+    )
     return {"directory": str(directory), "num_images": len(written), "split": split}
 
 
@@ -337,8 +423,13 @@ def _write_results(workdir: Path, update: dict[str, Any], merge: bool) -> Path:
 # The experiment
 
 
-def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", log: Log = _log,
-        handle_signals: bool = False) -> dict[str, Any]:
+def run(
+    config: Any,
+    workdir: str | os.PathLike,
+    mode: str = "train_and_eval",
+    log: Log = _log,
+    handle_signals: bool = False,
+) -> dict[str, Any]:
     """Runs ``mode`` for ``config`` in ``workdir`` and returns what went into results.json.
 
     ``handle_signals``: during training, SIGINT / SIGTERM save a checkpoint at the next step
@@ -364,9 +455,16 @@ def run(config: Any, workdir: str | os.PathLike, mode: str = "train_and_eval", l
     else:
         periodic = not format_only and int(config["train"]["eval_every"]) > 0
         final = mode == "train_and_eval" and not format_only
-        variables, entries, final_result = _train(model, data, config, workdir, log,
-                                                  periodic=periodic, final=final,
-                                                  handle_signals=handle_signals)
+        variables, entries, final_result = _train(
+            model,
+            data,
+            config,
+            workdir,
+            log,
+            periodic=periodic,
+            final=final,
+            handle_signals=handle_signals,
+        )
         update.update(entries)
 
     if format_only:
@@ -400,9 +498,12 @@ def _interrupted(stopped: TrainingInterrupted) -> int:
     if distributed.is_main_process():
         where = f"saved {stopped.checkpoint}" if stopped.checkpoint else "nothing saved"
         hosts = " on every host" if jax.process_count() > 1 else ""
-        print(f"stopped by {stopped.signal_name} at step {stopped.step}/{stopped.total_steps}; "
-              f"{where}. Resume with the same command{hosts}: {_resume_command()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"stopped by {stopped.signal_name} at step {stopped.step}/{stopped.total_steps}; "
+            f"{where}. Resume with the same command{hosts}: {_resume_command()}",
+            file=sys.stderr,
+            flush=True,
+        )
     name = stopped.signal_name
     number = getattr(signal.Signals, name, None) if name.startswith("SIG") else None
     return 128 + int(number or signal.SIGTERM)
@@ -431,8 +532,15 @@ def main(config: Any, workdir: str, mode: str) -> None:
         distributed.watch_peers()  # another process's failure ends this one too
         log = _log if distributed.is_main_process() else (lambda message: None)
         run(config, workdir, mode, log=log, handle_signals=True)
-    except (ConfigError, DatasetUnavailable, TrainingDiverged, NotImplementedError,
-            FileNotFoundError, FileExistsError, distributed.DistributedConfigError) as error:
+    except (
+        ConfigError,
+        DatasetUnavailable,
+        TrainingDiverged,
+        NotImplementedError,
+        FileNotFoundError,
+        FileExistsError,
+        distributed.DistributedConfigError,
+    ) as error:
         _fail(str(error))
     except TrainingInterrupted as stopped:
         raise SystemExit(_interrupted(stopped)) from None

@@ -21,8 +21,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import numpy as np
@@ -33,7 +33,12 @@ class TrainingInterrupted(Exception):
 
     def __init__(self, step: int, total_steps: int, checkpoint: Path | None, signal_name: str):
         super().__init__(f"interrupted ({signal_name}) at step {step} of {total_steps}")
-        self.step, self.total_steps, self.checkpoint, self.signal_name = step, total_steps, checkpoint, signal_name
+        self.step, self.total_steps, self.checkpoint, self.signal_name = (
+            step,
+            total_steps,
+            checkpoint,
+            signal_name,
+        )
 
 
 def _jax_preemption_service() -> bool:
@@ -101,7 +106,9 @@ class StopRequests:
         self._signals = [signal.SIGINT] + ([] if self._preemption else [signal.SIGTERM])
         self._previous = {s: signal.signal(s, self._python_handler) for s in self._signals}
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        self._watcher = threading.Thread(target=self._watch, name="mcibi-stop-requests", daemon=True)
+        self._watcher = threading.Thread(
+            target=self._watch, name="mcibi-stop-requests", daemon=True
+        )
         self._watcher.start()
         self._installed = True
         return self
@@ -119,7 +126,10 @@ class StopRequests:
 
     @staticmethod
     def _python_handler(signum: int, frame: object) -> None:
-        del signum, frame  # the watcher thread acts on the byte the C handler wrote to the wakeup fd
+        del (
+            signum,
+            frame,
+        )  # the watcher thread acts on the byte the C handler wrote to the wakeup fd
 
     def _watch(self) -> None:
         # The interpreter's C-level handler writes each signal's number here at once, even while
@@ -140,12 +150,18 @@ class StopRequests:
         if self._count > 1:
             _say(f"{name} again: exiting now without saving (the last complete checkpoint is kept)")
             sys.stdout.flush()
-            self._abort(f"interrupted twice ({name}) on process {jax.process_index()}", 128 + signum)
+            self._abort(
+                f"interrupted twice ({name}) on process {jax.process_index()}", 128 + signum
+            )
             os._exit(128 + signum)
         self.signal_name = name
         self._requested.set()
         if jax.process_index() == 0:
-            _say(f"{name}: saving a checkpoint after the current step, then stopping "
-                 f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again exits at once, without saving)")
+            _say(
+                f"{name}: saving a checkpoint after the current step, then stopping "
+                f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again exits at once, without saving)"
+            )
         if self._preemption:
-            os.kill(os.getpid(), signal.SIGTERM)  # tell JAX's preemption service, which informs every host
+            os.kill(
+                os.getpid(), signal.SIGTERM
+            )  # tell JAX's preemption service, which informs every host

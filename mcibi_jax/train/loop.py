@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from mcibi_jax.data.experiment_data import TrainingData
+from mcibi_jax.host_memory import release_free_host_memory
 from mcibi_jax.models.segmentor import MCIBI
 from mcibi_jax.progress import ProgressBar, format_duration
 from mcibi_jax.sharding import replicate
@@ -18,7 +20,6 @@ from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.interrupt import StopRequests, TrainingInterrupted
 from mcibi_jax.train.optimizer import optimizer_from_config
 from mcibi_jax.train.state import TrainState, create_train_state, init_variables
-from mcibi_jax.host_memory import release_free_host_memory
 from mcibi_jax.train.step import make_train_step
 
 
@@ -66,7 +67,9 @@ def train(
     """
     progress = progress or ProgressBar(0, enabled=False)
     train_config = config["train"]
-    model_config = config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
+    model_config = (
+        config["model"].to_dict() if hasattr(config["model"], "to_dict") else dict(config["model"])
+    )
     ignore_label = int(config["dataset"]["ignore_label"])
     num_epochs, steps_per_epoch = int(train_config["num_epochs"]), data.steps_per_epoch
     total_steps = num_epochs * steps_per_epoch
@@ -91,19 +94,36 @@ def train(
             state, saved_data = restored
             data.restore(saved_data)
             start_epoch = int(state.step) // steps_per_epoch + 1
-            log(f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})")
+            log(
+                f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})"
+            )
     progress.set_position(int(state.step))
     dropout_key = replicate(jax.random.key(seed + 1), mesh)
     num_replicas = int(train_config["num_replicas"])
     if int(train_config["batch_size"]) % num_replicas:
-        raise ValueError(f"train.batch_size={train_config['batch_size']} does not split into {num_replicas} replicas")
-    step_fn = make_train_step(model, model_config, tx, schedule, steps_per_epoch, mesh, ignore_label, num_replicas,
-                              ema_decay=ema_decay)
+        raise ValueError(
+            f"train.batch_size={train_config['batch_size']} does not split into {num_replicas} replicas"
+        )
+    step_fn = make_train_step(
+        model,
+        model_config,
+        tx,
+        schedule,
+        steps_per_epoch,
+        mesh,
+        ignore_label,
+        num_replicas,
+        ema_decay=ema_decay,
+    )
     if ema_decay > 0:
-        log(f"keeping an EMA of the weights (decay {ema_decay}, i.e. the reference's momentum {1 - ema_decay:.6g})")
+        log(
+            f"keeping an EMA of the weights (decay {ema_decay}, i.e. the reference's momentum {1 - ema_decay:.6g})"
+        )
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
-    log(f"training {num_params:,} parameters for {num_epochs} epochs x {steps_per_epoch} steps "
-        f"(batch {train_config['batch_size']}) on {mesh.size} {jax.devices()[0].platform} device(s)")
+    log(
+        f"training {num_params:,} parameters for {num_epochs} epochs x {steps_per_epoch} steps "
+        f"(batch {train_config['batch_size']}) on {mesh.size} {jax.devices()[0].platform} device(s)"
+    )
 
     history: list[dict[str, float]] = []
     window: list[dict[str, float]] = []
@@ -126,7 +146,9 @@ def train(
     if step >= total_steps:
         log(f"already trained: the checkpoint is at step {step} of {total_steps}")
     for epoch in range(start_epoch, num_epochs + 1):
-        skip = max(0, step - (epoch - 1) * steps_per_epoch)  # trained before the checkpoint we resumed from
+        skip = max(
+            0, step - (epoch - 1) * steps_per_epoch
+        )  # trained before the checkpoint we resumed from
         for batch in data.epoch(epoch, skip):
             if step >= total_steps:
                 break
@@ -153,21 +175,38 @@ def train(
                 window.append(check(*pending))
                 pending = None
                 now = time.perf_counter()
-                rate = (step - window_first_step) * int(train_config["batch_size"]) / max(now - window_start, 1e-9)
+                rate = (
+                    (step - window_first_step)
+                    * int(train_config["batch_size"])
+                    / max(now - window_start, 1e-9)
+                )
                 per_step = (now - compiled_at) / max(step - first_step, 1)
-                entry = {k: float(np.mean([w[k] for w in window])) for k in window[0] if k.startswith("loss")}
-                entry.update(step=step, epoch=epoch, lr=window[-1]["lr"], memory_momentum=window[-1]["memory_momentum"],
-                             images_per_s=rate)
+                entry = {
+                    k: float(np.mean([w[k] for w in window]))
+                    for k in window[0]
+                    if k.startswith("loss")
+                }
+                entry.update(
+                    step=step,
+                    epoch=epoch,
+                    lr=window[-1]["lr"],
+                    memory_momentum=window[-1]["memory_momentum"],
+                    images_per_s=rate,
+                )
                 history.append(entry)
                 progress.update(0, loss=entry["loss"], lr=entry["lr"])
                 if record is not None:
                     record(step, {k: v for k, v in entry.items() if k != "step"})
                 losses = " ".join(f"{k}={v:.4f}" for k, v in entry.items() if k.startswith("loss_"))
-                log(f"step {step}/{total_steps} epoch {epoch}/{num_epochs} loss {entry['loss']:.4f} ({losses}) "
-                    f"lr {entry['lr']:.3e} memory momentum {entry['memory_momentum']:.3e} {rate:.1f} img/s ETA {format_duration(per_step * (total_steps - step))}")
+                log(
+                    f"step {step}/{total_steps} epoch {epoch}/{num_epochs} loss {entry['loss']:.4f} ({losses}) "
+                    f"lr {entry['lr']:.3e} memory momentum {entry['memory_momentum']:.3e} {rate:.1f} img/s ETA {format_duration(per_step * (total_steps - step))}"
+                )
                 window, window_start, window_first_step = [], now, step
         if step < epoch * steps_per_epoch and step < total_steps:
-            raise ValueError(f"epoch {epoch} gave {step - (epoch - 1) * steps_per_epoch} batches, expected {steps_per_epoch}")
+            raise ValueError(
+                f"epoch {epoch} gave {step - (epoch - 1) * steps_per_epoch} batches, expected {steps_per_epoch}"
+            )
         saving = checkpoints is not None and (epoch % checkpoint_every == 0 or epoch == num_epochs)
         if (saving or after_epoch is not None) and pending is not None:
             window.append(check(*pending))
@@ -186,8 +225,15 @@ def train(
     return state, history
 
 
-def _stop_and_save(state: TrainState, step: int, total_steps: int, checkpoints: TrainCheckpoints | None,
-                   data: TrainingData, stop: StopRequests, log: Callable[[str], None]) -> None:
+def _stop_and_save(
+    state: TrainState,
+    step: int,
+    total_steps: int,
+    checkpoints: TrainCheckpoints | None,
+    data: TrainingData,
+    stop: StopRequests,
+    log: Callable[[str], None],
+) -> None:
     """Saves the state at ``step``, waits until it is on disk and raises TrainingInterrupted."""
     path = None
     if checkpoints is not None:

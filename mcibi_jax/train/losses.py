@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,9 @@ from mcibi_jax.models.resize import resize
 Array = jax.Array
 
 
-def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100, num_replicas: int = 1) -> Array:
+def cross_entropy(
+    logits: Array, labels: Array, ignore_label: int = -100, num_replicas: int = 1
+) -> Array:
     """Mean softmax cross-entropy over the pixels whose label is not ``ignore_label``.
 
     logits (N, ..., K), labels (N, ...) int. With ``num_replicas`` R, the mean is taken within
@@ -30,7 +33,10 @@ def cross_entropy(logits: Array, labels: Array, ignore_label: int = -100, num_re
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
     nll = jnp.where(in_range, nll, 0.0)
-    per_replica = lambda x: jnp.sum(x.reshape(num_replicas, -1), axis=1)
+
+    def per_replica(x):
+        return jnp.sum(x.reshape(num_replicas, -1), axis=1)
+
     return jnp.mean(per_replica(nll) / per_replica(valid))
 
 
@@ -50,14 +56,18 @@ def segmentation_losses(
     size = labels.shape[1:3]
 
     def loss(logits: Array) -> Array:
-        upsampled = resize(logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners)
+        upsampled = resize(
+            logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners
+        )
         return cross_entropy(upsampled, labels, ignore_label, num_replicas)
 
     losses = {}
     aux = outputs.get("aux", ())
     aux_weights = tuple(loss_weights["aux"])
     if len(aux) != len(aux_weights):
-        raise ValueError(f"{len(aux)} auxiliary outputs but {len(aux_weights)} auxiliary loss weights")
+        raise ValueError(
+            f"{len(aux)} auxiliary outputs but {len(aux_weights)} auxiliary loss weights"
+        )
     if len(aux) == 1:
         losses["loss_aux"] = aux_weights[0] * loss(aux[0])
     else:
@@ -68,7 +78,9 @@ def segmentation_losses(
     return losses
 
 
-def memory_loss(memory_logits: Array, num_feats_per_cls: int, weight: float, num_replicas: int = 1) -> Array:
+def memory_loss(
+    memory_logits: Array, num_feats_per_cls: int, weight: float, num_replicas: int = 1
+) -> Array:
     """Each memory vector, through the stage-2 decoder, should be classified as its class.
 
     memory_logits (R * K * F, K): each replica's memory, rows ordered class-major as

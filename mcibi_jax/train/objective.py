@@ -6,7 +6,8 @@ and jit/shard it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +25,21 @@ def memory_of(variables: Mapping[str, Any]) -> Array:
 
 
 def with_memory(memory_collection: Mapping[str, Any], memory: Array) -> dict:
-    return {**memory_collection, "memory_module": {**memory_collection["memory_module"], "memory": memory}}
+    return {
+        **memory_collection,
+        "memory_module": {**memory_collection["memory_module"], "memory": memory},
+    }
 
 
 def memory_momentum_of(model: MCIBI, learning_rate: Array | float) -> Array | float:
     """The memory update's momentum at ``learning_rate`` (``model.head.memory_update`` settings)."""
     update = model.head.memory_update
-    return memory_momentum(learning_rate, base_momentum=update.base_momentum, base_lr=update.base_lr,
-                           adjust_by_learning_rate=update.adjust_by_learning_rate)
+    return memory_momentum(
+        learning_rate,
+        base_momentum=update.base_momentum,
+        base_lr=update.base_lr,
+        adjust_by_learning_rate=update.adjust_by_learning_rate,
+    )
 
 
 def loss_and_updates(
@@ -67,26 +75,44 @@ def loss_and_updates(
     variables = {"params": params, "batch_stats": batch_stats, "memory": memory_collection}
     momentum = memory_momentum_of(model, learning_rate)
     outputs, mutated = model.apply(
-        variables, images, train=True, labels=labels, memory_momentum=momentum, num_replicas=num_replicas,
-        rngs=rngs, mutable=["batch_stats"],
+        variables,
+        images,
+        train=True,
+        labels=labels,
+        memory_momentum=momentum,
+        num_replicas=num_replicas,
+        rngs=rngs,
+        mutable=["batch_stats"],
     )
     new_batch_stats = mutated["batch_stats"]
     replica_memories = outputs["replica_memories"]
     losses = segmentation_losses(
-        outputs, labels, model_config["loss_weights"], ignore_label=ignore_label,
-        align_corners=model.align_corners, num_replicas=num_replicas,
+        outputs,
+        labels,
+        model_config["loss_weights"],
+        ignore_label=ignore_label,
+        align_corners=model.align_corners,
+        num_replicas=num_replicas,
     )
 
     if head.use_memory_loss:
         memory_logits, mutated = model.apply(
             {"params": params, "batch_stats": new_batch_stats, "memory": memory_collection},
-            replica_memories, train=True, rngs=rngs, mutable=["batch_stats"], method=MCIBI.classify_memory,
+            replica_memories,
+            train=True,
+            rngs=rngs,
+            mutable=["batch_stats"],
+            method=MCIBI.classify_memory,
         )
         after_first_epoch = jnp.asarray(epoch) > 1
-        value = memory_loss(memory_logits, replica_memories.shape[2], head.memory_loss_weight, num_replicas)
+        value = memory_loss(
+            memory_logits, replica_memories.shape[2], head.memory_loss_weight, num_replicas
+        )
         losses["loss_memory"] = jnp.where(after_first_epoch, value, 0.0)
         new_batch_stats = jax.tree_util.tree_map(
-            lambda after, before: jnp.where(after_first_epoch, after, before), mutated["batch_stats"], new_batch_stats
+            lambda after, before: jnp.where(after_first_epoch, after, before),
+            mutated["batch_stats"],
+            new_batch_stats,
         )
     total = sum(losses.values())
     new_memory = jnp.mean(replica_memories, axis=0)  # the reference's all-reduce of the memory

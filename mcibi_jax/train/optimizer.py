@@ -15,7 +15,8 @@ with T = num_epochs * steps_per_epoch and min_lr defaulting to lr / 100 (``min_l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import optax
@@ -30,13 +31,16 @@ _TORCH_LEAF = {"kernel": "weight", "scale": "weight"}
 UNMATCHED = ""
 
 
-def poly_schedule(lr: float, total_steps: int, *, power: float = 0.9, min_lr: float | None = None) -> Schedule:
+def poly_schedule(
+    lr: float, total_steps: int, *, power: float = 0.9, min_lr: float | None = None
+) -> Schedule:
     """The lr of update ``t`` (0-based): the reference's ``PolyScheduler`` without warm-up."""
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one step, got total_steps={total_steps}")
     min_lr = lr * 0.01 if min_lr is None else min_lr
     decay = optax.polynomial_schedule(
-        init_value=lr, end_value=min_lr, power=power, transition_steps=total_steps)
+        init_value=lr, end_value=min_lr, power=power, transition_steps=total_steps
+    )
     # From step T on, min_lr itself: jitted, decay's 1 - t / T at t = T can come out a hair off 0
     # (XLA fuses it into a multiply-add), leaving a tiny extra lr, or NaN from the power.
     return optax.join_schedules([decay, optax.constant_schedule(min_lr)], boundaries=[total_steps])
@@ -50,7 +54,9 @@ def schedule_from_config(train_config: Mapping[str, Any], steps_per_epoch: int) 
     lr = float(train_config["optimizer"]["lr"])
     min_lr = sched.get("min_lr")
     return poly_schedule(
-        lr, int(train_config["num_epochs"]) * steps_per_epoch, power=float(sched.get("power", 0.9)),
+        lr,
+        int(train_config["num_epochs"]) * steps_per_epoch,
+        power=float(sched.get("power", 0.9)),
         min_lr=None if min_lr is None else float(min_lr),
     )
 
@@ -69,7 +75,9 @@ def matching_rule(name: str, rule_keys: list[str] | tuple[str, ...]) -> str | No
     return None
 
 
-def _checked_rules(param_rules: Mapping[str, Mapping[str, float]] | None) -> dict[str, dict[str, float]]:
+def _checked_rules(
+    param_rules: Mapping[str, Mapping[str, float]] | None,
+) -> dict[str, dict[str, float]]:
     rules = {k: dict(v) for k, v in dict(param_rules or {}).items()}
     for key, rule in rules.items():
         unknown = set(rule) - {"lr_multiplier", "wd_multiplier"}
@@ -83,11 +91,16 @@ def group_labels(params: Any, param_rules: Mapping[str, Mapping[str, float]] | N
     keys = list(_checked_rules(param_rules))
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {path: matching_rule(torch_style_name(path), keys) or UNMATCHED for path in flat})
+        {path: matching_rule(torch_style_name(path), keys) or UNMATCHED for path in flat}
+    )
 
 
 def sgd(
-    params: Any, schedule: Schedule, *, momentum: float = 0.9, weight_decay: float = 0.0,
+    params: Any,
+    schedule: Schedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
     param_rules: Mapping[str, Mapping[str, float]] | None = None,
 ) -> optax.GradientTransformation:
     """torch SGD (dampening 0, no Nesterov) with per-group lr / weight-decay multipliers."""
@@ -102,10 +115,14 @@ def sgd(
             optax.sgd(lambda step: schedule(step) * lr_multiplier, momentum=momentum or None),
         )
 
-    return optax.partition({label: group_sgd(label) for label in sorted(set(jax.tree.leaves(labels)))}, labels)
+    return optax.partition(
+        {label: group_sgd(label) for label in sorted(set(jax.tree.leaves(labels)))}, labels
+    )
 
 
-def optimizer_from_config(params: Any, train_config: Mapping[str, Any], steps_per_epoch: int) -> tuple[optax.GradientTransformation, Schedule]:
+def optimizer_from_config(
+    params: Any, train_config: Mapping[str, Any], steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, Schedule]:
     """(optimizer, un-multiplied lr schedule) described by ``config.train``."""
     opt = train_config["optimizer"]
     if opt.get("name", "sgd").lower() != "sgd":
@@ -113,6 +130,11 @@ def optimizer_from_config(params: Any, train_config: Mapping[str, Any], steps_pe
     schedule = schedule_from_config(train_config, steps_per_epoch)
     rules = opt.get("param_rules") or {}
     rules = rules.to_dict() if hasattr(rules, "to_dict") else dict(rules)
-    tx = sgd(params, schedule, momentum=float(opt.get("momentum", 0.9)), weight_decay=float(opt.get("weight_decay", 0.0)),
-             param_rules=rules)
+    tx = sgd(
+        params,
+        schedule,
+        momentum=float(opt.get("momentum", 0.9)),
+        weight_decay=float(opt.get("weight_decay", 0.0)),
+        param_rules=rules,
+    )
     return tx, schedule

@@ -43,7 +43,9 @@ def ema_update(ema: Any, current: Any, decay: float | jax.Array) -> Any:
     """``decay * ema + (1 - decay) * current`` leaf by leaf, after every optimizer step, with no
     warm-up: the reference's EMASegmentor with momentum ``1 - decay`` (its default 0.0005 is
     ``decay=0.9995``)."""
-    return jax.tree_util.tree_map(lambda e, c: (e * decay + c.astype(e.dtype) * (1 - decay)).astype(e.dtype), ema, current)
+    return jax.tree_util.tree_map(
+        lambda e, c: (e * decay + c.astype(e.dtype) * (1 - decay)).astype(e.dtype), ema, current
+    )
 
 
 def init_variables(model: MCIBI, rng: jax.Array, image_size: tuple[int, int]) -> dict[str, Any]:
@@ -52,7 +54,9 @@ def init_variables(model: MCIBI, rng: jax.Array, image_size: tuple[int, int]) ->
     return jax.jit(lambda key: model.init(key, images, train=False))(rng)
 
 
-def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
+def create_train_state(
+    variables: dict[str, Any], tx: optax.GradientTransformation, ema: bool = False
+) -> TrainState:
     """The state before the first step; with ``ema`` the average starts as a copy of the
     variables (the reference copies the model when it builds its EMA)."""
     params = variables["params"]

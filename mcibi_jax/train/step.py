@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +54,35 @@ def train_step(
     lr = schedule(state.step)
     epoch = epoch_of(state.step, steps_per_epoch)
     objective = functools.partial(
-        loss_and_updates, model, model_config,
-        learning_rate=lr, epoch=epoch, dropout_rng=jax.random.fold_in(rng, state.step), ignore_label=ignore_label,
+        loss_and_updates,
+        model,
+        model_config,
+        learning_rate=lr,
+        epoch=epoch,
+        dropout_rng=jax.random.fold_in(rng, state.step),
+        ignore_label=ignore_label,
         num_replicas=num_replicas,
     )
-    grad_fn = jax.value_and_grad(lambda params: objective(params, state.batch_stats, state.memory, batch["images"], batch["labels"]), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda params: objective(
+            params, state.batch_stats, state.memory, batch["images"], batch["labels"]
+        ),
+        has_aux=True,
+    )
     (total, (losses, batch_stats, memory)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, memory=memory, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        memory=memory,
+        opt_state=opt_state,
+    )
     if ema_decay > 0 and state.ema_params is not None:
-        new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.variables, ema_decay))
+        new_state = new_state.replace(
+            ema_params=ema_update(state.ema_params, new_state.variables, ema_decay)
+        )
     momentum = jnp.asarray(memory_momentum_of(model, lr), jnp.float32)
     metrics = {"loss": total, "lr": lr, "memory_momentum": momentum, "epoch": epoch, **losses}
     return new_state, metrics
@@ -74,7 +93,6 @@ def train_step(
 # part of the SGD update) early in the forward pass and keeps it until it is used: R-50 at
 # 2x256x256 needs 1.46 GiB of scratch that way, 0.84 GiB in the memory-minimising order.
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
 
 
 def make_train_step(
@@ -98,8 +116,15 @@ def make_train_step(
     reference's all_reduce / world_size), would keep that work and its traffic local.
     """
     step = functools.partial(
-        train_step, model=model, model_config=model_config, tx=tx, schedule=schedule,
-        steps_per_epoch=steps_per_epoch, ignore_label=ignore_label, num_replicas=num_replicas, ema_decay=ema_decay,
+        train_step,
+        model=model,
+        model_config=model_config,
+        tx=tx,
+        schedule=schedule,
+        steps_per_epoch=steps_per_epoch,
+        ignore_label=ignore_label,
+        num_replicas=num_replicas,
+        ema_decay=ema_decay,
     )
     state_sharding, data = replicated_sharding(mesh), batch_sharding(mesh)
     on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)

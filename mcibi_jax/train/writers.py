@@ -17,15 +17,18 @@ import logging
 import math
 import numbers
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 BACKENDS = ("auto", "clu", "tensorboardx", "none")
 _EXTRA = {"clu": "clu", "tensorboardx": "tensorboard"}
 _log = logging.getLogger(__name__)
 
 
-def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+def flatten_hparams(
+    hparams: Mapping[str, Any], prefix: str = ""
+) -> dict[str, bool | int | float | str]:
     """Nested mappings (ConfigDicts included) -> one level with '.'-joined keys; values that are
     not bool/int/float/str (lists, None, arrays, ...) become their ``str``."""
     flat: dict[str, bool | int | float | str] = {}
@@ -80,8 +83,10 @@ def _open_backend(backend: str, logdir: Path) -> tuple[str, Any]:
         try:
             return backend, _FACTORIES[backend](logdir)
         except ImportError as err:
-            raise ImportError(f'MetricWriter(backend="{backend}") needs the optional dependencies: '
-                              f'pip install -e ".[{_EXTRA[backend]}]" (import failed: {err})') from err
+            raise ImportError(
+                f'MetricWriter(backend="{backend}") needs the optional dependencies: '
+                f'pip install -e ".[{_EXTRA[backend]}]" (import failed: {err})'
+            ) from err
     for name in ("clu", "tensorboardx"):
         try:
             return name, _FACTORIES[name](logdir)
@@ -105,7 +110,9 @@ def read_records(workdir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def rewind_records(workdir: str | Path, step: int | None, redo_evaluation: bool = False) -> list[dict[str, Any]]:
+def rewind_records(
+    workdir: str | Path, step: int | None, redo_evaluation: bool = False
+) -> list[dict[str, Any]]:
     """Before a launch that resumes from the checkpoint at ``step`` (None: a fresh start, which
     keeps everything): drops from metrics.jsonl what an earlier launch logged after that step
     (that work is redone, so no step is written twice), and with ``redo_evaluation`` the
@@ -138,7 +145,9 @@ class MetricWriter:
     def __init__(self, workdir: str | Path, backend: str = "auto"):
         choice = backend.lower()
         if choice not in BACKENDS:
-            raise ValueError(f"unknown metric writer backend {backend!r}; expected one of {BACKENDS}")
+            raise ValueError(
+                f"unknown metric writer backend {backend!r}; expected one of {BACKENDS}"
+            )
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.backend, self._tensorboard = _open_backend(choice, self.workdir / "tensorboard")
@@ -172,7 +181,9 @@ class MetricWriter:
         flat = flatten_hparams(hparams)
         record = {"hparams": {k: _json_safe(v) for k, v in flat.items()}}
         if self._last_hparams is None:  # the last hparams line of an earlier launch (a resumed run)
-            self._last_hparams = next((r for r in reversed(read_records(self.workdir)) if "hparams" in r), {})
+            self._last_hparams = next(
+                (r for r in reversed(read_records(self.workdir)) if "hparams" in r), {}
+            )
         if record == self._last_hparams:
             return  # a resumed run with the same settings: said once
         self._last_hparams = record
@@ -180,7 +191,9 @@ class MetricWriter:
         if self.backend == "clu":
             self._tensorboard.write_hparams(flat)
         elif self.backend == "tensorboardx":
-            table = "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in flat.items()])
+            table = "\n".join(
+                ["| name | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in flat.items()]
+            )
             self._tensorboard.add_text("hparams", table, 0)
 
     def flush(self) -> None:

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import ade20k, cityscapes, cocostuff, custom, lip
 from .core import (
@@ -22,13 +23,24 @@ from .core import (
     check_files,
 )
 
-SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (cityscapes.SPEC, ade20k.SPEC, cocostuff.SPEC, lip.SPEC)}
+SPECS: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in (cityscapes.SPEC, ade20k.SPEC, cocostuff.SPEC, lip.SPEC)
+}
 # Kinds whose spec depends on the root (``name: "custom"``: classes from <root>/dataset.json).
 KINDS: tuple[str, ...] = (*SPECS, custom.NAME)
 
 __all__ = [
-    "IGNORE_LABEL", "SPECS", "CorruptSample", "DatasetConfigError", "DatasetError", "DatasetLayoutError",
-    "DatasetSpec", "KINDS", "Sample", "Source", "build_source",
+    "IGNORE_LABEL",
+    "SPECS",
+    "CorruptSample",
+    "DatasetConfigError",
+    "DatasetError",
+    "DatasetLayoutError",
+    "DatasetSpec",
+    "KINDS",
+    "Sample",
+    "Source",
+    "build_source",
 ]
 
 
@@ -38,7 +50,9 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def build_source(dataset_config: Any, split: str, *, with_labels: bool = True, check: bool = True) -> Source:
+def build_source(
+    dataset_config: Any, split: str, *, with_labels: bool = True, check: bool = True
+) -> Source:
     """The samples of one set of a dataset.
 
     Args:
@@ -64,19 +78,29 @@ def build_source(dataset_config: Any, split: str, *, with_labels: bool = True, c
     else:
         spec = SPECS[name]
     if split not in spec.splits:
-        raise DatasetConfigError(f"{name} has no split {split!r}; choose one of {', '.join(spec.splits)}")
+        raise DatasetConfigError(
+            f"{name} has no split {split!r}; choose one of {', '.join(spec.splits)}"
+        )
     num_classes = _get(dataset_config, "num_classes")
     if num_classes is not None and int(num_classes) != spec.num_classes:
-        raise DatasetConfigError(f"config says num_classes={num_classes} but {name} has {spec.num_classes} classes")
+        raise DatasetConfigError(
+            f"config says num_classes={num_classes} but {name} has {spec.num_classes} classes"
+        )
     root_value = _get(dataset_config, "root")
     if not root_value:
         raise DatasetConfigError(f"dataset config for {name} has no 'root'")
     root = Path(root_value).expanduser()
     if not root.is_dir():
-        raise DatasetLayoutError(f"dataset root {root} does not exist or is not a folder; expected layout: {spec.layout}")
+        raise DatasetLayoutError(
+            f"dataset root {root} does not exist or is not a folder; expected layout: {spec.layout}"
+        )
     samples = spec.find_samples(root, split, with_labels)
     if not samples:
-        raise DatasetLayoutError(f"{name} split {split!r} under {root} has no samples; expected layout: {spec.layout}")
+        raise DatasetLayoutError(
+            f"{name} split {split!r} under {root} has no samples; expected layout: {spec.layout}"
+        )
     if check:
         check_files(samples, spec.layout)
-    return Source(spec, split, samples, ignore_label=_get(dataset_config, "ignore_label", IGNORE_LABEL))
+    return Source(
+        spec, split, samples, ignore_label=_get(dataset_config, "ignore_label", IGNORE_LABEL)
+    )

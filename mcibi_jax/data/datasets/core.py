@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,9 @@ def read_id_list(path: Path, layout: str) -> list[str]:
 
 def require_dir(path: Path, what: str, layout: str) -> Path:
     if not path.is_dir():
-        raise DatasetLayoutError(f"{what} {path} does not exist or is not a folder; expected layout: {layout}")
+        raise DatasetLayoutError(
+            f"{what} {path} does not exist or is not a folder; expected layout: {layout}"
+        )
     return path
 
 
@@ -112,17 +115,28 @@ def check_files(samples: Sequence[Sample], layout: str) -> None:
         return name in listings[folder]
 
     for kind in ("image", "label"):
-        missing = [s for s in samples if getattr(s, kind) is not None and not exists(getattr(s, kind))]
+        missing = [
+            s for s in samples if getattr(s, kind) is not None and not exists(getattr(s, kind))
+        ]
         if missing:
             first = missing[0]
             what = "image" if kind == "image" else f"label of image {first.image}"
             raise DatasetLayoutError(
                 f"{len(missing)} of {len(samples)} samples have no {kind} file; first: {what} "
-                f"should be {getattr(first, kind)} (sample {first.id!r}); expected layout: {layout}")
+                f"should be {getattr(first, kind)} (sample {first.id!r}); expected layout: {layout}"
+            )
 
 
-def decode_with_pil(path: Any, sample_id: str | None, *, modes: tuple[str, ...], bad_mode: str, what: str,
-                    cannot: str, convert: str | None = None) -> np.ndarray:
+def decode_with_pil(
+    path: Any,
+    sample_id: str | None,
+    *,
+    modes: tuple[str, ...],
+    bad_mode: str,
+    what: str,
+    cannot: str,
+    convert: str | None = None,
+) -> np.ndarray:
     """Decodes ``path`` with PIL to a uint8 array; every failure is a :class:`CorruptSample`:
     a mode outside ``modes`` (``bad_mode`` formatted with ``mode``), a missing file ("``what``
     file is missing") or anything PIL raises ("``cannot``: error"). ``convert``: the mode to
@@ -146,15 +160,27 @@ def decode_with_pil(path: Any, sample_id: str | None, *, modes: tuple[str, ...],
 
 def read_image(path: str, sample_id: str | None = None) -> np.ndarray:
     """Decodes an image file to (H, W, 3) uint8 RGB (grey, palette and RGBA images converted)."""
-    return decode_with_pil(path, sample_id, modes=("RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr"),
-                           bad_mode="unsupported image mode {mode} (expected 8-bit RGB or grey)", what="image",
-                           cannot="cannot decode image", convert="RGB")
+    return decode_with_pil(
+        path,
+        sample_id,
+        modes=("RGB", "L", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr"),
+        bad_mode="unsupported image mode {mode} (expected 8-bit RGB or grey)",
+        what="image",
+        cannot="cannot decode image",
+        convert="RGB",
+    )
 
 
 def read_png_label(path: str, sample_id: str | None = None) -> np.ndarray:
     """Raw ids of a single-channel 8-bit label PNG, as a (H, W) uint8 array."""
-    return decode_with_pil(path, sample_id, modes=("L",), what="label", cannot="cannot decode label image",
-                           bad_mode="label image has mode {mode}; expected a single-channel 8-bit ('L') PNG of label ids")
+    return decode_with_pil(
+        path,
+        sample_id,
+        modes=("L",),
+        what="label",
+        cannot="cannot decode label image",
+        bad_mode="label image has mode {mode}; expected a single-channel 8-bit ('L') PNG of label ids",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,7 +197,9 @@ def lookup_table(label_map: Mapping[int, int | None], ignore_label: int) -> np.n
     return table
 
 
-def map_label(raw: np.ndarray, table: np.ndarray, path: str, sample_id: str | None, dataset: str) -> np.ndarray:
+def map_label(
+    raw: np.ndarray, table: np.ndarray, path: str, sample_id: str | None, dataset: str
+) -> np.ndarray:
     """Applies a lookup table to raw ids; any id without an entry raises CorruptSample."""
     if raw.dtype.kind == "f":
         if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
@@ -194,8 +222,12 @@ def map_label(raw: np.ndarray, table: np.ndarray, path: str, sample_id: str | No
         unknown = np.unique(ids[bad])
         shown = ", ".join(str(v) for v in unknown[:10]) + (", ..." if unknown.size > 10 else "")
         valid = np.flatnonzero(table != _INVALID)
-        raise CorruptSample(path, f"label ids {{{shown}}} are not in the {dataset} mapping "
-                                  f"(valid raw ids: {_ranges(valid)})", sample_id)
+        raise CorruptSample(
+            path,
+            f"label ids {{{shown}}} are not in the {dataset} mapping "
+            f"(valid raw ids: {_ranges(valid)})",
+            sample_id,
+        )
     return mapped.astype(np.int32, copy=False)
 
 
@@ -253,7 +285,13 @@ class Source(DescribedBySpec):
     :class:`CorruptSample`.
     """
 
-    def __init__(self, spec: DatasetSpec, split: str, samples: Sequence[Sample], ignore_label: int = IGNORE_LABEL):
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        split: str,
+        samples: Sequence[Sample],
+        ignore_label: int = IGNORE_LABEL,
+    ):
         self.spec = spec
         self.split = split
         self.ignore_label = int(ignore_label)
@@ -266,7 +304,9 @@ class Source(DescribedBySpec):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = operator.index(index)
         if not -len(self.samples) <= index < len(self.samples):
-            raise IndexError(f"index {index} out of range for {len(self.samples)} samples of {self.name}/{self.split}")
+            raise IndexError(
+                f"index {index} out of range for {len(self.samples)} samples of {self.name}/{self.split}"
+            )
         sample = self.samples[index]
         image = read_image(sample.image, sample.id)
         if sample.label is None:
@@ -274,8 +314,12 @@ class Source(DescribedBySpec):
         else:
             raw = self.spec.read_label(sample.label, sample.id)
             if raw.ndim != 2 or raw.shape != image.shape[:2]:
-                raise CorruptSample(sample.label, f"label has shape {raw.shape} but image {sample.image} "
-                                                  f"is {image.shape[0]}x{image.shape[1]}", sample.id)
+                raise CorruptSample(
+                    sample.label,
+                    f"label has shape {raw.shape} but image {sample.image} "
+                    f"is {image.shape[0]}x{image.shape[1]}",
+                    sample.id,
+                )
             label = map_label(raw, self._table, sample.label, sample.id, self.name)
         return {"image": image, "label": label, "id": sample.id}
 

@@ -15,20 +15,30 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from ml_collections import config_dict
 
-from .core import (DatasetConfigError, DatasetLayoutError, DatasetSpec, Sample, decode_with_pil, read_id_list,
-                   require_dir)
+from .core import (
+    DatasetConfigError,
+    DatasetLayoutError,
+    DatasetSpec,
+    Sample,
+    decode_with_pil,
+    read_id_list,
+    require_dir,
+)
 
 NAME = "custom"
 DESCRIPTION = "dataset.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LAYOUT = ("<root>/dataset.json (classes, ignore_index), <root>/images/<name>.{jpg,jpeg,png}, "
-          "<root>/masks/<name>.png (single-channel class ids) and <root>/splits/<split>.txt (one name per line)")
+LAYOUT = (
+    "<root>/dataset.json (classes, ignore_index), <root>/images/<name>.{jpg,jpeg,png}, "
+    "<root>/masks/<name>.png (single-channel class ids) and <root>/splits/<split>.txt (one name per line)"
+)
 
 
 class DatasetDescriptionError(DatasetLayoutError):
@@ -62,7 +72,8 @@ def read_description(root: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetDescriptionError(
             f"{path} does not exist: a custom dataset root needs a dataset.json listing its classes "
-            f"(set --config.dataset.root=<your dataset folder>); expected layout: {LAYOUT}")
+            f"(set --config.dataset.root=<your dataset folder>); expected layout: {LAYOUT}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -72,43 +83,77 @@ def read_description(root: str | os.PathLike) -> dict[str, Any]:
     known = {"name", "classes", "ignore_index", "palette", "flip_pairs"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise _fail(path, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise _fail(
+            path, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
 
     classes = data.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise _fail(path, "'classes' must be a non-empty list of class names (index k = mask value k)")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise _fail(
+            path, "'classes' must be a non-empty list of class names (index k = mask value k)"
+        )
     if len(set(classes)) != len(classes):
         raise _fail(path, "'classes' has duplicate names")
     if len(classes) > 255:
-        raise _fail(path, f"{len(classes)} classes do not fit 8-bit masks (at most 255 besides the ignore value)")
+        raise _fail(
+            path,
+            f"{len(classes)} classes do not fit 8-bit masks (at most 255 besides the ignore value)",
+        )
     num_classes = len(classes)
 
     ignore = data.get("ignore_index", 255)
     if isinstance(ignore, bool) or not isinstance(ignore, int) or not 0 <= ignore <= 255:
-        raise _fail(path, f"'ignore_index' must be an integer in 0..255 (the mask value of unlabelled pixels), got {ignore!r}")
+        raise _fail(
+            path,
+            f"'ignore_index' must be an integer in 0..255 (the mask value of unlabelled pixels), got {ignore!r}",
+        )
     if ignore < num_classes:
-        raise _fail(path, f"'ignore_index' {ignore} is a class id (0..{num_classes - 1}); use a value >= {num_classes}, "
-                          "e.g. 255")
+        raise _fail(
+            path,
+            f"'ignore_index' {ignore} is a class id (0..{num_classes - 1}); use a value >= {num_classes}, "
+            "e.g. 255",
+        )
 
     palette = data.get("palette")
     if palette is None:
         palette = generated_palette(num_classes)
     else:
-        ok = (isinstance(palette, list) and len(palette) == num_classes and all(
-            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
-            for c in palette))
+        ok = (
+            isinstance(palette, list)
+            and len(palette) == num_classes
+            and all(
+                isinstance(c, list)
+                and len(c) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+                for c in palette
+            )
+        )
         if not ok:
-            raise _fail(path, f"'palette' must be a list of {num_classes} [r, g, b] lists of integers 0..255 "
-                              "(one per class), or left out")
+            raise _fail(
+                path,
+                f"'palette' must be a list of {num_classes} [r, g, b] lists of integers 0..255 "
+                "(one per class), or left out",
+            )
         palette = tuple(tuple(c) for c in palette)
 
     pairs = data.get("flip_pairs", [])
     ok = isinstance(pairs, list) and all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and 0 <= v < num_classes for v in p)
-        and p[0] != p[1] for p in pairs)
+        isinstance(p, list)
+        and len(p) == 2
+        and all(isinstance(v, int) and 0 <= v < num_classes for v in p)
+        and p[0] != p[1]
+        for p in pairs
+    )
     if not ok:
-        raise _fail(path, f"'flip_pairs' must be a list of [a, b] pairs of distinct class ids in 0..{num_classes - 1} "
-                          "(classes that swap when the image is mirrored, e.g. left/right arm)")
+        raise _fail(
+            path,
+            f"'flip_pairs' must be a list of [a, b] pairs of distinct class ids in 0..{num_classes - 1} "
+            "(classes that swap when the image is mirrored, e.g. left/right arm)",
+        )
     flat = [v for p in pairs for v in p]
     if len(set(flat)) != len(flat):
         raise _fail(path, "a class appears in more than one of 'flip_pairs'")
@@ -116,8 +161,13 @@ def read_description(root: str | os.PathLike) -> dict[str, Any]:
     name = data.get("name", Path(root).expanduser().resolve().name)
     if not isinstance(name, str):
         raise _fail(path, "'name' must be a string")
-    return {"name": name, "classes": tuple(classes), "ignore_index": ignore, "palette": palette,
-            "flip_pairs": tuple(tuple(p) for p in pairs)}
+    return {
+        "name": name,
+        "classes": tuple(classes),
+        "ignore_index": ignore,
+        "palette": palette,
+        "flip_pairs": tuple(tuple(p) for p in pairs),
+    }
 
 
 def num_classes_of(root: str | os.PathLike) -> int:
@@ -170,7 +220,9 @@ def find_samples(root: Path, split: str, with_labels: bool) -> list[Sample]:
     samples = []
     for name in names:
         if name.startswith("/") or ".." in Path(name).parts:
-            raise DatasetLayoutError(f"{root / 'splits' / f'{split}.txt'}: name {name!r} must be relative to images/")
+            raise DatasetLayoutError(
+                f"{root / 'splits' / f'{split}.txt'}: name {name!r} must be relative to images/"
+            )
         for suffix in IMAGE_SUFFIXES:  # names written with their extension
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
@@ -185,9 +237,15 @@ def find_samples(root: Path, split: str, with_labels: bool) -> list[Sample]:
 
 def read_mask(path: str, sample_id: str | None = None) -> np.ndarray:
     """Class ids of a single-channel mask PNG ('L', or 'P' whose indices are the ids), (H, W) uint8."""
-    return decode_with_pil(path, sample_id, modes=("L", "P"), what="mask", cannot="cannot decode mask",
-                           bad_mode="mask has mode {mode}; expected a single-channel 8-bit PNG "
-                                    "('L' or palette 'P') whose values are class ids")
+    return decode_with_pil(
+        path,
+        sample_id,
+        modes=("L", "P"),
+        what="mask",
+        cannot="cannot decode mask",
+        bad_mode="mask has mode {mode}; expected a single-channel 8-bit PNG "
+        "('L' or palette 'P') whose values are class ids",
+    )
 
 
 def load_spec(root: str | os.PathLike) -> DatasetSpec:
@@ -199,17 +257,27 @@ def load_spec(root: str | os.PathLike) -> DatasetSpec:
       DatasetConfigError: no root given.
     """
     if not str(root):
-        raise DatasetConfigError("dataset config for custom has no 'root' (the folder holding dataset.json)")
+        raise DatasetConfigError(
+            "dataset config for custom has no 'root' (the folder holding dataset.json)"
+        )
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetLayoutError(f"dataset root {root} does not exist or is not a folder; expected layout: {LAYOUT}")
+        raise DatasetLayoutError(
+            f"dataset root {root} does not exist or is not a folder; expected layout: {LAYOUT}"
+        )
     description = read_description(root)
     num_classes = len(description["classes"])
     label_map: dict[int, int | None] = {k: k for k in range(num_classes)}
     label_map[description["ignore_index"]] = None
     return DatasetSpec(
-        name=NAME, class_names=description["classes"], palette=description["palette"], label_map=label_map,
-        splits=splits_of(root), layout=LAYOUT, find_samples=find_samples, read_label=read_mask,
+        name=NAME,
+        class_names=description["classes"],
+        palette=description["palette"],
+        label_map=label_map,
+        splits=splits_of(root),
+        layout=LAYOUT,
+        find_samples=find_samples,
+        read_label=read_mask,
         flip_label_pairs=description["flip_pairs"],
     )
 
@@ -227,8 +295,13 @@ class FromRoot(config_dict.FieldReference):
     locks a config, before command-line overrides set the real root.
     """
 
-    def __init__(self, root: config_dict.FieldReference, compute: Callable[[str], Any], field_type: type,
-                 placeholder: Any):
+    def __init__(
+        self,
+        root: config_dict.FieldReference,
+        compute: Callable[[str], Any],
+        field_type: type,
+        placeholder: Any,
+    ):
         self._root, self._compute, self._fixed = root, compute, False
         self._initial, self._placeholder = root.get(), placeholder
         super().__init__(None, field_type=field_type)
@@ -245,7 +318,9 @@ class FromRoot(config_dict.FieldReference):
             return self._placeholder
         return self._compute(root)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # the base class restores only its own fields
+    def __setstate__(
+        self, state: dict[str, Any]
+    ) -> None:  # the base class restores only its own fields
         self.__dict__.update(state)
 
 
@@ -260,5 +335,8 @@ def root_fields(root: str) -> dict[str, Any]:
     its lazy value with a fixed one. Assign the same reference to several fields to share it.
     """
     root_ref = config_dict.FieldReference(root, field_type=str)
-    return {"root": root_ref, "num_classes": FromRoot(root_ref, num_classes_of, int, 0),
-            "flip_label_pairs": FromRoot(root_ref, flip_pairs_of, tuple, ())}
+    return {
+        "root": root_ref,
+        "num_classes": FromRoot(root_ref, num_classes_of, int, 0),
+        "flip_label_pairs": FromRoot(root_ref, flip_pairs_of, tuple, ()),
+    }

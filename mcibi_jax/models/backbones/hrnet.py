@@ -19,15 +19,16 @@ Variable tree (after the segmentor's ``backbone_net`` prefix)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcibi_jax.models.backbones.resnet import BasicBlock, Bottleneck
 from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, conv
 from mcibi_jax.models.resize import resize
-from mcibi_jax.models.backbones.resnet import BasicBlock, Bottleneck
 
 Array = jax.Array
 Dtype = Any
@@ -60,7 +61,9 @@ class HRStage:
         return tuple(c * EXPANSION[self.block] for c in self.num_channels)
 
 
-def _arch(width: int, blocks: int, modules: tuple[int, int, int], stem_blocks: int) -> tuple[HRStage, ...]:
+def _arch(
+    width: int, blocks: int, modules: tuple[int, int, int], stem_blocks: int
+) -> tuple[HRStage, ...]:
     widths = tuple(width * 2**i for i in range(4))
     return (
         HRStage(1, 1, "BOTTLENECK", (stem_blocks,), (64,)),
@@ -99,9 +102,14 @@ def hrnet_stages(arch: ArchSpec) -> tuple[HRStage, ...]:
     if isinstance(arch, Mapping):
         arch = [arch[f"stage{s}"] for s in range(1, 5)]
     stages = tuple(
-        s if isinstance(s, HRStage) else HRStage(
-            num_modules=s["num_modules"], num_branches=s["num_branches"], block=s["block"],
-            num_blocks=tuple(s["num_blocks"]), num_channels=tuple(s["num_channels"]),
+        s
+        if isinstance(s, HRStage)
+        else HRStage(
+            num_modules=s["num_modules"],
+            num_branches=s["num_branches"],
+            block=s["block"],
+            num_blocks=tuple(s["num_blocks"]),
+            num_channels=tuple(s["num_channels"]),
         )
         for s in arch
     )
@@ -160,7 +168,9 @@ class _ConvChain(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for k, (features, activate) in enumerate(zip(self.features, self.activate)):
-            x = ConvBNReLU(features, 3, stride=2, activate=activate, dtype=self.dtype, name=str(k))(x, train)
+            x = ConvBNReLU(features, 3, stride=2, activate=activate, dtype=self.dtype, name=str(k))(
+                x, train
+            )
         return x
 
 
@@ -186,8 +196,10 @@ class _Transition(nn.Module):
                 # Quirk of the reference: every transition reads the last branch, even
                 # for an existing branch (only the last one can change width then).
                 if ys[-1].shape[-1] != self.pre_channels[i]:
-                    raise ValueError("this arch changes the width of a middle branch, "
-                                     "which the reference HRNet cannot run either")
+                    raise ValueError(
+                        "this arch changes the width of a middle branch, "
+                        "which the reference HRNet cannot run either"
+                    )
                 xs.append(ConvBNReLU(features, 3, dtype=self.dtype, name=str(i))(ys[-1], train))
             else:
                 steps = i + 1 - num_pre
@@ -208,9 +220,14 @@ class _Branches(nn.Module):
     def __call__(self, xs: list[Array], train: bool) -> list[Array]:
         s = self.stage
         return [
-            _ResLayer(s.block, s.num_channels[b], s.num_blocks[b], self.use_checkpoint, self.dtype, name=str(b))(
-                xs[b], train
-            )
+            _ResLayer(
+                s.block,
+                s.num_channels[b],
+                s.num_blocks[b],
+                self.use_checkpoint,
+                self.dtype,
+                name=str(b),
+            )(xs[b], train)
             for b in range(s.num_branches)
         ]
 
@@ -235,11 +252,19 @@ class _FuseRow(nn.Module):
             if j == i:
                 term = x
             elif j > i:
-                term = ConvBNReLU(self.channels[i], 1, activate=False, dtype=self.dtype, name=str(j))(x, train)
+                term = ConvBNReLU(
+                    self.channels[i], 1, activate=False, dtype=self.dtype, name=str(j)
+                )(x, train)
                 factor = 2 ** (j - i)
                 # Quirk of the reference: nn.Upsample(scale_factor) inside the fuse layer,
                 # then a second bilinear resize to the target size (identity if it matches).
-                term = resize(term, (term.shape[1] * factor, term.shape[2] * factor), "bilinear", False, factor)
+                term = resize(
+                    term,
+                    (term.shape[1] * factor, term.shape[2] * factor),
+                    "bilinear",
+                    False,
+                    factor,
+                )
                 term = resize(term, target, "bilinear", False)
             else:
                 steps = i - j
@@ -259,7 +284,10 @@ class _FuseLayers(nn.Module):
 
     @nn.compact
     def __call__(self, xs: list[Array], train: bool) -> list[Array]:
-        return [_FuseRow(i, self.channels, self.dtype, name=str(i))(xs, train) for i in range(self.num_out)]
+        return [
+            _FuseRow(i, self.channels, self.dtype, name=str(i))(xs, train)
+            for i in range(self.num_out)
+        ]
 
 
 class _HRModule(nn.Module):
@@ -276,7 +304,9 @@ class _HRModule(nn.Module):
         if self.stage.num_branches == 1:
             return xs
         num_out = self.stage.num_branches if self.multiscale_output else 1
-        return _FuseLayers(self.stage.out_channels, num_out, self.dtype, name="fuse_layers")(xs, train)
+        return _FuseLayers(self.stage.out_channels, num_out, self.dtype, name="fuse_layers")(
+            xs, train
+        )
 
 
 class _Stage(nn.Module):
@@ -292,7 +322,9 @@ class _Stage(nn.Module):
         for m in range(self.stage.num_modules):
             last = m == self.stage.num_modules - 1
             multiscale = self.multiscale_output or not last
-            xs = _HRModule(self.stage, multiscale, self.use_checkpoint, self.dtype, name=str(m))(xs, train)
+            xs = _HRModule(self.stage, multiscale, self.use_checkpoint, self.dtype, name=str(m))(
+                xs, train
+            )
         return xs
 
 
@@ -338,12 +370,20 @@ class HRNet(nn.Module):
         x = nn.relu(BatchNorm(dtype=dt, name="bn2")(x, train))
 
         first = stages[0]
-        x = _ResLayer(first.block, first.num_channels[0], first.num_blocks[0], self.use_checkpoint, dt,
-                      name="layer1")(x, train)
+        x = _ResLayer(
+            first.block,
+            first.num_channels[0],
+            first.num_blocks[0],
+            self.use_checkpoint,
+            dt,
+            name="layer1",
+        )(x, train)
 
         ys, pre_channels = [x], first.out_channels[:1]
         for s, stage in enumerate(stages[1:], start=2):
-            xs = _Transition(pre_channels, stage.out_channels, dt, name=f"transition{s - 1}")(ys, train)
+            xs = _Transition(pre_channels, stage.out_channels, dt, name=f"transition{s - 1}")(
+                ys, train
+            )
             multiscale = self.multiscale_output or s < len(stages)
             ys = _Stage(stage, multiscale, self.use_checkpoint, dt, name=f"stage{s}")(xs, train)
             pre_channels = stage.out_channels

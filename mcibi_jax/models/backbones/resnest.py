@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -60,8 +61,14 @@ class SplitAttentionConv(nn.Module):
         radix, channels = self.radix, self.channels
         inter_channels = max(x.shape[-1] * radix // self.reduction_factor, 32)
         x = conv(
-            channels * radix, 3, stride=self.stride, dilation=self.dilation, padding=self.dilation,
-            groups=self.groups * radix, name="conv", dtype=self.dtype,
+            channels * radix,
+            3,
+            stride=self.stride,
+            dilation=self.dilation,
+            padding=self.dilation,
+            groups=self.groups * radix,
+            name="conv",
+            dtype=self.dtype,
         )(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn0")(x, train))
         if radix > 1:
@@ -71,9 +78,13 @@ class SplitAttentionConv(nn.Module):
         else:
             gap = x
         gap = two_pass_mean(gap, (1, 2))
-        gap = conv(inter_channels, 1, groups=self.groups, use_bias=True, name="fc1", dtype=self.dtype)(gap)
+        gap = conv(
+            inter_channels, 1, groups=self.groups, use_bias=True, name="fc1", dtype=self.dtype
+        )(gap)
         gap = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(gap, train))
-        logits = conv(channels * radix, 1, groups=self.groups, use_bias=True, name="fc2", dtype=self.dtype)(gap)
+        logits = conv(
+            channels * radix, 1, groups=self.groups, use_bias=True, name="fc2", dtype=self.dtype
+        )(gap)
         batch = x.shape[0]
         if radix == 1:
             return jax.nn.sigmoid(logits) * x
@@ -144,8 +155,14 @@ class Bottleneck(nn.Module):
         out = conv(width, 1, stride=conv1_stride, name="conv1", dtype=self.dtype)(x)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
         out = SplitAttentionConv(
-            width, stride=1 if avg_after_conv2 else conv2_stride, dilation=self.dilation, groups=self.groups,
-            radix=self.radix, reduction_factor=self.reduction_factor, dtype=self.dtype, name="conv2",
+            width,
+            stride=1 if avg_after_conv2 else conv2_stride,
+            dilation=self.dilation,
+            groups=self.groups,
+            radix=self.radix,
+            reduction_factor=self.reduction_factor,
+            dtype=self.dtype,
+            name="conv2",
         )(out, train)
         if avg_after_conv2:
             # as the reference: zero padding counts in this mean (unlike the shortcut's pool)
@@ -155,7 +172,11 @@ class Bottleneck(nn.Module):
         identity = x
         if self.downsample:
             identity = Downsample(
-                self.planes * EXPANSION, self.stride, self.use_avg_for_downsample, dtype=self.dtype, name="downsample",
+                self.planes * EXPANSION,
+                self.stride,
+                self.use_avg_for_downsample,
+                dtype=self.dtype,
+                name="downsample",
             )(x, train)
         return nn.relu(out + identity)
 
@@ -183,8 +204,13 @@ class ResLayer(nn.Module):
         needs_projection = self.stride != 1 or x.shape[-1] != self.planes * EXPANSION
         for i, dilation in enumerate(dilations):
             x = block_cls(
-                self.planes, stride=self.stride if i == 0 else 1, dilation=dilation,
-                downsample=needs_projection and i == 0, dtype=self.dtype, name=str(i), **kwargs,
+                self.planes,
+                stride=self.stride if i == 0 else 1,
+                dilation=dilation,
+                downsample=needs_projection and i == 0,
+                dtype=self.dtype,
+                name=str(i),
+                **kwargs,
             )(x, train)
         return x
 
@@ -256,16 +282,27 @@ class ResNeSt(nn.Module):
         x = max_pool_3x3_s2(x)
 
         block_kwargs = dict(
-            use_avg_for_downsample=self.use_avg_for_downsample, groups=self.groups, base_width=self.base_width,
-            base_channels=self.base_channels, radix=self.radix, reduction_factor=self.reduction_factor,
-            use_avg_after_block_conv2=self.use_avg_after_block_conv2, style=self.style,
+            use_avg_for_downsample=self.use_avg_for_downsample,
+            groups=self.groups,
+            base_width=self.base_width,
+            base_channels=self.base_channels,
+            radix=self.radix,
+            reduction_factor=self.reduction_factor,
+            use_avg_after_block_conv2=self.use_avg_after_block_conv2,
+            style=self.style,
         )
         features = []
         for i, num_blocks in enumerate(ARCH_SETTINGS[self.depth]):
             x = ResLayer(
-                self.base_channels * 2**i, num_blocks, stride=strides[i], dilation=dilations[i],
-                contract_dilation=self.contract_dilation, block_kwargs=block_kwargs,
-                use_checkpoint=self.use_checkpoint, dtype=self.dtype, name=f"layer{i + 1}",
+                self.base_channels * 2**i,
+                num_blocks,
+                stride=strides[i],
+                dilation=dilations[i],
+                contract_dilation=self.contract_dilation,
+                block_kwargs=block_kwargs,
+                use_checkpoint=self.use_checkpoint,
+                dtype=self.dtype,
+                name=f"layer{i + 1}",
             )(x, train)
             features.append(x)
         return tuple(features[i] for i in self.out_indices)

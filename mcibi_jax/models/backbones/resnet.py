@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,7 +59,14 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, name="conv1", dtype=self.dtype)(x)
+        out = conv(
+            self.planes,
+            3,
+            stride=self.stride,
+            dilation=self.dilation,
+            name="conv1",
+            dtype=self.dtype,
+        )(x)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
         out = conv(self.planes, 3, name="conv2", dtype=self.dtype)(out)
         out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
@@ -80,7 +88,14 @@ class Bottleneck(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         out = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, train))
-        out = conv(self.planes, 3, stride=self.stride, dilation=self.dilation, name="conv2", dtype=self.dtype)(out)
+        out = conv(
+            self.planes,
+            3,
+            stride=self.stride,
+            dilation=self.dilation,
+            name="conv2",
+            dtype=self.dtype,
+        )(out)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(out, train))
         out = conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out)
         out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)
@@ -143,7 +158,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
         if self.depth not in ARCH_SETTINGS:
-            raise ValueError(f"unsupported ResNet depth {self.depth}; choose from {sorted(ARCH_SETTINGS)}")
+            raise ValueError(
+                f"unsupported ResNet depth {self.depth}; choose from {sorted(ARCH_SETTINGS)}"
+            )
         if self.outstride not in STRIDES_AND_DILATIONS:
             raise ValueError(f"unsupported output stride {self.outstride}; choose from 8, 16, 32")
         block, blocks_per_stage = ARCH_SETTINGS[self.depth]
@@ -160,8 +177,16 @@ class ResNet(nn.Module):
         for i in range(4):
             planes = self.base_channels * 2**i
             x = ResLayer(
-                block, planes, blocks_per_stage[i], strides[i], dilations[i], channels,
-                self.contract_dilation, self.dtype, self.use_checkpoint, name=f"layer{i + 1}",
+                block,
+                planes,
+                blocks_per_stage[i],
+                strides[i],
+                dilations[i],
+                channels,
+                self.contract_dilation,
+                self.dtype,
+                self.use_checkpoint,
+                name=f"layer{i + 1}",
             )(x, train)
             channels = planes * EXPANSION[block]
             outputs.append(x)

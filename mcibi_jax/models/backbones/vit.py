@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,10 +27,20 @@ Dtype = Any
 # Architecture a named structure type must have (the reference asserts these at build time).
 _STRUCTURE_CHECKS: dict[str, dict[str, Any]] = {
     "jx_vit_large_p16_384": {
-        "patch_size": 16, "embed_dims": 1024, "num_layers": 24, "num_heads": 16, "mlp_ratio": 4,
-        "qkv_bias": True, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0,
-        "with_cls_token": True, "output_cls_token": False, "patch_norm": False,
-        "final_norm": False, "num_fcs": 2,
+        "patch_size": 16,
+        "embed_dims": 1024,
+        "num_layers": 24,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "qkv_bias": True,
+        "drop_rate": 0.0,
+        "attn_drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+        "with_cls_token": True,
+        "output_cls_token": False,
+        "patch_norm": False,
+        "final_norm": False,
+        "num_fcs": 2,
     },
 }
 
@@ -46,7 +57,9 @@ def _precision(dtype: Dtype | None) -> jax.lax.Precision | None:
 
 
 def _dense(features: int, use_bias: bool, dtype: Dtype | None, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, precision=_precision(dtype), name=name)
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, precision=_precision(dtype), name=name
+    )
 
 
 def _layer_norm(norm_cfg: Mapping[str, Any], dtype: Dtype | None, name: str) -> nn.LayerNorm:
@@ -111,8 +124,14 @@ class PatchEmbed(nn.Module):
         else:
             pads = ((self.padding, self.padding), (self.padding, self.padding))
         x = nn.Conv(
-            self.embed_dims, (k, k), strides=(k, k), padding=pads, use_bias=self.use_bias,
-            dtype=self.dtype, precision=_precision(self.dtype), name="projection",
+            self.embed_dims,
+            (k, k),
+            strides=(k, k),
+            padding=pads,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            precision=_precision(self.dtype),
+            name="projection",
         )(x)
         n, h, w, c = x.shape
         x = x.reshape(n, h * w, c)
@@ -144,9 +163,13 @@ class SelfAttention(nn.Module):
         q = q * math.sqrt(1.0 / head_dims)  # PyTorch scales the queries, not the logits
         precision = _precision(self.dtype)
         logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=precision)
-        weights = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(v.dtype)
+        weights = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(
+            v.dtype
+        )
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
-        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v, precision=precision).reshape(n, length, dims)
+        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v, precision=precision).reshape(
+            n, length, dims
+        )
         return _dense(dims, self.use_bias, self.dtype, "out_proj")(out)
 
 
@@ -198,7 +221,9 @@ class _FFNLayers(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in range(self.num_fcs - 1):
-            x = _FCBlock(self.feedforward_channels, self.act_cfg, self.rate, self.dtype, name=str(i))(x, train)
+            x = _FCBlock(
+                self.feedforward_channels, self.act_cfg, self.rate, self.dtype, name=str(i)
+            )(x, train)
         x = _dense(self.embed_dims, True, self.dtype, str(self.num_fcs - 1))(x)
         return nn.Dropout(self.rate, deterministic=not train)(x)
 
@@ -219,8 +244,13 @@ class FFN(nn.Module):
         if self.num_fcs < 2:
             raise ValueError(f"num_fcs must be at least 2, got {self.num_fcs}")
         out = _FFNLayers(
-            self.embed_dims, self.feedforward_channels, self.num_fcs, self.act_cfg, self.ffn_drop,
-            self.dtype, name="layers",
+            self.embed_dims,
+            self.feedforward_channels,
+            self.num_fcs,
+            self.act_cfg,
+            self.ffn_drop,
+            self.dtype,
+            name="layers",
         )(x, train)
         return identity + drop_path(self, out, self.drop_path_rate, train)
 
@@ -237,18 +267,31 @@ class TransformerEncoderLayer(nn.Module):
     num_fcs: int = 2
     qkv_bias: bool = True
     act_cfg: Mapping[str, Any] | None = dataclasses.field(default_factory=lambda: {"type": "GELU"})
-    norm_cfg: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"type": "LayerNorm", "eps": 1e-6})
+    norm_cfg: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"type": "LayerNorm", "eps": 1e-6}
+    )
     dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         x = AttentionBlock(
-            self.embed_dims, self.num_heads, self.attn_drop_rate, self.drop_rate, self.qkv_bias,
-            self.dtype, name="attn",
+            self.embed_dims,
+            self.num_heads,
+            self.attn_drop_rate,
+            self.drop_rate,
+            self.qkv_bias,
+            self.dtype,
+            name="attn",
         )(_layer_norm(self.norm_cfg, self.dtype, "ln1")(x), x, train)
         return FFN(
-            self.embed_dims, self.feedforward_channels, self.num_fcs, self.act_cfg, self.drop_rate,
-            self.drop_path_rate, self.dtype, name="ffn",
+            self.embed_dims,
+            self.feedforward_channels,
+            self.num_fcs,
+            self.act_cfg,
+            self.drop_rate,
+            self.drop_path_rate,
+            self.dtype,
+            name="ffn",
         )(_layer_norm(self.norm_cfg, self.dtype, "ln2")(x), x, train)
 
 
@@ -261,7 +304,11 @@ class _EncoderLayers(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> list[Array]:
-        layer_cls = nn.remat(TransformerEncoderLayer, static_argnums=(2,)) if self.use_checkpoint else TransformerEncoderLayer
+        layer_cls = (
+            nn.remat(TransformerEncoderLayer, static_argnums=(2,))
+            if self.use_checkpoint
+            else TransformerEncoderLayer
+        )
         outputs = []
         for i, rate in enumerate(self.drop_path_rates):
             x = layer_cls(drop_path_rate=rate, **self.layer_kwargs, name=str(i))(x, train)
@@ -269,14 +316,16 @@ class _EncoderLayers(nn.Module):
         return outputs
 
 
-def resize_pos_embed(pos_embed: Array, out_shape: tuple[int, int], pos_shape: tuple[int, int], mode: str) -> Array:
+def resize_pos_embed(
+    pos_embed: Array, out_shape: tuple[int, int], pos_shape: tuple[int, int], mode: str
+) -> Array:
     """Resizes the grid part of a (1, 1 + h*w, C) position embedding; the cls entry is kept.
 
     (1, L, C) -> (1, 1 + out_h * out_w, C).
     """
     pos_h, pos_w = pos_shape
     cls_entry = pos_embed[:, :1]
-    grid = pos_embed[:, -pos_h * pos_w:].reshape(1, pos_h, pos_w, pos_embed.shape[-1])
+    grid = pos_embed[:, -pos_h * pos_w :].reshape(1, pos_h, pos_w, pos_embed.shape[-1])
     grid = resize(grid, out_shape, mode=mode, align_corners=False)
     grid = grid.reshape(1, out_shape[0] * out_shape[1], pos_embed.shape[-1])
     return jnp.concatenate([cls_entry, grid], axis=1)
@@ -309,7 +358,9 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     with_cls_token: bool = True
     output_cls_token: bool = False
-    norm_cfg: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"type": "LayerNorm", "eps": 1e-6})
+    norm_cfg: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"type": "LayerNorm", "eps": 1e-6}
+    )
     act_cfg: Mapping[str, Any] | None = dataclasses.field(default_factory=lambda: {"type": "GELU"})
     patch_norm: bool = False
     patch_bias: bool = True
@@ -327,7 +378,9 @@ class VisionTransformer(nn.Module):
             raise ValueError("output_cls_token requires with_cls_token")
         for key, value in _STRUCTURE_CHECKS.get(self.structure_type, {}).items():
             if getattr(self, key) != value:
-                raise ValueError(f"{self.structure_type} needs {key}={value!r}, got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"{self.structure_type} needs {key}={value!r}, got {getattr(self, key)!r}"
+                )
 
     def _selected_layers(self) -> tuple[int, ...]:
         if isinstance(self.out_indices, int):
@@ -347,15 +400,26 @@ class VisionTransformer(nn.Module):
         pos_h, pos_w = img_h // self.patch_size, img_w // self.patch_size
 
         x, hw_shape = PatchEmbed(
-            self.embed_dims, self.patch_size, self.patch_pad, self.patch_bias,
-            self.norm_cfg if self.patch_norm else None, self.dtype, name="patch_embed",
+            self.embed_dims,
+            self.patch_size,
+            self.patch_pad,
+            self.patch_bias,
+            self.norm_cfg if self.patch_norm else None,
+            self.dtype,
+            name="patch_embed",
         )(x.astype(dtype))
         # The reference initialises both to zeros (pretrained weights overwrite them).
-        cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dims), jnp.float32)
-        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, pos_h * pos_w + 1, self.embed_dims), jnp.float32)
+        cls_token = self.param(
+            "cls_token", nn.initializers.zeros, (1, 1, self.embed_dims), jnp.float32
+        )
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.zeros, (1, pos_h * pos_w + 1, self.embed_dims), jnp.float32
+        )
 
         n = x.shape[0]
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(dtype), (n, 1, self.embed_dims)), x], axis=1)
+        x = jnp.concatenate(
+            [jnp.broadcast_to(cls_token.astype(dtype), (n, 1, self.embed_dims)), x], axis=1
+        )
         # Quirk of the reference: resized only when the token counts differ, so an input whose
         # patch grid is a different shape with the same area reuses the stored grid as is.
         if x.shape[1] != pos_embed.shape[1]:
@@ -368,12 +432,21 @@ class VisionTransformer(nn.Module):
 
         selected = self._selected_layers()
         outputs = [self._feature(x, hw_shape)] if self.out_origin else []
-        rates = [float(r) for r in np.linspace(0.0, self.drop_path_rate, self.num_layers, dtype=np.float32)]
+        rates = [
+            float(r)
+            for r in np.linspace(0.0, self.drop_path_rate, self.num_layers, dtype=np.float32)
+        ]
         layer_kwargs = dict(
-            embed_dims=self.embed_dims, num_heads=self.num_heads,
-            feedforward_channels=int(self.mlp_ratio * self.embed_dims), drop_rate=self.drop_rate,
-            attn_drop_rate=self.attn_drop_rate, num_fcs=self.num_fcs, qkv_bias=self.qkv_bias,
-            act_cfg=self.act_cfg, norm_cfg=self.norm_cfg, dtype=self.dtype,
+            embed_dims=self.embed_dims,
+            num_heads=self.num_heads,
+            feedforward_channels=int(self.mlp_ratio * self.embed_dims),
+            drop_rate=self.drop_rate,
+            attn_drop_rate=self.attn_drop_rate,
+            num_fcs=self.num_fcs,
+            qkv_bias=self.qkv_bias,
+            act_cfg=self.act_cfg,
+            norm_cfg=self.norm_cfg,
+            dtype=self.dtype,
         )
         tokens = _EncoderLayers(layer_kwargs, rates, self.use_checkpoint, name="layers")(x, train)
         for i, x in enumerate(tokens):
