@@ -31,7 +31,7 @@ from mcibi_jax.train.state import init_variables
 def _variables(
     checkpoint: str | None, config: Any, model: Any, image_size: tuple[int, int]
 ) -> dict:
-    from mcibi_jax.porting.port import load_variables, variables_from_pth
+    from mcibi_jax.porting.variables import load_variables, variables_from_pth
 
     if not checkpoint:
         return init_variables(model, jax.random.key(0, impl="rbg"), image_size)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from benchmark_args import add_common_arguments
 
 import mcibi_jax
-from mcibi_jax.config import compute_dtype
+from mcibi_jax.config import model_dtype
 from mcibi_jax.models.segmentor import build_model
 
 
@@ -31,7 +31,7 @@ def forward_case(
     ``spec``'s model in ``dtype_name``; ``size`` (H, W) None: the recipe's training crop."""
     config = mcibi_jax.load_config(spec)
     height, width = size or tuple(config.dataset.train.crop_size)
-    model = build_model(config.model, dtype=compute_dtype(dtype_name))
+    model = build_model(config.model, dtype=model_dtype(dtype_name))
     images = jnp.zeros((batch, height, width, 3), jnp.float32)
     # rbg keys: the initialisation compiles about 3x faster than with threefry keys
     variables = jax.jit(lambda key: model.init(key, images, train=False))(

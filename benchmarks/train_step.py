@@ -36,7 +36,7 @@ from benchmark_args import add_common_arguments
 from jax.sharding import Mesh
 
 import mcibi_jax
-from mcibi_jax.config import compute_dtype
+from mcibi_jax.config import model_dtype
 from mcibi_jax.models.segmentor import MCIBI, build_model
 from mcibi_jax.sharding import data_mesh, global_batch, replicated_sharding
 from mcibi_jax.train.optimizer import optimizer_from_config
@@ -154,7 +154,7 @@ def train_case(
     batch_size = per_device_batch * mesh.size
     # one reference replica (its per-GPU losses and memory update) per device
     num_replicas = mesh.size if batch_size % mesh.size == 0 else 1
-    model = build_model(config.model, dtype=compute_dtype(dtype_name))
+    model = build_model(config.model, dtype=model_dtype(dtype_name))
     params = jax.eval_shape(
         lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
     )["params"]

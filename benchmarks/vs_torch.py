@@ -124,7 +124,7 @@ class OurSide:
         import jax.numpy as jnp
 
         from mcibi_jax.models.segmentor import build_model
-        from mcibi_jax.porting.port import variables_from_state_dict
+        from mcibi_jax.porting.variables import variables_from_state_dict
 
         self.jax = jax
         config = our_config(depth, widths)

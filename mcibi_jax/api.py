@@ -15,7 +15,7 @@ from mcibi_jax.config import ConfigError
 from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.evaluation.inference import predict as predict_classes
 from mcibi_jax.models.segmentor import MCIBI, build_model
-from mcibi_jax.porting.port import load_variables, model_config_of, variables_from_pth
+from mcibi_jax.porting.variables import load_variables, model_config_of, variables_from_pth
 
 Array = jax.Array
 

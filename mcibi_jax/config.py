@@ -291,7 +291,7 @@ def compute_dtype_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def compute_dtype(name: str) -> Any:
+def model_dtype(name: str) -> Any:
     """What ``build_model(..., dtype=)`` takes for a ``config.dtype`` name: None for float32."""
     if name not in COMPUTE_DTYPES:
         raise ConfigError(

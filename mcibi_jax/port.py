@@ -24,8 +24,8 @@ import numpy as np
 from mcibi_jax import pretrained
 from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides, load_config
 from mcibi_jax.porting.convert import PortError
-from mcibi_jax.porting.port import save_variables, variables_from_pth
 from mcibi_jax.porting.pth import PthError
+from mcibi_jax.porting.variables import save_variables, variables_from_pth
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

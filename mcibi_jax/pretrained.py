@@ -376,8 +376,8 @@ def checkpoint(name: str, log: Callable[[str], None] = print) -> Path:
     """The orbax checkpoint of the released model ``name`` (ported from its ``.pth`` the first
     time, strictly against its released config, then reused)."""
     from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.port import save_variables, variables_from_pth
     from mcibi_jax.porting.pth import PthError
+    from mcibi_jax.porting.variables import save_variables, variables_from_pth
 
     release = get(name)
     file = cached_file(name)
@@ -406,7 +406,7 @@ def load_variables(
 ) -> dict:
     """Flax variables of the released model ``name``, checked against ``config``'s model
     (default: the release's own config)."""
-    from mcibi_jax.porting.port import load_variables as load
+    from mcibi_jax.porting.variables import load_variables as load
 
     return load(checkpoint(name, log), config if config is not None else get(name).config())
 

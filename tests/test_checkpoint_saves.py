@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcibi_jax.porting.port import load_variables
+from mcibi_jax.porting.variables import load_variables
 from mcibi_jax.train import checkpoints
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.experiment import run

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mcibi_jax.config import load_config, split_overrides
 from mcibi_jax.data.synthetic import IGNORE_LABEL, make_split
-from mcibi_jax.porting.port import load_variables
+from mcibi_jax.porting.variables import load_variables
 from mcibi_jax.train.checkpoints import latest_checkpoint, new_checkpoint_dir
 from mcibi_jax.train.experiment import run
 from mcibi_jax.train.loop import TrainingDiverged

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mcibi_jax import load_config
 from mcibi_jax.models.segmentor import build_model
-from mcibi_jax.porting.port import save_variables
+from mcibi_jax.porting.variables import save_variables
 from mcibi_jax.train.state import init_variables
 
 REPO = Path(__file__).resolve().parents[1]

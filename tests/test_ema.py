@@ -14,8 +14,8 @@ from mcibi_jax import port
 from mcibi_jax.config import load_config
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.convert import variables_to_state_dict
-from mcibi_jax.porting.port import load_variables
 from mcibi_jax.porting.pth import save_state_dict
+from mcibi_jax.porting.variables import load_variables
 from mcibi_jax.train.experiment import run
 from mcibi_jax.train.state import create_train_state, ema_update, init_variables
 

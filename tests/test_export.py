@@ -16,7 +16,7 @@ import pytest
 import mcibi_jax
 from mcibi_jax import export
 from mcibi_jax.models.segmentor import build_model
-from mcibi_jax.porting.port import abstract_variables, save_variables
+from mcibi_jax.porting.variables import abstract_variables, save_variables
 
 pytest.importorskip(
     "flatbuffers", reason=f"jax.export serialization needs flatbuffers: {export.INSTALL}"

@@ -10,7 +10,7 @@ from PIL import Image
 import mcibi_jax
 from mcibi_jax import predict
 from mcibi_jax.evaluation.tta import tta_scores
-from mcibi_jax.porting.port import save_variables, variables_from_pth
+from mcibi_jax.porting.variables import save_variables, variables_from_pth
 from tests.reference_data import FIXTURES
 
 CASE = "resnet50_cityscapes"  # 5 classes

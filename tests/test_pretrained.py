@@ -19,8 +19,8 @@ import mcibi_jax
 from mcibi_jax import pretrained
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.convert import variables_to_state_dict
-from mcibi_jax.porting.port import abstract_variables
 from mcibi_jax.porting.pth import save_state_dict
+from mcibi_jax.porting.variables import abstract_variables
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 NAME = "tiny:r18"
@@ -285,7 +285,7 @@ def test_commands_take_a_pretrained_name(release, server, tiny_config, tmp_path,
     from PIL import Image
 
     from mcibi_jax import port, predict
-    from mcibi_jax.porting.port import load_variables
+    from mcibi_jax.porting.variables import load_variables
     from mcibi_jax.train.experiment import initial_variables
 
     _, handler = server

@@ -11,7 +11,7 @@ import pytest
 from mcibi_jax.config import ConfigError, load_config
 from mcibi_jax.models.segmentor import build_model
 from mcibi_jax.porting.convert import PortError, state_dict_to_variables
-from mcibi_jax.porting.port import abstract_variables
+from mcibi_jax.porting.variables import abstract_variables
 from mcibi_jax.recipes import KEYS_FILES, RELEASED, released_config
 from tests.reference_data import KEYS
 

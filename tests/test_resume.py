@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mcibi_jax.config import ConfigError
-from mcibi_jax.porting.port import load_variables
+from mcibi_jax.porting.variables import load_variables
 from mcibi_jax.train.experiment import run
 from tests.helpers import tiny_ade20k_config, write_ade20k
 

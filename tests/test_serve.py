@@ -18,7 +18,7 @@ from PIL import Image
 
 import mcibi_jax
 from mcibi_jax import predict, serve
-from mcibi_jax.porting.port import save_variables
+from mcibi_jax.porting.variables import save_variables
 from mcibi_jax.train.state import init_variables
 
 REPO = Path(__file__).resolve().parents[1]

@@ -102,7 +102,7 @@ def test_format_only_writes_the_cityscapes_test_set(tmp_path):
         label.unlink()  # the test set has no labels
     config = tiny_cityscapes_config(root)
     model = build_model(config.model)
-    from mcibi_jax.porting.port import save_variables
+    from mcibi_jax.porting.variables import save_variables
     from mcibi_jax.train.state import init_variables
 
     work = tmp_path / "work"

@@ -78,7 +78,7 @@ def test_cli_prints_units(capsys):
 
 def test_eval_writes_the_confusion_matrix(tmp_path):
     from mcibi_jax.evaluation.confusion import read_csv
-    from mcibi_jax.porting.port import save_variables
+    from mcibi_jax.porting.variables import save_variables
     from mcibi_jax.train.experiment import run
 
     config = load_config(DEMO, ["dataset.image_size=(32, 32)", "dataset.test.num_images=8"])

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, compute_dtype, conv, relu
+from mcibi_jax.models.layers import BatchNorm, ConvBNReLU, accumulation_dtype, conv, relu
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -80,7 +80,7 @@ class ImageLevelBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        pooled = jnp.mean(x.astype(compute_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(
+        pooled = jnp.mean(x.astype(accumulation_dtype(x.dtype)), axis=(1, 2), keepdims=True).astype(
             x.dtype
         )
         pooled = conv(self.out_channels, 1, name="1", dtype=self.dtype)(pooled)

@@ -20,7 +20,7 @@ Array = jax.Array
 Dtype = Any
 
 
-def compute_dtype(dtype: Dtype) -> Dtype:
+def accumulation_dtype(dtype: Dtype) -> Dtype:
     """The dtype for statistics, softmaxes and losses: at least float32 (float64 stays)."""
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -91,7 +91,7 @@ def batch_normalize(
 
 def _batch_normalize_forward(x, scale, bias, epsilon, dtype):
     axes = tuple(range(x.ndim - 1))
-    wide = x.astype(compute_dtype(x.dtype))
+    wide = x.astype(accumulation_dtype(x.dtype))
     # A float32 sum of many similar values drifts (PyTorch accumulates in float64 on CPU): a second,
     # well-conditioned pass over the shifted values corrects the mean.
     rough_mean = jnp.mean(wide, axes)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax.models.attention import SelfAttentionBlock
-from mcibi_jax.models.layers import ConvBNReLU, compute_dtype
+from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype
 from mcibi_jax.models.resize import interpolation_matrix, resample
 
 Array = jax.Array
@@ -86,7 +86,9 @@ class MemoryModule(nn.Module):
                 ignore_label=self.ignore_label,
                 align_corners=self.align_corners,
             )
-        weights = jax.nn.softmax(class_logits.astype(compute_dtype(class_logits.dtype)), axis=-1)
+        weights = jax.nn.softmax(
+            class_logits.astype(accumulation_dtype(class_logits.dtype)), axis=-1
+        )
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(
                 jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype
@@ -270,7 +272,7 @@ def update_memory(
     if strategy == "mean" and num_feats > 1:
         raise ValueError("the 'mean' strategy needs one memory vector per class")
     memory = jnp.asarray(memory)
-    memory = memory.astype(compute_dtype(memory.dtype))
+    memory = memory.astype(accumulation_dtype(memory.dtype))
     features = jax.lax.stop_gradient(jnp.asarray(features)).astype(memory.dtype)
     labels = jnp.asarray(labels).astype(jnp.int32)
     (batch, in_h, in_w, _), (out_h, out_w) = features.shape, labels.shape[1:3]

@@ -238,7 +238,7 @@ class BestCheckpoint:
     ) -> bool:
         """Makes ``variables`` the best if ``metrics[self.metric]`` beats the current best (no
         score, NaN or None as in results.json, never does); returns whether it did."""
-        from mcibi_jax.porting.port import save_variables
+        from mcibi_jax.porting.variables import save_variables
 
         value = float("nan") if metrics[self.metric] is None else float(metrics[self.metric])
         current = self.record

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 
 from mcibi_jax import distributed
-from mcibi_jax.config import ConfigError, compute_dtype
+from mcibi_jax.config import ConfigError, model_dtype
 from mcibi_jax.data.experiment_data import (
     DatasetUnavailable,
     ExperimentData,
@@ -46,7 +46,7 @@ from mcibi_jax.evaluation.metrics import (
     to_json,
 )
 from mcibi_jax.models.segmentor import build_model
-from mcibi_jax.porting.port import load_variables, save_variables, variables_from_pth
+from mcibi_jax.porting.variables import load_variables, save_variables, variables_from_pth
 from mcibi_jax.progress import ProgressBar
 from mcibi_jax.sharding import data_mesh
 from mcibi_jax.train.checkpoints import (
@@ -441,7 +441,7 @@ def run(
     evaluation_options(config)  # bad inference settings fail before any training
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    model = build_model(config["model"], dtype=compute_dtype(config["dtype"]))
+    model = build_model(config["model"], dtype=model_dtype(config["dtype"]))
     data = experiment_data(config)
     update: dict[str, Any] = {"name": config["name"], "dataset": config["dataset"]["name"]}
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import compute_dtype
+from mcibi_jax.models.layers import accumulation_dtype
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -26,7 +26,7 @@ def cross_entropy(
     should never produce them.
     """
     num_classes = logits.shape[-1]
-    logits = logits.astype(compute_dtype(logits.dtype))
+    logits = logits.astype(accumulation_dtype(logits.dtype))
     valid = labels != ignore_label
     in_range = valid & (labels >= 0) & (labels < num_classes)
     safe = jnp.where(in_range, labels, 0)
@@ -57,7 +57,7 @@ def segmentation_losses(
 
     def loss(logits: Array) -> Array:
         upsampled = resize(
-            logits.astype(compute_dtype(logits.dtype)), size, "bilinear", align_corners
+            logits.astype(accumulation_dtype(logits.dtype)), size, "bilinear", align_corners
         )
         return cross_entropy(upsampled, labels, ignore_label, num_replicas)
 

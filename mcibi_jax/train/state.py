@@ -30,7 +30,7 @@ class TrainState:
 
     @property
     def variables(self) -> dict[str, Any]:
-        """The model's variables, as :func:`mcibi_jax.porting.port.save_variables` takes them."""
+        """The model's variables, as :func:`mcibi_jax.porting.variables.save_variables` takes them."""
         return {"params": self.params, "batch_stats": self.batch_stats, "memory": self.memory}
 
     @property

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.layers import compute_dtype
+from mcibi_jax.models.layers import accumulation_dtype
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -163,7 +163,7 @@ class SelfAttention(nn.Module):
         q = q * math.sqrt(1.0 / head_dims)  # PyTorch scales the queries, not the logits
         precision = _precision(self.dtype)
         logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=precision)
-        weights = jax.nn.softmax(logits.astype(compute_dtype(logits.dtype)), axis=-1).astype(
+        weights = jax.nn.softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1).astype(
             v.dtype
         )
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
