@@ -82,8 +82,8 @@ def our_config(depth: int, widths: dict):
     config = mcibi_jax.load_config(str(REPO / "configs" / f"cityscapes.py:r{depth}"))
     m = config.model
     base = widths["base"]
-    m.backbone.base_channels = base
-    m.backbone.stem_channels = base
+    with config.unlocked():  # backbone options the recipe leaves at the backbone's defaults
+        m.backbone.update(base_channels=base, stem_channels=base)
     m.head.in_channels = base * 32
     m.head.feats_channels = m.head.out_channels = widths["channels"]
     m.head.transform_channels = widths["transform"]

@@ -302,9 +302,8 @@ def tiny_ade20k_config(root: Path) -> ml_collections.ConfigDict:
             "model.head.out_channels=16",
         ],
     )
-    config.model.backbone.update(
-        base_channels=4, stem_channels=8
-    )  # options the recipe leaves at their defaults
+    with config.unlocked():  # backbone options the recipe leaves at the backbone's defaults
+        config.model.backbone.update(base_channels=4, stem_channels=8)
     config.model.auxiliary[0].update(in_channels=64, out_channels=16)
     return config
 

@@ -88,7 +88,8 @@ def tiny_cityscapes_config(root):
             "model.head.out_channels=16",
         ],
     )
-    config.model.backbone.update(base_channels=4, stem_channels=8)
+    with config.unlocked():  # backbone options the recipe leaves at the backbone's defaults
+        config.model.backbone.update(base_channels=4, stem_channels=8)
     config.model.auxiliary[0].update(in_channels=64, out_channels=16)
     config.model.inference.update(mode="whole", multiscale=[1.0], flip=False)
     config.eval.format_only = True
