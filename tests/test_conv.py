@@ -89,7 +89,7 @@ def test_dispatch_rule():
     cpu = jax.default_backend() == "cpu"
     x = (1, 32, 32, 64)
     one = ((1, 1), ((0, 0), (0, 0)), (1, 1))
-    assert use_tap_matmuls(x, jnp.float32, (1, 1, 64, 8), *one, 1) == cpu
+    assert not use_tap_matmuls(x, jnp.float32, (1, 1, 64, 8), *one, 1)  # precision, see conv.py
     assert not use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
     assert (
         use_tap_matmuls(x, jnp.float32, (3, 3, 64, 8), (1, 1), ((12, 12), (12, 12)), (12, 12), 1)
