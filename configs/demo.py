@@ -12,6 +12,7 @@ a ResNet-18-D8 with narrow stages (16-32-64-128 channels), a narrow MCIBI head a
 import ml_collections
 
 from mcibi_jax.configs import common
+from mcibi_jax.data import synthetic
 
 NUM_CLASSES = 4
 IMAGE_SIZE = (64, 64)
@@ -60,7 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
             "eval_set": "test",
             # generated once per split; the seed makes a split, the class statistics are fixed
             "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
-            "test": {"num_images": 128, "seed": 1},
+            # output_size None: the test pipeline (predict, export) keeps an image's size
+            "test": {"num_images": 128, "seed": 1, "output_size": None, "keep_ratio": True},
+            # the generated images are (rgb / 255 - synthetic.MEAN) / synthetic.STD
+            "mean": (255 * synthetic.MEAN,) * 3,
+            "std": (255 * synthetic.STD,) * 3,
         }
     )
     train = common.train(batch_size=8, num_epochs=10, lr=lr, weight_decay=5e-4)

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcibi_jax import pretrained
 from mcibi_jax.config import ConfigError
+from mcibi_jax.data.transforms import eval_transform
 from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.evaluation.inference import predict as predict_classes
 from mcibi_jax.models.segmentor import MCIBI, build_model
@@ -57,8 +59,6 @@ class Segmenter:
         """A released model by name, e.g. ``"ade20k:r50"`` (see :mod:`mcibi_jax.pretrained`):
         downloaded into the cache and ported the first time, then read from there. ``config``
         defaults to the release's own experiment config."""
-        from mcibi_jax import pretrained
-
         config = pretrained.config(name) if config is None else config
         return cls.from_config(config, pretrained.load_variables(name, config))
 
@@ -123,11 +123,9 @@ def check_image(image: Any) -> np.ndarray:
 
 
 def preprocessor(config: Mapping[str, Any]):
-    """``fn(image uint8 (H, W, 3)) -> float32 (h, w, 3)``: the config's test pipeline.
-
-    The released datasets resize for ``dataset.test.output_size`` and normalise with
-    ``dataset.mean`` / ``dataset.std`` (:func:`mcibi_jax.data.transforms.eval_transform`); the
-    generated ``synthetic`` dataset of configs/demo.py only normalises, as its evaluation does.
+    """``fn(image uint8 (H, W, 3)) -> float32 (h, w, 3)``: the config's test pipeline, which
+    resizes for ``dataset.test.output_size`` (None: no resize) and normalises with
+    ``dataset.mean`` / ``dataset.std`` (:func:`mcibi_jax.data.transforms.eval_transform`).
     """
     dataset = config.get("dataset") if "model" in config else None
     if not dataset:
@@ -135,23 +133,15 @@ def preprocessor(config: Mapping[str, Any]):
             "prediction needs a full experiment config with a 'dataset' section "
             "(test resize, mean and std), not only a model config"
         )
-    if dataset.get("name") == "synthetic":
-        from mcibi_jax.data import synthetic
-        from mcibi_jax.data.transforms import normalize_image
-
-        mean, std = (
-            255 * synthetic.MEAN,
-            255 * synthetic.STD,
-        )  # its images are (rgb / 255 - MEAN) / STD
-        return lambda image: normalize_image(image, (mean,) * 3, (std,) * 3)
     missing = [key for key in ("mean", "std", "test") if key not in dataset]
-    if missing or "output_size" not in dataset["test"]:
-        missing = missing or ["test.output_size"]
+    if not missing:
+        missing = [
+            f"test.{key}" for key in ("output_size", "keep_ratio") if key not in dataset["test"]
+        ]
+    if missing:
         raise ConfigError(
             f"config.dataset lacks {', '.join(missing)}, needed for the test pipeline"
         )
-    from mcibi_jax.data.transforms import eval_transform
-
     transform = eval_transform(dataset)
     return lambda image: transform({"image": image})["image"]
 

@@ -47,7 +47,6 @@ from mcibi_jax.data.experiment_data import (
     steps_per_epoch,
 )
 from mcibi_jax.data.transforms import (
-    IGNORE_LABEL,
     eval_transform,
     resized_shape,
     train_transform,
@@ -282,7 +281,7 @@ class TrainLoader:
         self.seed, self.shard_index, self.shard_count = int(seed), shard_index, shard_count
         self.num_workers, self.num_threads = num_workers, num_threads
         train = dataset_config["train"]
-        self.shape = _pair(train.get("pad_size", train["crop_size"]))
+        self.shape = _pair(train["pad_size"])
         self.sampler = grain.samplers.IndexSampler(
             num_records=len(source),
             shard_options=grain.sharding.NoSharding(),
@@ -536,12 +535,10 @@ class EvalLoader:
         self.source, self.shard_index, self.shard_count = source, shard_index, shard_count
         self.num_workers, self.num_threads = num_workers, num_threads
         self._element = _EvalElement(source, dataset_config, shard_index, shard_count)
-        ignore = int(dataset_config.get("ignore_label", IGNORE_LABEL))
+        ignore = int(dataset_config["ignore_label"])
         test = dataset_config["test"]
         side = min(_pair(test["output_size"]))
-        h, w = resized_shape(
-            (side, side), _pair(test["output_size"]), bool(test.get("keep_ratio", True))
-        )
+        h, w = resized_shape((side, side), _pair(test["output_size"]), bool(test["keep_ratio"]))
         self._placeholder = (h, w, ignore)
 
     def __len__(self) -> int:

@@ -55,15 +55,18 @@ def _replace(sample: Mapping[str, Any], **arrays: np.ndarray) -> Sample:
 
 
 def resized_shape(
-    shape: tuple[int, int], output_size: Sequence[int], keep_ratio: bool
+    shape: tuple[int, int], output_size: Sequence[int] | None, keep_ratio: bool
 ) -> tuple[int, int]:
     """(h, w) an image of ``shape`` (h, w) is resized to for ``output_size`` (a size pair).
 
     With ``keep_ratio`` the aspect ratio is kept and the image fits its long side in
     ``max(output_size)`` and its short side in ``min(output_size)`` (rounded half up). Without
     it the image becomes ``output_size`` oriented like the image (landscape when h <= w).
+    ``output_size=None``: the image keeps its size.
     """
     h, w = shape
+    if output_size is None:
+        return int(h), int(w)
     big, small = max(output_size), min(output_size)
     if keep_ratio:
         factor = min(big / max(h, w), small / min(h, w))
@@ -379,19 +382,19 @@ def train_transform(dataset_config: Mapping[str, Any], rng: np.random.Generator)
     """
     cfg = dataset_config["train"]
     mean, std = tuple(dataset_config["mean"]), tuple(dataset_config["std"])
-    ignore = int(dataset_config.get("ignore_label", IGNORE_LABEL))
+    ignore = int(dataset_config["ignore_label"])
     output_size = tuple(cfg["output_size"])
-    keep_ratio = bool(cfg.get("keep_ratio", True))
-    scale_range = cfg.get("scale_range")
+    keep_ratio = bool(cfg["keep_ratio"])
+    scale_range = cfg["scale_range"]
     scale_range = None if scale_range is None else tuple(scale_range)
     crop_size = _pair(cfg["crop_size"])
-    max_ratio = float(cfg.get("one_category_max_ratio", 0.75))
-    flip_prob = float(cfg.get("flip_prob", 0.5))
-    pairs = tuple(tuple(int(c) for c in p) for p in cfg.get("flip_label_pairs", ()))
-    rotation_prob = float(cfg.get("rotation_prob", 0.0))
-    max_angle = int(cfg.get("rotation_max_angle", 0))
-    photometric = _photometric_options(cfg.get("photometric_distortion", True))
-    pad_size = _pair(cfg.get("pad_size", crop_size))
+    max_ratio = float(cfg["one_category_max_ratio"])
+    flip_prob = float(cfg["flip_prob"])
+    pairs = tuple(tuple(int(c) for c in p) for p in cfg["flip_label_pairs"])
+    rotation_prob = float(cfg["rotation_prob"])
+    max_angle = int(cfg["rotation_max_angle"])
+    photometric = _photometric_options(cfg["photometric_distortion"])
+    pad_size = _pair(cfg["pad_size"])
     default_rng = rng
 
     def apply(sample: Mapping[str, Any], rng: np.random.Generator | None = None) -> Sample:
@@ -411,6 +414,18 @@ def train_transform(dataset_config: Mapping[str, Any], rng: np.random.Generator)
     return apply
 
 
+def test_shape(dataset_config: Mapping[str, Any], shape: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) the test pipeline of ``config.dataset`` resizes an image of ``shape`` (h, w) to:
+    ``test.output_size`` (None: unchanged) and ``test.keep_ratio``, see :func:`resized_shape`."""
+    test = dataset_config["test"]
+    output_size = test["output_size"]
+    return resized_shape(
+        tuple(shape),
+        None if output_size is None else tuple(output_size),
+        bool(test["keep_ratio"]),
+    )
+
+
 def eval_transform(dataset_config: Mapping[str, Any]) -> Transform:
     """Evaluation pipeline of ``config.dataset`` (uses ``test``, ``mean``, ``std``).
 
@@ -418,15 +433,13 @@ def eval_transform(dataset_config: Mapping[str, Any]) -> Transform:
     scale) and normalised to float32; the label, if any, is returned unchanged at the
     original resolution (as int32), since the reference scores predictions resized back to it.
     """
-    cfg = dataset_config["test"]
     mean, std = tuple(dataset_config["mean"]), tuple(dataset_config["std"])
-    output_size = tuple(cfg["output_size"])
-    keep_ratio = bool(cfg.get("keep_ratio", True))
 
     def apply(sample: Mapping[str, Any]) -> Sample:
         image = sample["image"]
-        shape = resized_shape(image.shape[:2], output_size, keep_ratio)
-        image = cv2.resize(image, shape[::-1], interpolation=cv2.INTER_LINEAR)
+        shape = test_shape(dataset_config, image.shape[:2])
+        if shape != image.shape[:2]:
+            image = cv2.resize(image, shape[::-1], interpolation=cv2.INTER_LINEAR)
         out = _replace(sample, image=normalize_image(image, mean, std))
         if "label" in sample:
             out["label"] = np.asarray(sample["label"], np.int32)
@@ -455,6 +468,7 @@ __all__ = [
     "random_rotation",
     "resize",
     "resized_shape",
+    "test_shape",
     "rotate",
     "train_transform",
 ]

@@ -47,9 +47,9 @@ def inference_settings(config: Mapping[str, Any], use_tta: bool | None = None) -
     ``eval.tta_*`` values in place of its own when ``use_tta`` is true (``None``: when
     ``eval.use_tta`` is)."""
     settings = dict(config["model"]["inference"])
-    evaluation = config.get("eval", None) or {}
+    evaluation = config["eval"]
     if use_tta is None:
-        use_tta = bool(evaluation.get("use_tta", False))
+        use_tta = bool(evaluation["use_tta"])
     if use_tta:
         for key in ("mode", "cropsize", "stride", "multiscale", "flip", "use_probs_before_resize"):
             if f"tta_{key}" in evaluation:
@@ -63,10 +63,10 @@ def evaluation_options(config: Mapping[str, Any], use_tta: bool | None = None) -
     and ``flip_label_pairs`` (``dataset.train.flip_label_pairs``, swapped back after a flip)."""
     settings = inference_settings(config, use_tta)
     check_inference_config(settings)
-    pairs = (config["dataset"].get("train", None) or {}).get("flip_label_pairs", ())
+    pairs = config["dataset"]["train"]["flip_label_pairs"]
     return {
         "inference": settings,
-        "align_corners": bool(config["model"].get("align_corners", False)),
+        "align_corners": bool(config["model"]["align_corners"]),
         "flip_label_pairs": tuple(tuple(int(c) for c in pair) for pair in pairs),
     }
 

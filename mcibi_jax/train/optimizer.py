@@ -49,14 +49,14 @@ def poly_schedule(
 def schedule_from_config(train_config: Mapping[str, Any], steps_per_epoch: int) -> Schedule:
     """The (un-multiplied) lr schedule of ``config.train``."""
     sched = train_config["schedule"]
-    if sched.get("name", "poly") != "poly":
+    if sched["name"] != "poly":
         raise ValueError(f"unsupported lr schedule {sched['name']!r}; only 'poly' is implemented")
     lr = float(train_config["optimizer"]["lr"])
-    min_lr = sched.get("min_lr")
+    min_lr = sched["min_lr"]
     return poly_schedule(
         lr,
         int(train_config["num_epochs"]) * steps_per_epoch,
-        power=float(sched.get("power", 0.9)),
+        power=float(sched["power"]),
         min_lr=None if min_lr is None else float(min_lr),
     )
 
@@ -125,16 +125,16 @@ def optimizer_from_config(
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """(optimizer, un-multiplied lr schedule) described by ``config.train``."""
     opt = train_config["optimizer"]
-    if opt.get("name", "sgd").lower() != "sgd":
+    if opt["name"].lower() != "sgd":
         raise ValueError(f"unsupported optimizer {opt['name']!r}; only 'sgd' is implemented")
     schedule = schedule_from_config(train_config, steps_per_epoch)
-    rules = opt.get("param_rules") or {}
+    rules = opt["param_rules"]
     rules = rules.to_dict() if hasattr(rules, "to_dict") else dict(rules)
     tx = sgd(
         params,
         schedule,
-        momentum=float(opt.get("momentum", 0.9)),
-        weight_decay=float(opt.get("weight_decay", 0.0)),
+        momentum=float(opt["momentum"]),
+        weight_decay=float(opt["weight_decay"]),
         param_rules=rules,
     )
     return tx, schedule
