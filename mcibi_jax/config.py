@@ -26,9 +26,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parent_of(
-    config: ml_collections.ConfigDict, key: str
-) -> tuple[ml_collections.ConfigDict, str]:
+def parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
     """(the ConfigDict holding the dotted ``key``, its last part); ConfigError for an unknown key."""
     *parents, leaf = key.strip().split(".")
     node = config

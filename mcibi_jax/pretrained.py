@@ -80,6 +80,7 @@ class Release:
     file: str
     miou: float | None
     miou_tta: float
+
     def url(self) -> str:
         return f"{(os.environ.get(URL_ENV) or BASE_URL).rstrip('/')}/{self.file}"
 

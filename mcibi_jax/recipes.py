@@ -60,4 +60,12 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     return config
 
 
-__all__ = ["BACKBONES", "DATASETS", "KEYS_FILES", "PUBLISHED_MIOU", "RELEASED", "config_file", "released_config"]
+__all__ = [
+    "BACKBONES",
+    "DATASETS",
+    "KEYS_FILES",
+    "PUBLISHED_MIOU",
+    "RELEASED",
+    "config_file",
+    "released_config",
+]
