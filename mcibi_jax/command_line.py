@@ -138,7 +138,8 @@ class CommandLine:
         listing = self.flags.get_help(include_special_flags=False).splitlines()
         listing = [line for line in listing if line.startswith(" ")]
         extra = "\n\n" + textwrap.fill(OVERRIDE_HELP, 80) if self._config is not None else ""
-        return f"{self.description}\n\nflags:\n" + "\n".join(listing) + extra
+        listed = "\n\nflags:\n" + "\n".join(listing) if listing else ""
+        return f"{self.description}{listed}{extra}"
 
     def parse(
         self,
