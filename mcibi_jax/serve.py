@@ -6,7 +6,9 @@
 Then open http://127.0.0.1:8000/ (``--host=0.0.0.0`` to let other machines in: there is no
 authentication). ``--pth=FILE`` reads a released PyTorch checkpoint instead of
 ``--checkpoint=DIR`` (an orbax checkpoint, or a training workdir: its best checkpoint);
-``--config.<key>=<value>`` changes the config. Built on the standard library's
+``--pretrained=ade20k:r50`` takes a released model by name (``--config`` then defaults to its
+recipe); ``--config.<key>=<value>`` changes the config, as in every command (``--help`` lists
+the flags). Built on the standard library's
 ``http.server``; every image goes through :meth:`mcibi_jax.Segmenter.predict` (the config's
 test pipeline and inference settings; ``--tta``: the ``eval.tta_*`` ones).
 
