@@ -93,13 +93,13 @@ config_flags.register_flag_parser_for_type(list, _ListParser())
 
 class CommandLine:
     """The flags of one run of a program: ``self.flags`` (define the program's flags on it with
-    ``flag_values=command.flags``), with ``--config`` when ``config`` (its help) is given.
+    ``flag_values=command.flags``), with ``--config`` (required; see :meth:`parse` for ``--pretrained``) when ``config`` (its help) is
+    given.
 
     Args:
       program: how the program is called, e.g. ``python -m mcibi_jax.port``.
       description: what ``--help`` prints above the flags (the module docstring).
       config: the help of ``--config``; None: the program takes no config.
-      config_required: ``--config`` must be given (or, see :meth:`parse`, ``--pretrained``).
       flag_values: where the flags go (default: a new ``FlagValues``).
     """
 
@@ -109,12 +109,10 @@ class CommandLine:
         description: str,
         *,
         config: str | None = None,
-        config_required: bool = True,
         flag_values: flags.FlagValues | None = None,
     ):
         self.program, self.description = program, description.strip()
         self.flags = flags.FlagValues() if flag_values is None else flag_values
-        self.config_required = config_required
         # The command line config_flags reads the --config.<key> overrides from (set by parse).
         self._config_argv: list[str] = []
         self._config = None
@@ -179,7 +177,7 @@ class CommandLine:
             if spec is None and name:
                 spec = pretrained.get(name).config_spec()
                 argv = [f"--config={spec}", *argv]
-            if spec is None and self.config_required:
+            if spec is None:
                 alternative = "; it may be left out with --pretrained" if pretrained_config else ""
                 raise UsageError(f"--config is required{alternative} (see {self.program} --help)")
             if spec is not None:  # a broken file or an unknown key: our one line, not a traceback
