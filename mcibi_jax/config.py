@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import importlib.util
 import inspect
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections
 
@@ -20,16 +18,15 @@ class ConfigError(ValueError):
     """A config file, argument or override that cannot be used."""
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A Python literal, else the text itself."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
 
 
-def _parent_of(
-    config: ml_collections.ConfigDict, key: str
-) -> tuple[ml_collections.ConfigDict, str]:
+def parent_of(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
     """(the ConfigDict holding the dotted ``key``, its last part); ConfigError for an unknown key."""
     *parents, leaf = key.strip().split(".")
     node = config
@@ -47,13 +44,13 @@ def _parent_of(
 
 def apply_override(config: ml_collections.ConfigDict, dotted: str) -> None:
     """Applies ``a.b.c=value`` (value parsed as a Python literal, else kept as a string), for
-    :func:`load_config` and the argparse command lines; ``python -m mcibi_jax.main`` and
-    ``data.prepare`` take ``--config.a.b.c=value`` through ``ml_collections.config_flags``."""
+    :func:`load_config`; the command lines take ``--config.a.b.c=value`` through
+    ``ml_collections.config_flags`` (see :mod:`mcibi_jax.command_line`)."""
     if "=" not in dotted:
         raise ConfigError(f"override {dotted!r} is not of the form key=value")
     key, text = dotted.split("=", 1)
-    node, leaf = _parent_of(config, key)
-    value = _parse_value(text)
+    node, leaf = parent_of(config, key)
+    value = parse_value(text)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -149,131 +146,6 @@ def load_config(
     for override in overrides:
         apply_override(config, override)
     return config
-
-
-def flag_value(argv: Sequence[str], name: str) -> str | None:
-    """The value of ``--name=V`` / ``--name V`` (the last one) in an absl command line, else None."""
-    value = None
-    for i, arg in enumerate(argv):
-        for prefix in (f"--{name}", f"-{name}"):
-            if arg.startswith(prefix + "="):
-                value = arg[len(prefix) + 1 :]
-            elif arg == prefix and i + 1 < len(argv):
-                value = argv[i + 1]
-    return value
-
-
-def flags_error_message(error: Exception) -> str:
-    """One line for an absl ``flags.Error`` (a missing required flag, an unknown flag, a bad value)."""
-    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    marker = " must have a value other than None"
-    if marker in text:  # absl's "flag --x=None: Flag --x must have a value other than None."
-        name = text.split(marker)[0].rsplit("Flag ", 1)[-1]
-        return f"{name} is required (see --helpshort)"
-    return f"{text} (see --helpshort)"
-
-
-def parse_absl_command_line(
-    argv: list[str], config_flag: Any, config_argv: list[str], flag_values: Any = None
-) -> list[str]:
-    """absl ``flags_parser`` of a program with a config-file flag (``--config``) and
-    ``--config.<key>=<value>`` overrides, which ``ml_collections.config_flags`` applies.
-
-    ``config_flag`` is the holder ``config_flags.DEFINE_config_file(..., sys_argv=config_argv)``
-    returned (its config is locked). Command-line mistakes (a missing or broken config file, a
-    wrong argument, an unknown key, a bad value, a missing or unknown flag) print one line and
-    exit with status 2. ``flag_values``: where the flags are defined (default ``absl.flags.FLAGS``).
-    """
-    from absl import flags
-
-    _register_list_parser()
-    flag_values = flags.FLAGS if flag_values is None else flag_values
-    try:
-        spec = flag_value(argv, "config")
-        if spec is not None:  # a broken file or unknown key: our one line, not a traceback
-            config = load_config(spec)
-            for key in override_keys(argv):
-                _parent_of(config, key)
-    except ConfigError as error:
-        usage_error(error)
-    config_argv[:] = argv
-    try:
-        remaining = flag_values(argv)
-    except flags.Error as error:
-        usage_error(flags_error_message(error))
-    return remaining
-
-
-def override_keys(argv: Sequence[str]) -> list[str]:
-    """The keys of the ``--config.<key>[=<value>]`` arguments of a command line."""
-    return [
-        arg.split("config.", 1)[1].split("=", 1)[0]
-        for arg in argv
-        if arg.startswith(("--config.", "-config.", "--noconfig.", "-noconfig."))
-    ]
-
-
-def _register_list_parser() -> None:
-    """Lets ``config_flags`` override list fields (``model.inference.multiscale=[0.5, 1.0]``),
-    as it does tuples: the value is a Python literal list or tuple."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    class ListParser(flags.ArgumentParser):
-        def parse(self, argument: Any) -> list:
-            value = _parse_value(argument) if isinstance(argument, str) else argument
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(f"expected a list such as [1, 2], got {argument!r}")
-            return list(value)
-
-        def flag_type(self) -> str:
-            return "list"
-
-    config_flags.register_flag_parser_for_type(list, ListParser())
-
-
-def usage_error(message: Any) -> NoReturn:
-    """Prints ``error: message`` on stderr and exits with status 2 (a command-line mistake)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the other arguments, ["a.b=value", ...]) of a command line with --config.a.b=value."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(("--config.", "-config.")):
-            key = arg.split("config.", 1)[1]
-            if "=" not in key:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-                key, i = f"{key}={argv[i + 1]}", i + 1
-            overrides.append(key)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose usage errors are one ``error: ...`` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        usage_error(f"{message} (see {self.prog} --help)")
-
-
-def config_overrides(parser: argparse.ArgumentParser, unparsed: list[str]) -> list[str]:
-    """The ``--config.k=v`` overrides among what ``parser.parse_known_args`` left over; anything
-    else (or an override without a value) is a usage error of ``parser``."""
-    try:
-        rest, overrides = split_overrides(list(unparsed))
-    except ConfigError as error:
-        parser.error(str(error))
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return overrides
 
 
 # The compute dtypes ``config.dtype`` may name (parameters, memory and statistics stay float32).

@@ -24,7 +24,6 @@ input and output specs and the settings it was made with. Loading needs only JAX
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,8 +34,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from jax import export
 
-from mcibi_jax.config import ConfigError, config_overrides, load_config
+from mcibi_jax.api import preprocessor
+from mcibi_jax.command_line import CommandLine
+from mcibi_jax.config import ConfigError
+from mcibi_jax.data import synthetic
+from mcibi_jax.data.datasets import SPECS, DatasetError
+from mcibi_jax.data.datasets.custom import read_description
+from mcibi_jax.data.transforms import normalize_image, resized_shape
+from mcibi_jax.evaluation.inference import evaluation_options
+from mcibi_jax.evaluation.tta import tta_scores
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.pth import PthError
+from mcibi_jax.predict import (
+    WEIGHT_FLAGS,
+    check_config,
+    dataset_palette,
+    define_weight_flags,
+    load_segmenter,
+)
+from mcibi_jax.pretrained import PretrainedError
 
 FORMAT = "mcibi_jax.export/1"
 FUNCTION_FILE = "model.jaxexport"
@@ -67,20 +86,13 @@ def class_names(config: Mapping[str, Any]) -> list[str]:
     dataset = config.get("dataset") or {}
     names: Sequence[str] = ()
     if dataset.get("name") == "synthetic":
-        from mcibi_jax.data import synthetic
-
         names = synthetic.class_names(num_classes)
     elif dataset.get("name") == "custom":
-        from mcibi_jax.data.datasets import DatasetError
-        from mcibi_jax.data.datasets.custom import read_description
-
         try:
             names = read_description(dataset["root"])["classes"]
         except DatasetError:
             names = ()
     else:
-        from mcibi_jax.data.datasets import SPECS
-
         spec = SPECS.get(dataset.get("name", ""))
         names = spec.class_names if spec is not None else ()
     names = list(names)[:num_classes]
@@ -90,8 +102,6 @@ def class_names(config: Mapping[str, Any]) -> list[str]:
 def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(256, 3) float32: the normalised value of each grey level per channel, computed by the
     test pipeline's own :func:`normalize_image`, so the export normalises bit-identically."""
-    from mcibi_jax.data.transforms import normalize_image
-
     levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
     return normalize_image(levels, mean, std)[:, 0]
 
@@ -140,22 +150,14 @@ def serving_function(
     """(fn, settings): ``fn(images uint8 (N, *size, 3)) -> {"labels": int32 (N, *size),
     "probabilities": float32 (N, *size, K)}`` as :meth:`Segmenter.predict` computes them, and
     the test-pipeline and inference settings it applies."""
-    from mcibi_jax.api import preprocessor
-    from mcibi_jax.evaluation.inference import evaluation_options
-    from mcibi_jax.evaluation.tta import tta_scores
-
     config = segmenter.config
     preprocessor(config)  # the config has a test pipeline (raises ConfigError otherwise)
     dataset = config["dataset"]
     options = evaluation_options(config, use_tta)
     if dataset.get("name") == "synthetic":
-        from mcibi_jax.data import synthetic
-
         mean, std = (255 * synthetic.MEAN,) * 3, (255 * synthetic.STD,) * 3  # as api.preprocessor
         resized = tuple(size)
     else:
-        from mcibi_jax.data.transforms import resized_shape
-
         mean, std = tuple(dataset["mean"]), tuple(dataset["std"])
         test = dataset["test"]
         resized = resized_shape(
@@ -206,16 +208,12 @@ def export_segmenter(
     platforms: Sequence[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(``jax.export.Exported`` with a symbolic batch, its JSON spec)."""
-    from jax import export
-
     fn, settings = serving_function(segmenter, size, use_tta, probabilities)
     (batch,) = export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, int(size[0]), int(size[1]), 3), jnp.uint8)
     exported = export.export(jax.jit(fn), platforms=tuple(platforms) if platforms else None)(spec)
     config = segmenter.config
     num_classes = int(config["model"]["num_classes"])
-    from mcibi_jax.predict import dataset_palette
-
     height, width = int(size[0]), int(size[1])
     outputs = {
         "labels": {
@@ -285,94 +283,63 @@ def load(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 # Command line
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m mcibi_jax.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        help="config file and argument, e.g. configs/ade20k.py:r50 "
+def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
+    """The parsed command line of ``python -m mcibi_jax.export`` (usage errors exit with 2)."""
+    command = CommandLine(
+        "python -m mcibi_jax.export",
+        __doc__,
+        config="config file and argument, e.g. configs/ade20k.py:r50 "
         "(default with --pretrained: the release's own)",
     )
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument(
-        "--checkpoint",
-        help="orbax checkpoint directory, or a training workdir (its best checkpoint)",
+    fv = command.flags
+    define_weight_flags(fv)
+    flags.DEFINE_string(
+        "out", None, "new directory for model.jaxexport and model.json", flag_values=fv
     )
-    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
-    weights.add_argument(
-        "--pretrained", help="a released model by name, e.g. ade20k:r50 (downloaded and cached)"
+    flags.DEFINE_string(
+        "size",
+        None,
+        "HEIGHTxWIDTH of the served images (default: the dataset's crop or image size)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--out", required=True, help="new directory for model.jaxexport and model.json"
+    flags.DEFINE_bool(
+        "tta", False, "use the eval.tta_* settings (multi-scale, flip)", flag_values=fv
     )
-    parser.add_argument(
-        "--size",
-        default=None,
-        help="HEIGHTxWIDTH of the served images (default: the dataset's crop or image size)",
+    flags.DEFINE_bool(
+        "labels_only", False, "return only the labels, not the probabilities", flag_values=fv
     )
-    parser.add_argument(
-        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
+    flags.DEFINE_list(
+        "platforms",
+        None,
+        "comma-separated, e.g. cpu,cuda,tpu (default: this machine's backend)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--labels_only", action="store_true", help="return only the labels, not the probabilities"
-    )
-    parser.add_argument(
-        "--platforms",
-        default=None,
-        help="comma-separated, e.g. cpu,cuda,tpu (default: this machine's backend)",
-    )
-    args, rest = parser.parse_known_args(argv)
-    if args.config is None and args.pretrained is None:
-        parser.error("--config is required (it may be left out with --pretrained)")
-    return args, config_overrides(parser, rest)
-
-
-def _segmenter(args: argparse.Namespace, overrides: list[str]):
-    from mcibi_jax.api import Segmenter
-
-    if args.config is None:
-        from mcibi_jax import pretrained
-
-        config = pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
-    else:
-        config = load_config(args.config, overrides)
-    if args.pretrained:
-        return Segmenter.from_pretrained(args.pretrained, config)
-    if args.pth:
-        return Segmenter.from_pth(args.pth, config)
-    from mcibi_jax.predict import workdir_checkpoint
-
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    return Segmenter.from_checkpoint(workdir_checkpoint(checkpoint), config)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    command.parse(argv, pretrained_config=True)
+    command.one_of(WEIGHT_FLAGS)
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.pth import PthError
-    from mcibi_jax.pretrained import PretrainedError
-
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    command = parse_command_line(argv)
+    fv = command.flags
     try:
-        out = Path(args.out)
+        out = Path(fv.out)
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(
                 f"{out.absolute()} exists and is not empty; choose a new output directory"
             )
-        segmenter = _segmenter(args, overrides)
-        size = parse_size(args.size) if args.size else default_size(segmenter.config)
-        platforms = (
-            [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
+        config = check_config(command.config)
+        segmenter = load_segmenter(
+            config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
         )
+        size = parse_size(fv.size) if fv.size else default_size(segmenter.config)
+        platforms = [p.strip() for p in fv.platforms or () if p.strip()] or None
         exported, description = export_segmenter(
             segmenter,
             size,
-            use_tta=True if args.tta else None,
-            probabilities=not args.labels_only,
+            use_tta=True if fv.tta else None,
+            probabilities=not fv.labels_only,
             platforms=platforms,
         )
         directory = save(out, exported, description)

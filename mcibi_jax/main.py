@@ -29,47 +29,42 @@ What runs where: :mod:`mcibi_jax.train.experiment` and docs/architecture.md.
 
 from __future__ import annotations
 
-from mcibi_jax.config import parse_absl_command_line, usage_error
+from absl import app, flags
+
+from mcibi_jax.command_line import CommandLine, usage_error
 from mcibi_jax.train import experiment
 
-# The command line absl parses: sys.argv without the --config.<key> overrides, which we apply
-# ourselves after the file is loaded. ml_collections would resolve them by attribute first,
-# so keys such as model.head.update.* (ConfigDict.update is a method) could not be set, and an
-# unknown key would end in a traceback instead of a message.
-_ARGV: list[str] = []
-# The absl flag holders, defined only when this module runs as the program.
-_CONFIG = _WORKDIR = _MODE = None
+# The command line, set up only when this module runs as the program: absl.app.run parses the
+# global absl.flags.FLAGS (with absl's logging flags) through it.
+_COMMAND: CommandLine | None = None
+_WORKDIR = _MODE = None
 
 
-def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "config file, e.g. configs/demo.py or configs/cityscapes.py:r50; "
+def _define_flags() -> tuple[CommandLine, flags.FlagHolder, flags.FlagHolder]:
+    command = CommandLine(
+        "python -m mcibi_jax.main",
+        __doc__,
+        config="config file, e.g. configs/demo.py or configs/cityscapes.py:r50; "
         "then --config.<key>=<value> to change single values",
-        sys_argv=_ARGV,
+        flag_values=flags.FLAGS,
     )
     workdir = flags.DEFINE_string("workdir", None, "directory for checkpoints and results")
     mode = flags.DEFINE_enum("mode", "train_and_eval", experiment.MODES, "what to run")
-    flags.mark_flags_as_required(["config", "workdir"])
-    return config, workdir, mode
+    flags.mark_flags_as_required(["workdir"])
+    return command, workdir, mode
 
 
 def _parse_command_line(argv: list[str]) -> list[str]:
-    return parse_absl_command_line(argv, _CONFIG, _ARGV)
+    """absl.app.run's ``flags_parser``: ``argv`` includes the program name, and so does the result."""
+    return [argv[0], *_COMMAND.parse(argv[1:])]
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage_error(f"unexpected arguments {argv[1:]}")
-    experiment.main(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    experiment.main(_COMMAND.config, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _CONFIG, _WORKDIR, _MODE = _define_flags()
+    _COMMAND, _WORKDIR, _MODE = _define_flags()
     app.run(main, flags_parser=_parse_command_line)

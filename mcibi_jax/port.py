@@ -7,79 +7,70 @@
 ``--pretrained=ade20k:r50`` instead of ``--pth`` takes a released checkpoint by name (downloaded
 once into the cache, see ``mcibi_jax.pretrained``); ``--config`` then defaults to its recipe.
 
-Dotted overrides (``--config.model.num_classes=7``) apply to the config. The file is read
+``--config.<key>=<value>`` overrides (``--config.model.num_classes=7``) apply to the config, as
+in every command of the package (``--help`` lists the flags). The file is read
 without torch and without executing anything in it; every key must find its place in the
 model and every model variable must be filled, or nothing is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import flags
 
 from mcibi_jax import pretrained
-from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides, load_config
+from mcibi_jax.command_line import CommandLine, usage_error
+from mcibi_jax.config import ConfigError
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.pth import PthError
 from mcibi_jax.porting.variables import save_variables, variables_from_pth
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(
-        prog="python -m mcibi_jax.port", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--config",
-        help="config file and backbone, e.g. configs/cityscapes.py:r50 "
+def main(argv: Sequence[str] | None = None) -> int:
+    command = CommandLine(
+        "python -m mcibi_jax.port",
+        __doc__,
+        config="config file and backbone, e.g. configs/cityscapes.py:r50 "
         "(default with --pretrained: the release's own)",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pth", help="released PyTorch checkpoint (.pth)")
-    source.add_argument(
-        "--pretrained",
-        help="a released checkpoint by name, e.g. ade20k:r50 (downloaded and cached)",
+    fv = command.flags
+    flags.DEFINE_string("pth", None, "released PyTorch checkpoint (.pth)", flag_values=fv)
+    flags.DEFINE_string(
+        "pretrained",
+        None,
+        "a released checkpoint by name, e.g. ade20k:r50 (downloaded and cached)",
+        flag_values=fv,
     )
-    parser.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
-    parser.add_argument(
-        "--entry",
-        default=None,
-        help="checkpoint entry holding the weights (default: 'model', then 'state_dict', then the file itself); e.g. model_ema",
+    flags.DEFINE_string("out", None, "new directory for the orbax checkpoint", flag_values=fv)
+    flags.DEFINE_string(
+        "entry",
+        None,
+        "checkpoint entry holding the weights (default: 'model', then 'state_dict', then the "
+        "file itself); e.g. model_ema",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--ema",
-        action="store_true",
-        help="port the EMA weights of a checkpoint trained with EMA (= --entry=model_ema)",
+    flags.DEFINE_bool(
+        "ema",
+        False,
+        "port the EMA weights of a checkpoint trained with EMA (= --entry=model_ema)",
+        flag_values=fv,
     )
-    args, rest = parser.parse_known_args(argv)
-    if args.config is None and args.pretrained is None:
-        parser.error("--config is required (it may be left out with --pretrained)")
-    if args.ema:
-        if args.entry not in (None, "model_ema"):
-            parser.error(
-                f"--ema reads the entry 'model_ema'; it cannot go with --entry={args.entry}"
-            )
-        args.entry = "model_ema"
-    return args, config_overrides(parser, rest)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    command.parse(argv, pretrained_config=True)
+    command.one_of(["pth", "pretrained"])
+    entry = fv.entry
+    if fv.ema:
+        if entry not in (None, "model_ema"):
+            usage_error(f"--ema reads the entry 'model_ema'; it cannot go with --entry={entry}")
+        entry = "model_ema"
     try:
-        if args.pretrained:
-            config = (
-                load_config(args.config, overrides)
-                if args.config
-                else pretrained.apply_overrides(pretrained.config(args.pretrained), overrides)
-            )
-            args.pth = pretrained.download(args.pretrained)
-        else:
-            config = load_config(args.config, overrides)
-        variables = variables_from_pth(args.pth, config, entry=args.entry)
-        out = save_variables(args.out, variables)
+        pth = pretrained.download(fv.pretrained) if fv.pretrained else fv.pth
+        variables = variables_from_pth(pth, command.config, entry=entry)
+        out = save_variables(fv.out, variables)
     except (ConfigError, PthError, PortError, pretrained.PretrainedError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -87,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = {k: sum(int(np.prod(x.shape)) for x in v) for k, v in leaves.items()}
     memory = variables["memory"]["memory_module"]["memory"]
     print(
-        f"ported {args.pth} -> {out}: {counts['params']:,} parameters in {len(leaves['params'])} arrays, "
-        f"{len(leaves['batch_stats'])} BatchNorm statistics, memory {tuple(memory.shape)}"
+        f"ported {pth} -> {out}: {counts['params']:,} parameters in {len(leaves['params'])} "
+        f"arrays, {len(leaves['batch_stats'])} BatchNorm statistics, memory {tuple(memory.shape)}"
     )
     return 0
 

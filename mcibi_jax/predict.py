@@ -25,7 +25,6 @@ arguments, config, checkpoint or input).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,9 +32,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import ml_collections
 import numpy as np
+from absl import flags
+from PIL import Image, ImageOps
 
-from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
+from mcibi_jax import pretrained as released
+from mcibi_jax.api import Segmenter, preprocessor
+from mcibi_jax.command_line import CommandLine
+from mcibi_jax.config import ConfigError
+from mcibi_jax.data import synthetic
+from mcibi_jax.data.datasets import SPECS, DatasetError
+from mcibi_jax.data.datasets.custom import read_description
+from mcibi_jax.evaluation.inference import evaluation_options
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.pth import PthError
+from mcibi_jax.train.checkpoints import BEST, latest_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
@@ -59,14 +71,9 @@ def generated_palette(num_classes: int) -> np.ndarray:
 def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) -> np.ndarray:
     """(K, 3) uint8 colours: the dataset's own palette for the released datasets, else (the
     synthetic demo, unknown datasets, classes beyond the palette) :func:`generated_palette`."""
-    from mcibi_jax.data.datasets import SPECS
-
     colours = generated_palette(num_classes)
     name = (dataset_config or {}).get("name", "")
     if name == "custom":  # the palette of the dataset's own dataset.json
-        from mcibi_jax.data.datasets import DatasetError
-        from mcibi_jax.data.datasets.custom import read_description
-
         try:
             palette = read_description(dataset_config["root"])["palette"]
         except DatasetError:
@@ -82,18 +89,11 @@ def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) 
 def class_names(dataset_config: Mapping[str, Any] | None, num_classes: int) -> list[str]:
     """The ``num_classes`` class names of the config's dataset (the released datasets, the
     synthetic demo, a custom dataset's dataset.json); ``class <k>`` where none is known."""
-    from mcibi_jax.data.datasets import SPECS
-
     name = (dataset_config or {}).get("name", "")
     names: Sequence[str] = ()
     if name == "synthetic":
-        from mcibi_jax.data import synthetic
-
         names = synthetic.class_names(num_classes)
     elif name == "custom":
-        from mcibi_jax.data.datasets import DatasetError
-        from mcibi_jax.data.datasets.custom import read_description
-
         try:
             names = read_description(dataset_config["root"])["classes"]
         except DatasetError:
@@ -216,8 +216,6 @@ def output_stems(images: Sequence[Path], root: Path) -> list[Path]:
 def read_rgb(path: Path | BinaryIO) -> np.ndarray:
     """uint8 (H, W, 3) RGB of an image file (a path or an open binary file), turned upright by
     its EXIF orientation (as OpenCV's imread does); any decoding problem raises ValueError."""
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -245,8 +243,6 @@ def write_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
 
 def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
     """Writes through a temporary name, so an interrupted run leaves no partial file behind."""
-    from PIL import Image
-
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         Image.fromarray(array).save(temporary, format=fmt, **options)
@@ -259,59 +255,70 @@ def _save(array: np.ndarray, path: Path, fmt: str, **options: Any) -> None:
 # Command line
 
 
-def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` | ``--pth`` | ``--pretrained`` (one of them), for :func:`load_segmenter`."""
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument(
-        "--checkpoint",
-        help="orbax checkpoint directory (from training or python -m mcibi_jax.port), "
+WEIGHT_FLAGS = ("checkpoint", "pth", "pretrained")
+
+
+def define_weight_flags(flag_values: flags.FlagValues) -> None:
+    """``--checkpoint`` | ``--pth`` | ``--pretrained`` (``CommandLine.one_of(WEIGHT_FLAGS)``
+    checks that exactly one is given), for :func:`load_segmenter`."""
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "orbax checkpoint directory (from training or python -m mcibi_jax.port), "
         "or a training workdir (its best checkpoint, else its newest)",
+        flag_values=flag_values,
     )
-    weights.add_argument("--pth", help="released PyTorch checkpoint (.pth), ported on the fly")
-    weights.add_argument(
-        "--pretrained",
-        help="a released model by name, e.g. ade20k:r50 (downloaded once into "
-        "~/.cache/mcibi_jax or $MCIBI_CACHE; --config then defaults to its released config)",
+    flags.DEFINE_string(
+        "pth",
+        None,
+        "released PyTorch checkpoint (.pth), ported on the fly",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "pretrained",
+        None,
+        "a released model by name, e.g. ade20k:r50 (downloaded once into ~/.cache/mcibi_jax or "
+        "$MCIBI_CACHE; --config then defaults to its released config)",
+        flag_values=flag_values,
     )
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(
-        prog="python -m mcibi_jax.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        help="config file and argument, e.g. configs/ade20k.py:r50 "
+def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
+    """The parsed command line of ``python -m mcibi_jax.predict`` (usage errors exit with 2)."""
+    command = CommandLine(
+        "python -m mcibi_jax.predict",
+        __doc__,
+        config="config file and argument, e.g. configs/ade20k.py:r50 "
         "(default with --pretrained: the release's own)",
     )
-    add_weight_arguments(parser)
-    parser.add_argument("--input", required=True, help="an image file or a folder of images")
-    parser.add_argument(
-        "--output", required=True, help="folder for the outputs (created if needed)"
+    fv = command.flags
+    define_weight_flags(fv)
+    flags.DEFINE_string("input", None, "an image file or a folder of images", flag_values=fv)
+    flags.DEFINE_string(
+        "output", None, "folder for the outputs (created if needed)", flag_values=fv
     )
-    parser.add_argument(
-        "--overlay_alpha", type=float, default=0.5, help="weight of the mask in the overlay, 0..1"
+    flags.DEFINE_float(
+        "overlay_alpha", 0.5, "weight of the mask in the overlay, 0..1", flag_values=fv
     )
-    parser.add_argument(
-        "--overlay_background",
-        default="auto",
-        help="class left unpainted in the overlay: auto (the dataset's 'background' class: LIP and "
-        "the demo class 0; Cityscapes, ADE20K, COCO-Stuff have none), none (paint every class) or a "
-        "class id",
+    flags.DEFINE_string(
+        "overlay_background",
+        "auto",
+        "class left unpainted in the overlay: auto (the dataset's 'background' class: LIP and "
+        "the demo class 0; Cityscapes, ADE20K, COCO-Stuff have none), none (paint every class) "
+        "or a class id",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
+    flags.DEFINE_bool(
+        "tta", False, "use the eval.tta_* settings (multi-scale, flip)", flag_values=fv
     )
-    parser.add_argument(
-        "--recursive", action="store_true", help="also search the input folder's sub-folders"
+    flags.DEFINE_bool(
+        "recursive", False, "also search the input folder's sub-folders", flag_values=fv
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    args, rest = parser.parse_known_args(argv)
-    if args.config is None and args.pretrained is None:
-        parser.error("--config is required (it may be left out with --pretrained)")
-    return args, config_overrides(parser, rest)
+    flags.DEFINE_bool("overwrite", False, "replace existing output files", flag_values=fv)
+    flags.mark_flags_as_required(["input", "output"], flag_values=fv)
+    command.parse(argv, pretrained_config=True)
+    command.one_of(WEIGHT_FLAGS)
+    return command
 
 
 def _describe(settings: Mapping[str, Any]) -> str:
@@ -322,54 +329,35 @@ def _describe(settings: Mapping[str, Any]) -> str:
     return f"{mode}, scales {scales}, flip {bool(settings.get('flip', False))}"
 
 
-def _prepare(args: argparse.Namespace, overrides: list[str]):
+def _prepare(command: CommandLine):
     """(config, inference settings, segmenter, input root, images, output folder); raises
     ConfigError, PthError, PortError or OSError for anything that keeps the run from starting."""
-    from mcibi_jax.evaluation.inference import evaluation_options
-
-    if not 0.0 <= args.overlay_alpha <= 1.0:
-        raise ConfigError(f"--overlay_alpha must be within 0..1, got {args.overlay_alpha}")
-    config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
+    fv, config = command.flags, command.config
+    if not 0.0 <= fv.overlay_alpha <= 1.0:
+        raise ConfigError(f"--overlay_alpha must be within 0..1, got {fv.overlay_alpha}")
+    check_config(config)
     overlay_background(
-        args.overlay_background, config.get("dataset"), int(config["model"]["num_classes"])
+        fv.overlay_background, config.get("dataset"), int(config["model"]["num_classes"])
     )
-    settings = evaluation_options(config, True if args.tta else None)["inference"]  # checked
-    weights = Path(args.checkpoint or args.pth or ".")
-    if not args.pretrained and not weights.exists():
+    settings = evaluation_options(config, True if fv.tta else None)["inference"]  # checked
+    weights = Path(fv.checkpoint or fv.pth or ".")
+    if not fv.pretrained and not weights.exists():
         raise FileNotFoundError(f"no checkpoint at {weights}")
-    output = Path(args.output)
-    root, images = find_images(Path(args.input), args.recursive, exclude=output)
+    output = Path(fv.output)
+    root, images = find_images(Path(fv.input), fv.recursive, exclude=output)
     if not images:
-        below = "or below " if args.recursive else ""
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{args.input}")
+        below = "or below " if fv.recursive else ""
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{fv.input}")
     segmenter = load_segmenter(
-        config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained
+        config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
     )
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
 
 
-def load_experiment_config(
-    path: str | None, overrides: Sequence[str] = (), pretrained: str | None = None
-) -> Any:
-    """The config of ``--config`` (default with ``pretrained``: the released model's own) with its
-    overrides, checked to run the test pipeline; any problem is a one-line ConfigError."""
-    from mcibi_jax import pretrained as released
-    from mcibi_jax.api import preprocessor
-    from mcibi_jax.config import load_config
-
-    try:
-        if path is None and pretrained:
-            config = released.apply_overrides(released.config(pretrained), list(overrides))
-        else:
-            config = load_config(path, list(overrides))
-    except ConfigError:
-        raise
-    except Exception as error:  # anything a config file may raise while it runs
-        raise ConfigError(
-            f"cannot load the config {path}: {type(error).__name__}: {error}"
-        ) from None
-    preprocessor(config)  # the config can run the test pipeline
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` itself, checked to run the test pipeline (ConfigError otherwise)."""
+    preprocessor(config)
     return config
 
 
@@ -385,8 +373,6 @@ def load_segmenter(
 
     Raises FileNotFoundError, PthError, PortError or PretrainedError with a one-line message.
     """
-    from mcibi_jax.api import Segmenter
-
     if pretrained:
         return Segmenter.from_pretrained(pretrained, config)
     weights = Path(pth or checkpoint or "")
@@ -406,8 +392,6 @@ def workdir_checkpoint(path: Path) -> Path:
     best checkpoint, else its newest one."""
     if (path / "_METADATA").exists() or not (path / "checkpoints").is_dir():
         return path
-    from mcibi_jax.train.checkpoints import BEST, latest_checkpoint
-
     best = path / "checkpoints" / BEST
     chosen = best if (best / "_METADATA").exists() else latest_checkpoint(path)
     print(f"{path} is a training workdir: using {chosen}", flush=True)
@@ -415,11 +399,8 @@ def workdir_checkpoint(path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.pth import PthError
-    from mcibi_jax.pretrained import PretrainedError
-
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    command = parse_command_line(argv)
+    fv = command.flags
 
     def out(message: str) -> None:
         print(message, flush=True)
@@ -428,25 +409,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        config, settings, segmenter, root, images, output = _prepare(args, overrides)
-    except (
-        ConfigError,
-        PthError,
-        PortError,
-        PretrainedError,
-        OSError,
-    ) as error:  # OSError: missing files, unusable --output
+        config, settings, segmenter, root, images, output = _prepare(command)
+    except (ConfigError, PthError, PortError, released.PretrainedError, OSError) as error:
+        # OSError: missing files, unusable --output
         warn(f"error: {error}")
         return 2
-    use_tta = True if args.tta else None
+    use_tta = True if fv.tta else None
 
     num_classes = int(config["model"]["num_classes"])
     palette = dataset_palette(config.get("dataset"), num_classes)
     background = overlay_background(
-        args.overlay_background, config.get("dataset"), num_classes
+        fv.overlay_background, config.get("dataset"), num_classes
     )  # checked in _prepare
     stems = output_stems(images, root)
-    out(f"{len(images)} image(s) from {args.input} -> {output}; inference: {_describe(settings)}")
+    out(f"{len(images)} image(s) from {fv.input} -> {output}; inference: {_describe(settings)}")
     done, skipped, failed = 0, [], []
     started = time.perf_counter()
     for index, (path, stem) in enumerate(zip(images, stems), 1):
@@ -455,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = {
             suffix: output / stem.parent / f"{stem.name}{suffix}" for suffix in OUTPUT_SUFFIXES
         }
-        todo = {s: p for s, p in targets.items() if args.overwrite or not p.exists()}
+        todo = {s: p for s, p in targets.items() if fv.overwrite or not p.exists()}
         kept = [p.name for s, p in targets.items() if s not in todo]
         if not todo:
             skipped.append(str(path))
@@ -478,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "_overlay.jpg" in todo:
                 keep = None if background is None else labels == background
                 _save(
-                    blend(image, mask, args.overlay_alpha, keep),
+                    blend(image, mask, fv.overlay_alpha, keep),
                     todo["_overlay.jpg"],
                     "JPEG",
                     quality=90,

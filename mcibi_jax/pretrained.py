@@ -23,7 +23,6 @@ put there is recorded (size, sha256) on first use like a download.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -42,8 +41,14 @@ from typing import Any
 
 import ml_collections
 
-from mcibi_jax.config import ConfigError
-from mcibi_jax.recipes import PUBLISHED_MIOU, RELEASED, released_config
+from mcibi_jax import command_line  # a module import: command_line uses this module too
+from mcibi_jax.config import ConfigError, load_config
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.pth import PthError
+from mcibi_jax.porting.variables import load_variables as load_ported
+from mcibi_jax.porting.variables import save_variables, variables_from_pth
+from mcibi_jax.progress import ProgressBar
+from mcibi_jax.recipes import PUBLISHED_MIOU, RELEASED, config_file
 
 BASE_URL = "https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_memorynet"
 URL_ENV = "MCIBI_PRETRAINED_URL"
@@ -75,17 +80,18 @@ class Release:
     file: str
     miou: float | None
     miou_tta: float
-    # The experiment config the weights belong to (default: the released recipe of ``name``).
-    make_config: Callable[[], ml_collections.ConfigDict] | None = None
 
     def url(self) -> str:
         return f"{(os.environ.get(URL_ENV) or BASE_URL).rstrip('/')}/{self.file}"
 
-    def config(self) -> ml_collections.ConfigDict:
-        if self.make_config is not None:
-            return self.make_config()
+    def config_spec(self) -> str:
+        """``<configs folder>/<dataset>.py:<backbone>``: the released recipe, as ``--config``."""
         dataset, backbone = self.name.split(":")
-        return released_config(dataset, backbone)
+        return f"{config_file(dataset)}:{backbone}"
+
+    def config(self) -> ml_collections.ConfigDict:
+        """The experiment config the weights belong to (locked)."""
+        return load_config(self.config_spec())
 
 
 def _release(dataset: str, backbone: str) -> Release:
@@ -249,8 +255,6 @@ def _fetch(
     release: Release, file: Path, expected_size: int | None, log: Callable[[str], None]
 ) -> None:
     """Downloads into ``<file>.part`` (resuming what is there); returns when it holds the whole file."""
-    from mcibi_jax.progress import ProgressBar
-
     part = file.with_name(file.name + ".part")
     validator = part.with_name(part.name + ".etag")  # the version the part belongs to (If-Range)
     offset = part.stat().st_size if part.exists() else 0
@@ -375,10 +379,6 @@ def download(name: str, log: Callable[[str], None] = print) -> Path:
 def checkpoint(name: str, log: Callable[[str], None] = print) -> Path:
     """The orbax checkpoint of the released model ``name`` (ported from its ``.pth`` the first
     time, strictly against its released config, then reused)."""
-    from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.pth import PthError
-    from mcibi_jax.porting.variables import save_variables, variables_from_pth
-
     release = get(name)
     file = cached_file(name)
     ported = _ported_path(file)
@@ -406,20 +406,7 @@ def load_variables(
 ) -> dict:
     """Flax variables of the released model ``name``, checked against ``config``'s model
     (default: the release's own config)."""
-    from mcibi_jax.porting.variables import load_variables as load
-
-    return load(checkpoint(name, log), config if config is not None else get(name).config())
-
-
-def apply_overrides(
-    base: ml_collections.ConfigDict, overrides: Sequence[str]
-) -> ml_collections.ConfigDict:
-    """``base`` with dotted ``key=value`` overrides applied (as ``load_config`` does)."""
-    from mcibi_jax.config import apply_override
-
-    for override in overrides:
-        apply_override(base, override)
-    return base
+    return load_ported(checkpoint(name, log), config if config is not None else get(name).config())
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,21 +432,16 @@ def _table() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mcibi_jax.pretrained", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "names", nargs="*", help="released models to download and port now, e.g. ade20k:r50"
-    )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.names:
+    command = command_line.CommandLine("python -m mcibi_jax.pretrained", __doc__)
+    names = command.parse(argv, positional=True)
+    if not names:
         print(_table())
         print(
             f"cache: {cache_dir()}  (published mIoU in %; Cityscapes: test server, multi-scale + flip)"
         )
         return 0
     try:
-        for name in args.names:
+        for name in names:
             print(f"{get(name).name}: {checkpoint(name)}")
     except (ConfigError, PretrainedError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ config, so the released checkpoints port onto it strictly.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import ml_collections
@@ -37,6 +38,11 @@ _KEYS_PREFIX = {
 KEYS_FILES: dict[tuple[str, str], str] = {(d, b): f"{_KEYS_PREFIX[b]}_{d}" for d, b in RELEASED}
 
 
+def config_file(dataset: str) -> Path:
+    """The recipe file ``configs/<dataset>.py`` (as the package sees it, ``mcibi_jax/configs``)."""
+    return Path(_config_module(dataset).__file__)
+
+
 def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     """Experiment config of a released MCIBI recipe, e.g. ``released_config("cityscapes", "r50")``.
 
@@ -54,4 +60,12 @@ def released_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
     return config
 
 
-__all__ = ["BACKBONES", "DATASETS", "KEYS_FILES", "PUBLISHED_MIOU", "RELEASED", "released_config"]
+__all__ = [
+    "BACKBONES",
+    "DATASETS",
+    "KEYS_FILES",
+    "PUBLISHED_MIOU",
+    "RELEASED",
+    "config_file",
+    "released_config",
+]

@@ -6,7 +6,9 @@
 Then open http://127.0.0.1:8000/ (``--host=0.0.0.0`` to let other machines in: there is no
 authentication). ``--pth=FILE`` reads a released PyTorch checkpoint instead of
 ``--checkpoint=DIR`` (an orbax checkpoint, or a training workdir: its best checkpoint);
-``--config.<key>=<value>`` changes the config. Built on the standard library's
+``--pretrained=ade20k:r50`` takes a released model by name (``--config`` then defaults to its
+recipe); ``--config.<key>=<value>`` changes the config, as in every command (``--help`` lists
+the flags). Built on the standard library's
 ``http.server``; every image goes through :meth:`mcibi_jax.Segmenter.predict` (the config's
 test pipeline and inference settings; ``--tta``: the ``eval.tta_*`` ones).
 
@@ -33,7 +35,6 @@ than ``--max_mb`` megabytes or ``--max_pixels`` pixels), 404, 500.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -48,20 +49,28 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+from absl import flags
+from PIL import Image
 
-from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides
+from mcibi_jax.command_line import CommandLine
+from mcibi_jax.config import ConfigError
+from mcibi_jax.evaluation.inference import evaluation_options
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.pth import PthError
 from mcibi_jax.predict import (
-    add_weight_arguments,
+    WEIGHT_FLAGS,
     blend,
+    check_config,
     class_names,
     colorize,
     dataset_palette,
+    define_weight_flags,
     label_image,
-    load_experiment_config,
     load_segmenter,
     overlay_background,
     read_rgb,
 )
+from mcibi_jax.pretrained import PretrainedError
 
 FORMATS = ("json", "labels", "mask", "overlay")
 DEFAULT_MAX_MB = 20.0
@@ -81,8 +90,6 @@ class BadUpload(ValueError):
 
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8/uint16 (H, W) or uint8 (H, W, 3|4) array."""
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -143,8 +150,6 @@ class SegmentationService:
 
     def decode(self, data: bytes) -> np.ndarray:
         """uint8 (H, W, 3) RGB of an uploaded file, or BadUpload (400 / 413)."""
-        from PIL import Image
-
         if not data:
             raise BadUpload("the upload is empty: send an image file as the request body")
         self.check_size(len(data))
@@ -333,80 +338,69 @@ def make_server(
     return server
 
 
-def load_service(args: argparse.Namespace, overrides: Sequence[str]) -> SegmentationService:
-    """The one place the command line turns its weight flags into a model."""
-    from mcibi_jax.evaluation.inference import evaluation_options
-
-    if not args.config and not args.pretrained:
-        raise ConfigError("--config is required with --checkpoint or --pth")
-    config = load_experiment_config(args.config, overrides, pretrained=args.pretrained)
-    evaluation_options(config, True if args.tta else None)  # checked before the weights load
+def load_service(command: CommandLine) -> SegmentationService:
+    """The one place the parsed command line turns its weight flags into a model."""
+    fv, config = command.flags, check_config(command.config)
+    evaluation_options(config, True if fv.tta else None)  # checked before the weights load
     segmenter = load_segmenter(
-        config, checkpoint=args.checkpoint, pth=args.pth, pretrained=args.pretrained
+        config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
     )
     return SegmentationService(
         segmenter,
-        use_tta=True if args.tta else None,
-        background=args.overlay_background,
-        max_bytes=int(args.max_mb * 1e6),
-        max_pixels=args.max_pixels,
+        use_tta=True if fv.tta else None,
+        background=fv.overlay_background,
+        max_bytes=int(fv.max_mb * 1e6),
+        max_pixels=fv.max_pixels,
     )
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = CommandLineParser(
-        prog="python -m mcibi_jax.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
+    """The parsed command line of ``python -m mcibi_jax.serve`` (usage errors exit with 2)."""
+    command = CommandLine(
+        "python -m mcibi_jax.serve",
+        __doc__,
+        config="config file and argument, e.g. configs/ade20k.py:r50 "
+        "(default with --pretrained: the release's own)",
     )
-    parser.add_argument("--config", help="config file and argument, e.g. configs/ade20k.py:r50")
-    add_weight_arguments(parser)
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (0.0.0.0: every interface, no authentication)",
+    fv = command.flags
+    define_weight_flags(fv)
+    flags.DEFINE_string(
+        "host",
+        "127.0.0.1",
+        "address to listen on (0.0.0.0: every interface, no authentication)",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--port", type=int, default=8000, help="port to listen on (0: any free one)"
+    flags.DEFINE_integer("port", 8000, "port to listen on (0: any free one)", flag_values=fv)
+    flags.DEFINE_bool(
+        "tta", False, "use the eval.tta_* settings (multi-scale, flip)", flag_values=fv
     )
-    parser.add_argument(
-        "--tta", action="store_true", help="use the eval.tta_* settings (multi-scale, flip)"
-    )
-    parser.add_argument(
-        "--overlay_background",
-        default="auto",
-        help="class left transparent in the overlay: auto (the dataset's 'background' class), none, "
+    flags.DEFINE_string(
+        "overlay_background",
+        "auto",
+        "class left transparent in the overlay: auto (the dataset's 'background' class), none, "
         "or a class id",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--max_mb", type=float, default=DEFAULT_MAX_MB, help="largest upload, in megabytes"
+    flags.DEFINE_float("max_mb", DEFAULT_MAX_MB, "largest upload, in megabytes", flag_values=fv)
+    flags.DEFINE_integer(
+        "max_pixels", DEFAULT_MAX_PIXELS, "largest image, in pixels", flag_values=fv
     )
-    parser.add_argument(
-        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image, in pixels"
-    )
-    parser.add_argument("--quiet", action="store_true", help="do not log each request")
-    args, rest = parser.parse_known_args(argv)
-    return args, config_overrides(parser, rest)
+    flags.DEFINE_bool("quiet", False, "do not log each request", flag_values=fv)
+    command.parse(argv, pretrained_config=True)
+    command.one_of(WEIGHT_FLAGS)
+    return command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.pth import PthError
-    from mcibi_jax.pretrained import PretrainedError
-
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    command = parse_command_line(argv)
+    fv = command.flags
     try:
-        if args.max_mb <= 0 or args.max_pixels <= 0:
+        if fv.max_mb <= 0 or fv.max_pixels <= 0:
             raise ConfigError("--max_mb and --max_pixels must be positive")
-        service = load_service(args, overrides)
-        server = make_server(service, args.host, args.port, quiet=args.quiet)
-    except (
-        ConfigError,
-        PthError,
-        PortError,
-        PretrainedError,
-        OSError,
-    ) as error:  # OSError: missing files, port in use
+        service = load_service(command)
+        server = make_server(service, fv.host, fv.port, quiet=fv.quiet)
+    except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:
+        # OSError: missing files, port in use
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     host, port = server.server_address[:2]

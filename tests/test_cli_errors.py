@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from absl import flags
 
-from mcibi_jax import port, predict
+from mcibi_jax import export, port, predict, pretrained, serve
+from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import ConfigError, load_config
 from mcibi_jax.data import inspect as inspect_cli
 from mcibi_jax.tools import count
@@ -95,9 +97,19 @@ def _in_process(main, argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("program", ["port", "predict", "inspect", "count"])
-def test_argparse_command_lines(program, broken_configs, tmp_path, capsys):
-    extra = {
+PROGRAMS = {
+    "port": port.main,
+    "predict": predict.main,
+    "inspect": inspect_cli.main,
+    "count": count.main,
+    "export": export.main,
+    "serve": serve.main,
+}
+
+
+def _required(program: str, tmp_path: Path) -> list[str]:
+    """The flags besides --config each program needs to get past its command line."""
+    return {
         "port": [f"--pth={tmp_path / 'x.pth'}", f"--out={tmp_path / 'out'}"],
         "predict": [
             f"--pth={tmp_path / 'x.pth'}",
@@ -106,41 +118,106 @@ def test_argparse_command_lines(program, broken_configs, tmp_path, capsys):
         ],
         "inspect": ["--quiet"],
         "count": [],
+        "export": [f"--pth={tmp_path / 'x.pth'}", f"--out={tmp_path / 'out'}"],
+        "serve": [f"--pth={tmp_path / 'x.pth'}", "--port=0"],
     }[program]
-    main = {
-        "port": port.main,
-        "predict": predict.main,
-        "inspect": inspect_cli.main,
-        "count": count.main,
-    }[program]
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_command_lines(program, broken_configs, tmp_path, capsys):
+    main, extra = PROGRAMS[program], _required(program, tmp_path)
     for spec, expected in _mistakes(broken_configs).values():
         _assert_one_line(*_in_process(main, [f"--config={spec}", *extra], capsys), expected)
-    # port and predict may leave --config out with --pretrained, so they word it their own way
-    _assert_one_line(*_in_process(main, extra, capsys), "--config")
+    _assert_one_line(*_in_process(main, extra, capsys), "--config is required")
+    demo = "--config=configs/demo.py"
     _assert_one_line(
-        *_in_process(main, ["--config=configs/demo.py", *extra, "--bogus"], capsys),
-        "unrecognized arguments: --bogus",
+        *_in_process(main, [demo, *extra, "--bogus"], capsys), "Unknown command line flag 'bogus'"
     )
+    _assert_one_line(
+        *_in_process(main, [demo, *extra, "--config.train.no_such_key=1"], capsys),
+        "unknown config key 'train.no_such_key'",
+    )
+    _assert_one_line(
+        *_in_process(main, [demo, *extra, "--config.train.seed"], capsys),
+        "Missing value for flag --config.train.seed",
+    )
+    _assert_one_line(
+        *_in_process(main, [demo, *extra, "--config.train.seed=x"], capsys),
+        "flag --config.train.seed=x: invalid literal for int()",
+    )
+    _assert_one_line(*_in_process(main, [demo, *extra, "stray"], capsys), "unexpected arguments")
     assert not (tmp_path / "out").exists()
 
 
-def test_absl_command_line_parser(broken_configs, capsys):
-    """parse_absl_command_line, the flags parser of main and data.prepare, on flags like main's."""
-    from absl import flags
-    from ml_collections import config_flags
+@pytest.mark.parametrize("program", [*PROGRAMS, "pretrained"])
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpshort"])
+def test_help(program, flag, capsys):
+    main = pretrained.main if program == "pretrained" else PROGRAMS[program]
+    try:
+        code = main([flag])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    module = main.__module__
+    assert out.startswith(sys.modules[module].__doc__.strip().splitlines()[0]), out
+    if program != "pretrained":
+        assert "--config:" in out and "--config.<key>=<value>" in out
 
-    from mcibi_jax.config import parse_absl_command_line
+
+def test_pretrained_command_line(capsys):
+    _assert_one_line(*_in_process(pretrained.main, ["--bogus"], capsys), "'bogus'")
+    _assert_one_line(
+        *_in_process(pretrained.main, ["--config.train.seed=1"], capsys), "'config.train.seed'"
+    )
+    _assert_one_line(
+        *_in_process(pretrained.main, ["no:such"], capsys), "no released checkpoint 'no:such'"
+    )
+
+
+@pytest.mark.parametrize("program", ["port", "predict", "export", "serve"])
+def test_exclusive_weight_flags(program, tmp_path, capsys):
+    extra = [a for a in _required(program, tmp_path) if not a.startswith("--pth")]
+    demo = "--config=configs/demo.py"
+    both = [f"--pth={tmp_path / 'x.pth'}", "--pretrained=ade20k:r50"]
+    _assert_one_line(
+        *_in_process(PROGRAMS[program], [demo, *extra, *both], capsys),
+        "--pth and --pretrained exclude each other",
+    )
+    _assert_one_line(*_in_process(PROGRAMS[program], [demo, *extra], capsys), "--pth")
+
+
+def test_pretrained_name_stands_for_its_config(tmp_path, capsys):
+    """--pretrained without --config: the release's recipe, with the overrides checked on it."""
+    spec = pretrained.get("ade20k:r50").config_spec()
+    assert spec.endswith("ade20k.py:r50") and Path(spec.rsplit(":", 1)[0]).is_file()
+    command = CommandLine("prog", "doc", config="config")
+    flags.DEFINE_string("pretrained", None, "name", flag_values=command.flags)
+    command.parse(
+        ["--pretrained=ade20k:r50", "--config.model.num_classes=7"], pretrained_config=True
+    )
+    assert command.config.model.num_classes == 7 and command.config.dataset.name == "ade20k"
+    out = [f"--out={tmp_path / 'out'}"]
+    _assert_one_line(
+        *_in_process(port.main, ["--pretrained=ade20k:r50", *out, "--config.nope=1"], capsys),
+        "unknown config key 'nope'",
+    )
+    _assert_one_line(
+        *_in_process(port.main, ["--pretrained=ade20k:r5", *out], capsys),
+        "no released checkpoint 'ade20k:r5'",
+    )
+
+
+def test_absl_command_line_parser(broken_configs, capsys):
+    """CommandLine on flags like main's (python -m mcibi_jax.main passes absl.flags.FLAGS)."""
 
     def parse(*args: str) -> tuple[int, str]:
-        values, config_argv = flags.FlagValues(), []
-        holder = config_flags.DEFINE_config_file(
-            "config", None, "config", flag_values=values, sys_argv=config_argv
-        )
-        flags.DEFINE_string("workdir", None, "workdir", flag_values=values)
-        flags.DEFINE_enum("mode", "train", ["train", "eval"], "mode", flag_values=values)
-        flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
+        command = CommandLine("prog", "doc", config="config")
+        flags.DEFINE_string("workdir", None, "workdir", flag_values=command.flags)
+        flags.DEFINE_enum("mode", "train", ["train", "eval"], "mode", flag_values=command.flags)
+        flags.mark_flags_as_required(["workdir"], flag_values=command.flags)
         try:
-            parse_absl_command_line(["prog", *args], holder, config_argv, flag_values=values)
+            command.parse(list(args))
             code = 0
         except SystemExit as exit_:
             code = exit_.code

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import load_config
 from mcibi_jax.recipes import RELEASED, released_config
 
@@ -62,17 +63,9 @@ def test_loaded_configs_are_locked():
 
 
 def _parse(*args: str):
-    from absl import flags
-    from ml_collections import config_flags
-
-    from mcibi_jax.config import parse_absl_command_line
-
-    values, config_argv = flags.FlagValues(), []
-    holder = config_flags.DEFINE_config_file(
-        "config", None, "config", flag_values=values, sys_argv=config_argv
-    )
-    parse_absl_command_line(["prog", *args], holder, config_argv, flag_values=values)
-    return holder.value
+    command = CommandLine("prog", "doc", config="config")
+    command.parse(list(args))
+    return command.config
 
 
 def test_config_flags_overrides(capsys):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcibi_jax.config import load_config, split_overrides
+from mcibi_jax.config import load_config
 from mcibi_jax.data.synthetic import IGNORE_LABEL, make_split
 from mcibi_jax.porting.variables import load_variables
 from mcibi_jax.train.checkpoints import latest_checkpoint, new_checkpoint_dir
@@ -128,14 +128,6 @@ def test_checkpoints_are_never_overwritten(tmp_path):
     (tmp_path / "checkpoints" / "step_7" / "x").write_text("")
     assert new_checkpoint_dir(tmp_path, 7) == tmp_path / "checkpoints" / "step_7_1"
     assert latest_checkpoint(tmp_path).name in ("final", "step_7")
-
-
-def test_split_overrides():
-    rest, overrides = split_overrides(
-        ["prog", "--config=c.py:r50", "--config.a.b=1", "--mode=eval", "--config.c", "x"]
-    )
-    assert rest == ["prog", "--config=c.py:r50", "--mode=eval"]
-    assert overrides == ["a.b=1", "c=x"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

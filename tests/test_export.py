@@ -72,6 +72,7 @@ def _images(count: int) -> np.ndarray:
     return rng.integers(0, 256, (count, *SIZE, 3), dtype=np.uint8)
 
 
+QUOTE = "'"  # on the command line a string value goes without quotes (config_flags)
 VARIANTS = {"whole": [], "slide_tta": SLIDE_TTA, "test_resize": []}
 # the demo model behind a released-style test pipeline: resize to fit (72, 54), keep the ratio
 RESIZING_DATASET = {
@@ -99,7 +100,11 @@ def served(checkpoint, tmp_path_factory):
     args = [f"--config={DEMO}", f"--checkpoint={checkpoint}", f"--size={SIZE[0]}x{SIZE[1]}"]
     for name in ("whole", "slide_tta"):  # through the command line
         assert (
-            export.main(args + [f"--out={root / name}"] + [f"--config.{o}" for o in VARIANTS[name]])
+            export.main(
+                args
+                + [f"--out={root / name}"]
+                + [f"--config.{o.replace(QUOTE, '')}" for o in VARIANTS[name]]
+            )
             == 0
         )
     segmenter = mcibi_jax.Segmenter.from_checkpoint(checkpoint, _config("test_resize"))

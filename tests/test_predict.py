@@ -170,6 +170,14 @@ def test_cli_writes_mask_labels_and_overlay_and_skips_what_exists(
     assert all(after[k] == before[k] for k in before if k != "wide_overlay.jpg")
 
 
+def _exit_status(main, argv: list[str]) -> int:
+    """What ``main`` returns, or the status of its SystemExit (a command-line mistake)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
 def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
     pth = FIXTURES / f"{CASE}.pth"
     base = [f"--config={config_file}", f"--output={tmp_path / 'out'}"]
@@ -187,17 +195,18 @@ def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
     }
     (tmp_path / "out").mkdir()
     for message, args in cases.items():
-        assert predict.main(args) == 2, message
+        assert _exit_status(predict.main, args) == 2, message
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
     assert (
-        predict.main(
+        _exit_status(
+            predict.main,
             [
                 f"--config={tmp_path / 'nope.py'}",
                 f"--pth={pth}",
                 f"--input={image_dir}",
                 f"--output={tmp_path}",
-            ]
+            ],
         )
         == 2
     )

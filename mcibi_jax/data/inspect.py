@@ -1,7 +1,8 @@
 """Checks a dataset's files and prints its class frequencies and image sizes.
 
     python -m mcibi_jax.data.inspect --config=configs/custom_template.py:r50 \\
-        --config.dataset.root=/data/my_set [--split=train] [--max_listed=20] [--workers=8] [--no_labels]
+        --config.dataset.root=/data/my_set [--split=train] [--max_listed=20] [--workers=8] \\
+        [--no_labels] [--quiet]
 
 Works for every dataset kind of :mod:`mcibi_jax.data.datasets` (cityscapes, ade20k,
 cocostuff10k, lip, custom). Each sample of the split is decoded: missing images or masks,
@@ -9,12 +10,14 @@ unreadable files, image/mask size mismatches and mask ids outside the class list
 with their files (the first ``--max_listed`` of each kind, then a count). Then the
 class-frequency table (pixels and images per class) and image-size statistics are printed.
 
+The flags are absl flags, spelled with underscores (``--max_listed``, ``--no_labels``; the
+hyphenated ``--max-listed`` and ``--no-labels`` are gone); ``--help`` lists them.
+
 Exit status: 0 no problems, 1 problems found, 2 the config or the dataset layout cannot be used.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -24,7 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 import numpy as np
+from absl import flags
 
+from mcibi_jax.command_line import CommandLine
 from mcibi_jax.data.datasets import CorruptSample, DatasetError, Source, build_source
 from mcibi_jax.data.datasets.core import Sample, read_image
 from mcibi_jax.progress import ProgressBar
@@ -297,41 +302,6 @@ def format_report(report: Report, *, max_listed: int = 20) -> str:
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    from mcibi_jax.config import CommandLineParser
-
-    parser = CommandLineParser(
-        prog="python -m mcibi_jax.data.inspect",
-        description="Check a dataset split's files; print class frequencies and image sizes. "
-        "Exit 0: clean, 1: problems found, 2: config or layout unusable.",
-        epilog="Change config values with --config.<key>=<value>, e.g. --config.dataset.root=/data/my_set.",
-    )
-    parser.add_argument(
-        "--config", required=True, help="config file[:arg], e.g. configs/custom_template.py:r50"
-    )
-    parser.add_argument(
-        "--split", default=None, help="split to check (default: config.dataset.train_set)"
-    )
-    parser.add_argument(
-        "--max_listed",
-        "--max-listed",
-        type=int,
-        default=20,
-        help="problems listed per kind before only counting (default 20)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads"
-    )
-    parser.add_argument(
-        "--no_labels",
-        "--no-labels",
-        action="store_true",
-        help="the split has no masks (e.g. a test set): check images only",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress (bar or lines) on stderr")
-    return parser
-
-
 def _error(message: str, stream: TextIO) -> int:
     print(f"error: {message}", file=stream, flush=True)
     return EXIT_UNUSABLE
@@ -341,33 +311,42 @@ def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
     """Runs the command line (``argv`` without the program name) and returns the exit status."""
-    from mcibi_jax.config import load_config, split_overrides
-
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    argv = sys.argv[1:] if argv is None else list(argv)
+    command = CommandLine(
+        "python -m mcibi_jax.data.inspect",
+        __doc__,
+        config="config file[:arg], e.g. configs/custom_template.py:r50",
+    )
+    fv = command.flags
+    flags.DEFINE_string(
+        "split", None, "split to check (default: config.dataset.train_set)", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "max_listed", 20, "problems listed per kind before only counting", flag_values=fv
+    )
+    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "decoding threads", flag_values=fv)
+    flags.DEFINE_bool(
+        "no_labels",
+        False,
+        "the split has no masks (e.g. a test set): check images only",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("quiet", False, "no progress (bar or lines) on stderr", flag_values=fv)
     try:
-        rest, overrides = split_overrides(argv)
-    except ValueError as error:
-        return _error(str(error), stderr)
-    try:
-        args = _parser().parse_args(rest)
-    except SystemExit as exit_:  # argparse printed the usage
+        command.parse(argv, stdout=stdout, stderr=stderr)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return EXIT_UNUSABLE if exit_.code else EXIT_CLEAN
+    config = command.config
     try:
-        config = load_config(args.config, overrides)
         dataset = config["dataset"]
         name = dataset.get("name")
-        split = args.split or dataset.get("train_set")
+        split = fv.split or dataset.get("train_set")
         if not split:
             return _error("give --split=<name> (the config has no dataset.train_set)", stderr)
-        source = build_source(dataset, split, with_labels=not args.no_labels, check=False)
-    except (
-        ValueError,
-        KeyError,
-        DatasetError,
-        FileNotFoundError,
-    ) as error:  # ConfigError is a ValueError
+        source = build_source(dataset, split, with_labels=not fv.no_labels, check=False)
+    except (ValueError, KeyError, DatasetError, FileNotFoundError) as error:
+        # ConfigError is a ValueError
         return _error(str(error), stderr)
     root = dataset.get("root")
     print(
@@ -375,8 +354,8 @@ def main(
         file=stdout,
         flush=True,
     )
-    report = inspect_source(source, workers=args.workers, progress=None if args.quiet else stderr)
-    print(format_report(report, max_listed=max(0, args.max_listed)), file=stdout, flush=True)
+    report = inspect_source(source, workers=fv.workers, progress=None if fv.quiet else stderr)
+    print(format_report(report, max_listed=max(0, fv.max_listed)), file=stdout, flush=True)
     return EXIT_CLEAN if report.clean else EXIT_PROBLEMS
 
 

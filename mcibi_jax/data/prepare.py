@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from absl import app, flags
+from absl import logging as absl_logging
+
+from mcibi_jax.command_line import CommandLine, usage_error
 from mcibi_jax.data.datasets import SPECS, DatasetConfigError, DatasetError, DatasetLayoutError
 
 
@@ -113,20 +117,17 @@ def _counts(builder: Any) -> str:
     return ", ".join(f"{split}: {info.num_examples}" for split, info in builder.info.splits.items())
 
 
-# The command line the config flag reads its --config.<key> overrides from (set by
-# parse_absl_command_line, which first checks the file and the keys, with one-line errors).
-_ARGV: list[str] = []
+# The command line, set up only when this module runs as the program: absl.app.run parses the
+# global absl.flags.FLAGS (with absl's logging flags) through it.
+_COMMAND: CommandLine | None = None
 
 
-def _define_flags() -> Any:
-    from absl import flags
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared",
-        sys_argv=_ARGV,
+def _define_flags() -> CommandLine:
+    command = CommandLine(
+        "python -m mcibi_jax.data.prepare",
+        __doc__,
+        config="experiment config, e.g. configs/ade20k.py:r50; its dataset (name, root) is prepared",
+        flag_values=flags.FLAGS,
     )
     flags.DEFINE_string("data_dir", None, "where the records go (DIR/mcibi_<dataset>/<version>/)")
     flags.DEFINE_list("splits", None, "only these sets (default: every set found)")
@@ -136,16 +137,16 @@ def _define_flags() -> Any:
         "skip_corrupt", False, "leave out unusable samples (printed) instead of failing"
     )
     flags.DEFINE_bool("force", False, "rebuild even if the records are already there")
-    flags.mark_flags_as_required(["config", "data_dir"])
-    return config
+    flags.mark_flags_as_required(["data_dir"])
+    return command
+
+
+def _parse_command_line(argv: list[str]) -> list[str]:
+    """absl.app.run's ``flags_parser``: ``argv`` includes the program name, and so does the result."""
+    return [argv[0], *_COMMAND.parse(argv[1:])]
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-    from absl import logging as absl_logging
-
-    from mcibi_jax.config import usage_error
-
     if len(argv) > 1:
         usage_error(f"unexpected arguments {argv[1:]}")
     if absl_logging.get_verbosity() == absl_logging.INFO:
@@ -153,7 +154,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     try:
         prepare(
-            _CONFIG.value.dataset,
+            _COMMAND.config.dataset,
             f.data_dir,
             splits=f.splits,
             num_threads=f.num_threads,
@@ -167,9 +168,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    from mcibi_jax.config import parse_absl_command_line
-
-    _CONFIG = _define_flags()
-    app.run(main, flags_parser=lambda argv: parse_absl_command_line(argv, _CONFIG, _ARGV))
+    _COMMAND = _define_flags()
+    app.run(main, flags_parser=_parse_command_line)

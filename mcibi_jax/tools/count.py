@@ -1,6 +1,6 @@
 """Parameter and FLOP counts of a config's model.
 
-    python -m mcibi_jax.tools.count --config=configs/cityscapes.py:r50 [--size=512x1024] [--config.x=...]
+    python -m mcibi_jax.tools.count --config=configs/cityscapes.py:r50 [--size=512x1024] [--config.<key>=<value>]
 
 Parameters are counted from the variables' shapes (``jax.eval_shape``, nothing is allocated),
 in total and per top-level module (backbone_net, the head's parts, auxiliary_decoder). The
@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from mcibi_jax.config import CommandLineParser, ConfigError, config_overrides, load_config
+from mcibi_jax.command_line import CommandLine
+from mcibi_jax.config import ConfigError
 from mcibi_jax.models.segmentor import build_model
 
 
@@ -111,20 +113,17 @@ def format_counts(counts: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = CommandLineParser(
-        prog="python -m mcibi_jax.tools.count", description=__doc__.split("\n\n")[0]
+    command = CommandLine(
+        "python -m mcibi_jax.tools.count",
+        __doc__,
+        config="config file and backbone, e.g. configs/cityscapes.py:r50",
     )
-    parser.add_argument(
-        "--config", required=True, help="config file and backbone, e.g. configs/cityscapes.py:r50"
+    size = flags.DEFINE_string(
+        "size", None, "image size HxW (default: dataset.train.crop_size)", flag_values=command.flags
     )
-    parser.add_argument(
-        "--size", default=None, help="image size HxW (default: dataset.train.crop_size)"
-    )
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = config_overrides(parser, rest)
+    command.parse(argv)
     try:
-        config = load_config(args.config, overrides)
-        counts = model_counts(config, parse_size(args.size) if args.size else None)
+        counts = model_counts(command.config, parse_size(size.value) if size.value else None)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
