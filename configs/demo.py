@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
             "train_set": "train",
             "eval_set": "test",
             # generated once per split; the seed makes a split, the class statistics are fixed
-            "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5},
+            "train": {"num_images": 1024, "seed": 0, "flip_prob": 0.5, "flip_label_pairs": ()},
             # output_size None: the test pipeline (predict, export) keeps an image's size
             "test": {"num_images": 128, "seed": 1, "output_size": None, "keep_ratio": True},
             # the generated images are (rgb / 255 - synthetic.MEAN) / synthetic.STD

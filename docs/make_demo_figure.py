@@ -86,7 +86,8 @@ def figure(
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from mcibi_jax import load_config
-    from mcibi_jax.predict import class_names, dataset_palette, load_segmenter
+    from mcibi_jax.data.classes import class_names, dataset_palette
+    from mcibi_jax.predict import load_segmenter
     from mcibi_jax.train.experiment import run
 
     parser = argparse.ArgumentParser(

@@ -40,10 +40,8 @@ from jax import export
 from mcibi_jax.api import preprocessor
 from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import ConfigError
-from mcibi_jax.data import synthetic
-from mcibi_jax.data.datasets import SPECS, DatasetError
-from mcibi_jax.data.datasets.custom import read_description
-from mcibi_jax.data.transforms import normalize_image, resized_shape
+from mcibi_jax.data.classes import class_names, dataset_palette
+from mcibi_jax.data.transforms import normalize_image, test_shape
 from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.porting.convert import PortError
@@ -51,7 +49,6 @@ from mcibi_jax.porting.pth import PthError
 from mcibi_jax.predict import (
     WEIGHT_FLAGS,
     check_config,
-    dataset_palette,
     define_weight_flags,
     load_segmenter,
 )
@@ -78,25 +75,6 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 512x683; got {text!r}")
     return int(parts[0]), int(parts[1])
-
-
-def class_names(config: Mapping[str, Any]) -> list[str]:
-    """The dataset's class names (``class <i>`` where the config does not say)."""
-    num_classes = int(config["model"]["num_classes"])
-    dataset = config.get("dataset") or {}
-    names: Sequence[str] = ()
-    if dataset.get("name") == "synthetic":
-        names = synthetic.class_names(num_classes)
-    elif dataset.get("name") == "custom":
-        try:
-            names = read_description(dataset["root"])["classes"]
-        except DatasetError:
-            names = ()
-    else:
-        spec = SPECS.get(dataset.get("name", ""))
-        names = spec.class_names if spec is not None else ()
-    names = list(names)[:num_classes]
-    return names + [f"class {i}" for i in range(len(names), num_classes)]
 
 
 def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -154,15 +132,8 @@ def serving_function(
     preprocessor(config)  # the config has a test pipeline (raises ConfigError otherwise)
     dataset = config["dataset"]
     options = evaluation_options(config, use_tta)
-    if dataset.get("name") == "synthetic":
-        mean, std = (255 * synthetic.MEAN,) * 3, (255 * synthetic.STD,) * 3  # as api.preprocessor
-        resized = tuple(size)
-    else:
-        mean, std = tuple(dataset["mean"]), tuple(dataset["std"])
-        test = dataset["test"]
-        resized = resized_shape(
-            tuple(size), tuple(test["output_size"]), bool(test.get("keep_ratio", True))
-        )
+    mean, std = tuple(dataset["mean"]), tuple(dataset["std"])
+    resized = test_shape(dataset, tuple(size))
     table = jnp.asarray(_lookup_table(mean, std))
     model, variables = segmenter.model, segmenter.variables
     with_probabilities = bool(options["inference"].get("use_probs_before_resize", False))
@@ -242,7 +213,7 @@ def export_segmenter(
         "symbolic_dims": ["batch"],
         "platforms": list(exported.platforms),
         "num_classes": num_classes,
-        "classes": class_names(config),
+        "classes": class_names(config.get("dataset"), num_classes),
         "palette": dataset_palette(config.get("dataset"), num_classes).tolist(),
         **settings,
         "jax_version": jax.__version__,

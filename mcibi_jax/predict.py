@@ -41,9 +41,7 @@ from mcibi_jax import pretrained as released
 from mcibi_jax.api import Segmenter, preprocessor
 from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import ConfigError
-from mcibi_jax.data import synthetic
-from mcibi_jax.data.datasets import SPECS, DatasetError
-from mcibi_jax.data.datasets.custom import read_description
+from mcibi_jax.data.classes import background_class, dataset_palette
 from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.pth import PthError
@@ -51,73 +49,6 @@ from mcibi_jax.train.checkpoints import BEST, latest_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
-
-
-# --------------------------------------------------------------------------------------------
-# Colours
-
-
-def generated_palette(num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 distinct colours, the same for every run: the bits of each class id are
-    spread over the three channels from the most significant bit down (class 0 is black)."""
-    ids = np.arange(num_classes, dtype=np.int64)
-    colours = np.zeros((num_classes, 3), np.int64)
-    for level in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((ids >> (3 * level + channel)) & 1) << (7 - level)
-    return colours.astype(np.uint8)
-
-
-def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 colours: the dataset's own palette for the released datasets, else (the
-    synthetic demo, unknown datasets, classes beyond the palette) :func:`generated_palette`."""
-    colours = generated_palette(num_classes)
-    name = (dataset_config or {}).get("name", "")
-    if name == "custom":  # the palette of the dataset's own dataset.json
-        try:
-            palette = read_description(dataset_config["root"])["palette"]
-        except DatasetError:
-            palette = ()
-    else:
-        spec = SPECS.get(name)
-        palette = spec.palette if spec is not None else ()
-    own = np.asarray(palette, np.uint8).reshape(-1, 3)[:num_classes]
-    colours[: len(own)] = own
-    return colours
-
-
-def class_names(dataset_config: Mapping[str, Any] | None, num_classes: int) -> list[str]:
-    """The ``num_classes`` class names of the config's dataset (the released datasets, the
-    synthetic demo, a custom dataset's dataset.json); ``class <k>`` where none is known."""
-    name = (dataset_config or {}).get("name", "")
-    names: Sequence[str] = ()
-    if name == "synthetic":
-        names = synthetic.class_names(num_classes)
-    elif name == "custom":
-        try:
-            names = read_description(dataset_config["root"])["classes"]
-        except DatasetError:
-            names = ()
-    elif name in SPECS:
-        names = SPECS[name].class_names
-    names = [str(n) for n in names][:num_classes]
-    return names + [f"class {k}" for k in range(len(names), num_classes)]
-
-
-BACKGROUND_NAMES = ("background", "__background__", "_background_")
-
-
-def background_class(dataset_config: Mapping[str, Any] | None, num_classes: int) -> int | None:
-    """The class that stands for "nothing in particular", left unpainted in overlays, or None.
-
-    A class named ``background`` (LIP's class 0 ``__background__``, the synthetic demo's class
-    0, a custom dataset's class of that name). Cityscapes, ADE20K and COCO-Stuff have none: all
-    their classes are things or stuff, and their unlabelled pixels are ignored, not a class.
-    """
-    for index, name in enumerate(class_names(dataset_config, num_classes)):
-        if name.lower() in BACKGROUND_NAMES:
-            return index
-    return None
 
 
 def overlay_background(

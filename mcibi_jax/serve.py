@@ -54,6 +54,7 @@ from PIL import Image
 
 from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import ConfigError
+from mcibi_jax.data.classes import class_names, dataset_palette
 from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.pth import PthError
@@ -61,9 +62,7 @@ from mcibi_jax.predict import (
     WEIGHT_FLAGS,
     blend,
     check_config,
-    class_names,
     colorize,
-    dataset_palette,
     define_weight_flags,
     label_image,
     load_segmenter,

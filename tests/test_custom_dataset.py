@@ -300,7 +300,7 @@ def test_inspect_usage_errors(tmp_path):
 def test_predict_uses_the_palette_of_dataset_json(tmp_path):
     import json
 
-    from mcibi_jax.predict import dataset_palette
+    from mcibi_jax.data.classes import dataset_palette
 
     root = tmp_path / "set"
     root.mkdir()

@@ -9,6 +9,7 @@ from PIL import Image
 
 import mcibi_jax
 from mcibi_jax import predict
+from mcibi_jax.data import classes
 from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.porting.variables import save_variables, variables_from_pth
 from tests.reference_data import FIXTURES
@@ -144,7 +145,7 @@ def test_cli_writes_mask_labels_and_overlay_and_skips_what_exists(
     assert "broken.jpg" in captured.err and "unreadable" in captured.err
     assert "2 segmented" in captured.out and "1 failed" in captured.out
 
-    palette = predict.dataset_palette({"name": "cityscapes"}, 5)
+    palette = classes.dataset_palette({"name": "cityscapes"}, 5)
     for name, (h, w) in SIZES.items():
         source = np.asarray(Image.open(image_dir / f"{name}{'.png' if name == 'tall' else '.bmp'}"))
         labels = np.asarray(Image.open(out / f"{name}_labels.png"))
@@ -242,7 +243,7 @@ def test_overlay_leaves_the_background_class_unpainted(
     assert background.any()
     assert np.abs(kept - source)[background].mean() < 12  # the photo itself (JPEG of a noisy image)
     assert np.abs(painted - source)[background].mean() > 20
-    mask = predict.dataset_palette({"name": "cityscapes"}, 5)[labels]
+    mask = classes.dataset_palette({"name": "cityscapes"}, 5)[labels]
     assert np.abs(kept - predict.blend(source, mask, 0.8, background)).mean() < 12
 
 
@@ -254,12 +255,12 @@ def test_background_class_per_dataset():
         "ade20k",
         "cocostuff10k",
     ):  # no background class: unlabelled pixels are ignored
-        assert predict.background_class({"name": name}, SPECS[name].num_classes) is None
-    assert predict.background_class({"name": "lip"}, 20) == 0
-    assert predict.background_class({"name": "synthetic"}, 4) == 0
-    assert predict.class_names({"name": "synthetic"}, 3) == ["background", "shape1", "shape2"]
-    assert predict.class_names({"name": "cityscapes"}, 21)[-2:] == ["class 19", "class 20"]
-    assert predict.class_names(None, 2) == ["class 0", "class 1"]
+        assert classes.background_class({"name": name}, SPECS[name].num_classes) is None
+    assert classes.background_class({"name": "lip"}, 20) == 0
+    assert classes.background_class({"name": "synthetic"}, 4) == 0
+    assert classes.class_names({"name": "synthetic"}, 3) == ["background", "shape1", "shape2"]
+    assert classes.class_names({"name": "cityscapes"}, 21)[-2:] == ["class 19", "class 20"]
+    assert classes.class_names(None, 2) == ["class 0", "class 1"]
     assert predict.overlay_background("auto", {"name": "lip"}, 20) == 0
     assert predict.overlay_background("none", {"name": "lip"}, 20) is None
     assert predict.overlay_background("3", {"name": "ade20k"}, 150) == 3
@@ -280,16 +281,16 @@ def test_background_class_per_dataset():
 def test_palettes_and_16_bit_labels(tmp_path):
     from mcibi_jax.data.datasets import SPECS
 
-    generated = predict.generated_palette(300)
+    generated = classes.generated_palette(300)
     assert generated.dtype == np.uint8 and tuple(generated[0]) == (0, 0, 0)
     assert len({tuple(c) for c in generated}) == 300
-    np.testing.assert_array_equal(predict.generated_palette(300), generated)
+    np.testing.assert_array_equal(classes.generated_palette(300), generated)
     for name in ("cityscapes", "ade20k", "cocostuff10k", "lip"):
         k = len(SPECS[name].palette)
         np.testing.assert_array_equal(
-            predict.dataset_palette({"name": name}, k), np.asarray(SPECS[name].palette, np.uint8)
+            classes.dataset_palette({"name": name}, k), np.asarray(SPECS[name].palette, np.uint8)
         )
-    np.testing.assert_array_equal(predict.dataset_palette({"name": "synthetic"}, 4), generated[:4])
+    np.testing.assert_array_equal(classes.dataset_palette({"name": "synthetic"}, 4), generated[:4])
 
     labels = (np.arange(12 * 7).reshape(12, 7) * 3) % 300
     predict.write_label_png(tmp_path / "l.png", labels, 300)

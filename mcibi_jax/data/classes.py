@@ -32,7 +32,9 @@ def generated_palette(num_classes: int) -> np.ndarray:
     return colours.astype(np.uint8)
 
 
-def _described(dataset_config: Mapping[str, Any] | None) -> tuple[Sequence[str], Sequence[Any]]:
+def _described(
+    dataset_config: Mapping[str, Any] | None, num_classes: int
+) -> tuple[Sequence[str], Sequence[Any]]:
     """(class names, palette) the dataset itself gives; empty where it gives none."""
     name = (dataset_config or {}).get("name", "")
     if name == CUSTOM:
@@ -42,14 +44,14 @@ def _described(dataset_config: Mapping[str, Any] | None) -> tuple[Sequence[str],
             return (), ()
         return description["classes"], description["palette"]
     if name == synthetic.NAME:
-        return synthetic.class_names(int(dataset_config["num_classes"])), ()
+        return synthetic.class_names(num_classes), ()
     spec = SPECS.get(name)
     return (spec.class_names, spec.palette) if spec is not None else ((), ())
 
 
 def class_names(dataset_config: Mapping[str, Any] | None, num_classes: int) -> list[str]:
     """The ``num_classes`` class names of ``config.dataset``; ``class <k>`` where none is known."""
-    names = [str(n) for n in _described(dataset_config)[0]][:num_classes]
+    names = [str(n) for n in _described(dataset_config, num_classes)[0]][:num_classes]
     return names + [f"class {k}" for k in range(len(names), num_classes)]
 
 
@@ -57,7 +59,9 @@ def dataset_palette(dataset_config: Mapping[str, Any] | None, num_classes: int) 
     """(K, 3) uint8 colours: the dataset's own palette where it has one, else (the demo, unknown
     datasets, classes beyond the palette) :func:`generated_palette`."""
     colours = generated_palette(num_classes)
-    own = np.asarray(_described(dataset_config)[1], np.uint8).reshape(-1, 3)[:num_classes]
+    own = np.asarray(_described(dataset_config, num_classes)[1], np.uint8).reshape(-1, 3)[
+        :num_classes
+    ]
     colours[: len(own)] = own
     return colours
 
