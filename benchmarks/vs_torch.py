@@ -3,10 +3,13 @@
     python benchmarks/vs_torch.py                          # R-50 and R-101: forward 1x512x512, train step 2x256x256
     python benchmarks/vs_torch.py --models=r50 --repeats=5
     python benchmarks/vs_torch.py --tasks=forward --forward_size=256x256
+    python benchmarks/vs_torch.py --models=s101,hrnet48,vitl   # ResNeSt-101, HRNet-W48, ViT-L
 
-Needs the benchmark extra (``pip install -e '.[bench]'``: torch). The PyTorch side is
-``torch_mcibi.TorchMCIBI`` (a plain ``torch.nn`` network of the same layers; the reference
-package itself needs torchvision and CUDA-era pins); it loads our randomly initialised
+Needs the benchmark extra (``pip install -e '.[bench]'``: torch). Each model is its released
+recipe (``configs/cityscapes.py``; ViT-L, released only for ADE20k: ``configs/ade20k.py``). The
+PyTorch side is ``torch_mcibi.TorchMCIBI`` on a ``torch_backbones`` backbone (a plain ``torch.nn``
+network of the same layers; the reference package itself needs torchvision and CUDA-era pins),
+built from the same ``config.model``; it loads our randomly initialised
 variables through ``variables_to_state_dict``, and the forward logits of both sides are
 compared first (``max |diff|``) so that both compute the same function.
 
@@ -17,9 +20,10 @@ set once the weights and the batch are loaded (it includes our compilation). The
 "after warm-up" is the peak of the timed runs alone, against the same base: after the warm-up
 run each side gives its freed heap back to the OS (``release_free_host_memory``, as the
 training loop does after compiling) and the kernel's peak (VmHWM) is reset. The train
-step is SGD (momentum 0.9, weight decay 5e-4) on the weighted stage-1, stage-2 and
-auxiliary cross-entropies with the memory update: our ``make_train_step``, and the same
-loop written in PyTorch.
+step is the recipe's SGD (momentum 0.9; its weight decay and per-module rates: ViT-L's backbone
+at a tenth) on the weighted stage-1, stage-2 and auxiliary cross-entropies with the memory
+update: our ``make_train_step``, and the same loop written in PyTorch (constant lr: ours decays
+it by under 1e-4 over a few steps; no memory loss: ours adds it after the first epoch only).
 """
 
 from __future__ import annotations
@@ -42,11 +46,17 @@ sys.path.insert(
     0, str(REPO)
 )  # time the mcibi_jax of this checkout, wherever the package is installed
 
-MODELS = {"r50": 50, "r101": 101}
-TINY = dict(
-    base=8, channels=16, transform=8, aux_channels=16
-)  # --tiny: a narrow model for smoke tests
-FULL = dict(base=64, channels=512, transform=256, aux_channels=512)
+# name -> (recipe, row label)
+MODELS = {
+    "r50": ("cityscapes", "R-50"),
+    "r101": ("cityscapes", "R-101"),
+    "s101": ("cityscapes", "ResNeSt-101"),
+    "hrnet48": ("cityscapes", "HRNet-W48"),
+    "vitl": ("ade20k", "ViT-L"),
+}
+# --tiny: a narrow model for smoke tests (head widths; each backbone is narrowed in our_config)
+TINY = dict(base=8, channels=16, transform=8, aux_channels=16)
+TINY_VIT = dict(embed_dims=32, num_layers=4, num_heads=2, out_indices=(0, 1, 2, 3))
 
 
 def peak_rss() -> int:
@@ -76,24 +86,56 @@ def peak_rss_since_reset() -> int:
 # ----------------------------------------------------------------------------------------- our side
 
 
-def our_config(depth: int, widths: dict):
+def our_config(name: str, tiny: bool = False, dropout: bool = True):
+    """Our config of ``name`` (its released recipe); ``tiny``: narrow widths; ``dropout=False``:
+    no channel dropout in the heads (so that both sides' training losses can be compared)."""
     import mcibi_jax
 
-    config = mcibi_jax.load_config(str(REPO / "configs" / f"cityscapes.py:r{depth}"))
+    recipe = MODELS[name][0]
+    config = mcibi_jax.load_config(str(REPO / "configs" / f"{recipe}.py:{name}"))
     m = config.model
-    base = widths["base"]
-    with config.unlocked():  # backbone options the recipe leaves at the backbone's defaults
-        m.backbone.update(base_channels=base, stem_channels=base)
-    m.head.in_channels = base * 32
-    m.head.feats_channels = m.head.out_channels = widths["channels"]
-    m.head.transform_channels = widths["transform"]
-    m.auxiliary = [
-        {**dict(m.auxiliary[0]), "in_channels": base * 16, "out_channels": widths["aux_channels"]}
-    ]
+    if tiny:
+        widths = TINY
+        backbone = m.backbone
+        if backbone.type == "HRNet":
+            backbone.arch = "hrnetv2_tiny"
+            m.head.in_channels = aux_in = 4 + 8 + 16 + 32
+        elif backbone.type == "VisionTransformer":
+            backbone.update(TINY_VIT, img_size=(64, 64))
+            m.head.in_channels = aux_in = TINY_VIT["embed_dims"]
+            m.head.level_norm_channels = [TINY_VIT["embed_dims"]] * 4
+        else:
+            base = widths["base"]
+            stem = base * 2 if backbone.type == "ResNeSt" else base
+            with config.unlocked():  # options the recipe leaves at the backbone's defaults
+                backbone.update(base_channels=base, stem_channels=stem)
+            m.head.in_channels, aux_in = base * 32, base * 16
+        m.head.feats_channels = m.head.out_channels = widths["channels"]
+        m.head.transform_channels = widths["transform"]
+        m.auxiliary = [
+            {**dict(aux), "in_channels": aux_in, "out_channels": widths["aux_channels"]}
+            for aux in m.auxiliary
+        ]
+    if not dropout:
+        m.head.dropout = 0.0
+        m.auxiliary = [{**dict(aux), "dropout": 0.0} for aux in m.auxiliary]
     return config
 
 
-def make_weights(depth: int, widths: dict, path: Path, seed: int = 0) -> None:
+def torch_model_config(config) -> dict:
+    """``config.model`` as a plain dict for ``torch_mcibi.build_torch_mcibi``."""
+    import dataclasses
+
+    model = config.model.to_dict()
+    if model["backbone"]["type"] == "HRNet":
+        from mcibi_jax.models.backbones.hrnet import hrnet_stages
+
+        stages = hrnet_stages(model["backbone"]["arch"])
+        model["backbone"]["arch"] = [dataclasses.asdict(stage) for stage in stages]
+    return model
+
+
+def make_weights(config, path: Path, seed: int = 0) -> None:
     """Random variables of our model (non-trivial BatchNorm statistics and memory), saved as a state_dict."""
     import jax
     import jax.numpy as jnp
@@ -101,7 +143,6 @@ def make_weights(depth: int, widths: dict, path: Path, seed: int = 0) -> None:
     from mcibi_jax.models.segmentor import build_model
     from mcibi_jax.porting.convert import variables_to_state_dict
 
-    config = our_config(depth, widths)
     model = build_model(config.model)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(
         jax.random.key(seed, impl="rbg")
@@ -119,7 +160,7 @@ def make_weights(depth: int, widths: dict, path: Path, seed: int = 0) -> None:
 
 
 class OurSide:
-    def __init__(self, task: str, depth: int, widths: dict, weights: Path, batch: dict):
+    def __init__(self, task: str, config, weights: Path, batch: dict):
         import jax
         import jax.numpy as jnp
 
@@ -127,7 +168,6 @@ class OurSide:
         from mcibi_jax.porting.variables import variables_from_state_dict
 
         self.jax = jax
-        config = our_config(depth, widths)
         state = dict(np.load(weights))
         variables = variables_from_state_dict(state, config)
         model = build_model(config.model)
@@ -178,19 +218,12 @@ class OurSide:
 
 
 class TorchSide:
-    def __init__(self, task: str, depth: int, widths: dict, weights: Path, batch: dict):
+    def __init__(self, task: str, config, weights: Path, batch: dict):
         import torch
-        from torch_mcibi import TorchMCIBI, segmentation_loss
+        from torch_mcibi import build_torch_mcibi, segmentation_loss
 
         self.torch = torch
-        model = TorchMCIBI(
-            depth,
-            19,
-            widths["channels"],
-            widths["transform"],
-            widths["base"],
-            widths["aux_channels"],
-        )
+        model = build_torch_mcibi(torch_model_config(config))
         state = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
         model.load_state_dict(state, strict=True)
         del state
@@ -204,12 +237,20 @@ class TorchSide:
         else:
             model.train()
             labels = torch.from_numpy(batch["labels"].astype(np.int64))
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+            optimizer = torch.optim.SGD(param_groups(model, config.train.optimizer), momentum=0.9)
+            update = config.model.head.memory_update
+            lr = config.train.optimizer.lr
+            # the memory momentum of the first steps (ours follows the poly-decayed lr)
+            momentum = update.base_momentum * (
+                lr / update.base_lr if update.adjust_by_learning_rate else 1.0
+            )
+            ignore = int(config.dataset.ignore_label)
+            weights = config.model.loss_weights
 
             def call():
                 optimizer.zero_grad(set_to_none=True)
-                loss = segmentation_loss(model(images, labels, memory_momentum=0.9), labels)
+                outputs = model(images, labels, memory_momentum=momentum, ignore_label=ignore)
+                loss = segmentation_loss(outputs, labels, weights, ignore)
                 loss.backward()
                 optimizer.step()
                 return loss.detach()
@@ -220,14 +261,33 @@ class TorchSide:
         return self.call().numpy()
 
 
+def param_groups(model, optimizer) -> list[dict]:
+    """SGD groups of ``config.train.optimizer``: ``param_rules`` scale the lr and weight decay of
+    the top-level modules they name (ViT-L: the backbone at a tenth of the rate)."""
+    rules = optimizer.param_rules.to_dict() if optimizer.param_rules else {}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.split(".")[0] if name.split(".")[0] in rules else "", []).append(
+                p
+            )
+    return [
+        {
+            "params": params,
+            "lr": optimizer.lr * rules.get(top, {}).get("lr_multiplier", 1.0),
+            "weight_decay": optimizer.weight_decay * rules.get(top, {}).get("wd_multiplier", 1.0),
+        }
+        for top, params in groups.items()
+    ]
+
+
 def worker(args) -> None:
     """Sets one side up, then answers 'run' (one timed call) and 'done' (figures) on stdin."""
     from mcibi_jax.host_memory import release_free_host_memory
 
-    widths = TINY if args.tiny else FULL
     batch = dict(np.load(args.batch))
     side = (OurSide if args.worker == "ours" else TorchSide)(
-        args.task, args.depth, widths, Path(args.weights), batch
+        args.task, our_config(args.model, args.tiny), Path(args.weights), batch
     )
     base = current_rss()
     print("ready", flush=True)
@@ -256,14 +316,14 @@ def worker(args) -> None:
 
 class Worker:
     def __init__(
-        self, side: str, task: str, depth: int, files: dict, tiny: bool, threads: int | None
+        self, side: str, task: str, model: str, files: dict, tiny: bool, threads: int | None
     ):
         cmd = [
             sys.executable,
             __file__,
             f"--worker={side}",
             f"--task={task}",
-            f"--depth={depth}",
+            f"--model={model}",
             f"--weights={files['weights']}",
             f"--batch={files[task]}",
             f"--output={files['out_' + side]}",
@@ -305,31 +365,32 @@ class Worker:
 
 def compare(
     task: str,
-    depth: int,
+    name: str,
     size: tuple[int, int],
     batch_size: int,
     repeats: int,
     tiny: bool,
     tmp: Path,
 ) -> dict:
-    widths = TINY if tiny else FULL
+    config = our_config(name, tiny)
+    num_classes = config.model.num_classes
     rng = np.random.default_rng(0)
     files = {
-        "weights": tmp / f"weights{depth}.npz",
+        "weights": tmp / f"weights_{name}.npz",
         task: tmp / f"{task}.npz",
         "out_ours": tmp / "ours.npy",
         "out_torch": tmp / "torch.npy",
     }
     if not files["weights"].exists():
-        make_weights(depth, widths, files["weights"])
+        make_weights(config, files["weights"])
     np.savez(
         files[task],
         images=rng.standard_normal((batch_size, *size, 3), dtype=np.float32),
-        labels=rng.integers(0, 19, (batch_size, *size), dtype=np.int32),
+        labels=rng.integers(0, num_classes, (batch_size, *size), dtype=np.int32),
     )
     workers = {}
     for side in ("ours", "torch"):  # one side set up at a time: their set-up peaks do not overlap
-        workers[side] = Worker(side, task, depth, files, tiny, None)
+        workers[side] = Worker(side, task, name, files, tiny, None)
     times = {side: [] for side in workers}
     for _ in range(repeats + 1):  # the first (warm-up, compilation) run of each is dropped
         for side, w in workers.items():
@@ -337,7 +398,7 @@ def compare(
     growth = {side: w.finish() for side, w in workers.items()}
     result = {
         "task": task,
-        "model": f"R-{depth}",
+        "model": MODELS[name][1],
         "size": f"{batch_size}x{size[0]}x{size[1]}",
         **{f"{s}_s": float(np.median(t[1:])) for s, t in times.items()},
         **{f"{s}_{k}": v for s, g in growth.items() for k, v in g.items()},
@@ -380,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
-    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -416,16 +477,16 @@ def main(argv: list[str] | None = None) -> None:
                     if task == "forward"
                     else (args.train_size, args.train_batch)
                 )
-                r = compare(task, MODELS[name], size, batch, args.repeats, args.tiny, Path(tmp))
+                r = compare(task, name, size, batch, args.repeats, args.tiny, Path(tmp))
                 print(format_row(r), flush=True)
                 if task == "forward":
                     notes.append(
-                        f"R-{MODELS[name]} forward: max |ours - torch| = {r['max_abs_diff']:.2e} "
+                        f"{r['model']} forward: max |ours - torch| = {r['max_abs_diff']:.2e} "
                         f"(logits up to {r['max_abs_logit']:.2f})"
                     )
                 else:
                     notes.append(
-                        f"R-{MODELS[name]} train: loss after the timed steps ours {r['loss'][0]:.4f}, "
+                        f"{r['model']} train: loss after the timed steps ours {r['loss'][0]:.4f}, "
                         f"torch {r['loss'][1]:.4f}"
                     )
     print("\n".join(notes))
