@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 
@@ -169,6 +170,5 @@ def model_dtype(name: str) -> Any:
         raise ConfigError(
             f"dtype={name!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}"
         )
-    import jax.numpy as jnp
 
     return None if name == "float32" else jnp.bfloat16

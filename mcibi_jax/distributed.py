@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from jax._src import distributed as jax_distributed
 
 ENV_COORDINATOR = "MCIBI_COORDINATOR"
 ENV_NUM_PROCESSES = "MCIBI_NUM_PROCESSES"
@@ -216,7 +217,6 @@ _exiting = threading.Event()  # set at interpreter exit, before jax.distributed.
 
 
 def _client() -> Any:
-    from jax._src import distributed as jax_distributed
 
     return jax_distributed.global_state.client
 

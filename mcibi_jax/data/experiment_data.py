@@ -81,6 +81,7 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 def experiment_data(config: Mapping[str, Any]) -> ExperimentData:
     """The data of ``config.dataset``: the generated ``synthetic`` scenes, or a dataset on disk."""
+    # Imported here: both implementations import this module (their Batch and protocols).
     from mcibi_jax.data import synthetic
 
     if config["dataset"]["name"] == synthetic.NAME:

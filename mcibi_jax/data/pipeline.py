@@ -33,9 +33,11 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import cv2
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 
 from mcibi_jax.config import ConfigError
@@ -233,7 +235,6 @@ class _TrainElement:
 def _absl_flags_ready() -> None:
     # grain 0.2.18's multiprocessing reads an absl flag directly, which fails unless flags were
     # parsed (as absl.app.run does); outside such a program, use every flag's default
-    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -248,7 +249,6 @@ def _image_file(source: Any, index: int, sample: Mapping[str, Any]) -> str:
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
-    import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads only contend
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 
 def row_normalised(counts: Any) -> np.ndarray:
@@ -58,7 +59,6 @@ def _colour(values: np.ndarray) -> np.ndarray:
 def heatmap_image(counts: Any, class_names: Sequence[str] | None = None, cell: int | None = None):
     """A PIL image of the row-normalised matrix: one square per (ground truth, prediction) pair,
     darker = larger share; the class names label the rows and columns when there is room."""
-    from PIL import Image, ImageDraw, ImageFont
 
     shares = row_normalised(counts)
     k = shares.shape[0]

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mcibi_jax.config import ConfigError
 from mcibi_jax.evaluation.metrics import ConfusionMatrix, confusion_matrix, segmentation_metrics
@@ -109,7 +110,6 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
     """Sums an int64 array over the processes of a multi-host run (every process gets the sum)."""
     if jax.process_count() == 1:
         return counts
-    from jax.experimental import multihost_utils
 
     counts = np.asarray(counts, np.int64)
     # Without jax_enable_x64 the gather would cast to int32: send 31-bit halves.

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mcibi_jax.data.datasets import SPECS, DatasetSpec
 from mcibi_jax.evaluation.inference import WHOLE_IMAGE, check_inference_config, predict
@@ -77,7 +78,6 @@ def _palette(spec: DatasetSpec) -> list[int]:
 
 def save_prediction(path: str | os.PathLike, classes: Any, dataset: str) -> Path:
     """Writes one (H, W) prediction of class indices as ``dataset``'s raw-id PNG."""
-    from PIL import Image
 
     raw = to_raw_ids(classes, dataset)
     image = Image.fromarray(raw, mode="L")

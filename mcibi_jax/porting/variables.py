@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mcibi_jax.models.segmentor import MCIBI, build_model
@@ -60,7 +61,6 @@ def variables_from_pth(
 
 def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any]) -> Path:
     """Writes the variables as an orbax checkpoint (a fresh directory)."""
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
@@ -77,7 +77,6 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any]) -
 
 def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> dict:
     """Restores variables written by :func:`save_variables`, checked against ``config``'s model."""
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     if not directory.exists():

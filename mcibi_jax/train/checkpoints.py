@@ -30,8 +30,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mcibi_jax.config import ConfigError
+from mcibi_jax.porting.variables import save_variables
 from mcibi_jax.train.state import TrainState
 
 BEST = "best"  # WORKDIR/checkpoints/best: the variables of the best evaluation during training
@@ -197,8 +199,6 @@ def _first_line(error: BaseException) -> str:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -238,7 +238,6 @@ class BestCheckpoint:
     ) -> bool:
         """Makes ``variables`` the best if ``metrics[self.metric]`` beats the current best (no
         score, NaN or None as in results.json, never does); returns whether it did."""
-        from mcibi_jax.porting.variables import save_variables
 
         value = float("nan") if metrics[self.metric] is None else float(metrics[self.metric])
         current = self.record

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from mcibi_jax.train.writers import read_records
 
@@ -56,7 +57,6 @@ def _label(value: float) -> str:
 
 
 def _font(size: int):
-    from PIL import ImageFont
 
     try:
         return ImageFont.load_default(size=size)
@@ -117,7 +117,6 @@ def _panel(
 def draw_curves(records: Sequence[Mapping[str, Any]]) -> Any:
     """A PIL image of the curves of metrics.jsonl ``records`` (training lines carry ``loss*``
     and ``lr``; evaluation lines ``eval/mIoU``)."""
-    from PIL import Image, ImageDraw
 
     train = [r for r in records if r.get("loss") is not None and "step" in r]
     evaluations = [r for r in records if r.get("eval/mIoU") is not None and "step" in r]

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from absl import logging as absl_logging
 
-from mcibi_jax import distributed
+from mcibi_jax import distributed, pretrained
 from mcibi_jax.config import ConfigError, model_dtype
 from mcibi_jax.data.experiment_data import (
     DatasetUnavailable,
@@ -45,7 +46,10 @@ from mcibi_jax.evaluation.metrics import (
     segmentation_metrics,
     to_json,
 )
+from mcibi_jax.evaluation.submission import write_submission
 from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.porting.convert import PortError
+from mcibi_jax.porting.pth import PthError
 from mcibi_jax.porting.variables import load_variables, save_variables, variables_from_pth
 from mcibi_jax.progress import ProgressBar
 from mcibi_jax.sharding import data_mesh
@@ -124,9 +128,6 @@ def initial_variables(config: Mapping[str, Any], log: Log) -> dict[str, Any] | N
     source = str(config["train"]["init_from"])
     if not source:
         return None
-    from mcibi_jax import pretrained
-    from mcibi_jax.porting.convert import PortError
-    from mcibi_jax.porting.pth import PthError
 
     try:
         if source.startswith(pretrained.PREFIX):
@@ -392,7 +393,6 @@ def _write_submission(
 ) -> dict[str, Any]:
     """Writes the predictions of ``dataset.eval_set`` for the dataset's evaluation server; returns
     the ``submission`` section of results.json."""
-    from mcibi_jax.evaluation.submission import write_submission
 
     items, num_images = data.submission()
     name = config["dataset"]["name"]
@@ -522,7 +522,6 @@ def main(config: Any, workdir: str, mode: str) -> None:
     """The program ``python -m mcibi_jax.main``: :func:`run` on every process of the run, with
     signals saving a checkpoint; a user's mistake ends every process with one ``error:`` line
     (exit status 1), an interrupted training with 128 + the signal's number."""
-    from absl import logging as absl_logging
 
     # Our progress lines go to stdout; keep the libraries' (orbax's) INFO chatter out of them.
     if absl_logging.get_verbosity() == absl_logging.INFO:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 
 
 class TrainingInterrupted(Exception):
@@ -42,7 +44,6 @@ class TrainingInterrupted(Exception):
 
 
 def _jax_preemption_service() -> bool:
-    from jax._src import distributed as jax_distributed
 
     return jax_distributed.global_state.preemption_sync_manager is not None
 
@@ -79,8 +80,6 @@ class StopRequests:
     def reached(self, step: int) -> bool:
         """True at the step where every process stops (call it after every step on every host)."""
         if self._preemption:
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signal_name = self.signal_name or "SIGTERM"
                 return True
@@ -88,7 +87,6 @@ class StopRequests:
         if self._multi:  # JAX's preemption service is off: agree every check_every steps
             if step % self._check_every:
                 return False
-            from jax.experimental import multihost_utils
 
             votes = multihost_utils.process_allgather(np.int32(self.requested))
             if np.any(votes):

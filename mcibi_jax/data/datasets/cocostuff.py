@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat
 
 from .core import CorruptSample, DatasetSpec, Sample, read_id_list, require_dir
 
@@ -395,7 +396,6 @@ LAYOUT = (
 
 def read_mat_label(path: str, sample_id: str | None = None) -> np.ndarray:
     """The label map ``S`` of a COCO-Stuff ``.mat`` annotation, as a (H, W) array."""
-    from scipy.io import loadmat
 
     try:
         content = loadmat(path, variable_names=["S"])

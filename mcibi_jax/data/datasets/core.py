@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 IGNORE_LABEL = -100  # what the losses and metrics of this project skip
 _INVALID = np.iinfo(np.int32).min  # marks raw ids that have no entry in a mapping
@@ -141,7 +142,6 @@ def decode_with_pil(
     a mode outside ``modes`` (``bad_mode`` formatted with ``mode``), a missing file ("``what``
     file is missing") or anything PIL raises ("``cannot``: error"). ``convert``: the mode to
     convert to first."""
-    from PIL import Image
 
     try:
         with Image.open(path) as image:
