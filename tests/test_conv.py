@@ -111,6 +111,32 @@ def test_conv2d_any_route_matches_lax(groups, dilation):
     )
 
 
+@pytest.mark.parametrize("strides,dilation", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (2, 2))])
+def test_grouped_conv_equals_xla_grouped_conv_with_gradients(strides, dilation):
+    """On CPU a grouped conv runs as one conv per group (ResNeSt's radix-2 convs)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 10, 11, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
+    padding = tuple((d, d) for d in dilation)
+
+    def loss(conv):
+        def f(a, b):
+            y = conv(a, b)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (_, ours), ours_grads = loss(lambda a, b: conv2d(a, b, strides, padding, dilation, groups=3))(
+        x, kernel
+    )
+    (_, want), want_grads = loss(lambda a, b: reference_conv(a, b, strides, padding, dilation, 3))(
+        x, kernel
+    )
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours_grads, want_grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_conv_module_has_nn_conv_parameters_and_initialisation():
     x = jnp.ones((1, 6, 6, 4))
     kwargs = dict(
