@@ -47,6 +47,7 @@ from mcibi_jax.evaluation.tta import tta_scores
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.pth import PthError
 from mcibi_jax.predict import (
+    CONFIG_HELP,
     WEIGHT_FLAGS,
     check_config,
     define_weight_flags,
@@ -259,8 +260,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
     command = CommandLine(
         "python -m mcibi_jax.export",
         __doc__,
-        config="config file and argument, e.g. configs/ade20k.py:r50 "
-        "(default with --pretrained: the release's own)",
+        config=CONFIG_HELP,
     )
     fv = command.flags
     define_weight_flags(fv)

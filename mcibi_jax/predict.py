@@ -49,6 +49,11 @@ from mcibi_jax.train.checkpoints import BEST, latest_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 OUTPUT_SUFFIXES = ("_mask.png", "_labels.png", "_overlay.jpg")
+# --config of the commands that also take --pretrained (predict, serve, export).
+CONFIG_HELP = (
+    "config file and argument, e.g. configs/ade20k.py:r50 (default with --pretrained: the "
+    "release's own)"
+)
 
 
 def overlay_background(
@@ -219,8 +224,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
     command = CommandLine(
         "python -m mcibi_jax.predict",
         __doc__,
-        config="config file and argument, e.g. configs/ade20k.py:r50 "
-        "(default with --pretrained: the release's own)",
+        config=CONFIG_HELP,
     )
     fv = command.flags
     define_weight_flags(fv)

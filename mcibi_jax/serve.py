@@ -59,6 +59,7 @@ from mcibi_jax.evaluation.inference import evaluation_options
 from mcibi_jax.porting.convert import PortError
 from mcibi_jax.porting.pth import PthError
 from mcibi_jax.predict import (
+    CONFIG_HELP,
     WEIGHT_FLAGS,
     blend,
     check_config,
@@ -358,8 +359,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
     command = CommandLine(
         "python -m mcibi_jax.serve",
         __doc__,
-        config="config file and argument, e.g. configs/ade20k.py:r50 "
-        "(default with --pretrained: the release's own)",
+        config=CONFIG_HELP,
     )
     fv = command.flags
     define_weight_flags(fv)
