@@ -180,10 +180,10 @@ class CommandLine:
             if spec is None:
                 alternative = "; it may be left out with --pretrained" if pretrained_config else ""
                 raise UsageError(f"--config is required{alternative} (see {self.program} --help)")
-            if spec is not None:  # a broken file or an unknown key: our one line, not a traceback
-                config = load_config(spec)
-                for key in override_keys(argv):
-                    parent_of(config, key)
+            # a broken file or an unknown key: our one line, not a traceback
+            config = load_config(spec)
+            for key in override_keys(argv):
+                parent_of(config, key)
         argv = [self.program, *argv]
         self._config_argv[:] = argv
         rest = self.flags(argv)[1:]
