@@ -50,7 +50,7 @@ from mcibi_jax.data.experiment_data import (
 )
 from mcibi_jax.data.transforms import (
     eval_transform,
-    resized_shape,
+    test_shape,
     train_transform,
 )
 from mcibi_jax.sharding import global_batch
@@ -235,7 +235,6 @@ class _TrainElement:
 def _absl_flags_ready() -> None:
     # grain 0.2.18's multiprocessing reads an absl flag directly, which fails unless flags were
     # parsed (as absl.app.run does); outside such a program, use every flag's default
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -249,7 +248,6 @@ def _image_file(source: Any, index: int, sample: Mapping[str, Any]) -> str:
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
-
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads only contend
 
 
@@ -536,9 +534,8 @@ class EvalLoader:
         self.num_workers, self.num_threads = num_workers, num_threads
         self._element = _EvalElement(source, dataset_config, shard_index, shard_count)
         ignore = int(dataset_config["ignore_label"])
-        test = dataset_config["test"]
-        side = min(_pair(test["output_size"]))
-        h, w = resized_shape((side, side), _pair(test["output_size"]), bool(test["keep_ratio"]))
+        side = min(_pair(dataset_config["test"]["output_size"]))
+        h, w = test_shape(dataset_config, (side, side))
         self._placeholder = (h, w, ignore)
 
     def __len__(self) -> int:
