@@ -1,4 +1,5 @@
-"""The per-tap matmul convolution (models/conv.py) computes lax.conv's numbers, values and gradients."""
+"""The CPU routes of models/conv.py (per-tap matmuls, matmul gradients, one conv per group)
+compute lax.conv's numbers, values and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcibi_jax.models.conv import Conv, axis_taps, conv2d, tap_conv, use_tap_matmuls
+from mcibi_jax.models.conv import (
+    MIN_TAP_GRAD_CHANNELS,
+    Conv,
+    axis_taps,
+    conv2d,
+    matmul_grad_conv,
+    tap_conv,
+    use_matmul_grads,
+    use_tap_matmuls,
+)
 
 
 def reference_conv(x, kernel, strides, padding, dilation, groups=1):
@@ -62,6 +72,40 @@ def test_tap_conv_matches_lax_conv_values_and_gradients(h, w, c, o, k, s, d, p):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+# (H, W, C, O, kernel, stride, dilation, padding): 1x1 convs (input gradient as a matmul when
+# stride 1), k x k ones with few input channels (XLA's kernel gradient) and with many (taps).
+MATMUL_GRAD_CASES = [
+    (9, 7, 6, 5, 1, 1, 1, 0),
+    (9, 7, 6, 5, 1, 2, 1, 0),
+    (9, 7, 6, 5, 3, 1, 1, 1),
+    (6, 5, MIN_TAP_GRAD_CHANNELS, 4, 3, 1, 1, 1),
+    (7, 6, MIN_TAP_GRAD_CHANNELS, 4, 3, 2, 1, 1),
+    (9, 8, MIN_TAP_GRAD_CHANNELS, 4, 3, 1, 2, 2),
+    (9, 8, MIN_TAP_GRAD_CHANNELS, 4, 1, 1, 1, 0),
+]
+
+
+@pytest.mark.parametrize("h,w,c,o,k,s,d,p", MATMUL_GRAD_CASES)
+def test_matmul_grad_conv_matches_lax_conv_values_and_gradients(h, w, c, o, k, s, d, p):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, h, w, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+    args = ((s, s), ((p, p), (p, p)), (d, d))
+
+    @jax.jit
+    def loss_and_grads(a, b):
+        def loss(conv):
+            return lambda a, b: jnp.sum(jnp.sin(conv(a, b, *args)))
+
+        got = jax.value_and_grad(loss(matmul_grad_conv), argnums=(0, 1))(a, b)
+        want = jax.value_and_grad(loss(reference_conv), argnums=(0, 1))(a, b)
+        return jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+
+    for got, want in zip(*loss_and_grads(x, kernel)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_tap_conv_is_exact_in_float64():
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):
@@ -97,6 +141,9 @@ def test_dispatch_rule():
     )
     assert not use_tap_matmuls(x, jnp.bfloat16, (1, 1, 64, 8), *one, 1)
     assert not use_tap_matmuls(x, jnp.float32, (1, 1, 32, 8), *one, 2)
+    assert use_matmul_grads(jnp.float32, 1) == cpu
+    assert not use_matmul_grads(jnp.bfloat16, 1)
+    assert not use_matmul_grads(jnp.float32, 2)
 
 
 @pytest.mark.parametrize("groups,dilation", [(1, 12), (4, 2)])

@@ -82,4 +82,6 @@ def test_torch_baseline_computes_our_function(name, tmp_path):
     our_loss = vs_torch.OurSide("train", config, weights, batch).run()
     their_loss = vs_torch.TorchSide("train", config, weights, batch).run()
     assert np.isfinite(our_loss)
-    np.testing.assert_allclose(our_loss, their_loss, rtol=1e-4)
+    # Training-mode BatchNorm over 2x4x4 pixels at the deepest stage amplifies float32 rounding:
+    # ResNeSt's loss has differed by 1.1e-4 (relative) on an AVX-512 machine.
+    np.testing.assert_allclose(our_loss, their_loss, rtol=5e-4)
