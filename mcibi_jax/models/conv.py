@@ -218,14 +218,20 @@ def _tap_kernel_grad(x, kernel_shape, grad, strides, padding, dilation):
     _, _, taps = _plan(x.shape, kernel_shape, strides, padding, dilation)
     grad_kernel = jnp.zeros(kernel_shape, x.dtype)
     for r, c in taps:
-        tap_grad = jnp.einsum(
-            "nhwc,nhwo->co",
-            _input_window(x, r, c, strides),
-            _output_window(grad, r, c),
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        window, grad_window = _input_window(x, r, c, strides), _output_window(grad, r, c)
+        # XLA:CPU copies the dot's left operand into (channels, pixels) order: give it the
+        # narrower one (measured: 3x3 2560->512 933 -> 572 ms, 1x1 512->2048 115 -> 54 ms).
+        if kernel_shape[2] >= kernel_shape[3]:
+            tap_grad = _pixel_dot(grad_window, window).T
+        else:
+            tap_grad = _pixel_dot(window, grad_window)
         grad_kernel = grad_kernel.at[r.index, c.index].add(tap_grad)
     return grad_kernel
+
+
+def _pixel_dot(a: Array, b: Array) -> Array:
+    """(N, H, W, A), (N, H, W, B) -> (A, B), summed over the pixels."""
+    return jnp.einsum("nhwa,nhwb->ab", a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _tap_input_grad(x_shape, kernel, grad, strides, padding, dilation):
