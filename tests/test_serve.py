@@ -175,7 +175,7 @@ def test_python_m_serve_starts_answers_and_stops(segmenter, tmp_path):
     import sys
 
     save_variables(tmp_path / "ckpt", segmenter.variables)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -204,7 +204,13 @@ def test_python_m_serve_starts_answers_and_stops(segmenter, tmp_path):
         assert status == 200 and np.asarray(Image.open(io.BytesIO(body))).shape == (16, 24)
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            # Once seen under full load: say where every thread of the server is (faulthandler).
+            process.send_signal(signal.SIGABRT)
+            out, err = process.communicate(timeout=60)
+            pytest.fail(f"the server did not stop within 120 s of Ctrl-C:\n{out}\n{err[-6000:]}")
     assert process.returncode == 0 and "stopped" in out, err
 
 
