@@ -122,9 +122,8 @@ class SegmentationService:
         self.class_names = class_names(dataset, self.num_classes)
         self.background = overlay_background(background, dataset, self.num_classes)
         self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
-        self._lock = (
-            threading.Lock()
-        )  # one image at a time: bounded memory, no duplicate compilations
+        # one image at a time: bounded memory, no duplicate compilations
+        self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         classes = [
