@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import sys
 import threading
 import time
@@ -389,6 +390,19 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
     return command
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop the server, also where its parent started it with them
+    ignored or blocked (a background job of a shell script; under some test runners Ctrl-C was
+    silently ignored)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupt)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     command = parse_command_line(argv)
     fv = command.flags
@@ -405,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     print(
         f"serving {service.name} ({service.num_classes} classes) on http://{shown}:{port}/ "
-        f"(POST images to /api/segment); Ctrl-C stops",
+        f"(POST images to /api/segment); Ctrl-C or SIGTERM stops",
         flush=True,
     )
+    stop_on_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
