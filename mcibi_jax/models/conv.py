@@ -285,8 +285,9 @@ def matmul_grad_conv(x: Array, kernel: Array, strides, padding, dilation, precis
     (1x1 kernels, or k x k ones with at least ``MIN_TAP_GRAD_CHANNELS`` input channels) and a
     1x1 stride-1 conv's input gradient as one matmul; the rest of it is XLA's.
 
-    Measured on XLA:CPU (2-core Xeon, R-50's train-step shapes): the kernel gradient of a 1x1
-    2048->512 conv 482 -> 94 ms, of a 3x3 2560->512 one 1903 -> 1020 ms.
+    Measured on XLA:CPU (2-core Xeon, R-50's train-step shapes, the input an elementwise
+    function of another array as in the network): the kernel gradient of a 1x1 2048->512 conv
+    364 -> 49 ms, of a 3x3 2560->512 one 1644 -> 572 ms (docs/benchmarks.md).
     """
     return xla_conv(x, kernel, strides, padding, dilation, precision=precision)
 
