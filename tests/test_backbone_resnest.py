@@ -53,13 +53,15 @@ def test_released_key_layout(key_file: Path, released_layout) -> None:
 
 
 def test_small_output_shapes() -> None:
+    # Shapes only (jax.eval_shape: nothing runs); the fixtures check values and statistics.
     model = ResNeSt(depth=50, base_channels=4, stem_channels=8, outstride=8)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 35, 42, 3))
-    variables = jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(1), x, False)
-    before = flatten_dict(variables["batch_stats"])
+    x = jax.ShapeDtypeStruct((2, 35, 42, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(1), x, False), x)
     for train in (False, True):
-        outs, updates = jax.jit(model.apply, static_argnums=2, static_argnames="mutable")(
-            variables, x, train, mutable=("batch_stats",)
+        outs, updates = jax.eval_shape(
+            lambda v, x, train=train: model.apply(v, x, train, mutable=("batch_stats",)),
+            variables,
+            x,
         )
         # stem /2 -> 18x21, max-pool /2 -> 9x11, layer2 /2 (ceil) -> 5x6, then dilated
         assert [o.shape for o in outs] == [
@@ -68,10 +70,9 @@ def test_small_output_shapes() -> None:
             (2, 5, 6, 64),
             (2, 5, 6, 128),
         ]
-        assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
-        after = flatten_dict(updates["batch_stats"])
-        changed = any(bool(jnp.any(before[k] != after[k])) for k in before)
-        assert changed == train
+        assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+            variables["batch_stats"]
+        )
 
 
 def test_out_indices_and_output_stride_16() -> None:

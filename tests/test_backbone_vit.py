@@ -93,7 +93,9 @@ def test_output_shapes(size, train):
 
 def test_forward_runs_with_pos_embed_resizing():
     model = VisionTransformer(**TINY)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), False)
+    variables = jax.jit(model.init, static_argnums=2)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), False
+    )
     x = jnp.asarray(np.random.RandomState(0).randn(2, 70, 90, 3), jnp.float32)
     outputs = jax.jit(model.apply, static_argnums=2)(variables, x, False)
     assert [o.shape for o in outputs] == [(2, 5, 6, 32)] * 4

@@ -1,6 +1,6 @@
-"""Two processes on localhost, reading a dataset in ADE20K's layout: killed after a checkpoint,
-preempted (SIGTERM on one host), failing on one host, each rerun resumes, and the run ends
-with the losses of an uninterrupted one (each host restores its own input-pipeline state)."""
+"""Two processes on localhost, reading a dataset in ADE20K's layout: preempted (SIGTERM on one
+host) after a periodic checkpoint, failing on one host, the rerun resumes, and the run ends with
+the losses of an uninterrupted one (each host restores its own input-pipeline state)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.helpers import MainRun, free_port, write_ade20k
 
-STEPS = 12  # one step per epoch (2 training images, batch 2); a checkpoint every 3
+STEPS = 15  # one step per epoch (2 training images, batch 2); a checkpoint every 3
 
 CONFIG = textwrap.dedent("""
     from tests.helpers import tiny_ade20k_config
@@ -67,7 +67,7 @@ def _wait_until(condition, timeout: float, what: str, runs: list[MainRun]) -> No
         time.sleep(0.1)
 
 
-def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path):
+def test_two_processes_resume_after_preemption_and_a_failing_host(tmp_path):
     write_ade20k(tmp_path / "ade")
     config = tmp_path / "tiny_ade.py"
     config.write_text(CONFIG.format(root=str(tmp_path / "ade"), steps=STEPS))
@@ -77,26 +77,32 @@ def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path)
     )  # 1 process x 2 devices: the same global batches
     assert _finish(reference) == [0], reference[0].output[-3000:]
 
+    # After the first periodic checkpoint, SIGTERM on process 1 alone (a preemption notice) stops
+    # both hosts at one step, each saving its input-pipeline state. (A SIGKILL in the middle of a
+    # save is tests/test_checkpoint_saves.py's.)
     work = tmp_path / "w"
     runs = _start(config, work, processes=2)
     _wait_until(lambda: (work / "train_state" / "3").is_dir(), 600, "first checkpoint", runs)
-    for run in runs:
-        run.proc.send_signal(signal.SIGKILL)
-    _finish(runs)
-    saved = sorted(int(p.name) for p in (work / "train_state").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] < STEPS
-    data = work / "train_state" / str(saved[-1]) / "data"
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data.iterdir()}
+    runs[1].proc.send_signal(signal.SIGTERM)
+    codes = _finish(runs)
+    combined = "".join(run.output for run in runs)
+    assert codes == [128 + signal.SIGTERM] * 2, combined[-3000:]
+    stopped = runs[0].wait_for(rf"^stopped by SIGTERM at step \d+/{STEPS}; saved ")
+    assert "Resume with the same command on every host" in stopped and "Traceback" not in combined
+    step = int(stopped.split("at step ")[1].split("/")[0])
+    assert 3 <= step < STEPS
+    for saved in {3, step} & {
+        int(p.name) for p in (work / "train_state").iterdir() if p.name.isdigit()
+    }:
+        data = work / "train_state" / str(saved) / "data"
+        assert {"process_0-of-2.json", "process_1-of-2.json"} <= {p.name for p in data.iterdir()}
+    assert (work / "train_state" / str(step)).is_dir()
 
     # A host that cannot resume (here: process 1's data state belongs to another host) stops both at once.
     broken = tmp_path / "broken"
     shutil.copytree(work, broken)
-    state = json.loads(
-        (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").read_text()
-    )
-    (broken / "train_state" / str(saved[-1]) / "data" / "process_1-of-2.json").write_text(
-        json.dumps({**state, "shard_index": 0})
-    )
+    state_file = broken / "train_state" / str(step) / "data" / "process_1-of-2.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "shard_index": 0}))
     runs = _start(config, broken, processes=2)
     codes = _finish(runs, timeout=120)
     combined = "".join(run.output for run in runs)
@@ -105,20 +111,7 @@ def test_two_processes_resume_after_kill_preemption_and_a_failing_host(tmp_path)
     assert len(errors) == 1 and "shard_index: saved 0, now 1" in errors[0], combined[-3000:]
     assert "Traceback" not in combined
 
-    # The rerun resumes; SIGTERM on process 1 alone (a preemption notice) stops both at one step.
-    runs = _start(config, work, processes=2)
-    runs[0].wait_for(rf"resuming from .* at step {saved[-1]}\b")
-    runs[0].wait_for(r"^step \d+ compiled")
-    runs[1].proc.send_signal(signal.SIGTERM)
-    codes = _finish(runs)
-    combined = "".join(run.output for run in runs)
-    assert codes == [128 + signal.SIGTERM] * 2, combined[-3000:]
-    stopped = runs[0].wait_for(r"^stopped by SIGTERM at step \d+/12; saved ")
-    assert "Resume with the same command on every host" in stopped and "Traceback" not in combined
-    step = int(stopped.split("at step ")[1].split("/")[0])
-    assert saved[-1] < step < STEPS
-    assert (work / "train_state" / str(step) / "data" / "process_1-of-2.json").exists()
-
+    # The rerun resumes on both hosts and ends with the losses of the uninterrupted run.
     runs = _start(config, work, processes=2)
     assert _finish(runs) == [0, 0], "\n----\n".join(run.output[-3000:] for run in runs)
     assert f"at step {step} " in runs[0].output

@@ -3,6 +3,7 @@ BatchNorm statistics of every backbone are those without it."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mcibi_jax.config import load_config
-from mcibi_jax.models.backbones import build_backbone, resnest, resnet
+from mcibi_jax.models.backbones import build_backbone, hrnet, resnest, resnet
 from mcibi_jax.recipes import BACKBONES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +45,16 @@ TINY = {
     },
 }
 # Fewer blocks per stage (quicker compiles); the last stage keeps two, so blocks without a
-# projection are rematerialised too.
+# projection are rematerialised too. HRNet: one module per stage (the branches and fuse layers
+# are the same as in the fixtures' two).
 FEWER_BLOCKS = {
     "ResNet": (resnet.ARCH_SETTINGS, 18, ("basic", (1, 1, 1, 2))),
     "ResNeSt": (resnest.ARCH_SETTINGS, 50, (1, 1, 1, 2)),
+    "HRNet": (
+        hrnet.ARCH_SETTINGS,
+        "hrnetv2_tiny",
+        tuple(dataclasses.replace(s, num_modules=1) for s in hrnet.ARCH_SETTINGS["hrnetv2_tiny"]),
+    ),
 }
 
 

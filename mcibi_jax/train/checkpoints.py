@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store  # pinned: orbax <0.13
 
 from mcibi_jax.config import ConfigError
 from mcibi_jax.porting.variables import save_variables
@@ -123,6 +125,36 @@ class DataStateMismatch(ValueError):
     """A checkpoint's data state does not belong to this run's processes or pipeline."""
 
 
+# Replicated arrays (the whole train state under data parallelism) are written by their
+# replicas together, each a slice, only where a slice holds at least this many bytes: slicing
+# a small array costs a dispatched (and, per new shape, compiled) op on its device for no gain
+# in write speed. Measured, ResNet-18-like train state of 390 arrays on 2 CPU devices: the
+# first save held the step for 5.3 s (0.22 s with this threshold), later ones 0.56 s (0.25 s).
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's handler of the train state with its standard type handlers (its own registry,
+    leaving orbax's global one alone), arrays with :data:`REPLICA_PARALLEL_MIN_BYTES`."""
+    scalars = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalars),
+        (float, scalars),
+        (bytes, scalars),
+        (np.number, scalars),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(
+                array_metadata_store=array_metadata_store.Store(),
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+            ),
+        ),
+        (str, ocp.type_handlers.StringHandler()),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class TrainCheckpoints:
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -135,6 +167,7 @@ class TrainCheckpoints:
                 cleanup_tmp_directories=True,
             ),
             item_names=("state", "data"),
+            item_handlers={"state": _state_handler(), "data": ProcessDataHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -150,7 +183,7 @@ class TrainCheckpoints:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ProcessDataSave(data_state or {})
+                state=ocp.args.PyTreeSave(state), data=ProcessDataSave(data_state or {})
             ),
         )
         return self.step_directory(step)
@@ -170,7 +203,10 @@ class TrainCheckpoints:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(like), data=ProcessDataRestore()
+                    state=ocp.args.PyTreeRestore(
+                        like, restore_args=ocp.checkpoint_utils.construct_restore_args(like)
+                    ),
+                    data=ProcessDataRestore(),
                 ),
             )
         except DataStateMismatch as error:
