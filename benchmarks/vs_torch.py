@@ -42,9 +42,8 @@ import numpy as np
 from benchmark_args import parse_size
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(
-    0, str(REPO)
-)  # time the mcibi_jax of this checkout, wherever the package is installed
+# time the mcibi_jax of this checkout, wherever the package is installed
+sys.path.insert(0, str(REPO))
 
 # name -> (recipe, row label)
 MODELS = {

@@ -115,9 +115,8 @@ def _resize_uint8(images: jax.Array, size: tuple[int, int]) -> jax.Array:
     x0, x1, a0, a1 = _opencv_taps(width, size[1], clip_weights=True)
     y0, y1, b0, b1 = _opencv_taps(height, size[0], clip_weights=False)
     pixels = images.astype(jnp.int32)
-    rows = (
-        pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]
-    )  # (N, H, w, C), < 2 ** 20
+    # (N, H, w, C), < 2 ** 20
+    rows = pixels[:, :, x0] * a0[:, None] + pixels[:, :, x1] * a1[:, None]
     top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
     mixed = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
     return jnp.clip((mixed + 2) >> 2, 0, 255).astype(jnp.uint8)

@@ -353,9 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     num_classes = int(config["model"]["num_classes"])
     palette = dataset_palette(config.get("dataset"), num_classes)
-    background = overlay_background(
-        fv.overlay_background, config.get("dataset"), num_classes
-    )  # checked in _prepare
+    # checked in _prepare
+    background = overlay_background(fv.overlay_background, config.get("dataset"), num_classes)
     stems = output_stems(images, root)
     out(f"{len(images)} image(s) from {fv.input} -> {output}; inference: {_describe(settings)}")
     done, skipped, failed = 0, [], []

@@ -82,9 +82,8 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
     )
     backbone = dict(ref["backbone"])
     backbone.pop("pretrained", None)
-    backbone.setdefault(
-        "remat", False
-    )  # ours: activation rematerialisation, off as in the reference
+    # ours: activation rematerialisation, off as in the reference
+    backbone.setdefault("remat", False)
     return ml_collections.ConfigDict(
         {
             "num_classes": ref["num_classes"],

@@ -76,9 +76,8 @@ from mcibi_jax.pretrained import PretrainedError
 FORMATS = ("json", "labels", "mask", "overlay")
 DEFAULT_MAX_MB = 20.0
 DEFAULT_MAX_PIXELS = 4096 * 4096
-_DRAIN_LIMIT = (
-    256 << 20
-)  # an oversized body up to this is read and dropped, so the client sees the 413
+# an oversized body up to this is read and dropped, so the client sees the 413
+_DRAIN_LIMIT = 256 << 20
 
 
 class BadUpload(ValueError):

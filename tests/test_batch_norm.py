@@ -48,9 +48,8 @@ def test_float32_stays_near_float64(shape, offset, spread):
     split attention): float32 outputs and gradients keep their digits. Before the input was centred
     first, ``x * m - mean * m`` lost three of them to cancellation."""
     rng = np.random.default_rng(1)
-    x = (offset + spread * rng.normal(size=shape)).astype(
-        np.float32
-    )  # both runs see the same input
+    # both runs see the same input
+    x = (offset + spread * rng.normal(size=shape)).astype(np.float32)
     scale, bias = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
     dy = rng.normal(size=shape)
 

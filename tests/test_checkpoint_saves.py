@@ -41,15 +41,13 @@ def test_save_returns_before_the_files_are_written(tmp_path, monkeypatch, caplog
     try:
         started = time.monotonic()
         path = saves.save(_state(1), {"position": 7})
-        assert (
-            time.monotonic() - started < 20 and not release.is_set()
-        )  # training goes on meanwhile
+        # training goes on meanwhile
+        assert time.monotonic() - started < 20 and not release.is_set()
         assert not (tmp_path / "train_state" / "1").exists()  # not final yet
         threading.Timer(1.5, release.set).start()
         with caplog.at_level(logging.WARNING):
-            saves.save(
-                _state(2), {"position": 9}
-            )  # waits for the first one, without orbax's warning
+            # waits for the first one, without orbax's warning
+            saves.save(_state(2), {"position": 9})
             saves.save(_state(3), {"position": 11})
         saves.wait()
         assert not [r for r in caplog.records if "Waiting for previous save" in r.getMessage()]

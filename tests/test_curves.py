@@ -37,9 +37,10 @@ def _panel(image: Image.Image, index: int) -> np.ndarray:
 
 
 def test_curves_show_loss_lr_and_miou(tmp_path):
+    # cut line
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in _records()) + '{"step": 3'
-    )  # cut line
+    )
     path = curves.write_curves(tmp_path)
     assert path == tmp_path / "curves.png" and not list(tmp_path.glob(".*tmp"))
     image = Image.open(path)

@@ -31,13 +31,13 @@ IGNORE = -100
 CLASSES = ["background", "road", "car", "person"]
 
 # Masks in raster order (255 = unlabelled), chosen so the class counts are easy to check by hand.
+# 4x6: class 0: 8, 1: 8, 2: 4, ignore: 4
 MASK_A = np.array(
     [[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1], [2, 2, 255, 255, 1, 1], [2, 2, 255, 255, 1, 1]],
     dtype=np.uint8,
-)  # 4x6: class 0: 8, 1: 8, 2: 4, ignore: 4
-MASK_B = np.array(
-    [[1, 1, 1, 3, 3], [1, 1, 1, 3, 3], [1, 1, 1, 255, 255]], dtype=np.uint8
-)  # 3x5: class 1: 9, 3: 4, ignore: 2
+)
+# 3x5: class 1: 9, 3: 4, ignore: 2
+MASK_B = np.array([[1, 1, 1, 3, 3], [1, 1, 1, 3, 3], [1, 1, 1, 255, 255]], dtype=np.uint8)
 MASK_C = np.zeros((5, 4), dtype=np.uint8)  # 5x4: class 0: 20
 MASK_V = np.full((4, 4), 3, dtype=np.uint8)
 
@@ -252,9 +252,8 @@ def test_inspect_clean_set(tmp_path):
 def test_inspect_broken_set(tmp_path):
     write_custom(tmp_path)
     (tmp_path / "masks" / "b.png").unlink()  # missing mask
-    Image.fromarray(np.zeros((4, 7), np.uint8), mode="L").save(
-        tmp_path / "masks" / "c.png"
-    )  # image is 5x4
+    # image is 5x4
+    Image.fromarray(np.zeros((4, 7), np.uint8), mode="L").save(tmp_path / "masks" / "c.png")
     mask = MASK_A.copy()
     mask[0, 0] = 9  # 9 with 4 classes
     Image.fromarray(mask, mode="L").save(tmp_path / "masks" / "a.png")

@@ -129,9 +129,8 @@ def test_cityscapes_sets(cityscapes_root):
 
 def test_cityscapes_list_files(tmp_path):
     ids = write_cityscapes(tmp_path, lists=True)
-    (tmp_path / "val.txt").write_text(
-        f"\n{ids['val'][0]}  \n\n"
-    )  # blank lines and spaces are ignored
+    # blank lines and spaces are ignored
+    (tmp_path / "val.txt").write_text(f"\n{ids['val'][0]}  \n\n")
     for split in ("train", "val", "trainval"):
         source = build_source(config("cityscapes", tmp_path), split)
         assert [s.id for s in source.samples] == ids[split]
@@ -193,9 +192,8 @@ def test_ade20k_every_label_id_and_sets(tmp_path):
     np.testing.assert_array_equal(sample["label"].reshape(-1)[:151], expected)
     image_file = tmp_path / "ADEChallengeData2016/images/training/ADE_train_00000001.jpg"
     np.testing.assert_array_equal(sample["image"], np.array(Image.open(image_file).convert("RGB")))
-    val = build_source(
-        config("ade20k", tmp_path / "ADEChallengeData2016"), "val"
-    )  # root may be the folder itself
+    # root may be the folder itself
+    val = build_source(config("ade20k", tmp_path / "ADEChallengeData2016"), "val")
     assert len(val) == 1 and val[0]["label"].shape == (9, 6)
     assert source.palette.shape == (150, 3) and len(source.class_names) == 150
 
@@ -273,9 +271,8 @@ def test_cocostuff_every_label_id_and_sets(tmp_path):
             _check_sample(source[i], 182)
     sample = build_source(config("cocostuff10k", tmp_path), "train")[0]
     assert sample["image"].shape == (14, 14, 3)
-    expected = np.concatenate(
-        [[IGNORE], np.arange(182), [IGNORE]]
-    )  # 0 -> ignore, k -> k-1, 255 -> ignore
+    # 0 -> ignore, k -> k-1, 255 -> ignore
+    expected = np.concatenate([[IGNORE], np.arange(182), [IGNORE]])
     np.testing.assert_array_equal(sample["label"].reshape(-1)[:184], expected)
 
 
@@ -308,9 +305,8 @@ def test_cocostuff_bad_inputs(tmp_path):
     scipy_io.savemat(mat, {"S": np.full((7, 6), 1000, np.uint16)})
     with pytest.raises(CorruptSample, match=r"\{1000\} are not in the cocostuff10k mapping"):
         build_source(config("cocostuff10k", tmp_path), "test")[0]
-    doubles = (
-        np.arange(42, dtype=np.float64).reshape(7, 6) * 4 + 1
-    )  # MATLAB's default type: 1, 5, ..., 165
+    # MATLAB's default type: 1, 5, ..., 165
+    doubles = np.arange(42, dtype=np.float64).reshape(7, 6) * 4 + 1
     scipy_io.savemat(mat, {"S": doubles})
     np.testing.assert_array_equal(
         build_source(config("cocostuff10k", tmp_path), "test")[0]["label"], doubles - 1

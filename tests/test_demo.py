@@ -59,9 +59,10 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     # one unit, percent: the table, the line after the epoch, results.json, best.json, metrics.jsonl
     assert 0.0 <= ev["mIoU"] <= 100.0 and 0.0 <= ev["aAcc"] <= 100.0 and 0.0 <= ev["mAcc"] <= 100.0
     assert ev["aAcc"] > 1.0  # not a fraction: at least the background is mostly right
+    # the table
     assert f"\nmIoU {ev['mIoU']:.2f}  aAcc {ev['aAcc']:.2f}  mAcc {ev['mAcc']:.2f}" in "\n".join(
         lines
-    )  # the table
+    )
     assert any(
         line.startswith(f"epoch 3 evaluation: mIoU {ev['mIoU']:.2f} aAcc {ev['aAcc']:.2f} ")
         for line in lines
@@ -96,9 +97,8 @@ def test_train_and_eval_writes_results_and_checkpoint(tmp_path):
     assert checkpoint == tmp_path / "checkpoints" / "final" and any(checkpoint.iterdir())
     variables = load_variables(checkpoint, config)
     assert set(variables) == {"params", "batch_stats", "memory"}
-    assert (
-        float(np.abs(variables["memory"]["memory_module"]["memory"]).sum()) > 0.0
-    )  # the memory was learned
+    # the memory was learned
+    assert float(np.abs(variables["memory"]["memory_module"]["memory"]).sum()) > 0.0
     assert (tmp_path / "config.json").exists()
 
     # --mode=eval reads the checkpoint back and finds the same numbers

@@ -48,6 +48,5 @@ def test_figure_rows_show_image_truth_and_prediction(tmp_path):
     ]
     assert (truth[truths[0] < 0] == script.IGNORED).all()
     committed = REPO / "docs" / "demo_predictions.png"
-    assert (
-        committed.is_file() and committed.stat().st_size < 200_000
-    )  # the README's picture stays small
+    # the README's picture stays small
+    assert committed.is_file() and committed.stat().st_size < 200_000

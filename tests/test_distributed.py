@@ -175,9 +175,8 @@ def test_managed_cluster_detection():
     assert managed_cluster({**slurm, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}) == "slurm"
     assert managed_cluster({**slurm, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert managed_cluster({**slurm, "SLURM_NTASKS": "1"}) is None
-    assert (
-        managed_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
-    )  # no job step
+    # no job step
+    assert managed_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
     assert (
         managed_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1", "OMPI_COMM_WORLD_SIZE": "2"})
         == "ompi"

@@ -86,9 +86,8 @@ def _assert_tree_close(a, b):
 
 
 def test_demo_with_ema_exports_the_average(tmp_path):
-    config = load_config(
-        DEMO, FAST + ["train.num_epochs=2"]
-    )  # one step per epoch, a checkpoint after each
+    # one step per epoch, a checkpoint after each
+    config = load_config(DEMO, FAST + ["train.num_epochs=2"])
     config.train.ema_decay = 0.5
     lines = []
     results = run(config, tmp_path, "train", log=lines.append)
@@ -110,9 +109,8 @@ def test_demo_with_ema_exports_the_average(tmp_path):
     def leaf(tree):
         return np.asarray(jax.tree_util.tree_leaves(tree["params"])[0])
 
-    assert not np.allclose(
-        leaf(exported), leaf(second.variables)
-    )  # the export is the average, not the last weights
+    # the export is the average, not the last weights
+    assert not np.allclose(leaf(exported), leaf(second.variables))
     assert json.loads((tmp_path / "results.json").read_text())["ema_decay"] == 0.5
 
 
@@ -121,9 +119,8 @@ def test_port_ema_flag_reads_model_ema(tmp_path, capsys):
     variables = init_variables(build_model(config.model), jax.random.key(3, impl="rbg"), (32, 32))
     pth = tmp_path / "ema.pth"
     save_state_dict(variables_to_state_dict(variables), pth, wrap_key="model_ema")
-    assert (
-        port.main([f"--config={DEMO}", f"--pth={pth}", f"--out={tmp_path / 'plain'}"]) == 2
-    )  # no 'model' entry
+    # no 'model' entry
+    assert port.main([f"--config={DEMO}", f"--pth={pth}", f"--out={tmp_path / 'plain'}"]) == 2
     capsys.readouterr()
     out = tmp_path / "ema"
     assert port.main([f"--config={DEMO}", f"--pth={pth}", f"--out={out}", "--ema"]) == 0

@@ -52,9 +52,8 @@ def test_class_predicted_but_absent_from_ground_truth():
 
 def test_labels_outside_the_classes_are_ignored():
     predictions = np.array([0, 1, 1, 0])
-    labels = np.array(
-        [0, 255, -1, 1]
-    )  # the reference maps labels outside [0, K) to its ignore index
+    # the reference maps labels outside [0, K) to its ignore index
+    labels = np.array([0, 255, -1, 1])
     counts = np.asarray(confusion_matrix(predictions, labels, 2, ignore_label=-100))
     np.testing.assert_array_equal(counts, [[1, 0], [1, 0]])
 

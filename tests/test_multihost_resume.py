@@ -72,9 +72,8 @@ def test_two_processes_resume_after_preemption_and_a_failing_host(tmp_path):
     config = tmp_path / "tiny_ade.py"
     config.write_text(CONFIG.format(root=str(tmp_path / "ade"), steps=STEPS))
 
-    reference = _start(
-        config, tmp_path / "ref", processes=1
-    )  # 1 process x 2 devices: the same global batches
+    # 1 process x 2 devices: the same global batches
+    reference = _start(config, tmp_path / "ref", processes=1)
     assert _finish(reference) == [0], reference[0].output[-3000:]
 
     # After the first periodic checkpoint, SIGTERM on process 1 alone (a preemption notice) stops

@@ -68,9 +68,8 @@ def test_rule_matching_is_substring_longest_first():
     keys = ["backbone_net", "backbone_net.layer4", "decoder"]
     assert matching_rule("backbone_net.layer4.0.conv1.weight", keys) == "backbone_net.layer4"
     assert matching_rule("backbone_net.layer1.0.conv1.weight", keys) == "backbone_net"
-    assert (
-        matching_rule("decoder_stage1.0.weight", keys) == "decoder"
-    )  # substring, as the reference
+    # substring, as the reference
+    assert matching_rule("decoder_stage1.0.weight", keys) == "decoder"
     assert matching_rule("bottleneck.0.weight", keys) is None
     assert matching_rule("ab.weight", ["b", "a"]) == "a"  # equal lengths: alphabetical
 

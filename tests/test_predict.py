@@ -220,9 +220,8 @@ def test_overlay_leaves_the_background_class_unpainted(
 ):
     source = np.asarray(Image.open(image_dir / "wide.bmp"))
     labels = segmenter.predict(source)
-    common = int(
-        np.bincount(labels.ravel()).argmax()
-    )  # the fixture model has no background: pick one
+    # the fixture model has no background: pick one
+    common = int(np.bincount(labels.ravel()).argmax())
     (image_dir / "tall.png").unlink()
     (image_dir / "broken.jpg").unlink()
     args = [
@@ -234,9 +233,8 @@ def test_overlay_leaves_the_background_class_unpainted(
     assert (
         predict.main(args + [f"--output={tmp_path / 'a'}", f"--overlay_background={common}"]) == 0
     )
-    assert (
-        predict.main(args + [f"--output={tmp_path / 'b'}"]) == 0
-    )  # auto: Cityscapes has no background
+    # auto: Cityscapes has no background
+    assert predict.main(args + [f"--output={tmp_path / 'b'}"]) == 0
     kept = np.asarray(Image.open(tmp_path / "a" / "wide_overlay.jpg"), int)
     painted = np.asarray(Image.open(tmp_path / "b" / "wide_overlay.jpg"), int)
     background = labels == common
@@ -330,6 +328,5 @@ def test_a_training_workdir_means_its_best_else_its_newest_checkpoint(tmp_path):
     best.mkdir()
     (best / "_METADATA").write_text("{}")
     assert workdir_checkpoint(tmp_path) == best
-    assert (
-        workdir_checkpoint(tmp_path / "elsewhere") == tmp_path / "elsewhere"
-    )  # reported later as missing
+    # reported later as missing
+    assert workdir_checkpoint(tmp_path / "elsewhere") == tmp_path / "elsewhere"

@@ -552,9 +552,8 @@ def test_build_on_a_container_is_refused(tmp_path):
 
 def test_bytearray_cannot_allocate(tmp_path):
     path = tmp_path / "bytearray.pth"
-    write_zip(
-        path, b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R.", {}
-    )  # bytearray(256 MiB)
+    # bytearray(256 MiB)
+    write_zip(path, b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x10\x85R.", {})
     result, peak = load_with_peak(path)
     assert isinstance(result, PthError) and "unsupported bytearray call" in str(result)
     assert peak < 16 << 20

@@ -94,9 +94,8 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     for x, y in zip(
         jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])
     ):
-        np.testing.assert_array_equal(
-            np.asarray(x), np.asarray(y)
-        )  # lr 0: the weights stay the loaded ones
+        # lr 0: the weights stay the loaded ones
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     tuned.model.head.feats_channels = 24
     try:
@@ -121,9 +120,8 @@ def test_resumed_run_reports_the_whole_run_once(tmp_path):
     shutil.rmtree(tmp_path / "train_state" / "24")  # as if the run died during epoch 3
     shutil.rmtree(tmp_path / "checkpoints" / "final")
     resumed = run(config, tmp_path, mode="train", log=lambda _: None)["train"]
-    again = run(
-        config, tmp_path, mode="train_and_eval", log=lambda _: None
-    )  # already trained: evaluates
+    # already trained: evaluates
+    again = run(config, tmp_path, mode="train_and_eval", log=lambda _: None)
 
     for results in (
         resumed,

@@ -89,9 +89,8 @@ def test_endpoint_segments_and_renders(server, segmenter):
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask_png"]))))
     assert mask.shape == (40, 56, 4)
     np.testing.assert_array_equal(mask[..., :3], service.palette[labels])
-    np.testing.assert_array_equal(
-        mask[..., 3] == 0, labels == 0
-    )  # the background class is transparent
+    # the background class is transparent
+    np.testing.assert_array_equal(mask[..., 3] == 0, labels == 0)
 
     status, kind, body = _request(f"{url}/api/segment?format=labels", _png(image))
     assert status == 200 and kind == "image/png"
@@ -115,12 +114,13 @@ def test_bad_uploads_get_a_clear_message(server):
     cases = [
         ("/api/segment", b"this is not an image", 400, "not an image"),
         ("/api/segment", b"", 400, "empty"),
+        # about 270 kB of noise, above the 200 kB limit
         (
             "/api/segment",
             _png(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)),
             413,
             "too large",
-        ),  # about 270 kB of noise, above the 200 kB limit
+        ),
         ("/api/segment", _png(np.zeros((401, 400, 3), np.uint8)), 413, "160,400 pixels"),
         ("/api/segment?format=gif", _png(_image(8, 8)), 400, "unknown format"),
         ("/api/segment?format=overlay&alpha=x", _png(_image(8, 8)), 400, "alpha"),

@@ -172,6 +172,5 @@ def test_confusion_csv_and_heat_map(tmp_path):
     assert (at(1, 0) == 255).all() and (at(0, 2) == 255).all()  # an absent class and 0% stay white
     matrix = ConfusionMatrix(3)
     matrix.add(counts)
-    assert matrix.compute()["mIoU"] == pytest.approx(
-        np.mean([8 / 11, 0.0, 2 / 4])
-    )  # sky: predicted, never true
+    # sky: predicted, never true
+    assert matrix.compute()["mIoU"] == pytest.approx(np.mean([8 / 11, 0.0, 2 / 4]))

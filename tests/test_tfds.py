@@ -135,9 +135,8 @@ def test_train_loader_over_records(prepared):
     assert isinstance(source, TfdsSource)
     iterator = iter(pipeline.train_loader(config, source=source, num_threads=2))
     batches = [next(iterator) for _ in range(3)]
-    reference = iter(
-        pipeline.train_loader(config, num_threads=0)
-    )  # build_source over the same root
+    # build_source over the same root
+    reference = iter(pipeline.train_loader(config, num_threads=0))
     for batch in batches:
         assert batch["image"].shape == (2, 24, 24, 3) and batch["image"].dtype == np.float32
         assert batch["label"].shape == (2, 24, 24) and batch["label"].dtype == np.int32

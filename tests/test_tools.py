@@ -61,9 +61,8 @@ def test_demo_counts_match_the_initialised_tree():
     assert counts["flops"] > 0
     bigger = count.model_counts(config, (128, 128))
     assert bigger["params"] == counts["params"]
-    assert (
-        3.5 < bigger["flops"] / counts["flops"] < 5.0
-    )  # ~4x; small maps pay fixed costs (pooling branch)
+    # ~4x; small maps pay fixed costs (pooling branch)
+    assert 3.5 < bigger["flops"] / counts["flops"] < 5.0
 
 
 def test_cli_prints_units(capsys):
@@ -89,9 +88,8 @@ def test_eval_writes_the_confusion_matrix(tmp_path):
     names, counts = read_csv(tmp_path / "confusion.csv")
     assert names == ["background", "shape1", "shape2", "shape3"]
     assert counts.shape == (4, 4) and counts.sum() > 0
-    assert results["eval"]["aAcc"] == pytest.approx(
-        100 * np.trace(counts) / counts.sum()
-    )  # percent
+    # percent
+    assert results["eval"]["aAcc"] == pytest.approx(100 * np.trace(counts) / counts.sum())
     assert (tmp_path / "confusion.png").is_file() and any("confusion" in line for line in lines)
 
 

@@ -128,9 +128,8 @@ def test_crop_retries_until_no_class_dominates():
     # crops 10x4: left 0 (all class 0), left 15 (3/4 class 0: not < 0.75), left 16 (half/half): accepted
     rng = ScriptedRng(integers=[0, 0, 0, 15, 0, 16, 0, 99])
     out = T.random_crop(sample, (12, 4), rng, one_category_max_ratio=0.75)
-    assert (
-        rng.calls == [("integers", (0, 1)), ("integers", (0, 17))] * 3
-    )  # crop height capped at 10
+    # crop height capped at 10
+    assert rng.calls == [("integers", (0, 1)), ("integers", (0, 17))] * 3
     np.testing.assert_array_equal(out["label"], sample["label"][:, 16:20])
     np.testing.assert_array_equal(out["image"], sample["image"][:, 16:20])
 

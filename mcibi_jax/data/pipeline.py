@@ -184,9 +184,8 @@ class _Augment(grain.transforms.RandomMap):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if self._fn is None:
-            self._fn = train_transform(
-                self._config, np.random.default_rng(0)
-            )  # default rng never used
+            # default rng never used
+            self._fn = train_transform(self._config, np.random.default_rng(0))
         return self._fn(element, rng=rng)
 
     def __getstate__(self) -> dict[str, Any]:

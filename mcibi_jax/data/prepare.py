@@ -97,9 +97,8 @@ def prepare(
         )
         return Path(builder.data_dir)
     print(f"preparing {builder.name} from {root} into {builder.data_dir}", flush=True)
-    scratch = tempfile.mkdtemp(
-        prefix="mcibi_tfds_"
-    )  # TFDS wants a download dir; nothing is downloaded
+    # TFDS wants a download dir; nothing is downloaded
+    scratch = tempfile.mkdtemp(prefix="mcibi_tfds_")
     try:
         modes = tfds.download.GenerateMode
         mode = modes.FORCE_REDOWNLOAD if force else modes.REUSE_DATASET_IF_EXISTS

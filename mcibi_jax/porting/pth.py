@@ -951,9 +951,8 @@ def _write_aligned(archive: zipfile.ZipFile, file: io.BufferedIOBase, name: str,
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = len(data) if isinstance(data, bytes) else data.nbytes
-    zip64 = (
-        info.file_size * 1.05 > zipfile.ZIP64_LIMIT
-    )  # zipfile's own rule for a 20-byte zip64 extra
+    # zipfile's own rule for a 20-byte zip64 extra
+    zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
     header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
     pad = -(file.tell() + header) % _ALIGNMENT
     info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # padding field, id "FB" like torch

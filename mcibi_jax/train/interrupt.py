@@ -124,10 +124,11 @@ class StopRequests:
 
     @staticmethod
     def _python_handler(signum: int, frame: object) -> None:
+        # the watcher thread acts on the byte the C handler wrote to the wakeup fd
         del (
             signum,
             frame,
-        )  # the watcher thread acts on the byte the C handler wrote to the wakeup fd
+        )
 
     def _watch(self) -> None:
         # The interpreter's C-level handler writes each signal's number here at once, even while
@@ -160,6 +161,5 @@ class StopRequests:
                 f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again exits at once, without saving)"
             )
         if self._preemption:
-            os.kill(
-                os.getpid(), signal.SIGTERM
-            )  # tell JAX's preemption service, which informs every host
+            # tell JAX's preemption service, which informs every host
+            os.kill(os.getpid(), signal.SIGTERM)

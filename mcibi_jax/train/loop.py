@@ -146,9 +146,8 @@ def train(
     if step >= total_steps:
         log(f"already trained: the checkpoint is at step {step} of {total_steps}")
     for epoch in range(start_epoch, num_epochs + 1):
-        skip = max(
-            0, step - (epoch - 1) * steps_per_epoch
-        )  # trained before the checkpoint we resumed from
+        # trained before the checkpoint we resumed from
+        skip = max(0, step - (epoch - 1) * steps_per_epoch)
         for batch in data.epoch(epoch, skip):
             if step >= total_steps:
                 break
