@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/train_step.py, forward.py and bf16_fidelity.py on a tiny demo model."""
+"""Smoke tests of benchmarks/train_step.py, forward.py, bf16_fidelity.py and checkpoint_save.py
+on a tiny demo model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.helpers import REPO, load_script
 train_step = load_script("benchmarks", "train_step")
 forward = load_script("benchmarks", "forward")
 bf16_fidelity = load_script("benchmarks", "bf16_fidelity")
+checkpoint_save = load_script("benchmarks", "checkpoint_save")
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +146,18 @@ def test_bf16_fidelity_reports_losses_logits_and_gradients(tiny_config, capsys):
     cosine = float(re.search(r"gradients   cosine (-?[0-9.]+)", lines[2]).group(1))
     assert -1.0 <= cosine <= 1.0
     assert len(lines) == 3 + 2 and all(line.startswith("  cosine ") for line in lines[3:])
+
+
+def test_checkpoint_save_reports_each_save(capsys):
+    assert checkpoint_save.main(["--configs", str(REPO / "configs" / "demo.py"), "--saves=2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(
+        r"1 cpu device\(s\), replica-parallel from 1048576 bytes per slice", lines[0]
+    )
+    assert len(lines) == 3
+    for index, line in enumerate(lines[1:], 1):
+        assert re.search(
+            rf"demo.py: \d+ arrays, [\d.]+ MiB; save {index}: held the step [\d.]+ s, "
+            r"on disk after [\d.]+ s$",
+            line,
+        ), line

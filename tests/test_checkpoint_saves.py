@@ -121,3 +121,77 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_checkpoint_before(tmp_p
     )
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+SLICED_ON_SAVE = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, optax
+    from orbax.checkpoint._src.serialization import replica_slices
+    from mcibi_jax.sharding import data_mesh, replicate
+    from mcibi_jax.train.checkpoints import TrainCheckpoints
+    from mcibi_jax.train.state import create_train_state
+
+    sliced, original = set(), replica_slices.ReplicaSlice.data
+
+    def data(self):
+        if self.slice_args is not None:
+            sliced.add(tuple(self.unsliced_data.shape))
+        return original(self)
+
+    replica_slices.ReplicaSlice.data = data
+    params = {f"small{i}": jnp.ones((i + 1, 64)) for i in range(8)}
+    params["large"] = jnp.ones((1024, 512))  # 2 MiB: 1 MiB for each of the 2 replicas
+    variables = {"params": params, "batch_stats": {}, "memory": {"m": jnp.ones((4, 8))}}
+    state = replicate(create_train_state(variables, optax.sgd(0.1)), data_mesh())
+    saves = TrainCheckpoints(sys.argv[1])
+    saves.save(state)
+    saves.close()
+    print("SLICED", sorted(sliced))
+""")
+
+
+def test_replicas_write_slices_of_large_arrays_only(tmp_path):
+    """Slicing a replicated array for its replicas to write in parallel costs an op on the
+    device (compiled for each new shape): the first save of a small train state on 2 devices
+    held the step for seconds when every array was sliced."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SLICED_ON_SAVE, str(tmp_path / "train_state")],
+        cwd=REPO,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SLICED [(1024, 512)]" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_states_saved_by_orbax_standard_handler_still_resume(tmp_path):
+    """Train states written before the arrays had their own handler options (orbax's
+    StandardSave, 2026-12-02 to -03) restore with every value."""
+    import orbax.checkpoint as ocp
+
+    state = _state(5)
+    state = state.replace(opt_state=jax.tree_util.tree_map(lambda x: x + 7, state.opt_state))
+    manager = ocp.CheckpointManager(
+        tmp_path / "train_state",
+        options=ocp.CheckpointManagerOptions(create=True),
+        item_names=("state", "data"),
+    )
+    manager.save(
+        5,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=checkpoints.ProcessDataSave({"position": 3}),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    saves = TrainCheckpoints(tmp_path / "train_state")
+    try:
+        restored, data = saves.restore_latest(_state(0))
+    finally:
+        saves.close()
+    assert int(restored.step) == 5 and data == {"position": 3}
+    for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

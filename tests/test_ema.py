@@ -64,8 +64,6 @@ FAST = [
 
 
 def _state_at(workdir, step, config, initial):
-    import orbax.checkpoint as ocp
-
     from mcibi_jax.train.checkpoints import TrainCheckpoints
     from mcibi_jax.train.optimizer import optimizer_from_config
 
@@ -73,9 +71,7 @@ def _state_at(workdir, step, config, initial):
     like = create_train_state(initial, tx, ema=True)
     checkpoints = TrainCheckpoints(workdir / "train_state")
     try:
-        return checkpoints._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))
-        )["state"]
+        return checkpoints.restore(step, like)[0]
     finally:
         checkpoints.close()
 

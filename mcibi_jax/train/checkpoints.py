@@ -194,11 +194,14 @@ class TrainCheckpoints:
 
     def restore_latest(self, like: TrainState) -> tuple[TrainState, Any] | None:
         """(state, this process's data state) of the newest checkpoint, shaped and sharded like
-        ``like``; None when there is none. A checkpoint that cannot be resumed (another model,
-        another number of processes, unreadable files) is a ConfigError."""
+        ``like``; None when there is none. See :meth:`restore`."""
         step = self._manager.latest_step()
-        if step is None:
-            return None
+        return None if step is None else self.restore(step, like)
+
+    def restore(self, step: int, like: TrainState) -> tuple[TrainState, Any]:
+        """(state, this process's data state) of the checkpoint of ``step``, shaped and sharded
+        like ``like``. A checkpoint that cannot be resumed (another model, another number of
+        processes, unreadable files) is a ConfigError."""
         try:
             restored = self._manager.restore(
                 step,
