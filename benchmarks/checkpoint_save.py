@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_save.py                                   # R-50 Cityscapes train state
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/checkpoint_save.py
     python benchmarks/checkpoint_save.py --configs=configs/ade20k.py:vitl --saves=2
-    python benchmarks/checkpoint_save.py --min_slice_bytes=0              # slice every replicated array
+    python benchmarks/checkpoint_save.py --replica_parallel_min_bytes=0   # replicas write slices of every array
 
 Saves the whole train state of each config (params, SGD momentum, BatchNorm statistics,
 memory; values are zeros, shapes are the model's) replicated over every device, ``--saves``
@@ -11,9 +11,10 @@ times with :class:`~mcibi_jax.train.checkpoints.TrainCheckpoints` into a tempora
 as the train loop does. Prints per save the time ``save`` held the caller (the training step
 waits that long: the copy off the devices, and on the first save the setup) and the time
 until the files were complete (written in the background while training goes on).
-``--min_slice_bytes`` overrides :data:`~mcibi_jax.train.checkpoints.REPLICA_PARALLEL_MIN_BYTES`
-(replicated arrays are written by their replicas together, each a slice, from that size of
-slice on).
+By default, as in training, replicated arrays are written by their replicas together (each a
+slice) only across processes; ``--replica_parallel_min_bytes=N`` has them do so within this
+process too, from slices of N bytes on (:data:`~mcibi_jax.train.checkpoints.REPLICA_PARALLEL_MIN_BYTES`
+in training).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def zero_train_state(config):
     return create_train_state(variables, tx)
 
 
-def time_saves(state, saves: int) -> list[tuple[float, float]]:
+def time_saves(state, saves: int, replica_parallel: bool | None) -> list[tuple[float, float]]:
     """(seconds ``save`` held the caller, seconds until on disk) of each of ``saves`` saves."""
     times = []
     with tempfile.TemporaryDirectory(prefix="mcibi_save_bench_") as directory:
-        train_checkpoints = checkpoints.TrainCheckpoints(Path(directory) / "train_state", keep=2)
+        train_checkpoints = checkpoints.TrainCheckpoints(
+            Path(directory) / "train_state", keep=2, replica_parallel=replica_parallel
+        )
         try:
             for step in range(1, saves + 1):
                 started = time.perf_counter()
@@ -71,20 +74,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--saves", type=int, default=3, help="saves per config (default 3)")
     parser.add_argument(
-        "--min_slice_bytes",
+        "--replica_parallel_min_bytes",
         type=int,
         default=None,
-        help=f"replica-parallel threshold (default {checkpoints.REPLICA_PARALLEL_MIN_BYTES})",
+        help="replicas write slices of N bytes or more within this process too",
     )
     args = parser.parse_args(argv)
     if args.saves < 1:
         parser.error("--saves must be at least 1")
-    if args.min_slice_bytes is not None:
-        checkpoints.REPLICA_PARALLEL_MIN_BYTES = args.min_slice_bytes
+    replica_parallel = None
+    if args.replica_parallel_min_bytes is not None:
+        replica_parallel, checkpoints.REPLICA_PARALLEL_MIN_BYTES = (
+            True,
+            args.replica_parallel_min_bytes,
+        )
+    slices = (
+        f"from {checkpoints.REPLICA_PARALLEL_MIN_BYTES} bytes a slice"
+        if replica_parallel or jax.process_count() > 1
+        else "off"
+    )
     mesh = data_mesh()
     print(
-        f"{jax.device_count()} {jax.default_backend()} device(s), replica-parallel from "
-        f"{checkpoints.REPLICA_PARALLEL_MIN_BYTES} bytes per slice",
+        f"{jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} "
+        f"device(s), replica-parallel writes {slices}",
         flush=True,
     )
     for spec in args.configs.split(","):
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         state = replicate(zero_train_state(config), mesh)
         leaves = jax.tree_util.tree_leaves(state)
         megabytes = sum(leaf.nbytes for leaf in leaves) / 2**20
-        for index, (held, done) in enumerate(time_saves(state, args.saves), 1):
+        for index, (held, done) in enumerate(time_saves(state, args.saves, replica_parallel), 1):
             print(
                 f"{spec}: {len(leaves)} arrays, {megabytes:.1f} MiB; save {index}: held the "
                 f"step {held:.2f} s, on disk after {done:.2f} s",
