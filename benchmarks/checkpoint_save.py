@@ -48,12 +48,12 @@ def zero_train_state(config):
     return create_train_state(variables, tx)
 
 
-def time_saves(state, saves: int, replica_parallel: bool | None) -> list[tuple[float, float]]:
+def time_saves(state, saves: int, min_bytes: int | None) -> list[tuple[float, float]]:
     """(seconds ``save`` held the caller, seconds until on disk) of each of ``saves`` saves."""
     times = []
     with tempfile.TemporaryDirectory(prefix="mcibi_save_bench_") as directory:
         train_checkpoints = checkpoints.TrainCheckpoints(
-            Path(directory) / "train_state", keep=2, replica_parallel=replica_parallel
+            Path(directory) / "train_state", keep=2, replica_parallel_min_bytes=min_bytes
         )
         try:
             for step in range(1, saves + 1):
@@ -82,17 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.saves < 1:
         parser.error("--saves must be at least 1")
-    replica_parallel = None
-    if args.replica_parallel_min_bytes is not None:
-        replica_parallel, checkpoints.REPLICA_PARALLEL_MIN_BYTES = (
-            True,
-            args.replica_parallel_min_bytes,
-        )
-    slices = (
-        f"from {checkpoints.REPLICA_PARALLEL_MIN_BYTES} bytes a slice"
-        if replica_parallel or jax.process_count() > 1
-        else "off"
-    )
+    min_bytes = args.replica_parallel_min_bytes
+    if min_bytes is not None:
+        slices = f"from {min_bytes} bytes a slice"
+    elif jax.process_count() > 1:
+        slices = f"from {checkpoints.REPLICA_PARALLEL_MIN_BYTES} bytes a slice"
+    else:
+        slices = "off"
     mesh = data_mesh()
     print(
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} "
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         state = replicate(zero_train_state(config), mesh)
         leaves = jax.tree_util.tree_leaves(state)
         megabytes = sum(leaf.nbytes for leaf in leaves) / 2**20
-        for index, (held, done) in enumerate(time_saves(state, args.saves, replica_parallel), 1):
+        for index, (held, done) in enumerate(time_saves(state, args.saves, min_bytes), 1):
             print(
                 f"{spec}: {len(leaves)} arrays, {megabytes:.1f} MiB; save {index}: held the "
                 f"step {held:.2f} s, on disk after {done:.2f} s",

@@ -139,14 +139,13 @@ SLICED_ON_SAVE = textwrap.dedent("""
         return original(self)
 
     replica_slices.ReplicaSlice.data = data
-    checkpoints.REPLICA_PARALLEL_MIN_BYTES = 1 << 20
     params = {f"small{i}": jnp.ones((i + 1, 64)) for i in range(8)}
     params["large"] = jnp.ones((1024, 512))  # 2 MiB: 1 MiB for each of the 2 replicas
     variables = {"params": params, "batch_stats": {}, "memory": {"m": jnp.ones((4, 8))}}
     state = replicate(create_train_state(variables, optax.sgd(0.1)), data_mesh())
-    for name, replica_parallel in (("default", None), ("forced", True)):
+    for name, min_bytes in (("default", None), ("forced", 1 << 20)):
         sliced.clear()
-        saves = checkpoints.TrainCheckpoints(sys.argv[1] + name, replica_parallel=replica_parallel)
+        saves = checkpoints.TrainCheckpoints(sys.argv[1] + name, replica_parallel_min_bytes=min_bytes)
         saves.save(state)
         saves.close()
         print("SLICED", name, sorted(sliced))

@@ -135,12 +135,14 @@ class DataStateMismatch(ValueError):
 REPLICA_PARALLEL_MIN_BYTES = 8 << 20
 
 
-def _state_handler(replica_parallel: bool | None = None) -> ocp.PyTreeCheckpointHandler:
+def _state_handler(replica_parallel_min_bytes: int | None = None) -> ocp.PyTreeCheckpointHandler:
     """orbax's handler of the train state with its standard type handlers (in a registry of its
-    own: orbax's global one is left alone). ``replica_parallel`` (default: when there is more
-    than one process) lets replicas write slices of :data:`REPLICA_PARALLEL_MIN_BYTES` or more."""
-    if replica_parallel is None:
-        replica_parallel = jax.process_count() > 1
+    own: orbax's global one is left alone). Replicas write slices of an array from
+    ``replica_parallel_min_bytes`` a slice on; by default (None) only across processes, from
+    :data:`REPLICA_PARALLEL_MIN_BYTES`."""
+    replica_parallel = replica_parallel_min_bytes is not None or jax.process_count() > 1
+    if replica_parallel_min_bytes is None:
+        replica_parallel_min_bytes = REPLICA_PARALLEL_MIN_BYTES
     scalars = ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (int, scalars),
@@ -153,7 +155,7 @@ def _state_handler(replica_parallel: bool | None = None) -> ocp.PyTreeCheckpoint
             ocp.type_handlers.ArrayHandler(
                 array_metadata_store=array_metadata_store.Store(),
                 use_replica_parallel=replica_parallel,
-                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+                min_slice_bytes_for_replica_parallel=replica_parallel_min_bytes,
             ),
         ),
         (str, ocp.type_handlers.StringHandler()),
@@ -162,7 +164,9 @@ def _state_handler(replica_parallel: bool | None = None) -> ocp.PyTreeCheckpoint
 
 
 class TrainCheckpoints:
-    def __init__(self, directory: str | Path, keep: int = 3, replica_parallel: bool | None = None):
+    def __init__(
+        self, directory: str | Path, keep: int = 3, replica_parallel_min_bytes: int | None = None
+    ):
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -174,7 +178,7 @@ class TrainCheckpoints:
             ),
             item_names=("state", "data"),
             item_handlers={
-                "state": _state_handler(replica_parallel),
+                "state": _state_handler(replica_parallel_min_bytes),
                 "data": ProcessDataHandler(),
             },
         )
