@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                      # every backbone, its recipe's crop and per-device batch, float32 and bfloat16
     python benchmarks/train_step.py --configs=configs/cityscapes.py:r50 --size=128x128 --iters=2
     python benchmarks/train_step.py --per_device_batch=4 --dtypes=bfloat16
+    python benchmarks/train_step.py --configs=configs/cityscapes.py:r101 --set=model.backbone.scan_blocks=False
 
 Runs the real jitted, data-parallel step (``make_train_step`` over all devices, the recipe's
 SGD and poly schedule) on randomly initialised variables and a random batch of
@@ -191,14 +192,17 @@ def benchmark(
     size: tuple[int, int] | None,
     dtype_name: str,
     seed: int = 0,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Times ``iters`` training steps of the recipe ``spec`` in ``dtype_name``; returns the figures as a dict.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
-    None: the recipe's training crop.
+    None: the recipe's training crop. ``overrides``: config overrides, ``"key=value"``.
     """
     rss_before = host_peak_rss()
-    case = train_case(spec, per_device_batch, size, dtype_name, steps_per_epoch=max(1, iters + 1))
+    case = train_case(
+        spec, per_device_batch, size, dtype_name, max(1, iters + 1), overrides=overrides
+    )
 
     started = time.perf_counter()
     state = case.initial_state(seed)
@@ -244,6 +248,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="images per device and step (default: each recipe's batch_size // num_replicas)",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every config, e.g. model.backbone.scan_blocks=False (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):
         parser.error("--iters and --per_device_batch must be at least 1")
@@ -255,7 +267,12 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name in args.dtypes:
             try:
                 r = benchmark(
-                    spec.strip(), args.iters, args.per_device_batch, args.size, dtype_name
+                    spec.strip(),
+                    args.iters,
+                    args.per_device_batch,
+                    args.size,
+                    dtype_name,
+                    overrides=args.overrides,
                 )
             except mcibi_jax.ConfigError as error:
                 parser.error(str(error))

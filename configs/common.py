@@ -28,6 +28,8 @@ IGNORE_LABEL = -100
 # the channels of the level the head reads, and the auxiliary heads on the levels before it,
 # as (in_channels, num_convs, upsample_scale).
 
+# scan_blocks (ours): a stage's long run of identical blocks (ResNet-101's and ResNeSt-101's
+# third stage) runs as one scan, which XLA compiles once (same parameters, same numbers).
 BACKBONES: dict[str, dict[str, Any]] = {
     "r50": {
         "type": "ResNet",
@@ -36,6 +38,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "outstride": 8,
         "use_conv3x3_stem": True,
         "selected_indices": (0, 1, 2, 3),
+        "scan_blocks": True,
     },
     "r101": {
         "type": "ResNet",
@@ -44,6 +47,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "outstride": 8,
         "use_conv3x3_stem": True,
         "selected_indices": (0, 1, 2, 3),
+        "scan_blocks": True,
     },
     "s101": {
         "type": "ResNeSt",
@@ -51,6 +55,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "structure_type": "resnest101",
         "outstride": 8,
         "selected_indices": (0, 1, 2, 3),
+        "scan_blocks": True,
     },
     "hrnet48": {
         # all four levels, concatenated at the highest resolution

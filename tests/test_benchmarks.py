@@ -77,8 +77,8 @@ def test_forward_reports_both_dtypes(tiny_config, capsys):
 def test_dtype_options(module, monkeypatch, capsys):
     calls = []
 
-    def fake_benchmark(spec, iters, batch, size, dtype_name):
-        calls.append((spec, dtype_name, batch))
+    def fake_benchmark(spec, iters, batch, size, dtype_name, overrides=()):
+        calls.append((spec, dtype_name, batch, list(overrides)))
         return {
             "config": spec,
             "dtype": dtype_name,
@@ -105,8 +105,14 @@ def test_dtype_options(module, monkeypatch, capsys):
     assert [c[1] for c in calls] == ["float32", "bfloat16"]
     if module is train_step:
         assert all(c[2] is None for c in calls)  # None: each recipe's per-device batch
+        assert all(c[3] == [] for c in calls)
     lines = capsys.readouterr().out.splitlines()
     assert sum(not line.startswith("device: ") for line in lines) == 2 + 2 + 2
+    if module is train_step:  # config overrides reach every config's step
+        calls.clear()
+        module.main(["--configs=a.py,b.py", "--dtypes=float32", "--set=x.y=1", "--set=z=False"])
+        assert [c[3] for c in calls] == [["x.y=1", "z=False"]] * 2
+        capsys.readouterr()
     for bad in ["--dtypes=float16", "--dtypes=", "--dtype=float32,fp8"]:
         with pytest.raises(SystemExit):
             module.main(["--configs=a.py", bad])

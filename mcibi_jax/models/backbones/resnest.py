@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2, two_pass_mean
+from mcibi_jax.models.repeat import apply_blocks
 
 Array = jax.Array
 Dtype = Any
@@ -192,6 +193,7 @@ class ResLayer(nn.Module):
     block_kwargs: dict | None = None
     use_checkpoint: bool = False
     dtype: Dtype | None = None
+    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -202,17 +204,26 @@ class ResLayer(nn.Module):
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.use_checkpoint else Bottleneck
         kwargs = dict(self.block_kwargs or {})
         needs_projection = self.stride != 1 or x.shape[-1] != self.planes * EXPANSION
-        for i, dilation in enumerate(dilations):
-            x = block_cls(
-                self.planes,
-                stride=self.stride if i == 0 else 1,
-                dilation=dilation,
-                downsample=needs_projection and i == 0,
-                dtype=self.dtype,
-                name=str(i),
-                **kwargs,
-            )(x, train)
-        return x
+        x = block_cls(
+            self.planes,
+            stride=self.stride,
+            dilation=dilations[0],
+            downsample=needs_projection,
+            dtype=self.dtype,
+            name="0",
+            **kwargs,
+        )(x, train)
+        # the other blocks are identical: stride 1, no projection, the stage's dilation
+        return apply_blocks(
+            self,
+            Bottleneck,
+            dict(planes=self.planes, dilation=self.dilation, dtype=self.dtype, **kwargs),
+            [str(i) for i in range(1, self.num_blocks)],
+            x,
+            train,
+            scan=self.scan_blocks,
+            remat=self.use_checkpoint,
+        )
 
 
 class DeepStem(nn.Module):
@@ -234,7 +245,8 @@ class DeepStem(nn.Module):
 class ResNeSt(nn.Module):
     """ResNeSt backbone (defaults: the released ResNeSt-101, output stride 8, radix 2).
 
-    ``use_checkpoint`` rematerialises every block in the backward pass (same numbers).
+    ``use_checkpoint`` rematerialises every block in the backward pass (same numbers);
+    ``scan_blocks`` runs a stage's long run of identical blocks as one scan (``models/repeat.py``).
     BatchNorm is the only normalisation and ReLU the only activation.
     """
 
@@ -255,6 +267,7 @@ class ResNeSt(nn.Module):
     out_indices: Sequence[int] = (0, 1, 2, 3)
     use_avg_for_downsample: bool = True
     dtype: Dtype | None = None
+    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
@@ -302,6 +315,7 @@ class ResNeSt(nn.Module):
                 block_kwargs=block_kwargs,
                 use_checkpoint=self.use_checkpoint,
                 dtype=self.dtype,
+                scan_blocks=self.scan_blocks,
                 name=f"layer{i + 1}",
             )(x, train)
             features.append(x)

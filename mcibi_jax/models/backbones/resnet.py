@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from mcibi_jax.models.layers import BatchNorm, conv, max_pool_3x3_s2
+from mcibi_jax.models.repeat import apply_blocks
 
 Array = jax.Array
 
@@ -116,32 +117,41 @@ class ResLayer(nn.Module):
     contract_dilation: bool = True
     dtype: Any = None
     use_checkpoint: bool = False
+    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
-        if self.use_checkpoint:  # keep only each block's input for the backward pass
-            block_cls = nn.remat(block_cls, static_argnums=(2,))
         out_channels = self.planes * EXPANSION[self.block]
         needs_projection = self.stride != 1 or self.in_channels != out_channels
         dilations = stage_dilations(self.dilation, self.num_blocks, self.contract_dilation)
-        for i, dilation in enumerate(dilations):
-            first = i == 0
-            x = block_cls(
-                self.planes,
-                stride=self.stride if first else 1,
-                dilation=dilation,
-                downsample=first and needs_projection,
-                dtype=self.dtype,
-                name=str(i),
-            )(x, train)
-        return x
+        first_cls = nn.remat(block_cls, static_argnums=(2,)) if self.use_checkpoint else block_cls
+        x = first_cls(
+            self.planes,
+            stride=self.stride,
+            dilation=dilations[0],
+            downsample=needs_projection,
+            dtype=self.dtype,
+            name="0",
+        )(x, train)
+        # the other blocks are identical: stride 1, no projection, the stage's dilation
+        return apply_blocks(
+            self,
+            block_cls,
+            dict(planes=self.planes, dilation=self.dilation, dtype=self.dtype),
+            [str(i) for i in range(1, self.num_blocks)],
+            x,
+            train,
+            scan=self.scan_blocks,
+            remat=self.use_checkpoint,
+        )
 
 
 class ResNet(nn.Module):
     """ResNet backbone returning the four stage outputs (N, H/s, W/s, C) at ``out_indices``.
 
-    ``use_checkpoint`` rematerialises every residual block in the backward pass (same numbers).
+    ``use_checkpoint`` rematerialises every residual block in the backward pass (same numbers);
+    ``scan_blocks`` runs a stage's long run of identical blocks as one scan (``models/repeat.py``).
     """
 
     depth: int = 101
@@ -154,6 +164,7 @@ class ResNet(nn.Module):
     out_indices: Sequence[int] = (0, 1, 2, 3)
     dtype: Any = None
     use_checkpoint: bool = False
+    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
@@ -186,6 +197,7 @@ class ResNet(nn.Module):
                 self.contract_dilation,
                 self.dtype,
                 self.use_checkpoint,
+                self.scan_blocks,
                 name=f"layer{i + 1}",
             )(x, train)
             channels = planes * EXPANSION[block]
