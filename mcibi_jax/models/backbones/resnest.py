@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2, two_pass_mean
-from mcibi_jax.models.repeat import apply_blocks
+from mcibi_jax.models.repeat import apply_stage
 
 Array = jax.Array
 Dtype = Any
@@ -201,24 +201,18 @@ class ResLayer(nn.Module):
         dilations = [self.dilation] * self.num_blocks
         if self.contract_dilation and self.dilation > 1:
             dilations[0] = self.dilation // 2
-        block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.use_checkpoint else Bottleneck
-        kwargs = dict(self.block_kwargs or {})
         needs_projection = self.stride != 1 or x.shape[-1] != self.planes * EXPANSION
-        x = block_cls(
-            self.planes,
-            stride=self.stride,
-            dilation=dilations[0],
-            downsample=needs_projection,
-            dtype=self.dtype,
-            name="0",
-            **kwargs,
-        )(x, train)
-        # the other blocks are identical: stride 1, no projection, the stage's dilation
-        return apply_blocks(
+        return apply_stage(
             self,
             Bottleneck,
-            dict(planes=self.planes, dilation=self.dilation, dtype=self.dtype, **kwargs),
-            [str(i) for i in range(1, self.num_blocks)],
+            dict(
+                planes=self.planes,
+                dilation=self.dilation,
+                dtype=self.dtype,
+                **(self.block_kwargs or {}),
+            ),
+            dict(stride=self.stride, dilation=dilations[0], downsample=needs_projection),
+            self.num_blocks,
             x,
             train,
             scan=self.scan_blocks,

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from mcibi_jax.models.layers import BatchNorm, conv, max_pool_3x3_s2
-from mcibi_jax.models.repeat import apply_blocks
+from mcibi_jax.models.repeat import apply_stage
 
 Array = jax.Array
 
@@ -125,21 +125,12 @@ class ResLayer(nn.Module):
         out_channels = self.planes * EXPANSION[self.block]
         needs_projection = self.stride != 1 or self.in_channels != out_channels
         dilations = stage_dilations(self.dilation, self.num_blocks, self.contract_dilation)
-        first_cls = nn.remat(block_cls, static_argnums=(2,)) if self.use_checkpoint else block_cls
-        x = first_cls(
-            self.planes,
-            stride=self.stride,
-            dilation=dilations[0],
-            downsample=needs_projection,
-            dtype=self.dtype,
-            name="0",
-        )(x, train)
-        # the other blocks are identical: stride 1, no projection, the stage's dilation
-        return apply_blocks(
+        return apply_stage(
             self,
             block_cls,
             dict(planes=self.planes, dilation=self.dilation, dtype=self.dtype),
-            [str(i) for i in range(1, self.num_blocks)],
+            dict(stride=self.stride, dilation=dilations[0], downsample=needs_projection),
+            self.num_blocks,
             x,
             train,
             scan=self.scan_blocks,
