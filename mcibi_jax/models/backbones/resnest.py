@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mcibi_jax.models.backbones.resnet import stage_dilations
 from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2, two_pass_mean
 from mcibi_jax.models.repeat import apply_stage
 
@@ -198,9 +199,7 @@ class ResLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         """x: (N, H, W, Cin) -> (N, ceil(H / stride), ceil(W / stride), 4 * planes)."""
-        dilations = [self.dilation] * self.num_blocks
-        if self.contract_dilation and self.dilation > 1:
-            dilations[0] = self.dilation // 2
+        dilations = stage_dilations(self.dilation, self.num_blocks, self.contract_dilation)
         needs_projection = self.stride != 1 or x.shape[-1] != self.planes * EXPANSION
         return apply_stage(
             self,
