@@ -213,7 +213,8 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment without cluster variables, one CPU device, the repo importable; plus ``extra``."""
+    """This environment without cluster variables, one CPU device, the repo importable; plus
+    ``extra`` (whose ``XLA_FLAGS`` join the test session's, see conftest.py)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -221,10 +222,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     }
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
     )
     env.update(extra)
+    # the test session's XLA flags (conftest.py), with this run's device count
+    inherited = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    own = extra.get("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    env["XLA_FLAGS"] = " ".join([*inherited, own])
     return env
 
 
