@@ -22,7 +22,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 # about a third faster, and every fixture tolerance holds at either level (both are run before a
 # release). MCIBI_TEST_XLA_OPT_LEVEL=default keeps XLA's own level. Inherited by subprocesses.
 _OPT_LEVEL = os.environ.get("MCIBI_TEST_XLA_OPT_LEVEL", "0")
-if _OPT_LEVEL != "default" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+if _OPT_LEVEL != "default" and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), f"--xla_backend_optimization_level={_OPT_LEVEL}"]
     ).strip()

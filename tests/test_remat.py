@@ -93,9 +93,11 @@ def test_remat_changes_no_number(name, monkeypatch):
     assert not plain[0].use_checkpoint and remat[0].use_checkpoint
     for a, b in zip(plain[1:], remat[1:]):
         assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    # the forward pass and the new BatchNorm statistics are bit for bit the same
+    # the forward pass and the new BatchNorm statistics: bit for bit the same at XLA's default
+    # codegen level; at the suite's level 0 (conftest.py) ViT's differ in the last bit
     for x, y in zip(jax.tree_util.tree_leaves(plain[1:4]), jax.tree_util.tree_leaves(remat[1:4])):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6 * float(np.max(np.abs(x))))
     # gradients: the recomputed activations feed differently fused backward kernels, which sum
     # in another order (measured: at most 2.2e-5 of the largest gradient, ResNeSt; gradients
     # that are zero but for rounding, e.g. of a bias before a BatchNorm, differ in that noise)
