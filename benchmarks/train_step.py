@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                      # every backbone, its recipe's crop and per-device batch, float32 and bfloat16
     python benchmarks/train_step.py --configs=configs/cityscapes.py:r50 --size=128x128 --iters=2
     python benchmarks/train_step.py --per_device_batch=4 --dtypes=bfloat16
-    python benchmarks/train_step.py --configs=configs/cityscapes.py:r101 --set=model.backbone.scan_blocks=False
+    python benchmarks/train_step.py --configs=configs/cityscapes.py:r101 --set=model.backbone.scan_blocks=True
 
 Runs the real jitted, data-parallel step (``make_train_step`` over all devices, the recipe's
 SGD and poly schedule) on randomly initialised variables and a random batch of
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override for every config, e.g. model.backbone.scan_blocks=False (repeatable)",
+        help="config override for every config, e.g. model.backbone.scan_blocks=True (repeatable)",
     )
     args = parser.parse_args(argv)
     if args.iters < 1 or (args.per_device_batch is not None and args.per_device_batch < 1):

@@ -28,8 +28,10 @@ IGNORE_LABEL = -100
 # the channels of the level the head reads, and the auxiliary heads on the levels before it,
 # as (in_channels, num_convs, upsample_scale).
 
-# scan_blocks (ours): a stage's long run of identical blocks (ResNet-101's and ResNeSt-101's
-# third stage) runs as one scan, which XLA compiles once (same parameters, same numbers).
+# scan_blocks (ours): True runs a stage's long run of identical blocks (ResNet-101's and
+# ResNeSt-101's third stage) or HRNet's identical modules as one scan, which XLA compiles once
+# (same parameters, same numbers); off in the recipes: XLA's loop holds more activation memory
+# (R-101, 2x512x512: 26 %; docs/benchmarks.md).
 BACKBONES: dict[str, dict[str, Any]] = {
     "r50": {
         "type": "ResNet",
@@ -38,7 +40,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "outstride": 8,
         "use_conv3x3_stem": True,
         "selected_indices": (0, 1, 2, 3),
-        "scan_blocks": True,
+        "scan_blocks": False,
     },
     "r101": {
         "type": "ResNet",
@@ -47,7 +49,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "outstride": 8,
         "use_conv3x3_stem": True,
         "selected_indices": (0, 1, 2, 3),
-        "scan_blocks": True,
+        "scan_blocks": False,
     },
     "s101": {
         "type": "ResNeSt",
@@ -55,7 +57,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "structure_type": "resnest101",
         "outstride": 8,
         "selected_indices": (0, 1, 2, 3),
-        "scan_blocks": True,
+        "scan_blocks": False,
     },
     "hrnet48": {
         # all four levels, concatenated at the highest resolution
@@ -63,6 +65,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
         "structure_type": "hrnetv2_w48",
         "arch": "hrnetv2_w48",
         "selected_indices": (0, 0, 0, 0),
+        "scan_blocks": False,
     },
     "vitl": {
         "type": "VisionTransformer",

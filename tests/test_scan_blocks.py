@@ -1,4 +1,5 @@
-"""model.backbone.scan_blocks (a stage's long run of identical blocks as one jax.lax.scan) keeps
+"""model.backbone.scan_blocks (a stage's long run of identical blocks, or HRNet's identical modules,
+as one jax.lax.scan) keeps
 the parameter tree and the initial values; outputs, BatchNorm statistics and gradients are those of
 the unrolled blocks, with and without remat, up to float32 rounding (XLA fuses the loop body's
 operations differently from the unrolled blocks')."""
@@ -8,9 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mcibi_jax.models import repeat
-from mcibi_jax.models.backbones import build_backbone, resnet
+from mcibi_jax.models.backbones import build_backbone, hrnet, resnet
 
 TINY = {"type": "ResNet", "depth": 18, "base_channels": 4, "stem_channels": 8}
 # Third stage: the first block and just enough identical ones to be scanned; basic blocks compile
@@ -18,6 +20,15 @@ TINY = {"type": "ResNet", "depth": 18, "base_channels": 4, "stem_channels": 8}
 # ResNet-101 fixtures of tests/test_reference_fixtures.py hold the scanned stages to the reference.)
 SCANNED = repeat.SCAN_MIN_BLOCKS
 FEWER_BLOCKS = ("basic", (1, 1, 1 + SCANNED, 1))
+TINY_HRNET = {"type": "HRNet", "arch": "hrnetv2_tiny", "mcibi_version": True}
+# name -> (options, the scanned stage, its scanned member names)
+CASES = {
+    "ResNet": (TINY, "layer3", [str(i) for i in range(1 + SCANNED)]),
+    # hrnetv2_tiny has two modules in each of stages 3 and 4 (HRNet-W48: 4 and 3). Without
+    # multiscale output the last module differs: stage 3's two are scanned, stage 4's stay unrolled.
+    "HRNet": ({**TINY_HRNET, "multiscale_output": False}, "stage3", ["0", "1"]),
+}
+assert hrnet.SCAN_MIN_MODULES <= 2
 
 
 def _has_scan(fn, *args) -> bool:
@@ -40,10 +51,12 @@ def _train(options: dict, images: jax.Array, variables: dict):
     return outputs, new_stats, grads, _has_scan(step, params)
 
 
-def test_scanned_blocks_compute_what_unrolled_blocks_compute(monkeypatch):
+@pytest.mark.parametrize("case", list(CASES))
+def test_scanned_blocks_compute_what_unrolled_blocks_compute(case, monkeypatch):
     monkeypatch.setitem(resnet.ARCH_SETTINGS, 18, FEWER_BLOCKS)
-    unrolled, scanned = {**TINY, "scan_blocks": False}, {**TINY, "scan_blocks": True}
-    images = jax.random.normal(jax.random.key(2), (2, 24, 24, 3))
+    options, stage, names = CASES[case]
+    unrolled, scanned = {**options, "scan_blocks": False}, {**options, "scan_blocks": True}
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
 
     def init(options):
         return jax.jit(build_backbone(options).init, static_argnames="train")(
@@ -57,7 +70,7 @@ def test_scanned_blocks_compute_what_unrolled_blocks_compute(monkeypatch):
         bool(jnp.array_equal(a, b))
         for a, b in zip(jax.tree.leaves(same_init), jax.tree.leaves(variables))
     )
-    assert {str(i) for i in range(1 + SCANNED)} <= set(variables["params"]["layer3"])
+    assert set(names) <= set(variables["params"][stage])
 
     def evaluate(options):
         return jax.jit(lambda v: build_backbone(options).apply(v, images, train=False))(variables)

@@ -34,6 +34,7 @@ def apply_blocks(
     *,
     scan: bool = True,
     remat: bool = False,
+    min_length: int = SCAN_MIN_BLOCKS,
 ) -> Array:
     """Applies the blocks ``block_cls(**block_kwargs, name=n)`` for ``n`` in ``names`` in turn.
 
@@ -44,7 +45,7 @@ def apply_blocks(
     """
     variables = parent.variables
     stored = all(name in variables.get("params", {}) for name in names)
-    if not scan or len(names) < SCAN_MIN_BLOCKS or not stored:
+    if not scan or len(names) < min_length or not stored:
         cls = nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
         for name in names:
             x = cls(**block_kwargs, name=name)(x, train)
