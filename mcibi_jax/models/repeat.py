@@ -29,19 +29,20 @@ def apply_blocks(
     block_cls: type[nn.Module],
     block_kwargs: Mapping[str, Any],
     names: Sequence[str],
-    x: Array,
+    x: Array | list[Array],
     train: bool,
     *,
     scan: bool = True,
     remat: bool = False,
     min_length: int = SCAN_MIN_BLOCKS,
-) -> Array:
+) -> Array | list[Array]:
     """Applies the blocks ``block_cls(**block_kwargs, name=n)`` for ``n`` in ``names`` in turn.
 
-    Call it inside ``parent``'s compact ``__call__``. The blocks take ``(x, train)`` and return an
-    array shaped like ``x`` (N, H, W, C). ``remat``: rematerialise each block in the backward pass.
-    With ``scan``, at least ``SCAN_MIN_BLOCKS`` names and their variables in place (not while
-    initialising), the blocks run as one ``jax.lax.scan``.
+    Call it inside ``parent``'s compact ``__call__``. The blocks take ``(x, train)`` and return
+    something shaped like ``x``: an array (N, H, W, C), or a list of them (HRNet's branches).
+    ``remat``: rematerialise each block in the backward pass. With ``scan``, at least
+    ``min_length`` names and their variables in place (not while initialising), the blocks run
+    as one ``jax.lax.scan``.
     """
     variables = parent.variables
     stored = all(name in variables.get("params", {}) for name in names)

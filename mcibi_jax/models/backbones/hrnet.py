@@ -321,7 +321,6 @@ class _Stage(nn.Module):
     multiscale_output: bool = True
     use_checkpoint: bool = False
     dtype: Dtype | None = None
-
     scan_modules: bool = True
 
     @nn.compact
@@ -352,8 +351,8 @@ class HRNet(nn.Module):
     :func:`hrnet_stages`). ``mcibi_version`` drops the ReLU after the stem's first BN,
     as the reference does for MCIBI's Cityscapes model. ``use_checkpoint``
     rematerialises the residual blocks in the backward pass; ``scan_blocks`` runs each stage's
-    identical modules as one ``jax.lax.scan`` (same parameter tree; see ``SCAN_MIN_MODULES``). Only batch norm with
-    PyTorch's defaults and ReLU are supported for ``norm_cfg`` / ``act_cfg``. The
+    identical modules as one ``jax.lax.scan`` (same parameter tree; ``SCAN_MIN_MODULES``).
+    Only batch norm with PyTorch's defaults and ReLU are supported for ``norm_cfg`` / ``act_cfg``. The
     reference's ``structure_type`` and ``pretrained*`` options are not fields (weights
     come from ``mcibi_jax.porting``).
 
