@@ -18,9 +18,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 
 # Compiling is most of this suite's time. XLA:CPU's backend optimisation level only sets how hard
 # LLVM optimises the code it generates for fused elementwise and reduction kernels (the HLO
-# program and the conv and matmul library kernels stay the same): at level 0 the suite compiles
-# about a third faster, and every fixture tolerance holds at either level (both are run before a
-# release). MCIBI_TEST_XLA_OPT_LEVEL=default keeps XLA's own level. Inherited by subprocesses.
+# program and the conv and matmul library kernels stay the same): at level 0 the slow tests compile
+# about a third faster (docs/benchmarks.md), and the fixture tolerances hold at either level.
+# MCIBI_TEST_XLA_OPT_LEVEL=default keeps XLA's own level. Inherited by subprocesses.
 _OPT_LEVEL = os.environ.get("MCIBI_TEST_XLA_OPT_LEVEL", "0")
 if _OPT_LEVEL != "default" and "xla_backend_optimization_level" not in os.environ.get(
     "XLA_FLAGS", ""

@@ -1,8 +1,7 @@
-"""model.backbone.scan_blocks (a stage's long run of identical blocks, or HRNet's identical modules,
-as one jax.lax.scan) keeps
-the parameter tree and the initial values; outputs, BatchNorm statistics and gradients are those of
-the unrolled blocks, with and without remat, up to float32 rounding (XLA fuses the loop body's
-operations differently from the unrolled blocks')."""
+"""model.backbone.scan_blocks (a stage's long run of identical blocks, or HRNet's identical
+modules, as one jax.lax.scan) keeps the parameter tree and the initial values; outputs, BatchNorm
+statistics and gradients are those of the unrolled blocks, with and without remat, up to float32
+rounding (XLA fuses the loop body's operations differently from the unrolled blocks')."""
 
 from __future__ import annotations
 

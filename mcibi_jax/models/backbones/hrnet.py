@@ -352,9 +352,9 @@ class HRNet(nn.Module):
     as the reference does for MCIBI's Cityscapes model. ``use_checkpoint``
     rematerialises the residual blocks in the backward pass; ``scan_blocks`` runs each stage's
     identical modules as one ``jax.lax.scan`` (same parameter tree; ``SCAN_MIN_MODULES``).
-    Only batch norm with PyTorch's defaults and ReLU are supported for ``norm_cfg`` / ``act_cfg``. The
-    reference's ``structure_type`` and ``pretrained*`` options are not fields (weights
-    come from ``mcibi_jax.porting``).
+    Only batch norm with PyTorch's defaults and ReLU are supported for ``norm_cfg`` /
+    ``act_cfg``. The reference's ``structure_type`` and ``pretrained*`` options are not fields
+    (weights come from ``mcibi_jax.porting``).
 
     ``__call__(x: (N, H, W, in_channels), train) -> (out,)`` with ``out`` of shape
     (N, ceil(ceil(H/2)/2), ceil(ceil(W/2)/2), hrnet_out_channels(arch)).
