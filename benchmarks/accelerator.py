@@ -16,7 +16,7 @@ is spent (its row says "skipped").
 Per row: compile time (lower + compile), step time (median of 3 timed repeats of n steps after
 a warm-up, n sized to ``--measure_s``), images/s, peak device memory (``peak_bytes_in_use``; on
 a CPU, which keeps no device statistics, XLA's memory plan of the compiled program instead:
-arguments + outputs + scratch), FLOPs per step from XLA's cost analysis of the compiled
+arguments + outputs + scratch), FLOPs per step from XLA's cost analysis of the lowered
 program, achieved TFLOP/s and MFU against the device's peak (``xla_stats.PEAKS``; 'n/a' for an
 unknown device).
 
@@ -40,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +96,7 @@ def timed(
 def _figures(
     job: dict,
     work: str,
+    flops: float | None,
     compiled: Any,
     compile_s: float,
     step_s: float,
@@ -105,7 +107,6 @@ def _figures(
     import xla_stats
     from train_step import peak_memory
 
-    flops = xla_stats.compiled_flops(compiled)
     peak = peak_memory(device)
     return {
         "config": job["config"],
@@ -117,6 +118,7 @@ def _figures(
         "iters": iters,
         "images_per_s": images / step_s,
         "flops": flops,
+        "flops_xla": xla_stats.compiled_flops(compiled),
         "tflops_per_s": flops / step_s / 1e12 if flops else None,
         "mfu": xla_stats.mfu(flops, step_s, device.device_kind, job["dtype"]),
         "peak_bytes": peak,
@@ -125,8 +127,15 @@ def _figures(
     }
 
 
+def _compile_row(job: dict, work: str, compile_s: float) -> dict:
+    return {"config": job["config"], "dtype": job["dtype"], "work": work, "compile_s": compile_s}
+
+
 def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
-    """The forward's row, and the variables it ran on (the train step starts from them)."""
+    """The forward's row, and the variables it ran on (the train step starts from them). With
+    ``job["compile_only"]``: compiles, and the row holds the compile time alone."""
+    import jax
+    import xla_stats
     from forward import forward_case
     from train_step import recipe_per_device_batch
 
@@ -142,6 +151,8 @@ def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
     started = time.perf_counter()
     compiled = forward.lower(variables, images).compile()
     compile_s = time.perf_counter() - started
+    if job.get("compile_only"):
+        return _compile_row(job, "forward", compile_s), variables
     compiled(variables, images).block_until_ready()  # warm-up
 
     def run(n: int) -> float:
@@ -152,15 +163,18 @@ def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
         return time.perf_counter() - started
 
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
-    row = _figures(job, "forward", compiled, compile_s, step_s, iters, batch, device)
+    flops = xla_stats.jaxpr_flops(jax.make_jaxpr(forward)(variables, images))
+    row = _figures(job, "forward", flops, compiled, compile_s, step_s, iters, batch, device)
     row.update(per_device_batch=batch, size=list(images.shape[1:3]), init_s=init_s)
     return row, variables
 
 
 def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[dict, dict]:
     """The train step's row, and what the input-stall measurement reuses. ``handed["variables"]``
-    (taken out, so that nothing else holds them): the forward's, to start from."""
+    (taken out, so that nothing else holds them): the forward's, to start from. With
+    ``job["compile_only"]``: compiles, and the row holds the compile time alone."""
     import jax
+    import xla_stats
     from train_step import train_case
 
     size = tuple(job["size"]) if job["size"] else None
@@ -185,6 +199,9 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     started = time.perf_counter()
     compiled = case.step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - started
+    if job.get("compile_only"):
+        return _compile_row(job, "train step", compile_s), {}
+    flops = xla_stats.jaxpr_flops(case.step.trace(state, batch, key).jaxpr)
     box = {"state": state}
     state = None  # donated to the step on accelerators: only box holds the live one
 
@@ -201,7 +218,9 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
 
     run(1)  # warm-up
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
-    row = _figures(job, "train step", compiled, compile_s, step_s, iters, case.batch_size, device)
+    row = _figures(
+        job, "train step", flops, compiled, compile_s, step_s, iters, case.batch_size, device
+    )
     row.update(
         per_device_batch=case.per_device_batch,
         size=list(case.size),
@@ -267,7 +286,7 @@ def child(job: dict) -> None:
             "jax": jax.__version__,
         }
     )
-    tag = f"{job['config']} {job['dtype']}"
+    tag = f"{job['config']} {job['dtype']}" + (" (compile only)" if job.get("compile_only") else "")
     handed = {}
     try:
         _progress(f"{tag}: forward")
@@ -282,7 +301,7 @@ def child(job: dict) -> None:
     except Exception as error:
         _emit(_error_row(job, "train step", error))
         return
-    if job.get("stall"):
+    if job.get("stall") and not job.get("compile_only"):
         try:
             _progress(f"{tag}: input stall")
             _emit(measure_stall(job, context))
@@ -299,11 +318,12 @@ def run_job(
     timeout_s: float,
     echo: Callable[[str], None] = _progress,
     command: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[list[dict], str | None]:
-    """Runs ``job`` in a fresh process (``command``: instead of this script's ``--child``) for at
-    most ``timeout_s``; returns its result rows and, where it did not finish cleanly, why (timed
-    out, exit status, out of memory)."""
-    env = dict(os.environ)
+    """Runs ``job`` in a fresh process (``command``: instead of this script's ``--child``; ``env``:
+    added to its environment) for at most ``timeout_s``; returns its result rows and, where it
+    did not finish cleanly, why (timed out, exit status, out of memory)."""
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     command = command or [
         sys.executable,
@@ -478,6 +498,16 @@ def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: flo
         if any(r.get("memory_source") == "device" for r in rows)
         else "Peak memory: XLA's memory plan of the compiled program (arguments + outputs + scratch): "
         "this backend keeps no device memory statistics.",
+        "FLOPs: the matrix products and convolutions of the step's jaxpr, 2 per multiply-add "
+        "(conv taps that read padding not counted), the same on every backend.",
+    ]
+    workers = {r["compile_workers"] for r in rows if r.get("compile_workers")}
+    if workers:
+        lines.append(
+            f"Compile s: measured in a compile pass of {max(workers)} processes at once (an upper "
+            "bound); the timed processes loaded the programs from the compilation cache."
+        )
+    lines += [
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
@@ -496,6 +526,48 @@ def _sorted(rows: list[dict], configs: list[str], dtypes: list[str]) -> list[dic
         )
 
     return sorted(rows, key=key)
+
+
+def cache_env(cache_dir: str) -> dict[str, str]:
+    """Environment for children that share compiled programs through JAX's persistent cache."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def compile_pass(
+    jobs: list[dict], workers: int, timeout_s: float, env: dict[str, str]
+) -> dict[tuple[str, str, str], float]:
+    """Compiles every job's programs, ``workers`` processes at once, into the cache of ``env``;
+    returns the compile seconds per (config, dtype, work). The timed pass then loads them: the
+    host's cores compile while no step is being timed."""
+    import concurrent.futures
+
+    compile_env = {
+        **env,
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    }  # several processes share the device
+
+    def compile_job(job: dict) -> list[dict]:
+        tag = f"{job['config']} {job['dtype']}"
+        rows, why = run_job(
+            {**job, "compile_only": True},
+            timeout_s,
+            lambda line: _progress(f"  [{tag} compile] {line.strip()}"),
+            env=compile_env,
+        )
+        if why is not None:
+            _progress(f"  [{tag} compile] did not finish: {why}")
+        return rows
+
+    times = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for rows in pool.map(compile_job, jobs):
+            for r in rows:
+                if "compile_s" in r and not r.get("error"):
+                    times[(r["config"], r["dtype"], r["work"])] = r["compile_s"]
+    return times
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -543,6 +615,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help=f"{SMOKE_CONFIG} only, short measurements: checks the script in seconds on a CPU",
     )
+    parser.add_argument(
+        "--compile_workers",
+        type=int,
+        default=0,
+        help="first compile every case, this many processes at once, into a persistent "
+        "compilation cache that the timed processes then load from (0: each timed process "
+        "compiles its own)",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="the compilation cache (default: a new temporary folder)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -552,7 +635,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     stall_config, source_sizes = args.stall_config, []
     if args.smoke:
-        configs, stall_config, source_sizes = [SMOKE_CONFIG], SMOKE_CONFIG, [(64, 96), (48, 64)]
+        configs, source_sizes = [SMOKE_CONFIG], [(64, 96), (48, 64)]
+        stall_config = SMOKE_CONFIG if stall_config else None
         args.measure_s, args.min_iters, args.max_iters, args.stall_steps = 0.05, 1, 2, 2
     if stall_config and stall_config not in configs:
         configs.append(stall_config)
@@ -566,15 +650,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _progress(
         f"{len(jobs)} cases, budget {args.budget_s:.0f} s, at most {args.case_timeout_s:.0f} s each"
     )
-    for i, (config, dtype, stall) in enumerate(jobs, 1):
-        works = WORKS if stall else WORKS[:2]
-        left = args.budget_s - (time.monotonic() - start)
-        if left < 20:
-            rows += fill_missing([], config, dtype, works, "skipped: time budget spent")
-            _progress(f"[{i}/{len(jobs)}] {config} {dtype}: skipped (time budget spent)")
-            continue
-        _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
-        job = {
+
+    def write() -> str:
+        """The tables so far (after every case: a run stopped from outside keeps what it did)."""
+        elapsed = time.monotonic() - start
+        text = markdown(_sorted(rows, configs, args.dtypes), device, started_at, elapsed)
+        (out_dir / "accelerator.md").write_text(text)
+        (out_dir / "accelerator.json").write_text(
+            json.dumps(
+                {
+                    "started": started_at,
+                    "elapsed_s": elapsed,
+                    "device": device,
+                    "rows": _sorted(rows, configs, args.dtypes),
+                },
+                indent=1,
+            )
+        )
+        return text
+
+    def make_job(config: str, dtype: str, stall: bool) -> dict:
+        return {
             "config": config,
             "dtype": dtype,
             "per_device_batch": args.per_device_batch,
@@ -585,26 +681,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "overrides": ["model.backbone.remat=True"] if args.remat else [],
             "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None,
         }
-        job_rows, why = run_job(job, min(args.case_timeout_s, left))
+
+    env, compile_times = {}, {}
+    if args.compile_workers > 0:
+        env = cache_env(args.cache_dir or tempfile.mkdtemp(prefix="accelerator_cache_"))
+        _progress(f"compiling {len(jobs)} cases, {args.compile_workers} processes at once")
+        compile_times = compile_pass(
+            [make_job(*j) for j in jobs],
+            args.compile_workers,
+            min(args.case_timeout_s, args.budget_s),
+            env,
+        )
+        _progress(f"compiled in {time.monotonic() - start:.0f} s")
+
+    for i, (config, dtype, stall) in enumerate(jobs, 1):
+        works = WORKS if stall else WORKS[:2]
+        left = args.budget_s - (time.monotonic() - start)
+        if left < 20:
+            rows += fill_missing([], config, dtype, works, "skipped: time budget spent")
+            _progress(f"[{i}/{len(jobs)}] {config} {dtype}: skipped (time budget spent)")
+            continue
+        _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
+        job = make_job(config, dtype, stall)
+        job_rows, why = run_job(job, min(args.case_timeout_s, left), env=env)
         device = device or next((r for r in job_rows if r["work"] == "device"), None)
         results = [r for r in job_rows if r["work"] != "device"]
+        for r in results:
+            compiled_s = compile_times.get((r["config"], r["dtype"], r["work"]))
+            if compiled_s is not None and "compile_s" in r:
+                r["load_s"], r["compile_s"] = r["compile_s"], compiled_s
+                r["compile_workers"] = args.compile_workers
         if why is not None:
             results += fill_missing(results, config, dtype, works, why)
         for r in results:
             _progress(f"    {' | '.join(cell for cell in format_row(r)[1:] if cell)}")
         rows += results
-    rows = _sorted(rows, configs, args.dtypes)
-    elapsed = time.monotonic() - start
-    text = markdown(rows, device, started_at, elapsed)
-    (out_dir / "accelerator.md").write_text(text)
-    (out_dir / "accelerator.json").write_text(
-        json.dumps(
-            {"started": started_at, "elapsed_s": elapsed, "device": device, "rows": rows}, indent=1
-        )
-    )
-    print(text, flush=True)
+        write()
+    print(write(), flush=True)
     _progress(f"wrote {out_dir / 'accelerator.md'} and {out_dir / 'accelerator.json'}")
-    return rows
+    return _sorted(rows, configs, args.dtypes)
 
 
 if __name__ == "__main__":

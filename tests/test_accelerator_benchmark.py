@@ -3,11 +3,13 @@ benchmarks/xla_stats.py (device peaks, MFU) and benchmarks/remat_memory.py's tab
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 import pytest
 
+from mcibi_jax.data import pipeline
 from tests.helpers import REPO, load_script
 
 accelerator = load_script("benchmarks", "accelerator")
@@ -30,7 +32,8 @@ def test_smoke_run_on_cpu(tmp_path, monkeypatch):
         assert r["step_s"] > 0 and r["compile_s"] > 0 and r["flops"] > 0 and r["mfu"] is None
         assert r["memory_source"] == "xla_plan" and r["memory_plan"]["temp"] > 0
     assert train["flops"] > forward["flops"]
-    assert stall["step_s"] > 0 and stall["resident_step_s"] > 0 and "4 threads" in stall["loader"]
+    threads = f"{pipeline.NUM_THREADS} threads"
+    assert stall["step_s"] > 0 and stall["resident_step_s"] > 0 and threads in stall["loader"]
     text = (tmp_path / "accelerator.md").read_text()
     assert (
         "| config | work | dtype | batch | compile s | step ms |" in text and "(XLA plan)" in text
@@ -38,6 +41,63 @@ def test_smoke_run_on_cpu(tmp_path, monkeypatch):
     assert "MFU: n/a" in text and "| n/a |" in text
     saved = json.loads((tmp_path / "accelerator.json").read_text())
     assert saved["device"]["platform"] == "cpu" and len(saved["rows"]) == 3
+
+
+def test_compile_pass_hands_the_programs_to_the_timed_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cache = tmp_path / "cache"
+    rows = accelerator.main(
+        [
+            "--smoke",
+            "--dtypes=bfloat16",
+            "--stall_config=",
+            "--compile_workers=1",
+            f"--cache_dir={cache}",
+            f"--out_dir={tmp_path}",
+        ]
+    )
+    assert [r["work"] for r in rows] == ["forward", "train step"]
+    assert not any(r.get("error") for r in rows), rows
+    for r in rows:  # compile time from the compile pass, the timed process's own is the load
+        assert r["compile_workers"] == 1 and r["compile_s"] > 0 and r["load_s"] > 0
+    assert any(cache.iterdir())
+    assert "compile pass of 1 processes" in (tmp_path / "accelerator.md").read_text()
+
+
+def test_jaxpr_flops_count_like_xla():
+    """Matmuls and convolutions (padding taps left out) as XLA's cost analysis counts them; a
+    scan's body times its length, a cond's costliest branch."""
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x, k, dilation, stride):
+        return jax.lax.conv_general_dilated(
+            x,
+            k,
+            (stride, stride),
+            ((dilation, dilation), (dilation, dilation)),
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    x, k = jnp.zeros((2, 16, 24, 8)), jnp.zeros((3, 3, 8, 4))
+    for dilation, stride in [(1, 1), (6, 1), (12, 1), (1, 2)]:
+        f = jax.jit(functools.partial(conv, dilation=dilation, stride=stride))
+        expected = f.lower(x, k).cost_analysis()["flops"]
+        assert xla_stats.jaxpr_flops(jax.make_jaxpr(f)(x, k)) == expected
+    grad = jax.jit(jax.grad(lambda x, k: (conv(x, k, 6, 1) ** 2).sum(), argnums=(0, 1)))
+    assert xla_stats.jaxpr_flops(jax.make_jaxpr(grad)(x, k)) == pytest.approx(
+        grad.lower(x, k).cost_analysis()["flops"], rel=0.02
+    )
+    a, b = jnp.zeros((5, 7)), jnp.zeros((7, 3))
+    assert xla_stats.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(a, b)) == 2 * 5 * 7 * 3
+
+    def scanned(a):
+        return jax.lax.scan(lambda c, _: (c @ jnp.eye(7), None), a, None, length=4)[0]
+
+    assert xla_stats.jaxpr_flops(jax.make_jaxpr(scanned)(a)) == 4 * 2 * 5 * 7 * 7
+    branches = jax.make_jaxpr(lambda p, a: jax.lax.cond(p, lambda a: a @ b, lambda a: a[:, :3], a))
+    assert xla_stats.jaxpr_flops(branches(True, a)) == 2 * 5 * 7 * 3
 
 
 def test_run_job_reports_timeouts_crashes_and_oom():
@@ -82,7 +142,7 @@ def test_run_job_reports_timeouts_crashes_and_oom():
 def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run_job(job, timeout_s, echo=None, command=None):
+    def fake_run_job(job, timeout_s, echo=None, command=None, env=None):
         calls.append((job["config"], job["dtype"], bool(job["stall"])))
         device = {
             "work": "device",

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -60,7 +61,9 @@ log = logging.getLogger(__name__)
 _STREAM_END = 2**62  # "endless": far more positions than any run reads
 _STATE_VERSION = 1
 NUM_WORKERS = 0  # default worker processes
-NUM_THREADS = 4  # default threads per process
+# default threads per process: one per core, 4 to 16 (with 4, a 16-core H200 host's Grain
+# batches slowed the Cityscapes R-50 bfloat16 train step by 9 %)
+NUM_THREADS = min(16, max(4, os.cpu_count() or 4))
 
 _skipped_lock = threading.Lock()
 _skipped_total = 0

@@ -1,0 +1,79 @@
+"""benchmarks/profile_step.py: a traced train step summed per XLA op and per model scope."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import REPO, load_script
+
+profile_step = load_script("benchmarks", "profile_step")
+
+HLO = """HloModule jit_step
+
+%fused_computation.3 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %exp = f32[4]{0} exponential(%p), metadata={op_name="jit(step)/jvp(MCIBI)/memory_module/exp"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %fusion.3 = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused_computation.3
+  ROOT %add.1 = f32[4]{0} add(%fusion.3, %a), metadata={op_name="jit(step)/transpose(jvp(MCIBI))/backbone_net/layer4/0/add"}
+}
+"""
+
+
+def test_hlo_op_names_and_scopes():
+    names = profile_step.hlo_op_names(HLO)
+    assert names["add.1"].endswith("layer4/0/add")
+    assert names["fusion.3"].endswith("memory_module/exp")  # from its fused computation
+    assert profile_step.scope_of(names["add.1"]) == ("backward", "backbone_net/layer4")
+    assert profile_step.scope_of(names["fusion.3"], 1) == ("forward", "memory_module")
+    assert profile_step.scope_of("jit(step)/jvp(jit(log_softmax))/exp") == (
+        "forward",
+        "log_softmax",
+    )
+    assert profile_step.scope_of("jit(step)/add") == ("forward", "(outside the model)")
+
+
+def test_summary_of_device_kernels():
+    trace = {
+        "traceEvents": [
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "name": "k1", "dur": 300.0, "args": {"hlo_op": "fusion.3"}},
+            {"ph": "X", "pid": 1, "name": "k2", "dur": 100.0, "args": {"hlo_op": "add.1"}},
+            {"ph": "X", "pid": 1, "name": "k1", "dur": 300.0, "args": {"hlo_op": "fusion.3"}},
+            {"ph": "X", "pid": 2, "name": "host", "dur": 9000.0},
+        ]
+    }
+    summary = profile_step.summarise(trace, HLO, steps=2, wall_s=0.002, top=5, depth=2)
+    assert summary["source"] == "device kernels"
+    assert summary["busy_s"] == pytest.approx(350e-6)  # per step
+    assert [r["op"] for r in summary["ops"]] == ["fusion.3", "add.1"]
+    assert summary["ops"][0]["count"] == 1
+    assert summary["scopes"][0] == {
+        "direction": "forward",
+        "scope": "memory_module",
+        "s": pytest.approx(300e-6),
+    }
+    text = profile_step.markdown("t", summary)
+    assert "| fusion.3 | 0.300 | 85.7 | 1 |" in text and "(35 % of the wall time)" in text
+
+
+def test_profiles_a_train_step_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    profile_step.main(
+        [
+            "--configs=benchmarks/tiny_config.py",
+            "--dtypes=float32",
+            "--steps=2",
+            "--warmup=1",
+            f"--out_dir={tmp_path}",
+            "--keep_trace",
+        ]
+    )
+    text = (tmp_path / "benchmarks_tiny_config_float32_train.md").read_text()
+    assert "host events (XLA:CPU)" in text and "| backward |" in text
+    assert (tmp_path / "benchmarks_tiny_config_float32_train.trace.json.gz").stat().st_size > 0
+    assert (tmp_path / "benchmarks_tiny_config_float32_train.hlo.txt.gz").stat().st_size > 0
