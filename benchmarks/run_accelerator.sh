@@ -3,7 +3,8 @@
 # step of the five backbones in float32 and bfloat16, peak memory, FLOPs, MFU, input stall.
 #   bash benchmarks/run_accelerator.sh [OUT_DIR]      (default: $OUT if set, else .)
 # Extra arguments after OUT_DIR go to benchmarks/accelerator.py (e.g. --dtypes=bfloat16);
-# $PYTHON picks the interpreter (default python3).
+# $PYTHON picks the interpreter (default python3). Every case is compiled first, 5 processes at
+# once ($COMPILE_WORKERS; 0: none), and the timed processes load the programs from the cache.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-${OUT:-.}}"
@@ -11,4 +12,5 @@ shift || true
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 "${PYTHON:-python3}" -c "import jax; print('jax', jax.__version__, jax.devices())"
-exec "${PYTHON:-python3}" -u benchmarks/accelerator.py --out_dir="$out" "$@"
+exec "${PYTHON:-python3}" -u benchmarks/accelerator.py --out_dir="$out" \
+  --compile_workers="${COMPILE_WORKERS:-5}" "$@"
