@@ -276,8 +276,11 @@ def child(job: dict) -> None:
     RESULT line per measurement; a failing measurement becomes an error row."""
     import jax
 
+    def emit(row: dict) -> None:  # every row names the job's variant
+        _emit({**row, **({"variant": job["variant"]} if job.get("variant") else {})})
+
     device = jax.devices()[0]
-    _emit(
+    emit(
         {
             "work": "device",
             "device_kind": device.device_kind,
@@ -291,22 +294,22 @@ def child(job: dict) -> None:
     try:
         _progress(f"{tag}: forward")
         row, handed["variables"] = measure_forward(job, device)
-        _emit(row)
+        emit(row)
     except Exception as error:  # reported, the next measurement still runs
-        _emit(_error_row(job, "forward", error))
+        emit(_error_row(job, "forward", error))
     try:
         _progress(f"{tag}: train step")
         row, context = measure_train(job, device, handed)
-        _emit(row)
+        emit(row)
     except Exception as error:
-        _emit(_error_row(job, "train step", error))
+        emit(_error_row(job, "train step", error))
         return
     if job.get("stall") and not job.get("compile_only"):
         try:
             _progress(f"{tag}: input stall")
-            _emit(measure_stall(job, context))
+            emit(measure_stall(job, context))
         except Exception as error:
-            _emit(_error_row(job, "input stall", error))
+            emit(_error_row(job, "input stall", error))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,9 +388,18 @@ def plan(
 
 
 def fill_missing(
-    rows: list[dict], config: str, dtype: str, works: tuple[str, ...], why: str
+    rows: list[dict],
+    config: str,
+    dtype: str,
+    works: tuple[str, ...],
+    why: str,
+    variant: str | None = None,
 ) -> list[dict]:
-    done = {r["work"] for r in rows if r.get("config") == config and r.get("dtype") == dtype}
+    done = {
+        r["work"]
+        for r in rows
+        if (r.get("config"), r.get("dtype"), r.get("variant")) == (config, dtype, variant)
+    }
     return [
         {
             "config": config,
@@ -395,6 +407,7 @@ def fill_missing(
             "work": w,
             "error": why,
             "oom": why.startswith("out of memory"),
+            **({"variant": variant} if variant else {}),
         }
         for w in works
         if w not in done
@@ -405,13 +418,17 @@ def _gib(value: int | None) -> str:
     return "" if value is None else f"{value / 2**30:.3g}"
 
 
+def _config_cell(r: dict) -> str:
+    return r["config"] + (f" [{r['variant']}]" if r.get("variant") else "")
+
+
 def format_row(r: dict) -> list[str]:
     """The markdown table cells of one result row."""
     size = "x".join(str(s) for s in r["size"]) if r.get("size") else ""
     batch = f"{r.get('images', '')}x{size}" if size else ""
     if r.get("error"):
         return [
-            r["config"],
+            _config_cell(r),
             r["work"],
             r["dtype"],
             batch,
@@ -430,7 +447,7 @@ def format_row(r: dict) -> list[str]:
             f"({r['slowdown'] * 100:+.1f} %); {r['loader']}"
         )
         return [
-            r["config"],
+            _config_cell(r),
             r["work"],
             r["dtype"],
             "",
@@ -450,7 +467,7 @@ def format_row(r: dict) -> list[str]:
         else (f"{_gib(plan_.get('peak'))} (XLA plan)" if plan_ else "")
     )
     return [
-        r["config"],
+        _config_cell(r),
         r["work"],
         r["dtype"],
         batch,
@@ -481,7 +498,13 @@ HEADER = [
 ]
 
 
-def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: float) -> str:
+def markdown(
+    rows: list[dict],
+    device: dict | None,
+    started: str,
+    elapsed_s: float,
+    variants: list[tuple[str, dict[str, str]]] = (),
+) -> str:
     import xla_stats
 
     kind = device["device_kind"] if device else "unknown device"
@@ -507,6 +530,14 @@ def markdown(rows: list[dict], device: dict | None, started: str, elapsed_s: flo
             f"Compile s: measured in a compile pass of {max(workers)} processes at once (an upper "
             "bound); the timed processes loaded the programs from the compilation cache."
         )
+    if variants:
+        lines.append(
+            "Variants: "
+            + "; ".join(
+                f"{name} = {' '.join(f'{k}={v}' for k, v in env.items())}" for name, env in variants
+            )
+            + " (compare their step time with the plain rows: a variant's FLOPs count its own program)."
+        )
     lines += [
         "",
         "| " + " | ".join(HEADER) + " |",
@@ -521,11 +552,24 @@ def _sorted(rows: list[dict], configs: list[str], dtypes: list[str]) -> list[dic
         config = configs.index(r["config"]) if r["config"] in configs else len(configs)
         return (
             config,
+            r.get("variant") or "",
             WORKS.index(r["work"]) if r["work"] in WORKS else 9,
             dtypes.index(r["dtype"]),
         )
 
     return sorted(rows, key=key)
+
+
+def parse_variants(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``"a:X=1+Y=2,b:X=3"`` -> ``[("a", {"X": "1", "Y": "2"}), ("b", {"X": "3"})]``."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, settings = item.partition(":")
+        pairs = [setting.partition("=") for setting in settings.split("+") if setting]
+        if not name or not pairs or any(not key or not sep for key, sep, _ in pairs):
+            raise SystemExit(f"--variants: expected NAME:VAR=VALUE[+VAR=VALUE...], got {item!r}")
+        variants.append((name, {key: value for key, _, value in pairs}))
+    return variants
 
 
 def cache_env(cache_dir: str) -> dict[str, str]:
@@ -550,12 +594,12 @@ def compile_pass(
     }  # several processes share the device
 
     def compile_job(job: dict) -> list[dict]:
-        tag = f"{job['config']} {job['dtype']}"
+        tag = f"{job['config']} {job['dtype']}" + (f" [{job['variant']}]" if job["variant"] else "")
         rows, why = run_job(
             {**job, "compile_only": True},
             timeout_s,
             lambda line: _progress(f"  [{tag} compile] {line.strip()}"),
-            env=compile_env,
+            env={**compile_env, **job["env"]},
         )
         if why is not None:
             _progress(f"  [{tag} compile] did not finish: {why}")
@@ -566,7 +610,7 @@ def compile_pass(
         for rows in pool.map(compile_job, jobs):
             for r in rows:
                 if "compile_s" in r and not r.get("error"):
-                    times[(r["config"], r["dtype"], r["work"])] = r["compile_s"]
+                    times[(r["config"], r["dtype"], r["work"], r.get("variant"))] = r["compile_s"]
     return times
 
 
@@ -626,6 +670,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--cache_dir", default=None, help="the compilation cache (default: a new temporary folder)"
     )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="extra cases of --variant_config with environment settings, run after the bfloat16 "
+        "cases: comma-separated NAME:VAR=VALUE[+VAR=VALUE...], e.g. "
+        "s2b:MCIBI_DILATED_CONV=space_to_batch",
+    )
+    parser.add_argument(
+        "--variant_config",
+        default=None,
+        help="the config the variants run (default: the stall config, else the first)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -654,7 +710,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def write() -> str:
         """The tables so far (after every case: a run stopped from outside keeps what it did)."""
         elapsed = time.monotonic() - start
-        text = markdown(_sorted(rows, configs, args.dtypes), device, started_at, elapsed)
+        text = markdown(
+            _sorted(rows, configs, args.dtypes),
+            device,
+            started_at,
+            elapsed,
+            parse_variants(args.variants),
+        )
         (out_dir / "accelerator.md").write_text(text)
         (out_dir / "accelerator.json").write_text(
             json.dumps(
@@ -669,10 +731,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         return text
 
-    def make_job(config: str, dtype: str, stall: bool) -> dict:
+    variant_config = args.variant_config or stall_config or configs[0]
+    variant_dtype = "bfloat16" if "bfloat16" in args.dtypes else args.dtypes[0]
+    variant_jobs = [
+        (variant_config, variant_dtype, False, name, variant_env)
+        for name, variant_env in parse_variants(args.variants)
+    ]
+    after = sum(1 for _, dtype, _ in jobs if dtype == variant_dtype)
+    jobs = [(c, d, s, None, {}) for c, d, s in jobs]
+    jobs[after:after] = variant_jobs
+
+    def make_job(
+        config: str, dtype: str, stall: bool, variant: str | None, variant_env: dict
+    ) -> dict:
         return {
             "config": config,
             "dtype": dtype,
+            "variant": variant,
+            "env": variant_env,
             "per_device_batch": args.per_device_batch,
             "size": args.size,
             "measure_s": args.measure_s,
@@ -694,25 +770,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         _progress(f"compiled in {time.monotonic() - start:.0f} s")
 
-    for i, (config, dtype, stall) in enumerate(jobs, 1):
+    for i, (config, dtype, stall, variant, variant_env) in enumerate(jobs, 1):
         works = WORKS if stall else WORKS[:2]
         left = args.budget_s - (time.monotonic() - start)
+        name = f"{config} {dtype}" + (f" [{variant}]" if variant else "")
         if left < 20:
-            rows += fill_missing([], config, dtype, works, "skipped: time budget spent")
-            _progress(f"[{i}/{len(jobs)}] {config} {dtype}: skipped (time budget spent)")
+            rows += fill_missing([], config, dtype, works, "skipped: time budget spent", variant)
+            _progress(f"[{i}/{len(jobs)}] {name}: skipped (time budget spent)")
             continue
-        _progress(f"[{i}/{len(jobs)}] {config} {dtype} ({left:.0f} s of the budget left)")
-        job = make_job(config, dtype, stall)
-        job_rows, why = run_job(job, min(args.case_timeout_s, left), env=env)
+        _progress(f"[{i}/{len(jobs)}] {name} ({left:.0f} s of the budget left)")
+        job = make_job(config, dtype, stall, variant, variant_env)
+        job_rows, why = run_job(job, min(args.case_timeout_s, left), env={**env, **variant_env})
         device = device or next((r for r in job_rows if r["work"] == "device"), None)
         results = [r for r in job_rows if r["work"] != "device"]
         for r in results:
-            compiled_s = compile_times.get((r["config"], r["dtype"], r["work"]))
+            compiled_s = compile_times.get((r["config"], r["dtype"], r["work"], r.get("variant")))
             if compiled_s is not None and "compile_s" in r:
                 r["load_s"], r["compile_s"] = r["compile_s"], compiled_s
                 r["compile_workers"] = args.compile_workers
         if why is not None:
-            results += fill_missing(results, config, dtype, works, why)
+            results += fill_missing(results, config, dtype, works, why, variant)
         for r in results:
             _progress(f"    {' | '.join(cell for cell in format_row(r)[1:] if cell)}")
         rows += results

@@ -140,10 +140,11 @@ def test_run_job_reports_timeouts_crashes_and_oom():
 
 
 def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
-    calls = []
+    calls, variants = [], []
 
     def fake_run_job(job, timeout_s, echo=None, command=None, env=None):
         calls.append((job["config"], job["dtype"], bool(job["stall"])))
+        variants.append((job["variant"], (env or {}).get("MCIBI_X")))
         device = {
             "work": "device",
             "device_kind": "NVIDIA H200",
@@ -168,6 +169,7 @@ def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
             "peak_bytes": 2**30,
             "memory_plan": None,
             "memory_source": "device",
+            **({"variant": job["variant"]} if job["variant"] else {}),
         }
         return [device, done], "timed out after 3 s"
 
@@ -191,6 +193,40 @@ def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
         "| a.py | forward | bfloat16 | 2x8x8 | 1.0 | 10.0 | 200.0 | 1 | 2 | 200 | 20.0 % |  |"
         in text
     )
+
+    # variants of the stall config run after the bfloat16 cases, with their environment
+    calls.clear()
+    variants.clear()
+    rows = accelerator.main(
+        [
+            "--configs=a.py,b.py",
+            "--stall_config=a.py",
+            "--variants=v1:MCIBI_X=1,v2:MCIBI_X=2+MCIBI_Y=3",
+            f"--out_dir={tmp_path}",
+        ]
+    )
+    assert calls[2:4] == [("a.py", "bfloat16", False)] * 2
+    assert variants == [
+        (None, None),
+        (None, None),
+        ("v1", "1"),
+        ("v2", "2"),
+        (None, None),
+        (None, None),
+    ]
+    summary = {(r["config"], r.get("variant"), r["work"], r["dtype"]): r.get("error") for r in rows}
+    assert summary[("a.py", "v1", "forward", "bfloat16")] is None
+    assert summary[("a.py", "v2", "train step", "bfloat16")] == "timed out after 3 s"
+    text = (tmp_path / "accelerator.md").read_text()
+    assert "| a.py [v1] | forward | bfloat16 |" in text
+    assert "Variants: v1 = MCIBI_X=1; v2 = MCIBI_X=2 MCIBI_Y=3" in text
+    assert accelerator.parse_variants(" a:X=1+Y=, b:Z=2 ") == [
+        ("a", {"X": "1", "Y": ""}),
+        ("b", {"Z": "2"}),
+    ]
+    for bad in ("a", "a:", ":X=1", "a:X"):
+        with pytest.raises(SystemExit, match="--variants"):
+            accelerator.parse_variants(bad)
 
     calls.clear()
     rows = accelerator.main(

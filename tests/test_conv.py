@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from mcibi_jax.models.conv import (
+    DILATED_CONV_ENV,
     MIN_TAP_GRAD_CHANNELS,
     Conv,
     axis_taps,
     conv2d,
+    dilated_conv_method,
     matmul_grad_conv,
+    space_to_batch_conv,
     tap_conv,
     use_matmul_grads,
     use_tap_matmuls,
@@ -117,6 +120,40 @@ def test_dead_taps_are_skipped():
         (1, 0, 0, 64),
         (2, 36, 0, 28),
     ]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] == 1 and c[6] > 1])
+def test_space_to_batch_conv_matches_lax_conv_values_and_gradients(case):
+    def conv(x, kernel, strides, padding, dilation):
+        return space_to_batch_conv(x, kernel, padding, dilation, precision="highest")
+
+    assert_conv_equals_lax_with_vjp(conv, case, seed=3)
+
+
+@pytest.mark.parametrize("padding", [((2, 2), (4, 4)), ((0, 3), (1, 0))])
+def test_space_to_batch_conv_uneven_dilation_padding_and_groups(padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 15, 11, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
+    want = reference_conv(x, kernel, (1, 1), padding, (2, 4), groups=2)
+    got = space_to_batch_conv(x, kernel, padding, (2, 4), groups=2, precision="highest")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_conv_method_from_the_environment(monkeypatch):
+    monkeypatch.delenv(DILATED_CONV_ENV, raising=False)
+    assert dilated_conv_method() == "xla"
+    monkeypatch.setenv(DILATED_CONV_ENV, "space_to_batch")
+    assert dilated_conv_method() == "space_to_batch"
+    x = jnp.ones((1, 9, 9, 4), jnp.bfloat16)  # bfloat16: not a CPU float32 path
+    kernel = jnp.ones((3, 3, 4, 2), jnp.bfloat16)
+    jaxpr = str(
+        jax.make_jaxpr(lambda a, b: conv2d(a, b, (1, 1), ((2, 2), (2, 2)), (2, 2)))(x, kernel)
+    )
+    assert "rhs_dilation=(1, 1)" in jaxpr and "transpose" in jaxpr
+    monkeypatch.setenv(DILATED_CONV_ENV, "taps")
+    with pytest.raises(ValueError, match="MCIBI_DILATED_CONV='taps'"):
+        dilated_conv_method()
 
 
 def test_dispatch_rule():

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from mcibi_jax.models.memory import memory_momentum, update_memory
+from mcibi_jax.models.memory import (
+    SEGMENT_SUMS,
+    SEGMENT_SUMS_ENV,
+    memory_momentum,
+    segment_sums_method,
+    update_memory,
+)
 from tests.reference_data import FIXTURES, nhwc, relative_error
 
 SETTINGS = json.loads((FIXTURES / "memory_update.json").read_text())
 ARRAYS = dict(np.load(FIXTURES / "memory_update.npz"))
 
 
+@pytest.mark.parametrize("segment_sums", SEGMENT_SUMS)
 @pytest.mark.parametrize(
     "setting", SETTINGS, ids=lambda s: f"{s['index']}-{s['strategy']}-F{s['num_feats_per_cls']}"
 )
-def test_memory_update_matches_reference(setting):
+def test_memory_update_matches_reference(setting, segment_sums):
     i = setting["index"]
     before = ARRAYS[f"{i}/memory_before"]
     momentum = memory_momentum(setting["learning_rate"], **setting["momentum_cfg"])
-    update = jax.jit(update_memory, static_argnames=("strategy", "ignore_label"))
+    update = jax.jit(
+        functools.partial(update_memory, segment_sums=segment_sums),
+        static_argnames=("strategy", "ignore_label"),
+    )
     after = update(
         before,
         nhwc(ARRAYS[f"{i}/features_nchw"]),
@@ -44,6 +55,41 @@ def test_rejects_unknown_strategy():
             momentum=0.1,
             strategy="median",
         )
+
+
+def test_segment_sums_method_from_the_environment(monkeypatch):
+    monkeypatch.delenv(SEGMENT_SUMS_ENV, raising=False)
+    assert segment_sums_method() == "scatter"
+    monkeypatch.setenv(SEGMENT_SUMS_ENV, "matmul")
+    assert segment_sums_method() == "matmul" and segment_sums_method("scatter") == "scatter"
+    with pytest.raises(ValueError, match="unknown segment_sums 'sort'"):
+        segment_sums_method("sort")
+
+
+@pytest.mark.parametrize(
+    "strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)]
+)
+def test_matmul_segment_sums_equal_the_scatter(strategy, num_feats):
+    rng = np.random.default_rng(1)
+    memory = rng.standard_normal((7, num_feats, 16)).astype(np.float32)
+    memory[2] = 0.0
+    features = rng.standard_normal((2, 5, 7, 16)).astype(np.float32)
+    labels = rng.integers(-1, 7, (2, 20, 28)).astype(np.int32)
+    labels[0, :4] = 255
+    updated = [
+        update_memory(
+            memory,
+            features,
+            labels,
+            momentum=0.2,
+            strategy=strategy,
+            ignore_label=255,
+            band_values=2 * 28 * 16 * 3,
+            segment_sums=method,
+        )
+        for method in SEGMENT_SUMS
+    ]
+    np.testing.assert_allclose(updated[1], updated[0], rtol=1e-5, atol=1e-6)
 
 
 def test_absent_classes_and_ignored_pixels_leave_memory_alone():

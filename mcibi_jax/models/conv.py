@@ -12,11 +12,17 @@ channels). So on CPU, in float32:
 
 Both backward passes keep only the input and the kernel (like XLA's conv). Other backends
 and dtypes use ``lax.conv_general_dilated``; on CPU a grouped conv is one conv per group.
+
+``MCIBI_DILATED_CONV=space_to_batch`` (environment, read when a model is traced) computes every
+stride-1 dilated conv outside that CPU path as an undilated conv over the input's interleaved
+sub-grids (:func:`space_to_batch_conv`): the same sums, and a backward pass without dilated
+kernels. It is an option to measure on accelerators (the default, ``xla``, keeps XLA's conv).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +32,9 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 Array = jax.Array
+
+DILATED_CONV_ENV = "MCIBI_DILATED_CONV"
+DILATED_CONV_METHODS = ("xla", "space_to_batch")
 
 # From this dilation on, XLA:CPU's conv (and far more its gradient) is slower than the taps.
 MIN_TAP_DILATION = 8
@@ -123,7 +132,66 @@ def conv2d(
         return tap_conv(x, kernel, strides, padding, dilation)
     if x.dtype == kernel.dtype and use_matmul_grads(x.dtype, groups):
         return matmul_grad_conv(x, kernel, strides, padding, dilation, precision)
+    if strides == (1, 1) and dilation != (1, 1) and dilated_conv_method() == "space_to_batch":
+        return space_to_batch_conv(x, kernel, padding, dilation, groups, precision)
     return xla_conv(x, kernel, strides, padding, dilation, groups, precision)
+
+
+def dilated_conv_method() -> str:
+    """How :func:`conv2d` runs stride-1 dilated convs outside the CPU float32 paths: the
+    ``MCIBI_DILATED_CONV`` environment variable, ``xla`` (default) or ``space_to_batch``."""
+    method = os.environ.get(DILATED_CONV_ENV, "xla") or "xla"
+    if method not in DILATED_CONV_METHODS:
+        raise ValueError(
+            f"{DILATED_CONV_ENV}={method!r}: expected one of {', '.join(DILATED_CONV_METHODS)}"
+        )
+    return method
+
+
+def space_to_batch_conv(
+    x: Array,
+    kernel: Array,
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    groups: int = 1,
+    precision: Any = None,
+) -> Array:
+    """A stride-1 conv with ``dilation`` (d_h, d_w) of x (N, H, W, C) as one undilated conv of
+    the d_h * d_w interleaved sub-grids of the padded input (stacked on the batch axis).
+
+    Output row o reads padded rows o + t * d_h; all of them share o's residue mod d_h, so each
+    residue's rows form a plain conv. The padded input is extended to a multiple of the
+    dilation (a few more zero rows and columns, whose outputs are cut off again).
+    """
+    (dh, dw), (kh, kw) = dilation, kernel.shape[:2]
+    (top, bottom), (left, right) = padding
+    n, height, width, channels = x.shape
+    out_h = height + top + bottom - dh * (kh - 1)
+    out_w = width + left + right - dw * (kw - 1)
+    grid_h = -(-(height + top + bottom) // dh)  # padded rows per sub-grid
+    grid_w = -(-(width + left + right) // dw)
+    x = jnp.pad(
+        x,
+        (
+            (0, 0),
+            (top, grid_h * dh - height - top),
+            (left, grid_w * dw - width - left),
+            (0, 0),
+        ),
+    )
+    x = x.reshape(n, grid_h, dh, grid_w, dw, channels).transpose(0, 2, 4, 1, 3, 5)
+    y = xla_conv(
+        x.reshape(n * dh * dw, grid_h, grid_w, channels),
+        kernel,
+        (1, 1),
+        ((0, 0), (0, 0)),
+        (1, 1),
+        groups,
+        precision,
+    )
+    rows, cols, features = y.shape[1:]
+    y = y.reshape(n, dh, dw, rows, cols, features).transpose(0, 3, 1, 4, 2, 5)
+    return y.reshape(n, rows * dh, cols * dw, features)[:, :out_h, :out_w]
 
 
 def xla_conv(x, kernel, strides, padding, dilation, groups=1, precision=None) -> Array:

@@ -9,6 +9,7 @@ features of the batch (:func:`update_memory`), never by gradients.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,8 @@ STRATEGIES = ("cosine_similarity", "mean")
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 DEFAULT_BAND_VALUES = 2**24  # 64 MiB of float32 label-resolution features at a time
+SEGMENT_SUMS_ENV = "MCIBI_SEGMENT_SUMS"
+SEGMENT_SUMS = ("scatter", "matmul")
 
 
 class MemoryModule(nn.Module):
@@ -248,6 +251,7 @@ def update_memory(
     ignore_label: int = -100,
     align_corners: bool = False,
     band_values: int = DEFAULT_BAND_VALUES,
+    segment_sums: str | None = None,
 ) -> Array:
     """Moves the memory toward the features of each class present in the batch.
 
@@ -262,6 +266,8 @@ def update_memory(
       band_values: the label-resolution features are formed and summed one band of rows at a
         time, each of about this many values, so that the full-resolution (N, H, W, C) array
         never exists (it is 1 GiB per 512x1024 image with 512 channels).
+      segment_sums: how the per-class sums over pixels run, ``scatter`` (scatter-adds) or
+        ``matmul`` (one-hot matrix products); None: :func:`segment_sums_method`.
     Returns:
       The new memory (K, F, C). For each class present, the first all-zero vector is set to
       the class mean instead (and nothing else of that class moves this step).
@@ -271,6 +277,7 @@ def update_memory(
     num_classes, num_feats, channels = memory.shape
     if strategy == "mean" and num_feats > 1:
         raise ValueError("the 'mean' strategy needs one memory vector per class")
+    sums = segment_sums_method(segment_sums)
     memory = jnp.asarray(memory)
     memory = memory.astype(accumulation_dtype(memory.dtype))
     features = jax.lax.stop_gradient(jnp.asarray(features)).astype(memory.dtype)
@@ -306,6 +313,7 @@ def update_memory(
             labels_of_band.reshape(-1),
             strategy,
             ignore_label,
+            sums,
         )
         return jax.tree_util.tree_map(jnp.add, totals, stats), None
 
@@ -316,6 +324,7 @@ def update_memory(
             labels[:1, :1, :1].reshape(-1),
             strategy,
             ignore_label,
+            sums,
         )
     )
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
@@ -323,21 +332,43 @@ def update_memory(
     return _moved_memory(memory, stats, momentum, strategy)
 
 
+def segment_sums_method(method: str | None = None) -> str:
+    """``method``, else the ``MCIBI_SEGMENT_SUMS`` environment variable (read when the update is
+    traced), else ``scatter``. ``matmul`` sums pixels per class as one-hot matrix products
+    instead of scatter-adds (which accelerators run as atomic adds into a few class rows); an
+    option to measure there, with the same sums up to float32 rounding."""
+    method = method or os.environ.get(SEGMENT_SUMS_ENV) or "scatter"
+    if method not in SEGMENT_SUMS:
+        raise ValueError(f"unknown segment_sums {method!r}; choose from {', '.join(SEGMENT_SUMS)}")
+    return method
+
+
+def _segment_sums(values: Array, segments: Array, num_segments: int, method: str) -> Array:
+    """Sums of values (P,) or (P, C) per segment id (P,) in [0, num_segments)."""
+    if method == "scatter":
+        return jax.ops.segment_sum(values, segments, num_segments)
+    one_hot = jax.nn.one_hot(segments, num_segments, dtype=values.dtype)  # (P, S)
+    if values.ndim == 1:
+        return jnp.sum(one_hot * values[:, None], axis=0)
+    return jnp.einsum("ps,pc->sc", one_hot, values, precision="highest")
+
+
 def _class_statistics(
-    memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int
+    memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int, sums: str
 ) -> dict[str, Array]:
     """Sums over pixels (feats (P, C), labels (P,)) that the update needs; they add up over
     parts of the batch: pixel count and feature sum per class, and for ``cosine_similarity``
-    the dissimilarity weight and weighted feature sum per memory slot."""
+    the dissimilarity weight and weighted feature sum per memory slot (``sums``: how,
+    :func:`segment_sums_method`)."""
     num_classes, num_feats, channels = memory.shape
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
     stats = {
-        "count": jax.ops.segment_sum(valid.astype(memory.dtype), segment, num_classes + 1)[
+        "count": _segment_sums(valid.astype(memory.dtype), segment, num_classes + 1, sums)[
             :num_classes
         ],
-        "sum": jax.ops.segment_sum(feats, segment, num_classes + 1)[:num_classes],
+        "sum": _segment_sums(feats, segment, num_classes + 1, sums)[:num_classes],
     }
     if strategy == "mean":
         return stats
@@ -354,9 +385,9 @@ def _class_statistics(
     dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
     slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
     num_segments = num_classes * num_feats + 1
-    stats["weight"] = jax.ops.segment_sum(dissimilarity, slot_segment, num_segments)[:-1]
-    stats["weighted"] = jax.ops.segment_sum(
-        feats * dissimilarity[:, None], slot_segment, num_segments
+    stats["weight"] = _segment_sums(dissimilarity, slot_segment, num_segments, sums)[:-1]
+    stats["weighted"] = _segment_sums(
+        feats * dissimilarity[:, None], slot_segment, num_segments, sums
     )[:-1]
     return stats
 
