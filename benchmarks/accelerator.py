@@ -37,6 +37,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,6 +219,8 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
 
     run(1)  # warm-up
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
+    if job.get("profile"):
+        _profile(job, case, compiled, run)
     row = _figures(
         job, "train step", flops, compiled, compile_s, step_s, iters, case.batch_size, device
     )
@@ -229,6 +232,29 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
         overrides=list(job.get("overrides", ())),
     )
     return row, {"case": case, "run": run}
+
+
+def _profile(job: dict, case: Any, compiled: Any, run: Callable[[int], float]) -> None:
+    """Writes the per-op and per-scope summary of a trace of a few train steps
+    (``benchmarks/profile_step.py``) to ``job["profile"]["out_dir"]``."""
+    import jax
+    import profile_step
+
+    variant = f" [{job['variant']}]" if job.get("variant") else ""
+    stem = "profile_" + re.sub(r"[^\w]+", "_", f"{job['config']}_{job['dtype']}{variant}").strip(
+        "_"
+    )
+    title = f"{job['config']} {job['dtype']} train step{variant} on {jax.devices()[0].device_kind}"
+    text = profile_step.trace_run(
+        lambda n: run(n),
+        compiled.as_text(),
+        title,
+        job["profile"]["steps"],
+        top=job["profile"]["top"],
+    )
+    path = Path(job["profile"]["out_dir"]) / f"{stem}.md"
+    path.write_text(text)
+    _progress(f"wrote {path}")
 
 
 def measure_stall(job: dict, context: dict) -> dict:
@@ -682,6 +708,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=None,
         help="the config the variants run (default: the stall config, else the first)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace a few train steps of the variant config's bfloat16 cases (plain and "
+        "each variant) and write their time per XLA op and model scope "
+        "(benchmarks/profile_step.py) to profile_*.md beside the table",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -756,6 +789,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "max_iters": args.max_iters,
             "overrides": ["model.backbone.remat=True"] if args.remat else [],
             "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None,
+            "profile": {"out_dir": str(out_dir.resolve()), "steps": 3, "top": 40}
+            if args.profile and (config, dtype) == (variant_config, variant_dtype)
+            else None,
         }
 
     env, compile_times = {}, {}

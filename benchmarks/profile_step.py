@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def _device_events(trace: dict) -> tuple[list[dict], str]:
     host = [
         e
         for e in complete
-        if not e["name"].startswith(("$", "Pjit", "Common", "Pjrt", "PjRt", "Thread"))
+        if not e["name"].startswith(("$", "Pjit", "Common", "Pjrt", "PjRt", "Thread", "np."))
         and "::" not in e["name"]
     ]
     return host, "host events (XLA:CPU)"
@@ -209,6 +210,39 @@ def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Any, Any]:
     return compiled, run
 
 
+def trace_run(
+    run: Callable[[int], Any],
+    hlo_text: str,
+    title: str,
+    steps: int,
+    top: int = 30,
+    depth: int = 2,
+    keep: Path | None = None,
+    stem: str = "profile",
+) -> str:
+    """Traces ``run(steps)`` (which runs and waits for that many steps of the compiled program
+    whose optimised HLO is ``hlo_text``) and returns the summary as markdown; ``keep``: a folder
+    for the trace and the HLO (gz)."""
+    import jax
+
+    trace_dir = Path(tempfile.mkdtemp(prefix="profile_step_"))
+    try:
+        jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+        started = time.perf_counter()
+        run(steps)
+        wall_s = time.perf_counter() - started
+        jax.profiler.stop_trace()
+        trace_file = next(trace_dir.rglob("perfetto_trace.json.gz"))
+        trace = json.loads(gzip.decompress(trace_file.read_bytes()))
+        text = markdown(title, summarise(trace, hlo_text, steps, wall_s, top, depth))
+        if keep is not None:
+            shutil.copy(trace_file, keep / f"{stem}.trace.json.gz")
+            (keep / f"{stem}.hlo.txt.gz").write_bytes(gzip.compress(hlo_text.encode()))
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    return text
+
+
 def profile(
     spec: str,
     dtype: str,
@@ -225,23 +259,10 @@ def profile(
     compiled, run = _compiled_work(spec, dtype, work)
     print(f"{spec} {dtype} {work}: compiled in {time.perf_counter() - started:.1f} s", flush=True)
     run(warmup)
-    trace_dir = Path(tempfile.mkdtemp(prefix="profile_step_"))
-    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
-    started = time.perf_counter()
-    run(steps)
-    wall_s = time.perf_counter() - started
-    jax.profiler.stop_trace()
-    trace_file = next(trace_dir.rglob("perfetto_trace.json.gz"))
-    trace = json.loads(gzip.decompress(trace_file.read_bytes()))
-    hlo_text = compiled.as_text()
     title = f"{spec} {dtype} {work} on {jax.devices()[0].device_kind}"
-    text = markdown(title, summarise(trace, hlo_text, steps, wall_s, top, depth))
-    if keep is not None:
-        stem = _stem(spec, dtype, work)
-        shutil.copy(trace_file, keep / f"{stem}.trace.json.gz")
-        (keep / f"{stem}.hlo.txt.gz").write_bytes(gzip.compress(hlo_text.encode()))
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    return text
+    return trace_run(
+        run, compiled.as_text(), title, steps, top, depth, keep, _stem(spec, dtype, work)
+    )
 
 
 def _stem(spec: str, dtype: str, work: str) -> str:

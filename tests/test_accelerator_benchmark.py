@@ -54,6 +54,7 @@ def test_compile_pass_hands_the_programs_to_the_timed_processes(tmp_path, monkey
             "--compile_workers=1",
             f"--cache_dir={cache}",
             f"--out_dir={tmp_path}",
+            "--profile",
         ]
     )
     assert [r["work"] for r in rows] == ["forward", "train step"]
@@ -62,6 +63,8 @@ def test_compile_pass_hands_the_programs_to_the_timed_processes(tmp_path, monkey
         assert r["compile_workers"] == 1 and r["compile_s"] > 0 and r["load_s"] > 0
     assert any(cache.iterdir())
     assert "compile pass of 1 processes" in (tmp_path / "accelerator.md").read_text()
+    profile = (tmp_path / "profile_benchmarks_tiny_config_py_bfloat16.md").read_text()
+    assert "train step on cpu" in profile and "| op | ms/step |" in profile
 
 
 def test_jaxpr_flops_count_like_xla():
