@@ -67,6 +67,24 @@ def test_compile_pass_hands_the_programs_to_the_timed_processes(tmp_path, monkey
     assert "train step on cpu" in profile and "| op | ms/step |" in profile
 
 
+def test_compile_pass_starts_no_job_after_its_share_of_the_budget(monkeypatch):
+    import time
+
+    started = []
+
+    def fake_run_job(job, timeout_s, echo=None, command=None, env=None):
+        started.append((job["config"], job["compile_only"], env["XLA_PYTHON_CLIENT_PREALLOCATE"]))
+        time.sleep(0.5)
+        row = {"config": job["config"], "dtype": "bfloat16", "work": "forward", "compile_s": 1.0}
+        return [row], None
+
+    monkeypatch.setattr(accelerator, "run_job", fake_run_job)
+    jobs = [{"config": c, "dtype": "bfloat16", "variant": None, "env": {}} for c in "abcdef"]
+    times = accelerator.compile_pass(jobs, 2, 10, {}, last_start=time.monotonic() + 0.75)
+    assert started == [(c, True, "false") for c in "abcd"]  # two rounds of two, then too late
+    assert set(times) == {(c, "bfloat16", "forward", None) for c in "abcd"}
+
+
 def test_jaxpr_flops_count_like_xla():
     """Matmuls and convolutions (padding taps left out) as XLA's cost analysis counts them; a
     scan's body times its length, a cond's costliest branch."""
