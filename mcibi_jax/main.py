@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from mcibi_jax import compilation_cache
 from mcibi_jax.command_line import CommandLine, usage_error
 from mcibi_jax.train import experiment
 
@@ -62,6 +63,7 @@ def _parse_command_line(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         usage_error(f"unexpected arguments {argv[1:]}")
+    compilation_cache.enable()
     experiment.main(_COMMAND.config, _WORKDIR.value, _MODE.value)
 
 

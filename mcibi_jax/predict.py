@@ -37,6 +37,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageOps
 
+from mcibi_jax import compilation_cache
 from mcibi_jax import pretrained as released
 from mcibi_jax.api import Segmenter, preprocessor
 from mcibi_jax.command_line import CommandLine
@@ -336,6 +337,7 @@ def workdir_checkpoint(path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     command = parse_command_line(argv)
     fv = command.flags
+    compilation_cache.enable()
 
     def out(message: str) -> None:
         print(message, flush=True)

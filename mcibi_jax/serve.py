@@ -53,6 +53,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from mcibi_jax import compilation_cache
 from mcibi_jax.command_line import CommandLine
 from mcibi_jax.config import ConfigError
 from mcibi_jax.data.classes import class_names, dataset_palette
@@ -405,6 +406,7 @@ def stop_on_signals() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     command = parse_command_line(argv)
     fv = command.flags
+    compilation_cache.enable()
     try:
         if fv.max_mb <= 0 or fv.max_pixels <= 0:
             raise ConfigError("--max_mb and --max_pixels must be positive")
