@@ -57,7 +57,8 @@ from benchmark_args import DEFAULT_CONFIGS, add_common_arguments  # noqa: E402
 RESULT = "RESULT "  # a child's result lines; anything else it prints is progress
 WORKS = ("forward", "train step", "input stall")
 SMOKE_CONFIG = "benchmarks/tiny_config.py"
-COMPILE_PASS_SHARE = 0.4  # no compile job starts after this share of --budget_s
+COMPILE_PASS_SHARE = 0.55  # the compile pass ends after this share of --budget_s at the latest
+MIN_COMPILE_JOB_S = 20.0  # no compile job starts with less time than this before that
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 
@@ -612,12 +613,13 @@ def compile_pass(
     workers: int,
     timeout_s: float,
     env: dict[str, str],
-    last_start: float = float("inf"),
+    deadline: float = float("inf"),
 ) -> dict[tuple, float]:
     """Compiles the jobs' programs, ``workers`` processes at once and in order, into the cache
-    of ``env``; a job not started by ``last_start`` (``time.monotonic()``) is left to its timed
-    process. Returns the compile seconds per (config, dtype, work, variant). The timed pass then
-    loads them: the host's cores compile while no step is being timed."""
+    of ``env``, each for at most ``timeout_s`` and none past ``deadline`` (``time.monotonic()``):
+    what is not compiled by then is left to the case's timed process. Returns the compile
+    seconds per (config, dtype, work, variant). The timed pass then loads them: the host's cores
+    compile while no step is being timed."""
     import concurrent.futures
 
     compile_env = {
@@ -626,12 +628,13 @@ def compile_pass(
     }  # several processes share the device
 
     def compile_job(job: dict) -> list[dict]:
-        if time.monotonic() > last_start:
+        left = deadline - time.monotonic()
+        if left < MIN_COMPILE_JOB_S:
             return []
         tag = f"{job['config']} {job['dtype']}" + (f" [{job['variant']}]" if job["variant"] else "")
         rows, why = run_job(
             {**job, "compile_only": True},
-            timeout_s,
+            min(timeout_s, left),
             lambda line: _progress(f"  [{tag} compile] {line.strip()}"),
             env={**compile_env, **job["env"]},
         )
@@ -811,8 +814,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.compile_workers,
             min(args.case_timeout_s, args.budget_s),
             env,
-            # later cases compile in their timed processes: the timed pass keeps its time
-            last_start=start + COMPILE_PASS_SHARE * args.budget_s,
+            # what is not compiled by then compiles in its timed process
+            deadline=start + COMPILE_PASS_SHARE * args.budget_s,
         )
         _progress(f"compiled in {time.monotonic() - start:.0f} s")
 

@@ -67,21 +67,25 @@ def test_compile_pass_hands_the_programs_to_the_timed_processes(tmp_path, monkey
     assert "train step on cpu" in profile and "| op | ms/step |" in profile
 
 
-def test_compile_pass_starts_no_job_after_its_share_of_the_budget(monkeypatch):
+def test_compile_pass_ends_by_its_deadline(monkeypatch):
     import time
 
-    started = []
+    started, timeouts = [], []
 
     def fake_run_job(job, timeout_s, echo=None, command=None, env=None):
         started.append((job["config"], job["compile_only"], env["XLA_PYTHON_CLIENT_PREALLOCATE"]))
+        timeouts.append(timeout_s)
         time.sleep(0.5)
         row = {"config": job["config"], "dtype": "bfloat16", "work": "forward", "compile_s": 1.0}
-        return [row], None
+        return [row], None if timeout_s > 29 else f"timed out after {timeout_s:.0f} s"
 
     monkeypatch.setattr(accelerator, "run_job", fake_run_job)
+    monkeypatch.setattr(accelerator, "MIN_COMPILE_JOB_S", 29.4)
     jobs = [{"config": c, "dtype": "bfloat16", "variant": None, "env": {}} for c in "abcdef"]
-    times = accelerator.compile_pass(jobs, 2, 10, {}, last_start=time.monotonic() + 0.75)
-    assert started == [(c, True, "false") for c in "abcd"]  # two rounds of two, then too late
+    times = accelerator.compile_pass(jobs, 2, 60, {}, deadline=time.monotonic() + 30.2)
+    # two rounds of two (the second with less than 30 s left: cut short), then none
+    assert started == [(c, True, "false") for c in "abcd"]
+    assert all(29.4 <= t <= 30.2 for t in timeouts) and max(timeouts[2:]) < 30.0
     assert set(times) == {(c, "bfloat16", "forward", None) for c in "abcd"}
 
 
