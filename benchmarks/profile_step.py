@@ -94,17 +94,36 @@ def scope_of(op_name: str, depth: int = 2) -> tuple[str, str]:
 
 
 def _device_events(trace: dict) -> tuple[list[dict], str]:
-    """The complete ('X') events of the accelerator's streams, or of XLA:CPU's threads."""
+    """The complete ('X') events of the accelerator's kernels, or of XLA:CPU's threads.
+
+    A GPU's process holds its streams' kernels ("Stream #..." threads) beside derived lines
+    ("XLA Modules", "XLA Ops") that cover the same time again: only the streams count. A TPU's
+    has no streams: its "XLA Ops" line counts.
+    """
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    process_names = {
-        e["pid"]: e["args"]["name"]
+    names = {
+        (e.get("name"), e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
         for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
     }
-    devices = {pid for pid, name in process_names.items() if "/device:" in name}
+    devices = {
+        pid
+        for (kind, pid, _), name in names.items()
+        if kind == "process_name" and "/device:" in name
+    }
     complete = [e for e in events if e.get("ph") == "X" and e.get("dur") is not None]
     if devices:
-        return [e for e in complete if e["pid"] in devices], "device kernels"
+        threads = {
+            (pid, tid): name
+            for (kind, pid, tid), name in names.items()
+            if kind == "thread_name" and pid in devices
+        }
+        for line in ("Stream", "XLA Ops"):
+            chosen = {key for key, name in threads.items() if name.startswith(line)}
+            if chosen:
+                kept = [e for e in complete if (e["pid"], e.get("tid")) in chosen]
+                return kept, "device kernels" if line == "Stream" else "device ops"
+        return [e for e in complete if e["pid"] in devices], "device events"
     # XLA:CPU: the program's thunks run on the host; PjRt bookkeeping is not the model's time
     host = [
         e

@@ -37,14 +37,41 @@ def test_hlo_op_names_and_scopes():
 
 
 def test_summary_of_device_kernels():
+    """Only the GPU's streams count: its "XLA Modules" and "XLA Ops" lines repeat their time."""
     trace = {
         "traceEvents": [
             {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "X", "pid": 1, "name": "k1", "dur": 300.0, "args": {"hlo_op": "fusion.3"}},
-            {"ph": "X", "pid": 1, "name": "k2", "dur": 100.0, "args": {"hlo_op": "add.1"}},
-            {"ph": "X", "pid": 1, "name": "k1", "dur": 300.0, "args": {"hlo_op": "fusion.3"}},
-            {"ph": "X", "pid": 2, "name": "host", "dur": 9000.0},
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": 7,
+                "name": "k1",
+                "dur": 300.0,
+                "args": {"hlo_op": "fusion.3"},
+            },
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": 7,
+                "name": "k2",
+                "dur": 100.0,
+                "args": {"hlo_op": "add.1"},
+            },
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": 7,
+                "name": "k1",
+                "dur": 300.0,
+                "args": {"hlo_op": "fusion.3"},
+            },
+            {"ph": "X", "pid": 1, "tid": 8, "name": "fusion.3", "dur": 600.0},
+            {"ph": "X", "pid": 1, "tid": 9, "name": "jit_step", "dur": 800.0},
+            {"ph": "X", "pid": 2, "tid": 1, "name": "host", "dur": 9000.0},
         ]
     }
     summary = profile_step.summarise(trace, HLO, steps=2, wall_s=0.002, top=5, depth=2)
@@ -59,6 +86,10 @@ def test_summary_of_device_kernels():
     }
     text = profile_step.markdown("t", summary)
     assert "| fusion.3 | 0.300 | 85.7 | 1 |" in text and "(35 % of the wall time)" in text
+    # a TPU: no streams, its "XLA Ops" line
+    tpu = [e for e in trace["traceEvents"] if e.get("tid") != 7]
+    summary = profile_step.summarise({"traceEvents": tpu}, HLO, 2, 0.002, 5, 2)
+    assert summary["source"] == "device ops" and summary["busy_s"] == pytest.approx(300e-6)
 
 
 def test_profiles_a_train_step_on_cpu(tmp_path, monkeypatch):
