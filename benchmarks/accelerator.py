@@ -16,8 +16,8 @@ is spent (its row says "skipped").
 Per row: compile time (lower + compile), step time (median of 3 timed repeats of n steps after
 a warm-up, n sized to ``--measure_s``), images/s, peak device memory (``peak_bytes_in_use``; on
 a CPU, which keeps no device statistics, XLA's memory plan of the compiled program instead:
-arguments + outputs + scratch), FLOPs per step from XLA's cost analysis of the lowered
-program, achieved TFLOP/s and MFU against the device's peak (``xla_stats.PEAKS``; 'n/a' for an
+arguments + outputs + scratch), FLOPs per step counted on the program's jaxpr
+(``xla_stats.jaxpr_flops``), achieved TFLOP/s and MFU against the device's peak (``xla_stats.PEAKS``; 'n/a' for an
 unknown device).
 
 Input stall (``--stall_config``, default the Cityscapes R-50 recipe in bfloat16): after its
@@ -222,7 +222,7 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     run(1)  # warm-up
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
     if job.get("profile"):
-        _profile(job, case, compiled, run)
+        _profile(job, compiled, run)
     row = _figures(
         job, "train step", flops, compiled, compile_s, step_s, iters, case.batch_size, device
     )
@@ -236,7 +236,7 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     return row, {"case": case, "run": run}
 
 
-def _profile(job: dict, case: Any, compiled: Any, run: Callable[[int], float]) -> None:
+def _profile(job: dict, compiled: Any, run: Callable[[int], float]) -> None:
     """Writes the per-op and per-scope summary of a trace of a few train steps
     (``benchmarks/profile_step.py``) to ``job["profile"]["out_dir"]``."""
     import jax
@@ -248,7 +248,7 @@ def _profile(job: dict, case: Any, compiled: Any, run: Callable[[int], float]) -
     )
     title = f"{job['config']} {job['dtype']} train step{variant} on {jax.devices()[0].device_kind}"
     text = profile_step.trace_run(
-        lambda n: run(n),
+        run,
         compiled.as_text(),
         title,
         job["profile"]["steps"],
@@ -446,6 +446,10 @@ def _gib(value: int | None) -> str:
     return "" if value is None else f"{value / 2**30:.3g}"
 
 
+def _case_name(config: str, dtype: str, variant: str | None) -> str:
+    return f"{config} {dtype}" + (f" [{variant}]" if variant else "")
+
+
 def _config_cell(r: dict) -> str:
     return r["config"] + (f" [{r['variant']}]" if r.get("variant") else "")
 
@@ -631,7 +635,7 @@ def compile_pass(
         left = deadline - time.monotonic()
         if left < MIN_COMPILE_JOB_S:
             return []
-        tag = f"{job['config']} {job['dtype']}" + (f" [{job['variant']}]" if job["variant"] else "")
+        tag = _case_name(job["config"], job["dtype"], job["variant"])
         rows, why = run_job(
             {**job, "compile_only": True},
             min(timeout_s, left),
@@ -751,25 +755,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{len(jobs)} cases, budget {args.budget_s:.0f} s, at most {args.case_timeout_s:.0f} s each"
     )
 
+    variants = parse_variants(args.variants)
+
     def write() -> str:
         """The tables so far (after every case: a run stopped from outside keeps what it did)."""
         elapsed = time.monotonic() - start
-        text = markdown(
-            _sorted(rows, configs, args.dtypes),
-            device,
-            started_at,
-            elapsed,
-            parse_variants(args.variants),
-        )
+        ordered = _sorted(rows, configs, args.dtypes)
+        text = markdown(ordered, device, started_at, elapsed, variants)
         (out_dir / "accelerator.md").write_text(text)
         (out_dir / "accelerator.json").write_text(
             json.dumps(
-                {
-                    "started": started_at,
-                    "elapsed_s": elapsed,
-                    "device": device,
-                    "rows": _sorted(rows, configs, args.dtypes),
-                },
+                {"started": started_at, "elapsed_s": elapsed, "device": device, "rows": ordered},
                 indent=1,
             )
         )
@@ -778,8 +774,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variant_config = args.variant_config or stall_config or configs[0]
     variant_dtype = "bfloat16" if "bfloat16" in args.dtypes else args.dtypes[0]
     variant_jobs = [
-        (variant_config, variant_dtype, False, name, variant_env)
-        for name, variant_env in parse_variants(args.variants)
+        (variant_config, variant_dtype, False, name, variant_env) for name, variant_env in variants
     ]
     after = sum(1 for _, dtype, _ in jobs if dtype == variant_dtype)
     jobs = [(c, d, s, None, {}) for c, d, s in jobs]
@@ -822,7 +817,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, (config, dtype, stall, variant, variant_env) in enumerate(jobs, 1):
         works = WORKS if stall else WORKS[:2]
         left = args.budget_s - (time.monotonic() - start)
-        name = f"{config} {dtype}" + (f" [{variant}]" if variant else "")
+        name = _case_name(config, dtype, variant)
         if left < 20:
             rows += fill_missing([], config, dtype, works, "skipped: time budget spent", variant)
             _progress(f"[{i}/{len(jobs)}] {name}: skipped (time budget spent)")

@@ -193,8 +193,8 @@ def markdown(title: str, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Any, Any]:
-    """(compiled, run(n) -> None that runs and waits for n steps, the jitted function)."""
+def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Callable[[int], None]]:
+    """(the compiled program, run(n) that runs and waits for n steps of it)."""
     import jax
 
     if work == "forward":

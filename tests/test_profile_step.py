@@ -36,6 +36,18 @@ def test_hlo_op_names_and_scopes():
     assert profile_step.scope_of("jit(step)/add") == ("forward", "(outside the model)")
 
 
+def kernel(name: str, microseconds: float, hlo_op: str) -> dict:
+    """A kernel's event on the GPU's stream 7."""
+    return {
+        "ph": "X",
+        "pid": 1,
+        "tid": 7,
+        "name": name,
+        "dur": microseconds,
+        "args": {"hlo_op": hlo_op},
+    }
+
+
 def test_summary_of_device_kernels():
     """Only the GPU's streams count: its "XLA Modules" and "XLA Ops" lines repeat their time."""
     trace = {
@@ -45,30 +57,9 @@ def test_summary_of_device_kernels():
             {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
             {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {
-                "ph": "X",
-                "pid": 1,
-                "tid": 7,
-                "name": "k1",
-                "dur": 300.0,
-                "args": {"hlo_op": "fusion.3"},
-            },
-            {
-                "ph": "X",
-                "pid": 1,
-                "tid": 7,
-                "name": "k2",
-                "dur": 100.0,
-                "args": {"hlo_op": "add.1"},
-            },
-            {
-                "ph": "X",
-                "pid": 1,
-                "tid": 7,
-                "name": "k1",
-                "dur": 300.0,
-                "args": {"hlo_op": "fusion.3"},
-            },
+            kernel("k1", 300.0, "fusion.3"),
+            kernel("k2", 100.0, "add.1"),
+            kernel("k1", 300.0, "fusion.3"),
             {"ph": "X", "pid": 1, "tid": 8, "name": "fusion.3", "dur": 600.0},
             {"ph": "X", "pid": 1, "tid": 9, "name": "jit_step", "dur": 800.0},
             {"ph": "X", "pid": 2, "tid": 1, "name": "host", "dur": 9000.0},

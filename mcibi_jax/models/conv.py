@@ -140,7 +140,7 @@ def conv2d(
 def dilated_conv_method() -> str:
     """How :func:`conv2d` runs stride-1 dilated convs outside the CPU float32 paths: the
     ``MCIBI_DILATED_CONV`` environment variable, ``xla`` (default) or ``space_to_batch``."""
-    method = os.environ.get(DILATED_CONV_ENV, "xla") or "xla"
+    method = os.environ.get(DILATED_CONV_ENV) or "xla"
     if method not in DILATED_CONV_METHODS:
         raise ValueError(
             f"{DILATED_CONV_ENV}={method!r}: expected one of {', '.join(DILATED_CONV_METHODS)}"
