@@ -255,6 +255,7 @@ def _browser():
 
 
 def test_page_in_a_headless_browser(server, segmenter, tmp_path):
+    driver = _browser()  # skips without selenium or Chromium, before anything imports selenium
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -268,7 +269,6 @@ def test_page_in_a_headless_browser(server, segmenter, tmp_path):
         tmp_path / "big.png"
     )
 
-    driver = _browser()
     try:
         driver.get(url + "/")
         wait = WebDriverWait(driver, 120)
