@@ -3,6 +3,7 @@ XLA op and per model scope.
 
     python benchmarks/profile_step.py --configs=configs/cityscapes.py:r50 --dtypes=bfloat16 --out_dir=DIR
     python benchmarks/profile_step.py --work=forward ...        # the eval-mode forward instead
+    python benchmarks/profile_step.py --size=512x512 --per_device_batch=1 ...   # not the recipe's
 
 For each config and dtype: compiles the train step (``benchmarks/train_step.py``, the recipe's
 per-device batch on random weights and a resident batch) or the forward, runs it ``--warmup``
@@ -193,8 +194,15 @@ def markdown(title: str, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Callable[[int], None]]:
-    """(the compiled program, run(n) that runs and waits for n steps of it)."""
+def _compiled_work(
+    spec: str,
+    dtype: str,
+    work: str,
+    size: tuple[int, int] | None = None,
+    per_device_batch: int | None = None,
+) -> tuple[Any, Callable[[int], None]]:
+    """(the compiled program, run(n) that runs and waits for n steps of it); ``size`` and
+    ``per_device_batch`` None: the recipe's."""
     import jax
 
     if work == "forward":
@@ -203,8 +211,10 @@ def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Callable[[int
 
         import mcibi_jax
 
-        batch = recipe_per_device_batch(mcibi_jax.load_config(spec).train.to_dict())
-        forward, variables, images = forward_case(spec, batch, None, dtype)
+        batch = per_device_batch or recipe_per_device_batch(
+            mcibi_jax.load_config(spec).train.to_dict()
+        )
+        forward, variables, images = forward_case(spec, batch, size, dtype)
         compiled = forward.lower(variables, images).compile()
 
         def run(n: int) -> None:
@@ -216,7 +226,7 @@ def _compiled_work(spec: str, dtype: str, work: str) -> tuple[Any, Callable[[int
 
     from train_step import train_case
 
-    case = train_case(spec, None, None, dtype, steps_per_epoch=10_000)
+    case = train_case(spec, per_device_batch, size, dtype, steps_per_epoch=10_000)
     box = {"state": case.initial_state()}
     batch, key = case.random_batch(), case.dropout_key()
     compiled = case.step.lower(box["state"], batch, key).compile()
@@ -271,11 +281,13 @@ def profile(
     top: int,
     depth: int,
     keep: Path | None,
+    size: tuple[int, int] | None = None,
+    per_device_batch: int | None = None,
 ) -> str:
     import jax
 
     started = time.perf_counter()
-    compiled, run = _compiled_work(spec, dtype, work)
+    compiled, run = _compiled_work(spec, dtype, work, size, per_device_batch)
     print(f"{spec} {dtype} {work}: compiled in {time.perf_counter() - started:.1f} s", flush=True)
     run(warmup)
     title = f"{spec} {dtype} {work} on {jax.devices()[0].device_kind}"
@@ -299,9 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=2, help="module names per scope")
     parser.add_argument("--out_dir", default=".")
     parser.add_argument("--keep_trace", action="store_true")
+    parser.add_argument(
+        "--per_device_batch", type=int, default=None, help="instead of the recipe's"
+    )
     args = parser.parse_args(argv)
-    if args.size is not None:
-        parser.error("--size is not supported here: the recipe's crop is profiled")
+    if args.per_device_batch is not None and args.per_device_batch < 1:
+        parser.error(f"--per_device_batch must be positive, got {args.per_device_batch}")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for spec in [c.strip() for c in args.configs.split(",") if c.strip()]:
@@ -315,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.top,
                 args.depth,
                 out_dir if args.keep_trace else None,
+                args.size,
+                args.per_device_batch,
             )
             (out_dir / f"{_stem(spec, dtype, args.work)}.md").write_text(text)
             print(text, flush=True)

@@ -99,3 +99,8 @@ def test_profiles_a_train_step_on_cpu(tmp_path, monkeypatch):
     assert "host events (XLA:CPU)" in text and "| backward |" in text
     assert (tmp_path / "benchmarks_tiny_config_float32_train.trace.json.gz").stat().st_size > 0
     assert (tmp_path / "benchmarks_tiny_config_float32_train.hlo.txt.gz").stat().st_size > 0
+
+
+def test_a_batch_below_one_is_refused():
+    with pytest.raises(SystemExit):
+        profile_step.main(["--per_device_batch=0"])

@@ -45,12 +45,17 @@ def test_fixture_cases_exist():
     assert CASES, f"no fixture cases found in {FIXTURES} (set MCIBI_FIXTURES)"
 
 
+def load_case(name: str) -> tuple:
+    """(name, meta, arrays, model config, Segmenter with the case's weights)."""
+    meta, arrays = read_case(name)
+    model_config = model_config_from_reference(meta["reference_config"])
+    segmenter = mcibi_jax.Segmenter.from_pth(FIXTURES / f"{name}.pth", model_config)
+    return name, meta, arrays, model_config, segmenter
+
+
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    meta, arrays = read_case(request.param)
-    model_config = model_config_from_reference(meta["reference_config"])
-    segmenter = mcibi_jax.Segmenter.from_pth(FIXTURES / f"{request.param}.pth", model_config)
-    return request.param, meta, arrays, model_config, segmenter
+    return load_case(request.param)
 
 
 def test_eval_logits(case):

@@ -1,6 +1,6 @@
 """The data-parallel train step moves no activations between devices: on 8 (simulated CPU)
-devices its only collectives are all-reduces no larger than the largest parameter (gradients,
-BatchNorm and memory statistics), whatever ``num_replicas`` is. So the memory update already runs
+devices its only collectives are all-reduces of parameter size (gradients, BatchNorm and memory
+statistics), whatever ``num_replicas`` is. So the memory update already runs
 per shard with a mean across shards; nothing gathers the feature maps."""
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def test_the_sharded_step_only_all_reduces_statistics(num_replicas):
     assert result["devices"] == 8
     collectives = result["collectives"]
     assert set(collectives) == {"all-reduce"}, collectives
-    assert 0 < collectives["all-reduce"]["largest"] <= result["largest_param"], (
+    # On CPU a Winograd conv's kernel gradient is summed over the batch, so across devices, in
+    # its transformed form: 16 / 9 of the kernel (models/winograd.py).
+    assert 0 < collectives["all-reduce"]["largest"] <= result["largest_param"] * 16 / 9, (
         collectives,
         result["largest_param"],
     )
