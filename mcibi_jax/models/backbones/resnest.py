@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from mcibi_jax.models.backbones.resnet import stage_dilations
-from mcibi_jax.models.layers import BatchNorm, avg_pool_ceil, conv, max_pool_3x3_s2, two_pass_mean
+from mcibi_jax.models.layers import (
+    BatchNorm,
+    avg_pool_ceil,
+    conv,
+    max_pool_3x3_s2,
+    residual_output,
+    two_pass_mean,
+)
 from mcibi_jax.models.repeat import apply_stage
 
 Array = jax.Array
@@ -180,7 +187,7 @@ class Bottleneck(nn.Module):
                 dtype=self.dtype,
                 name="downsample",
             )(x, train)
-        return nn.relu(out + identity)
+        return residual_output(out, identity, train)
 
 
 class ResLayer(nn.Module):

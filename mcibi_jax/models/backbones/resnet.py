@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mcibi_jax.models.layers import BatchNorm, conv, max_pool_3x3_s2
+from mcibi_jax.models.layers import BatchNorm, conv, max_pool_3x3_s2, residual_output
 from mcibi_jax.models.repeat import apply_stage
 
 Array = jax.Array
@@ -73,7 +73,7 @@ class BasicBlock(nn.Module):
         out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
         if self.downsample:
             x = Downsample(self.planes, self.stride, self.dtype, name="downsample")(x, train)
-        return nn.relu(out + x)
+        return residual_output(out, x, train)
 
 
 class Bottleneck(nn.Module):
@@ -102,7 +102,7 @@ class Bottleneck(nn.Module):
         out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)
         if self.downsample:
             x = Downsample(self.planes * 4, self.stride, self.dtype, name="downsample")(x, train)
-        return nn.relu(out + x)
+        return residual_output(out, x, train)
 
 
 class ResLayer(nn.Module):
