@@ -196,12 +196,6 @@ def memory_momentum(
     return base_momentum
 
 
-def _cosine_similarity(a: Array, b: Array) -> Array:
-    norm_a = jnp.maximum(jnp.linalg.norm(a, axis=-1), _COSINE_EPS)
-    norm_b = jnp.maximum(jnp.linalg.norm(b, axis=-1), _COSINE_EPS)
-    return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
-
-
 def _normalize(x: Array) -> Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
 
@@ -373,16 +367,24 @@ def _class_statistics(
     if strategy == "mean":
         return stats
     safe_labels = jnp.minimum(segment, num_classes - 1)
-    class_memory = memory[safe_labels]  # (P, F, C)
     if num_feats == 1:
         slot = jnp.zeros_like(safe_labels)
     else:
+        class_memory = memory[safe_labels]  # (P, F, C)
         relation = jnp.einsum(
             "pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest"
         )
         slot = jnp.argmax(relation, axis=-1)
-    own_memory = jnp.take_along_axis(class_memory, slot[:, None, None], axis=1)[:, 0]
-    dissimilarity = jnp.where(valid, 1.0 - _cosine_similarity(feats, own_memory), 0.0)
+    # The cosine with each pixel's own memory slot from one matmul against all slots: gathering
+    # the slot per pixel and reducing (P, C) products took 0.2 s a band on XLA:CPU.
+    slots = memory.reshape(num_classes * num_feats, channels)
+    own_slot = (safe_labels * num_feats + slot)[:, None]
+    dots = jnp.take_along_axis(jnp.dot(feats, slots.T, precision="highest"), own_slot, axis=1)
+    squares = jnp.dot(feats * feats, jnp.ones((channels,), feats.dtype), precision="highest")
+    norm_feats = jnp.maximum(jnp.sqrt(squares), _COSINE_EPS)
+    norm_slots = jnp.maximum(jnp.linalg.norm(slots, axis=-1), _COSINE_EPS)[own_slot[:, 0]]
+    cosine = dots[:, 0] / (norm_feats * norm_slots)
+    dissimilarity = jnp.where(valid, 1.0 - cosine, 0.0)
     slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
     num_segments = num_classes * num_feats + 1
     stats["weight"] = _segment_sums(dissimilarity, slot_segment, num_segments, sums)[:-1]
