@@ -203,7 +203,6 @@ def _compiled_work(
 ) -> tuple[Any, Callable[[int], None]]:
     """(the compiled program, run(n) that runs and waits for n steps of it); ``size`` and
     ``per_device_batch`` None: the recipe's."""
-    import jax
 
     if work == "forward":
         from forward import forward_case
@@ -217,12 +216,7 @@ def _compiled_work(
         forward, variables, images = forward_case(spec, batch, size, dtype)
         compiled = forward.lower(variables, images).compile()
 
-        def run(n: int) -> None:
-            for _ in range(n):
-                out = compiled(variables, images)
-            out.block_until_ready()
-
-        return compiled, run
+        return compiled, lambda n: repeat_steps(lambda: compiled(variables, images), n)
 
     from train_step import train_case
 
@@ -231,12 +225,21 @@ def _compiled_work(
     batch, key = case.random_batch(), case.dropout_key()
     compiled = case.step.lower(box["state"], batch, key).compile()
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            box["state"], metrics = compiled(box["state"], batch, key)
-        jax.block_until_ready((box["state"], metrics))
+    def train_step():
+        box["state"], metrics = compiled(box["state"], batch, key)
+        return box["state"], metrics
 
-    return compiled, run
+    return compiled, lambda n: repeat_steps(train_step, n)
+
+
+def repeat_steps(step: Callable[[], Any], n: int) -> None:
+    """Calls ``step`` ``n`` >= 0 times and waits for the last result (none when n is 0)."""
+    import jax
+
+    out = None
+    for _ in range(n):
+        out = step()
+    jax.block_until_ready(out)
 
 
 def trace_run(
@@ -315,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         "--per_device_batch", type=int, default=None, help="instead of the recipe's"
     )
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(
+            f"--steps must be positive and --warmup not negative: {args.steps}, {args.warmup}"
+        )
     if args.per_device_batch is not None and args.per_device_batch < 1:
         parser.error(f"--per_device_batch must be positive, got {args.per_device_batch}")
     out_dir = Path(args.out_dir)

@@ -17,9 +17,11 @@ from mcibi_jax.models.conv import (
     conv2d,
     dilated_conv_method,
     matmul_grad_conv,
+    pointwise_conv,
     space_to_batch_conv,
     tap_conv,
     use_matmul_grads,
+    use_pointwise_matmul,
     use_tap_matmuls,
 )
 
@@ -97,6 +99,30 @@ MATMUL_GRAD_CASES = [
 @pytest.mark.parametrize("case", MATMUL_GRAD_CASES)
 def test_matmul_grad_conv_matches_lax_conv_values_and_gradients(case):
     assert_conv_equals_lax_with_vjp(matmul_grad_conv, case, seed=4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] == 1] + [(8, 9, 6, 5, 1, 3, 1, 0)])
+def test_pointwise_conv_matches_lax_conv_values_and_gradients(case):
+    """1x1 convs as one matmul, strided ones on odd and even sizes included."""
+    assert_conv_equals_lax_with_vjp(
+        lambda x, k, strides, padding, dilation: pointwise_conv(x, k, strides), case, seed=5
+    )
+
+
+def test_pointwise_route_rule(monkeypatch):
+    import mcibi_jax.models.conv as conv_module
+
+    cpu = jax.default_backend() == "cpu"
+    none = ((0, 0), (0, 0))
+    monkeypatch.setattr(conv_module, "cpu_has_amx", lambda: False)
+    assert use_pointwise_matmul(jnp.float32, (1, 1, 64, 8), none, 1) == cpu
+    assert not use_pointwise_matmul(jnp.float32, (1, 1, 64, 8), ((1, 1), (1, 1)), 1)
+    assert not use_pointwise_matmul(jnp.float32, (3, 3, 64, 8), none, 1)
+    assert not use_pointwise_matmul(jnp.bfloat16, (1, 1, 64, 8), none, 1)
+    assert not use_pointwise_matmul(jnp.float32, (1, 1, 32, 8), none, 2)
+    # where 1x1 matmuls lost float32 digits inside the training step (see conv.py)
+    monkeypatch.setattr(conv_module, "cpu_has_amx", lambda: True)
+    assert not use_pointwise_matmul(jnp.float32, (1, 1, 64, 8), none, 1)
 
 
 def test_tap_conv_is_exact_in_float64():

@@ -104,3 +104,18 @@ def test_profiles_a_train_step_on_cpu(tmp_path, monkeypatch):
 def test_a_batch_below_one_is_refused():
     with pytest.raises(SystemExit):
         profile_step.main(["--per_device_batch=0"])
+
+
+def test_no_warmup_runs_nothing_and_steps_are_counted():
+    """``--warmup=0`` once crashed (the last step's result was read before any step ran)."""
+    calls = []
+    profile_step.repeat_steps(lambda: calls.append(1), 0)
+    assert calls == []
+    profile_step.repeat_steps(lambda: calls.append(1) or len(calls), 3)
+    assert calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("flag", ["--steps=0", "--warmup=-1"])
+def test_step_counts_out_of_range_are_refused(flag):
+    with pytest.raises(SystemExit):
+        profile_step.main([flag])

@@ -4,6 +4,8 @@ XLA:CPU's own convolution reaches about half the speed of its matmul on the rele
 models' shapes, and its weight gradient far less (a fifth for 1x1 convs with hundreds of
 channels). So on CPU, in float32:
 
+* 1x1 convs without padding (strided ones too) are one matmul over the (strided) pixels
+  (:func:`pointwise_conv`), forward and backward;
 * dilated convs whose taps mostly read padding (ASPP) run as one ``dot`` per kernel tap over
   the input pixels that tap actually reads (:func:`tap_conv`);
 * wide 3x3 stride-1 convs (dilated or not) run as Winograd F(2x2, 3x3), 16 matmuls with 2.25x
@@ -90,10 +92,7 @@ def use_tap_matmuls(
     On CPU, float32, ungrouped, kernels larger than 1x1: when only one tap reads the input
     (dilated convs whose other taps read padding only: one matmul) or when the dilation is
     large. Measured on XLA:CPU (AVX2): XLA's own conv wins for dense 3x3 convs and loses
-    1.5-25x on ASPP's dilated ones. 1x1 convs stay XLA's: as one matmul inside the jitted
-    training step they were 1.5-2x faster on AVX2, but on an AVX-512 Xeon they made the HRNet
-    LIP fixture's float32 gradients 88x further from the float64 truth than the reference's
-    (1.4e-3 against 1.6e-5; XLA's conv: 1.7e-5), although each matmul alone is exact.
+    1.5-25x on ASPP's dilated ones. 1x1 convs are not taps (see :func:`use_pointwise_matmul`).
     """
     if jax.default_backend() != "cpu" or groups != 1 or jnp.dtype(x_dtype) != jnp.float32:
         return False
@@ -133,6 +132,8 @@ def conv2d(
             ],
             axis=-1,
         )
+    if x.dtype == kernel.dtype and use_pointwise_matmul(x.dtype, kernel.shape, padding, groups):
+        return pointwise_conv(x, kernel, strides, precision)
     if x.dtype == kernel.dtype and use_tap_matmuls(
         x.shape, x.dtype, kernel.shape, strides, padding, dilation, groups
     ):
@@ -146,6 +147,43 @@ def conv2d(
     if strides == (1, 1) and dilation != (1, 1) and dilated_conv_method() == "space_to_batch":
         return space_to_batch_conv(x, kernel, padding, dilation, groups, precision)
     return xla_conv(x, kernel, strides, padding, dilation, groups, precision)
+
+
+def use_pointwise_matmul(x_dtype: Any, kernel_shape: Sequence[int], padding, groups: int) -> bool:
+    """Whether :func:`conv2d` takes :func:`pointwise_conv` (static): on CPU in float32, 1x1 convs
+    without padding, unless the CPU has AMX. Measured on XLA:CPU (2-core AMD EPYC), forward: 1x1
+    2048->512 on 1x64x64 124 -> 45 ms as a matmul, 512->150 on 2x256x256 (ViT-L's auxiliary
+    classifiers) 420 -> 147 ms; forward + backward never slower.
+
+    On an AMX Xeon, 1x1 convs as matmuls inside the jitted training step made the HRNet LIP
+    fixture's float32 gradients 88x further from the float64 truth than the reference's (each
+    matmul alone exact; not seen on AVX2 or AVX-512 AMD EPYCs): there they stay XLA's conv.
+    """
+    return (
+        use_matmul_grads(x_dtype, groups)
+        and tuple(kernel_shape[:2]) == (1, 1)
+        and all(tuple(p) == (0, 0) for p in padding)
+        and not cpu_has_amx()
+    )
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this host's CPU lists Intel AMX (``amx_tile`` in /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def pointwise_conv(x: Array, kernel: Array, strides=(1, 1), precision: Any = None) -> Array:
+    """A 1x1 conv without padding as one matmul: x (N, H, W, C), kernel (1, 1, C, O) ->
+    (N, ceil(H / stride), ceil(W / stride), O). Its gradients are matmuls too (autodiff)."""
+    x = x[:, :: strides[0], :: strides[1]]
+    n, h, w, c = x.shape
+    y = jnp.dot(x.reshape(n * h * w, c), kernel.reshape(c, -1), precision=precision)
+    return y.reshape(n, h, w, -1)
 
 
 def use_winograd(
