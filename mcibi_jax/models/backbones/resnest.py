@@ -187,7 +187,7 @@ class Bottleneck(nn.Module):
                 dtype=self.dtype,
                 name="downsample",
             )(x, train)
-        return residual_output(out, identity, train)
+        return residual_output(out, identity)
 
 
 class ResLayer(nn.Module):

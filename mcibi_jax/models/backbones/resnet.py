@@ -73,7 +73,7 @@ class BasicBlock(nn.Module):
         out = BatchNorm(dtype=self.dtype, name="bn2")(out, train)
         if self.downsample:
             x = Downsample(self.planes, self.stride, self.dtype, name="downsample")(x, train)
-        return residual_output(out, x, train)
+        return residual_output(out, x)
 
 
 class Bottleneck(nn.Module):
@@ -102,7 +102,7 @@ class Bottleneck(nn.Module):
         out = BatchNorm(dtype=self.dtype, name="bn3")(out, train)
         if self.downsample:
             x = Downsample(self.planes * 4, self.stride, self.dtype, name="downsample")(x, train)
-        return residual_output(out, x, train)
+        return residual_output(out, x)
 
 
 class ResLayer(nn.Module):

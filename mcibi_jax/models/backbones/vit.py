@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.layers import accumulation_dtype, hold_when_training
+from mcibi_jax.models.layers import accumulation_dtype, hold_on_cpu
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -285,7 +285,7 @@ class TransformerEncoderLayer(nn.Module):
             self.dtype,
             name="attn",
         )(_layer_norm(self.norm_cfg, self.dtype, "ln1")(x), x, train)
-        x = hold_when_training(x, train)
+        x = hold_on_cpu(x)
         x = FFN(
             self.embed_dims,
             self.feedforward_channels,
@@ -296,7 +296,7 @@ class TransformerEncoderLayer(nn.Module):
             self.dtype,
             name="ffn",
         )(_layer_norm(self.norm_cfg, self.dtype, "ln2")(x), x, train)
-        return hold_when_training(x, train)
+        return hold_on_cpu(x)
 
 
 class _EncoderLayers(nn.Module):
