@@ -151,30 +151,16 @@ def conv2d(
 
 def use_pointwise_matmul(x_dtype: Any, kernel_shape: Sequence[int], padding, groups: int) -> bool:
     """Whether :func:`conv2d` takes :func:`pointwise_conv` (static): on CPU in float32, 1x1 convs
-    without padding, unless the CPU has AMX. Measured on XLA:CPU (2-core AMD EPYC), forward: 1x1
-    2048->512 on 1x64x64 124 -> 45 ms as a matmul, 512->150 on 2x256x256 (ViT-L's auxiliary
-    classifiers) 420 -> 147 ms; forward + backward never slower.
-
-    On an AMX Xeon, 1x1 convs as matmuls inside the jitted training step made the HRNet LIP
-    fixture's float32 gradients 88x further from the float64 truth than the reference's (each
-    matmul alone exact; not seen on AVX2 or AVX-512 AMD EPYCs): there they stay XLA's conv.
+    without padding. Measured on XLA:CPU (2-core AMD EPYC), forward: 1x1 2048->512 on 1x64x64
+    124 -> 45 ms as a matmul, 512->150 on 2x256x256 (ViT-L's auxiliary classifiers) 420 -> 147 ms;
+    forward + backward never slower. Every training-step fixture holds with it on AVX2, AVX-512
+    and AMX CPUs (an older 1x1 route, per-tap matmuls with their own gradients, did not on AMX).
     """
     return (
         use_matmul_grads(x_dtype, groups)
         and tuple(kernel_shape[:2]) == (1, 1)
         and all(tuple(p) == (0, 0) for p in padding)
-        and not cpu_has_amx()
     )
-
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this host's CPU lists Intel AMX (``amx_tile`` in /proc/cpuinfo; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            return any(line.startswith("flags") and "amx_tile" in line.split() for line in cpuinfo)
-    except OSError:
-        return False
 
 
 def pointwise_conv(x: Array, kernel: Array, strides=(1, 1), precision: Any = None) -> Array:
