@@ -51,3 +51,20 @@ def test_value_and_gradient_cross_a_conditional_on_cpu_only():
     backward = jax.jit(jax.grad(lambda a: jnp.sum(hold_on_cpu(a) ** 2))).lower(x).compile()
     assert ("conditional" in forward) == on_cpu
     assert ("conditional" in backward.as_text()) == on_cpu
+
+
+def test_each_loss_holds_its_logits_on_cpu():
+    """The classifiers' matmul stays out of the log-softmax's fusion (segmentation_losses)."""
+    from mcibi_jax.train.losses import segmentation_losses
+
+    logits = jnp.zeros((1, 4, 4, 3))
+    labels = jnp.zeros((1, 8, 8), jnp.int32)
+    outputs = {"stage1": logits, "stage2": logits, "aux": (logits,)}
+    weights = {"stage1": 1.0, "stage2": 1.0, "aux": (0.4,)}
+    hlo = (
+        jax.jit(lambda o: segmentation_losses(o, labels, weights))
+        .lower(outputs)
+        .compiler_ir("hlo")
+        .as_hlo_text()
+    )
+    assert hlo.count("conditional(") == (3 if jax.default_backend() == "cpu" else 0)
