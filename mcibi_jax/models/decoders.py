@@ -49,8 +49,10 @@ class AuxiliaryDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        index = 0
+        index, size = 0, None
         for _ in range(self.num_convs):
+            if size is not None:
+                x = resize(x, size, "nearest")
             x = conv(self.out_channels, 3, name=str(index), dtype=self.dtype)(x)
             x = relu(
                 BatchNorm(dtype=self.dtype, name=str(index + 1))(x, train), self.negative_slope
@@ -58,7 +60,10 @@ class AuxiliaryDecoder(nn.Module):
             index += 3
             if self.upsample_scale:
                 size = (x.shape[1] * self.upsample_scale, x.shape[2] * self.upsample_scale)
-                x = resize(x, size, "nearest")
                 index += 1
+        # The last upsampling comes after the classifier: copying pixels commutes with channel
+        # dropout (one draw per image and channel) and with the 1x1 classifier, so the classifier
+        # runs on scale^2 fewer pixels (ViT-L's heads: 16x), with the same numbers.
         x = ChannelDropout(self.dropout)(x, train)
-        return conv(self.num_classes, 1, use_bias=True, name=str(index + 1), dtype=self.dtype)(x)
+        x = conv(self.num_classes, 1, use_bias=True, name=str(index + 1), dtype=self.dtype)(x)
+        return x if size is None else resize(x, size, "nearest")
