@@ -11,15 +11,15 @@ import pytest
 from mcibi_jax.models.backbones import vit
 from mcibi_jax.models.backbones.vit import (
     SelfAttention,
-    attention_weights,
     per_head_attention,
     use_per_head_attention,
 )
+from mcibi_jax.models.layers import softmax
 
 
 def all_heads_attention(q, k, v):
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision="highest")
-    return jnp.einsum("nhqk,nkhd->nqhd", attention_weights(logits), v, precision="highest")
+    return jnp.einsum("nhqk,nkhd->nqhd", softmax(logits), v, precision="highest")
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.float64, 1e-12)])

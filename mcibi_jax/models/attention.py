@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype
+from mcibi_jax.models.layers import ConvBNReLU, softmax
 
 Array = jax.Array
 
@@ -46,9 +46,7 @@ class SelfAttentionBlock(nn.Module):
             jnp.einsum("nqc,nkc->nqk", query, key, precision="highest")
             * self.transform_channels**-0.5
         )
-        attention = jax.nn.softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1).astype(
-            value.dtype
-        )
+        attention = softmax(logits).astype(value.dtype)
         context = jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest").reshape(
             n, h, w, -1
         )

@@ -25,6 +25,11 @@ def accumulation_dtype(dtype: Dtype) -> Dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def softmax(logits: Array) -> Array:
+    """Softmax over the last axis, computed in :func:`accumulation_dtype`."""
+    return jax.nn.softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
+
+
 class BatchNorm(nn.Module):
     """Batch normalisation over every axis but the last, with PyTorch's semantics.
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcibi_jax.models.attention import SelfAttentionBlock
-from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype
+from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype, softmax
 from mcibi_jax.models.resize import interpolation_matrix, resample
 
 Array = jax.Array
@@ -89,9 +89,7 @@ class MemoryModule(nn.Module):
                 ignore_label=self.ignore_label,
                 align_corners=self.align_corners,
             )
-        weights = jax.nn.softmax(
-            class_logits.astype(accumulation_dtype(class_logits.dtype)), axis=-1
-        )
+        weights = softmax(class_logits)
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(
                 jnp.argmax(weights, axis=-1), self.num_classes, dtype=weights.dtype

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.layers import accumulation_dtype, hold_on_cpu
+from mcibi_jax.models.layers import hold_on_cpu, softmax
 from mcibi_jax.models.resize import resize
 
 Array = jax.Array
@@ -168,15 +168,10 @@ class SelfAttention(nn.Module):
             out = per_head_attention(q, k, v, precision)
         else:
             logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=precision)
-            weights = attention_weights(logits).astype(v.dtype)
+            weights = softmax(logits).astype(v.dtype)
             weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
             out = jnp.einsum("nhqk,nkhd->nqhd", weights, v, precision=precision)
         return _dense(dims, self.use_bias, self.dtype, "out_proj")(out.reshape(n, length, dims))
-
-
-def attention_weights(logits: Array) -> Array:
-    """Softmax over the keys (last axis), in float32 at least."""
-    return jax.nn.softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
 
 
 # Above this many bytes of attention logits (N * heads * L * L), CPU attention runs head by head.
@@ -202,7 +197,7 @@ def per_head_attention(q: Array, k: Array, v: Array, precision: Any = None) -> A
 
     def one_head(qkv: tuple[Array, Array, Array]) -> Array:
         q1, k1, v1 = qkv
-        weights = attention_weights(jnp.dot(q1, k1.T, precision=precision)).astype(v1.dtype)
+        weights = softmax(jnp.dot(q1, k1.T, precision=precision)).astype(v1.dtype)
         return jnp.dot(weights, v1, precision=precision)
 
     out = jax.lax.map(one_head, (by_head(q), by_head(k), by_head(v)))
