@@ -102,12 +102,9 @@ def _nearest(x: jnp.ndarray, rows: np.ndarray, columns: np.ndarray) -> jnp.ndarr
     both repeat each source index k times (an integer upsampling) it is a broadcast
     (:func:`_repeat_pixels`) instead of a gather, whose gradient is a scatter-add."""
     h, w = x.shape[1:3]
-    kh, kw = len(rows) // h, len(columns) // w
-    if (
-        kh >= 1
-        and kw >= 1
-        and np.array_equal(rows, np.repeat(np.arange(h), kh))
-        and np.array_equal(columns, np.repeat(np.arange(w), kw))
+    kh, kw = len(rows) // h, len(columns) // w  # 0 when shrinking: then no index array matches
+    if np.array_equal(rows, np.repeat(np.arange(h), kh)) and np.array_equal(
+        columns, np.repeat(np.arange(w), kw)
     ):
         return _repeat_pixels(x, kh, kw)
     return x[:, rows][:, :, columns]
