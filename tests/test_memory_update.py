@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from mcibi_jax.models.memory import (
-    SEGMENT_SUMS,
-    SEGMENT_SUMS_ENV,
-    memory_momentum,
-    segment_sums_method,
-    update_memory,
-)
+from mcibi_jax.models.memory import memory_momentum, update_memory
+from mcibi_jax.models.resize import resize
 from tests.reference_data import FIXTURES, nhwc, relative_error
 
 SETTINGS = json.loads((FIXTURES / "memory_update.json").read_text())
 ARRAYS = dict(np.load(FIXTURES / "memory_update.npz"))
 
 
-@pytest.mark.parametrize("segment_sums", SEGMENT_SUMS)
 @pytest.mark.parametrize(
     "setting", SETTINGS, ids=lambda s: f"{s['index']}-{s['strategy']}-F{s['num_feats_per_cls']}"
 )
-def test_memory_update_matches_reference(setting, segment_sums):
+def test_memory_update_matches_reference(setting):
     i = setting["index"]
     before = ARRAYS[f"{i}/memory_before"]
     momentum = memory_momentum(setting["learning_rate"], **setting["momentum_cfg"])
-    update = jax.jit(
-        functools.partial(update_memory, segment_sums=segment_sums),
-        static_argnames=("strategy", "ignore_label"),
-    )
+    update = jax.jit(update_memory, static_argnames=("strategy", "ignore_label"))
     after = update(
         before,
         nhwc(ARRAYS[f"{i}/features_nchw"]),
@@ -57,41 +47,6 @@ def test_rejects_unknown_strategy():
         )
 
 
-def test_segment_sums_method_from_the_environment(monkeypatch):
-    monkeypatch.delenv(SEGMENT_SUMS_ENV, raising=False)
-    assert segment_sums_method() == "scatter"
-    monkeypatch.setenv(SEGMENT_SUMS_ENV, "matmul")
-    assert segment_sums_method() == "matmul" and segment_sums_method("scatter") == "scatter"
-    with pytest.raises(ValueError, match="unknown segment_sums 'sort'"):
-        segment_sums_method("sort")
-
-
-@pytest.mark.parametrize(
-    "strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)]
-)
-def test_matmul_segment_sums_equal_the_scatter(strategy, num_feats):
-    rng = np.random.default_rng(1)
-    memory = rng.standard_normal((7, num_feats, 16)).astype(np.float32)
-    memory[2] = 0.0
-    features = rng.standard_normal((2, 5, 7, 16)).astype(np.float32)
-    labels = rng.integers(-1, 7, (2, 20, 28)).astype(np.int32)
-    labels[0, :4] = 255
-    updated = [
-        update_memory(
-            memory,
-            features,
-            labels,
-            momentum=0.2,
-            strategy=strategy,
-            ignore_label=255,
-            band_values=2 * 28 * 16 * 3,
-            segment_sums=method,
-        )
-        for method in SEGMENT_SUMS
-    ]
-    np.testing.assert_allclose(updated[1], updated[0], rtol=1e-5, atol=1e-6)
-
-
 def test_absent_classes_and_ignored_pixels_leave_memory_alone():
     memory = np.random.default_rng(0).normal(size=(3, 1, 4)).astype(np.float32)
     features = np.ones((1, 2, 2, 4), np.float32)
@@ -101,40 +56,81 @@ def test_absent_classes_and_ignored_pixels_leave_memory_alone():
     assert not np.allclose(after[0], memory[0])
 
 
+def _direct_update(memory, features, labels, momentum, strategy, ignore_label):
+    """The update spelled out in numpy float64 on label-resolution features (N, H, W, C), one
+    class and slot at a time, as the reference's loop does it."""
+    num_classes, num_feats, channels = memory.shape
+    feats = features.reshape(-1, channels).astype(np.float64)
+    labels = labels.reshape(-1)
+    new = memory.astype(np.float64)
+    for k in range(num_classes):
+        mine = feats[labels == k]
+        if k == ignore_label or not len(mine):
+            continue
+        empty = np.all(memory[k] == 0, axis=-1)
+        if empty.any():
+            new[k, np.argmax(empty)] = mine.mean(0)
+            continue
+        if strategy == "mean":
+            new[k, 0] = (1 - momentum) * memory[k, 0] + momentum * mine.mean(0)
+            continue
+        norms = np.linalg.norm(mine, axis=1)
+        slot_norms = np.linalg.norm(memory[k], axis=1)
+        relation = (mine / np.maximum(norms, 1e-12)[:, None]) @ (
+            memory[k] / np.maximum(slot_norms, 1e-12)[:, None]
+        ).T
+        slot = np.argmax(relation, axis=1)
+        for f in range(num_feats):
+            chosen = mine[slot == f]
+            cosine = (
+                chosen
+                @ memory[k, f]
+                / (np.maximum(np.linalg.norm(chosen, axis=1), 1e-8) * max(slot_norms[f], 1e-8))
+            )
+            weight = 1 - cosine
+            vector = (chosen * weight[:, None]).sum(0) / weight.sum() if weight.sum() else 0.0
+            new[k, f] = (1 - momentum) * memory[k, f] + momentum * vector
+    return new
+
+
 @pytest.mark.parametrize(
     "strategy,num_feats", [("cosine_similarity", 1), ("cosine_similarity", 3), ("mean", 1)]
 )
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_banded_update_equals_the_update_of_the_upsampled_features(
-    strategy, num_feats, align_corners
+@pytest.mark.parametrize(
+    "low,high",
+    [
+        ((4, 6), (29, 45)),
+        ((8, 8), (64, 64)),
+        ((5, 7), (5, 7)),
+        ((1, 3), (4, 11)),
+        ((9, 13), (5, 7)),
+    ],
+    ids=["upsample", "upsample8x", "same", "one-row", "downsample"],
+)
+def test_update_from_low_resolution_features_equals_the_direct_update(
+    strategy, num_feats, align_corners, low, high
 ):
-    from mcibi_jax.models.resize import resize
-
-    rng = np.random.default_rng(0)
-    memory = rng.standard_normal((5, num_feats, 8)).astype(np.float32)
+    """The update never forms the label-resolution features; in float64 it equals the update
+    spelled out on them (resized first) to 1e-12, and float32 stays within 1e-5 of that."""
+    rng = np.random.default_rng(sum(low) + 7 * sum(high) + num_feats)
+    memory = rng.standard_normal((5, num_feats, 8))
     memory[1] = 0.0  # a class whose memory is still empty: set to its mean
-    low = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
-    labels = rng.integers(-1, 5, (2, 29, 45)).astype(np.int32)  # 29 rows: the last band is padded
-    labels[:, :, :10] = 255
+    features = rng.standard_normal((2, *low, 8))
+    labels = rng.integers(-1, 5, (2, *high)).astype(np.int32)
+    labels[:, :, : high[1] // 4] = 255
     kwargs = dict(momentum=0.3, strategy=strategy, ignore_label=255)
-    whole = update_memory(
-        memory,
-        resize(low, (29, 45), align_corners=align_corners),
+    with jax.enable_x64(True):
+        upsampled = np.asarray(resize(features, high, align_corners=align_corners))
+        truth = _direct_update(memory, upsampled, labels, **kwargs)
+        ours = update_memory(memory, features, labels, align_corners=align_corners, **kwargs)
+        assert ours.dtype == np.float64
+        np.testing.assert_allclose(ours, truth, rtol=1e-12, atol=1e-12)
+    single = update_memory(
+        memory.astype(np.float32),
+        features.astype(np.float32),
         labels,
-        band_values=10**9,
+        align_corners=align_corners,
         **kwargs,
     )
-    for band_values in (2 * 45 * 8 * 3, 2 * 45 * 8, 1):  # 3 rows, 1 row, at least 1 row per band
-        banded = update_memory(
-            memory, low, labels, align_corners=align_corners, band_values=band_values, **kwargs
-        )
-        np.testing.assert_allclose(banded, whole, rtol=2e-5, atol=2e-6)
-        # features already at the labels' size are cut into bands without resampling
-        same = update_memory(
-            memory,
-            resize(low, (29, 45), align_corners=align_corners),
-            labels,
-            band_values=band_values,
-            **kwargs,
-        )
-        np.testing.assert_allclose(same, whole, rtol=2e-5, atol=2e-6)
+    assert relative_error(single, truth) < 1e-5

@@ -9,7 +9,6 @@ features of the batch (:func:`update_memory`), never by gradients.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -19,16 +18,13 @@ import numpy as np
 
 from mcibi_jax.models.attention import SelfAttentionBlock
 from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype, softmax
-from mcibi_jax.models.resize import interpolation_matrix, resample
+from mcibi_jax.models.resize import interpolation_matrix
 
 Array = jax.Array
 
 STRATEGIES = ("cosine_similarity", "mean")
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
-DEFAULT_BAND_VALUES = 2**24  # 64 MiB of float32 label-resolution features at a time
-SEGMENT_SUMS_ENV = "MCIBI_SEGMENT_SUMS"
-SEGMENT_SUMS = ("scatter", "matmul")
 
 
 class MemoryModule(nn.Module):
@@ -78,7 +74,6 @@ class MemoryModule(nn.Module):
         memory = self.variable("memory", "memory", lambda: jnp.zeros(shape, jnp.float32)).value
         replica_memories = None
         if labels is not None:
-            # feats are upsampled to the labels' size inside, a band of rows at a time
             replica_memories = update_memory_per_replica(
                 memory,
                 feats,
@@ -242,154 +237,195 @@ def update_memory(
     strategy: str = "cosine_similarity",
     ignore_label: int = -100,
     align_corners: bool = False,
-    band_values: int = DEFAULT_BAND_VALUES,
-    segment_sums: str | None = None,
 ) -> Array:
     """Moves the memory toward the features of each class present in the batch.
 
     Args:
       memory: (K, F, C) float32, K classes with F vectors each.
       features: (N, h, w, C) features (no gradient flows) at the labels' resolution, or lower:
-        then bilinearly upsampled to it (like ``resize(..., align_corners)``).
+        then bilinearly upsampled to it (like ``resize(..., align_corners)``), which the update
+        never does explicitly (see :func:`_class_statistics`).
       labels: (N, H, W) int class ids; ``ignore_label`` (and any id outside [0, K)) is skipped.
       momentum: weight of the batch in the new memory.
       strategy: ``cosine_similarity`` weights each pixel by its dissimilarity to the current
         memory vector; ``mean`` uses the plain class mean (only with F == 1).
-      band_values: the label-resolution features are formed and summed one band of rows at a
-        time, each of about this many values, so that the full-resolution (N, H, W, C) array
-        never exists (it is 1 GiB per 512x1024 image with 512 channels).
-      segment_sums: how the per-class sums over pixels run, ``scatter`` (scatter-adds) or
-        ``matmul`` (one-hot matrix products); None: :func:`segment_sums_method`.
     Returns:
       The new memory (K, F, C). For each class present, the first all-zero vector is set to
       the class mean instead (and nothing else of that class moves this step).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown memory update strategy {strategy!r}; choose from {STRATEGIES}")
-    num_classes, num_feats, channels = memory.shape
+    num_feats = memory.shape[1]
     if strategy == "mean" and num_feats > 1:
         raise ValueError("the 'mean' strategy needs one memory vector per class")
-    sums = segment_sums_method(segment_sums)
     memory = jnp.asarray(memory)
     memory = memory.astype(accumulation_dtype(memory.dtype))
     features = jax.lax.stop_gradient(jnp.asarray(features)).astype(memory.dtype)
     labels = jnp.asarray(labels).astype(jnp.int32)
-    (batch, in_h, in_w, _), (out_h, out_w) = features.shape, labels.shape[1:3]
-    rows = int(max(1, min(out_h, band_values // max(1, batch * out_w * channels))))
-    num_bands = -(-out_h // rows)
-    pad = num_bands * rows - out_h
-    # Rows past the labels' height get label -1 (skipped) and zero features.
-    band_labels = jnp.pad(labels, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
-    band_labels = band_labels.reshape(batch, num_bands, rows, out_w).transpose(1, 0, 2, 3)
-    if (in_h, in_w) == (out_h, out_w):
-        padded = jnp.pad(features, ((0, 0), (0, pad), (0, 0), (0, 0)))
-
-        def band_features(index):
-            return jax.lax.dynamic_slice_in_dim(padded, index * rows, rows, axis=1)
-    else:
-        row_matrix = np.zeros((num_bands * rows, in_h))
-        row_matrix[:out_h] = interpolation_matrix(in_h, out_h, "bilinear", align_corners)
-        row_bands = jnp.asarray(row_matrix.reshape(num_bands, rows, in_h), memory.dtype)
-        column_matrix = jnp.asarray(
-            interpolation_matrix(in_w, out_w, "bilinear", align_corners), memory.dtype
-        )
-
-        def band_features(index):  # the rows of resize(features, (out_h, out_w)) in this band
-            return resample(features, row_bands[index], column_matrix)
-
-    def add_band(totals, band):
-        index, labels_of_band = band
-        stats = _class_statistics(
-            memory,
-            band_features(index).reshape(-1, channels),
-            labels_of_band.reshape(-1),
-            strategy,
-            ignore_label,
-            sums,
-        )
-        return jax.tree_util.tree_map(jnp.add, totals, stats), None
-
-    shapes = jax.eval_shape(
-        lambda: _class_statistics(
-            memory,
-            features[:1, :1, :1].reshape(-1, channels),
-            labels[:1, :1, :1].reshape(-1),
-            strategy,
-            ignore_label,
-            sums,
-        )
-    )
-    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    stats, _ = jax.lax.scan(add_band, zeros, (jnp.arange(num_bands), band_labels))
+    stats = _class_statistics(memory, features, labels, strategy, ignore_label, align_corners)
     return _moved_memory(memory, stats, momentum, strategy)
 
 
-def segment_sums_method(method: str | None = None) -> str:
-    """``method``, else the ``MCIBI_SEGMENT_SUMS`` environment variable (read when the update is
-    traced), else ``scatter``. ``matmul`` sums pixels per class as one-hot matrix products
-    instead of scatter-adds (which accelerators run as atomic adds into a few class rows); an
-    option to measure there, with the same sums up to float32 rounding."""
-    method = method or os.environ.get(SEGMENT_SUMS_ENV) or "scatter"
-    if method not in SEGMENT_SUMS:
-        raise ValueError(f"unknown segment_sums {method!r}; choose from {', '.join(SEGMENT_SUMS)}")
-    return method
+def _two_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear resizing along one axis as two neighbouring taps per output position.
 
-
-def _segment_sums(values: Array, segments: Array, num_segments: int, method: str) -> Array:
-    """Sums of values (P,) or (P, C) per segment id (P,) in [0, num_segments)."""
-    if method == "scatter":
-        return jax.ops.segment_sum(values, segments, num_segments)
-    one_hot = jax.nn.one_hot(segments, num_segments, dtype=values.dtype)  # (P, S)
-    if values.ndim == 1:
-        return jnp.sum(one_hot * values[:, None], axis=0)
-    return jnp.einsum("ps,pc->sc", one_hot, values, precision="highest")
+    Returns start (out,) and weights (out, T): output i = sum_t weights[i, t] * input[start[i] + t],
+    T = 1 when no output mixes two inputs (same size), else 2 (start + 1 may be ``in_size``: the
+    caller pads one zero there, with weight 0).
+    """
+    if in_size == out_size:
+        return np.arange(out_size), np.ones((out_size, 1))
+    matrix = interpolation_matrix(in_size, out_size, "bilinear", align_corners)
+    rows = np.arange(out_size)
+    start = np.argmax(matrix != 0, axis=1)
+    padded = np.pad(matrix, ((0, 0), (0, 1)))
+    weights = np.stack([padded[rows, start], padded[rows, start + 1]], axis=1)
+    rebuilt = np.zeros_like(padded)
+    rebuilt[rows, start] = weights[:, 0]
+    rebuilt[rows, start + 1] = weights[:, 1]
+    assert np.array_equal(rebuilt[:, :in_size], matrix), "bilinear rows span two neighbours"
+    return start, weights
 
 
 def _class_statistics(
-    memory: Array, feats: Array, labels: Array, strategy: str, ignore_label: int, sums: str
+    memory: Array,
+    features: Array,
+    labels: Array,
+    strategy: str,
+    ignore_label: int,
+    align_corners: bool,
 ) -> dict[str, Array]:
-    """Sums over pixels (feats (P, C), labels (P,)) that the update needs; they add up over
-    parts of the batch: pixel count and feature sum per class, and for ``cosine_similarity``
-    the dissimilarity weight and weighted feature sum per memory slot (``sums``: how,
-    :func:`segment_sums_method`)."""
+    """The sums over pixels that the update needs: pixel count and feature sum per class, and
+    for ``cosine_similarity`` the dissimilarity weight and weighted feature sum per memory slot.
+
+    Each label pixel's feature is a bilinear mix of (up to) four neighbouring low-resolution
+    features, the corners of its cell. Everything the update asks of it follows from
+    low-resolution quantities, so the (N, H, W, C) label-resolution map (1 GiB per 512x1024
+    crop with 512 channels) never exists: a per-class sum of mixes is the sum of corner
+    features weighted by how much of each class's pixels they feed (a scatter of pixel
+    weights into (corner, class) bins, then one matmul); a pixel's dot with a memory vector
+    mixes the corners' dots; its squared norm is a quadratic form in the corners' Gram matrix.
+    Same sums as mixing first, up to float rounding.
+    """
     num_classes, num_feats, channels = memory.shape
+    batch, in_h, in_w, _ = features.shape
+    out_h, out_w = labels.shape[1:3]
+    dtype = memory.dtype
+    row_start, row_weights = _two_taps(in_h, out_h, align_corners)
+    col_start, col_weights = _two_taps(in_w, out_w, align_corners)
+    row_taps, col_taps = row_weights.shape[1], col_weights.shape[1]
+    grid_h, grid_w = in_h + row_taps - 1, in_w + col_taps - 1  # one zero row/column past the end
+    grid = jnp.pad(features, ((0, 0), (0, row_taps - 1), (0, col_taps - 1), (0, 0)))
+    # Per label pixel (static): its cell's top-left corner on the grid and each corner's weight.
+    cell = (row_start[:, None] * grid_w + col_start[None, :]).reshape(-1)
+    corners = [(s, t) for s in range(row_taps) for t in range(col_taps)]
+    corner_offset = [s * grid_w + t for s, t in corners]
+    corner_weight = [
+        jnp.asarray(np.outer(row_weights[:, s], col_weights[:, t]).reshape(-1), dtype)
+        for s, t in corners
+    ]
+
+    labels = labels.reshape(batch, -1)
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    stats = {
-        "count": _segment_sums(valid.astype(memory.dtype), segment, num_classes + 1, sums)[
-            :num_classes
-        ],
-        "sum": _segment_sums(feats, segment, num_classes + 1, sums)[:num_classes],
-    }
-    if strategy == "mean":
-        return stats
-    safe_labels = jnp.minimum(segment, num_classes - 1)
-    if num_feats == 1:
-        slot = jnp.zeros_like(safe_labels)
-    else:
-        class_memory = memory[safe_labels]  # (P, F, C)
-        relation = jnp.einsum(
-            "pc,pfc->pf", _normalize(feats), _normalize(class_memory), precision="highest"
+    counts = jax.ops.segment_sum(
+        valid.reshape(-1).astype(jnp.int32), segment.reshape(-1), num_classes + 1
+    )
+    stats = {"count": counts[:num_classes].astype(dtype)}
+    # Bins of the corner scatter: (image, grid position, column); columns are the classes (sum)
+    # and, for cosine_similarity, then the memory slots (weighted sum), each with a dropped one.
+    sum_columns = num_classes + 1
+    bin_of_pixel = jnp.arange(batch)[:, None] * (grid_h * grid_w) + cell[None, :]
+    columns = [(segment, jnp.broadcast_to(jnp.asarray(1.0, dtype), segment.shape))]
+    num_columns = sum_columns
+    if strategy == "cosine_similarity":
+        dissimilarity, slot_segment = _dissimilarity(
+            memory, grid, labels, valid, cell, corner_offset, corner_weight
+        )
+        num_slots = num_classes * num_feats
+        stats["weight"] = jax.ops.segment_sum(
+            dissimilarity.reshape(-1), slot_segment.reshape(-1), num_slots + 1
+        )[:num_slots]
+        columns.append((sum_columns + slot_segment, dissimilarity))
+        num_columns += num_slots + 1
+    bins, values = [], []
+    for offset, weight in zip(corner_offset, corner_weight, strict=True):
+        for column, value in columns:
+            bins.append(((bin_of_pixel + offset) * num_columns + column).reshape(-1))
+            values.append((weight[None, :] * value).reshape(-1))
+    corner_sums = jax.ops.segment_sum(
+        jnp.concatenate(values), jnp.concatenate(bins), batch * grid_h * grid_w * num_columns
+    ).reshape(-1, num_columns)
+    sums = jnp.einsum("qs,qc->sc", corner_sums, grid.reshape(-1, channels), precision="highest")
+    stats["sum"] = sums[:num_classes]
+    if strategy == "cosine_similarity":
+        stats["weighted"] = sums[sum_columns : sum_columns + num_classes * num_feats]
+    return stats
+
+
+def _dissimilarity(
+    memory: Array,
+    grid: Array,
+    labels: Array,
+    valid: Array,
+    cell: np.ndarray,
+    corner_offset: list[int],
+    corner_weight: list[Array],
+) -> tuple[Array, Array]:
+    """Each label pixel's 1 - cosine to its memory slot (0 where invalid) and that slot's index
+    (K * F where invalid), both (N, P); for F > 1 the slot is the class's most similar one.
+
+    grid (N, gh, gw, C) holds the low-resolution features (zero-padded); cell (P,) each pixel's
+    top-left corner on it; corner_weight its bilinear weights, per corner."""
+    num_classes, num_feats, channels = memory.shape
+    batch, grid_h, grid_w, _ = grid.shape
+    slots = memory.reshape(num_classes * num_feats, channels)
+    flat = grid.reshape(batch, grid_h * grid_w, channels)
+    safe_labels = jnp.where(valid, labels, 0)
+    # Dots of every grid feature with every slot, then each pixel's mix of its corners' dots
+    # with its own class's slots: (N, P, F).
+    slot_dots = jnp.einsum("nqc,kc->nqk", flat, slots, precision="highest").reshape(batch, -1)
+    own = safe_labels[..., None] * num_feats + jnp.arange(num_feats)  # (N, P, F)
+    dots = 0.0
+    for offset, weight in zip(corner_offset, corner_weight, strict=True):
+        index = (cell[None, :, None] + offset) * (num_classes * num_feats) + own
+        corner_dots = jnp.take_along_axis(slot_dots, index.reshape(batch, -1), axis=1)
+        dots = dots + weight[None, :, None] * corner_dots.reshape(own.shape)
+    # Squared norms: the corners' Gram matrix (each pair's dots, on the grid) in the weights.
+    squares = 0.0
+    for u, (offset_u, weight_u) in enumerate(zip(corner_offset, corner_weight, strict=True)):
+        for v in range(u, len(corner_offset)):
+            offset_v, weight_v = corner_offset[v], corner_weight[v]
+            pair = jnp.einsum(
+                "nqc,nqc->nq",
+                _shifted(flat, offset_u),
+                _shifted(flat, offset_v),
+                precision="highest",
+            )
+            factor = (1.0 if u == v else 2.0) * weight_u * weight_v
+            squares = squares + factor[None, :] * jnp.take(pair, cell, axis=1)
+    norms = jnp.sqrt(jnp.maximum(squares, 0.0))
+    slot_norms = jnp.linalg.norm(slots, axis=-1)[own]  # (N, P, F)
+    slot = jnp.zeros(labels.shape, jnp.int32)
+    if num_feats > 1:
+        relation = dots / (
+            jnp.maximum(norms, _NORMALIZE_EPS)[..., None] * jnp.maximum(slot_norms, _NORMALIZE_EPS)
         )
         slot = jnp.argmax(relation, axis=-1)
-    # The cosine with each pixel's own memory slot from one matmul against all slots: gathering
-    # the slot per pixel and reducing (P, C) products took 0.2 s a band on XLA:CPU.
-    slots = memory.reshape(num_classes * num_feats, channels)
-    own_slot = (safe_labels * num_feats + slot)[:, None]
-    dots = jnp.take_along_axis(jnp.dot(feats, slots.T, precision="highest"), own_slot, axis=1)
-    squares = jnp.dot(feats * feats, jnp.ones((channels,), feats.dtype), precision="highest")
-    norm_feats = jnp.maximum(jnp.sqrt(squares), _COSINE_EPS)
-    norm_slots = jnp.maximum(jnp.linalg.norm(slots, axis=-1), _COSINE_EPS)[own_slot[:, 0]]
-    cosine = dots[:, 0] / (norm_feats * norm_slots)
+    own_dot = jnp.take_along_axis(dots, slot[..., None], axis=-1)[..., 0]
+    own_norm = jnp.take_along_axis(slot_norms, slot[..., None], axis=-1)[..., 0]
+    cosine = own_dot / (jnp.maximum(norms, _COSINE_EPS) * jnp.maximum(own_norm, _COSINE_EPS))
     dissimilarity = jnp.where(valid, 1.0 - cosine, 0.0)
     slot_segment = jnp.where(valid, safe_labels * num_feats + slot, num_classes * num_feats)
-    num_segments = num_classes * num_feats + 1
-    stats["weight"] = _segment_sums(dissimilarity, slot_segment, num_segments, sums)[:-1]
-    stats["weighted"] = _segment_sums(
-        feats * dissimilarity[:, None], slot_segment, num_segments, sums
-    )[:-1]
-    return stats
+    return dissimilarity, slot_segment
+
+
+def _shifted(flat: Array, offset: int) -> Array:
+    """flat (N, Q, C) moved ``offset`` positions earlier along Q, zeros past the end."""
+    if offset == 0:
+        return flat
+    return jnp.pad(flat[:, offset:], ((0, 0), (0, offset), (0, 0)))
 
 
 def _moved_memory(
