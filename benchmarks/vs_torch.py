@@ -15,7 +15,10 @@ compared first (``max |diff|``) so that both compute the same function.
 
 Each side runs in its own subprocess (so that its peak memory is its own): both are set
 up, then their timed runs alternate (``--repeats`` of each, after one warm-up run each;
-medians reported). Peak host memory growth is ``ru_maxrss`` at the end minus the resident
+medians reported), each timed run right after ``--settle_runs`` untimed runs of the same side,
+so that it times a step the way a training loop runs it, after a step of its own: a step right
+after the other side's measured up to 1.4x its time (ours, ViT-L train: the other process had
+just given back gigabytes, and XLA's per-step buffers faulted their pages in slowly). Peak host memory growth is ``ru_maxrss`` at the end minus the resident
 set once the weights and the batch are loaded (it includes our compilation). The figure
 "after warm-up" is the peak of the timed runs alone, against the same base: after the warm-up
 run each side gives its freed heap back to the OS (``release_free_host_memory``, as the
@@ -370,6 +373,7 @@ def compare(
     repeats: int,
     tiny: bool,
     tmp: Path,
+    settle_runs: int = 1,
 ) -> dict:
     config = our_config(name, tiny)
     num_classes = config.model.num_classes
@@ -391,8 +395,10 @@ def compare(
     for side in ("ours", "torch"):  # one side set up at a time: their set-up peaks do not overlap
         workers[side] = Worker(side, task, name, files, tiny, None)
     times = {side: [] for side in workers}
-    for _ in range(repeats + 1):  # the first (warm-up, compilation) run of each is dropped
+    for round_ in range(repeats + 1):  # the first (warm-up, compilation) run of each is dropped
         for side, w in workers.items():
+            for _ in range(settle_runs if round_ else 0):
+                w.run()
             times[side].append(w.run())
     growth = {side: w.finish() for side, w in workers.items()}
     result = {
@@ -436,6 +442,12 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=3, help="timed runs of each side (after one warm-up run)"
     )
     parser.add_argument(
+        "--settle_runs",
+        type=int,
+        default=1,
+        help="untimed runs of a side right before each of its timed runs",
+    )
+    parser.add_argument(
         "--tiny", action="store_true", help="narrow layers (a quick smoke test, not a benchmark)"
     )
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
@@ -454,9 +466,15 @@ def main(argv: list[str] | None = None) -> None:
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
     tasks = [t.strip() for t in args.tasks.split(",")]
-    if unknown or not set(tasks) <= {"forward", "train"} or args.repeats < 1:
+    if (
+        unknown
+        or not set(tasks) <= {"forward", "train"}
+        or args.repeats < 1
+        or args.settle_runs < 0
+    ):
         parser.error(
-            f"--models among {', '.join(MODELS)}, --tasks among forward,train, --repeats >= 1"
+            f"--models among {', '.join(MODELS)}, --tasks among forward,train, --repeats >= 1, "
+            "--settle_runs >= 0"
         )
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs",
@@ -476,7 +494,9 @@ def main(argv: list[str] | None = None) -> None:
                     if task == "forward"
                     else (args.train_size, args.train_batch)
                 )
-                r = compare(task, name, size, batch, args.repeats, args.tiny, Path(tmp))
+                r = compare(
+                    task, name, size, batch, args.repeats, args.tiny, Path(tmp), args.settle_runs
+                )
                 print(format_row(r), flush=True)
                 if task == "forward":
                     notes.append(
