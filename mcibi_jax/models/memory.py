@@ -329,14 +329,11 @@ def _class_statistics(
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    counts = jax.ops.segment_sum(
-        valid.reshape(-1).astype(jnp.int32), segment.reshape(-1), num_classes + 1
-    )
+    counts = _sums_per_image(valid.astype(jnp.int32), segment, num_classes + 1)
     stats = {"count": counts[:num_classes].astype(dtype)}
     # Bins of the corner scatter: (image, grid position, column); columns are the classes (sum)
     # and, for cosine_similarity, then the memory slots (weighted sum), each with a dropped one.
     sum_columns = num_classes + 1
-    bin_of_pixel = jnp.arange(batch)[:, None] * (grid_h * grid_w) + cell[None, :]
     columns = [(segment, jnp.broadcast_to(jnp.asarray(1.0, dtype), segment.shape))]
     num_columns = sum_columns
     if strategy == "cosine_similarity":
@@ -344,24 +341,36 @@ def _class_statistics(
             memory, grid, labels, valid, cell, corner_offset, corner_weight
         )
         num_slots = num_classes * num_feats
-        stats["weight"] = jax.ops.segment_sum(
-            dissimilarity.reshape(-1), slot_segment.reshape(-1), num_slots + 1
-        )[:num_slots]
+        stats["weight"] = _sums_per_image(dissimilarity, slot_segment, num_slots + 1)[:num_slots]
         columns.append((sum_columns + slot_segment, dissimilarity))
         num_columns += num_slots + 1
     bins, values = [], []
     for offset, weight in zip(corner_offset, corner_weight, strict=True):
         for column, value in columns:
-            bins.append(((bin_of_pixel + offset) * num_columns + column).reshape(-1))
-            values.append((weight[None, :] * value).reshape(-1))
-    corner_sums = jax.ops.segment_sum(
-        jnp.concatenate(values), jnp.concatenate(bins), batch * grid_h * grid_w * num_columns
-    ).reshape(-1, num_columns)
-    sums = jnp.einsum("qs,qc->sc", corner_sums, grid.reshape(-1, channels), precision="highest")
+            bins.append((cell[None, :] + offset) * num_columns + column)
+            values.append(weight[None, :] * value)
+    # Stacked per image (N, P, 2 x corners): with the batch sharded over devices, each device
+    # sums its own images and only the (columns, C) result is all-reduced.
+    corner_sums = jax.vmap(
+        functools.partial(jax.ops.segment_sum, num_segments=grid_h * grid_w * num_columns)
+    )(jnp.stack(values, -1).reshape(batch, -1), jnp.stack(bins, -1).reshape(batch, -1))
+    sums = jnp.einsum(
+        "nqs,nqc->sc",
+        corner_sums.reshape(batch, grid_h * grid_w, num_columns),
+        grid.reshape(batch, grid_h * grid_w, channels),
+        precision="highest",
+    )
     stats["sum"] = sums[:num_classes]
     if strategy == "cosine_similarity":
         stats["weighted"] = sums[sum_columns : sum_columns + num_classes * num_feats]
     return stats
+
+
+def _sums_per_image(values: Array, segments: Array, num_segments: int) -> Array:
+    """values (N, P) summed per segment id (N, P) over all images: (num_segments,). Summed per
+    image first, so that a batch sharded over devices needs only an all-reduce of the result."""
+    per_image = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=num_segments))
+    return per_image(values, segments).sum(axis=0)
 
 
 def _dissimilarity(
