@@ -68,3 +68,20 @@ def test_each_loss_holds_its_logits_on_cpu():
         .as_hlo_text()
     )
     assert hlo.count("conditional(") == (3 if jax.default_backend() == "cpu" else 0)
+
+
+def test_attention_holds_its_logits_on_cpu():
+    """The attention logits stay out of one fusion with the projections and the product
+    (models/attention.py): the block's HLO has one conditional on CPU, none elsewhere."""
+    from mcibi_jax.models.attention import SelfAttentionBlock
+
+    block = SelfAttentionBlock(transform_channels=4, out_channels=6)
+    feats = jnp.zeros((1, 3, 3, 5))
+    variables = block.init(jax.random.key(0), feats, feats, False)
+    hlo = (
+        jax.jit(lambda v: block.apply(v, feats, feats, False))
+        .lower(variables)
+        .compiler_ir("hlo")
+        .as_hlo_text()
+    )
+    assert hlo.count("conditional(") == (1 if jax.default_backend() == "cpu" else 0)
