@@ -18,9 +18,9 @@ up, then their timed runs alternate (``--repeats`` of each, after one warm-up ru
 medians reported), each timed run right after ``--settle_runs`` untimed runs of the same side,
 so that it times a step the way a training loop runs it, after a step of its own: a step right
 after the other side's measured up to 1.4x its time (ours, ViT-L train: the other process had
-just given back gigabytes, and XLA's per-step buffers faulted their pages in slowly). Peak host memory growth is ``ru_maxrss`` at the end minus the resident
-set once the weights and the batch are loaded (it includes our compilation). The figure
-"after warm-up" is the peak of the timed runs alone, against the same base: after the warm-up
+just given back gigabytes, and XLA's per-step buffers faulted their pages in slowly). Peak host
+memory growth is ``ru_maxrss`` at the end minus the resident set once the weights and the batch
+are loaded (it includes our compilation). The figure "after warm-up" is the peak of the timed runs alone, against the same base: after the warm-up
 run each side gives its freed heap back to the OS (``release_free_host_memory``, as the
 training loop does after compiling) and the kernel's peak (VmHWM) is reset. The train
 step is the recipe's SGD (momentum 0.9; its weight decay and per-module rates: ViT-L's backbone

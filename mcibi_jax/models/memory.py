@@ -189,10 +189,6 @@ def memory_momentum(
     return base_momentum
 
 
-def _normalize(x: Array) -> Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
-
-
 def update_memory_per_replica(
     memory: Array,
     features: Array,
