@@ -325,7 +325,7 @@ def _class_statistics(
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    counts = _sums_per_image(valid.astype(jnp.int32), segment, num_classes + 1)
+    counts = _sums_per_image(valid.astype(jnp.int32), segment, num_classes + 1).sum(axis=0)
     stats = {"count": counts[:num_classes].astype(dtype)}
     # Bins of the corner scatter: (image, grid position, column); columns are the classes (sum)
     # and, for cosine_similarity, then the memory slots (weighted sum), each with a dropped one.
@@ -337,7 +337,8 @@ def _class_statistics(
             memory, grid, labels, valid, cell, corner_offset, corner_weight
         )
         num_slots = num_classes * num_feats
-        stats["weight"] = _sums_per_image(dissimilarity, slot_segment, num_slots + 1)[:num_slots]
+        weights = _sums_per_image(dissimilarity, slot_segment, num_slots + 1).sum(axis=0)
+        stats["weight"] = weights[:num_slots]
         columns.append((sum_columns + slot_segment, dissimilarity))
         num_columns += num_slots + 1
     bins, values = [], []
@@ -345,11 +346,13 @@ def _class_statistics(
         for column, value in columns:
             bins.append((cell[None, :] + offset) * num_columns + column)
             values.append(weight[None, :] * value)
-    # Stacked per image (N, P, 2 x corners): with the batch sharded over devices, each device
-    # sums its own images and only the (columns, C) result is all-reduced.
-    corner_sums = jax.vmap(
-        functools.partial(jax.ops.segment_sum, num_segments=grid_h * grid_w * num_columns)
-    )(jnp.stack(values, -1).reshape(batch, -1), jnp.stack(bins, -1).reshape(batch, -1))
+    # Stacked per pixel, so that each image's entries stay together (concatenating the corners'
+    # lists broke the batch's sharding); only the (columns, C) sums below are all-reduced.
+    corner_sums = _sums_per_image(
+        jnp.stack(values, -1).reshape(batch, -1),
+        jnp.stack(bins, -1).reshape(batch, -1),
+        grid_h * grid_w * num_columns,
+    )
     sums = jnp.einsum(
         "nqs,nqc->sc",
         corner_sums.reshape(batch, grid_h * grid_w, num_columns),
@@ -363,10 +366,12 @@ def _class_statistics(
 
 
 def _sums_per_image(values: Array, segments: Array, num_segments: int) -> Array:
-    """values (N, P) summed per segment id (N, P) over all images: (num_segments,). Summed per
-    image first, so that a batch sharded over devices needs only an all-reduce of the result."""
-    per_image = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=num_segments))
-    return per_image(values, segments).sum(axis=0)
+    """values (N, P) summed per segment id (N, P), image by image: (N, num_segments). With the
+    batch sharded over devices, each device sums its own images; only what the caller reduces
+    over the batch afterwards is all-reduced."""
+    return jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=num_segments))(
+        values, segments
+    )
 
 
 def _dissimilarity(
