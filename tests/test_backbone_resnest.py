@@ -1,8 +1,10 @@
 import ast
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
@@ -80,3 +82,26 @@ def test_out_indices_and_output_stride_16() -> None:
     x = jnp.zeros((1, 32, 32, 3))
     outs = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, False)[0])
     assert [o.shape for o in outs] == [(1, 4, 4, 32), (1, 2, 2, 128)]
+
+
+
+@pytest.mark.parametrize("radix", [1, 2, 4])
+def test_split_attention_sum_and_hold_change_no_number(radix: int, monkeypatch) -> None:
+    """The split-attention output sums the weighted splits as adds of slices and, on CPU, goes
+    through one conditional (a fusion boundary: XLA:CPU otherwise fuses the sum into the next 1x1
+    conv's matmul, 5x slower); XLA:CPU's reduce over the short radix axis ran 30x slower, so the
+    HLO has none. The same values as ``jnp.sum`` without the hold."""
+    from mcibi_jax.models.backbones import resnest
+
+    block = resnest.SplitAttentionConv(channels=8, radix=radix)
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8))
+    variables = block.init(jax.random.key(0), x, False)
+    ours = block.apply(variables, x, False)
+    hlo = jax.jit(lambda v: block.apply(v, x, False)).lower(variables).as_text("hlo")
+    assert hlo.count("conditional(") == (1 if jax.default_backend() == "cpu" else 0)
+    assert not re.search(r"= f32\[2,6,6,8\]\S* reduce\(", hlo)  # a sum over the radix axis
+
+    monkeypatch.setattr(resnest, "_sum_splits", lambda splits: jnp.sum(splits, axis=-2))
+    monkeypatch.setattr(resnest, "hold_on_cpu", lambda v: v)
+    plain = block.apply(variables, x, False)
+    np.testing.assert_allclose(ours, plain, rtol=1e-6, atol=1e-7)
