@@ -11,6 +11,7 @@ import pytest
 
 from mcibi_jax.models.conv import (
     DILATED_CONV_ENV,
+    MIN_STRIDED_TAP_FORWARD_CHANNELS,
     MIN_TAP_GRAD_CHANNELS,
     Conv,
     axis_taps,
@@ -19,9 +20,11 @@ from mcibi_jax.models.conv import (
     matmul_grad_conv,
     pointwise_conv,
     space_to_batch_conv,
+    strided_tap_conv,
     tap_conv,
     use_matmul_grads,
     use_pointwise_matmul,
+    use_strided_taps,
     use_tap_matmuls,
 )
 
@@ -99,6 +102,34 @@ MATMUL_GRAD_CASES = [
 @pytest.mark.parametrize("case", MATMUL_GRAD_CASES)
 def test_matmul_grad_conv_matches_lax_conv_values_and_gradients(case):
     assert_conv_equals_lax_with_vjp(matmul_grad_conv, case, seed=4)
+
+
+# (H, W, C, O, kernel, stride, dilation, padding): strided convs, forward by XLA's conv (narrow)
+# and by the taps (wide), odd and even sizes, uneven strides' remainders, a dilated one.
+STRIDED_CASES = [
+    (9, 7, 6, 5, 3, 2, 1, 1),
+    (8, 8, 6, 5, 3, 2, 1, 0),
+    (11, 10, 3, 4, 7, 2, 1, 3),
+    (9, 8, MIN_STRIDED_TAP_FORWARD_CHANNELS, 5, 3, 2, 1, 1),
+    (10, 9, MIN_STRIDED_TAP_FORWARD_CHANNELS, 5, 3, 3, 1, 1),
+    (11, 11, MIN_STRIDED_TAP_FORWARD_CHANNELS, 4, 3, 2, 2, 2),
+]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES)
+def test_strided_tap_conv_matches_lax_conv_values_and_gradients(case):
+    assert_conv_equals_lax_with_vjp(strided_tap_conv, case, seed=6)
+
+
+def test_strided_tap_route_rule():
+    cpu = jax.default_backend() == "cpu"
+    wide = (3, 3, MIN_TAP_GRAD_CHANNELS, 8)
+    assert use_strided_taps(jnp.float32, wide, (2, 2), 1) == cpu
+    assert not use_strided_taps(jnp.float32, wide, (1, 1), 1)
+    assert not use_strided_taps(jnp.float32, (3, 3, 3, 64), (2, 2), 1)  # stems: XLA's conv
+    assert not use_strided_taps(jnp.float32, (1, 1, 256, 8), (2, 2), 1)  # 1x1: one matmul
+    assert not use_strided_taps(jnp.bfloat16, wide, (2, 2), 1)
+    assert not use_strided_taps(jnp.float32, wide, (2, 2), 2)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] == 1] + [(8, 9, 6, 5, 1, 3, 1, 0)])
