@@ -13,6 +13,7 @@ from mcibi_jax.models.conv import (
     DILATED_CONV_ENV,
     MIN_STRIDED_TAP_FORWARD_CHANNELS,
     MIN_TAP_GRAD_CHANNELS,
+    MIN_WINOGRAD_GRAD_CHANNELS,
     Conv,
     axis_taps,
     conv2d,
@@ -87,11 +88,15 @@ def test_tap_conv_matches_lax_conv_values_and_gradients(case):
 
 
 # (H, W, C, O, kernel, stride, dilation, padding): 1x1 convs (input gradient as a matmul when
-# stride 1), k x k ones with few input channels (XLA's kernel gradient) and with many (taps).
+# stride 1), k x k ones with few input channels (XLA's kernel gradient), narrow 3x3 stride-1 ones
+# (Winograd's kernel gradient; odd sizes, no padding, dilated) and ones with many (taps).
 MATMUL_GRAD_CASES = [
     (9, 7, 6, 5, 1, 1, 1, 0),
     (9, 7, 6, 5, 1, 2, 1, 0),
     (9, 7, 6, 5, 3, 1, 1, 1),
+    (9, 7, MIN_WINOGRAD_GRAD_CHANNELS, 5, 3, 1, 1, 1),
+    (8, 10, MIN_WINOGRAD_GRAD_CHANNELS, 6, 3, 1, 1, 0),
+    (11, 9, MIN_WINOGRAD_GRAD_CHANNELS, 4, 3, 1, 2, 2),
     (6, 5, MIN_TAP_GRAD_CHANNELS, 4, 3, 1, 1, 1),
     (7, 6, MIN_TAP_GRAD_CHANNELS, 4, 3, 2, 1, 1),
     (9, 8, MIN_TAP_GRAD_CHANNELS, 4, 3, 1, 2, 2),

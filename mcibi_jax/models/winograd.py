@@ -173,18 +173,17 @@ def _winograd_fwd(x, kernel, padding, dilation):
     return _forward(x, kernel, padding, dilation), (x, kernel)
 
 
-def _winograd_bwd(padding, dilation, residuals, grad):
-    x, kernel = residuals
-    span = 2 * dilation
-    grad, kernel = jax.lax.optimization_barrier((grad, kernel))  # see _forward
-    # The input gradient: the full correlation of grad with the flipped kernel, C and O swapped.
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    grad_padding = tuple((span - low, span - high) for low, high in padding)
-    grad_x = _forward(grad, flipped, grad_padding, dilation)
+def kernel_grad(
+    x: Array, grad: Array, padding: tuple[tuple[int, int], tuple[int, int]], dilation: int
+) -> Array:
+    """The gradient of a stride-1 3x3 conv's kernel (3, 3, C, O) from its input x (N, H, W, C)
+    and its output's gradient (N, H', W', O): 16 matmuls over the transformed tiles, then the
+    kernel transform's transpose. On CPU it also serves convs too narrow for
+    :func:`winograd_conv` (:func:`mcibi_jax.models.conv.matmul_grad_conv`)."""
     products_grad = _output_transform_transposed(
         grad, _geometry(x.shape, padding, dilation), dilation
     )
-    transform = jnp.asarray(_KERNEL_TRANSFORM.T, kernel.dtype)
+    transform = jnp.asarray(_KERNEL_TRANSFORM.T, grad.dtype)
     grad_kernel = []
     # Chunks of another width than the forward pass's: XLA would merge identical transforms
     # with the forward pass's (optimisation barriers do not stop it on CPU) and hold those tiles,
@@ -199,7 +198,18 @@ def _winograd_bwd(padding, dilation, residuals, grad):
         )  # (16, hi - lo, O)
         chunk = jnp.dot(transform, transformed_grad.reshape(16, -1), precision=_HIGHEST)
         grad_kernel.append(chunk.reshape(3, 3, hi - lo, -1))
-    grad_kernel = jnp.concatenate(grad_kernel, axis=2)
+    return jnp.concatenate(grad_kernel, axis=2)
+
+
+def _winograd_bwd(padding, dilation, residuals, grad):
+    x, kernel = residuals
+    span = 2 * dilation
+    grad, kernel = jax.lax.optimization_barrier((grad, kernel))  # see _forward
+    # The input gradient: the full correlation of grad with the flipped kernel, C and O swapped.
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    grad_padding = tuple((span - low, span - high) for low, high in padding)
+    grad_x = _forward(grad, flipped, grad_padding, dilation)
+    grad_kernel = kernel_grad(x, grad, padding, dilation)
     return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
