@@ -84,7 +84,6 @@ def test_out_indices_and_output_stride_16() -> None:
     assert [o.shape for o in outs] == [(1, 4, 4, 32), (1, 2, 2, 128)]
 
 
-
 @pytest.mark.parametrize("radix", [1, 2, 4])
 def test_split_attention_sum_and_hold_change_no_number(radix: int, monkeypatch) -> None:
     """The split-attention output sums the weighted splits as adds of slices and, on CPU, goes
