@@ -74,18 +74,49 @@ def _cases_of(backbone: str) -> list[str]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the Winograd route is CPU-only")
 # one ResNet case, and every HRNet one (their float32 gradients are the most ill-conditioned)
 @pytest.mark.parametrize("name", _cases_of("ResNet")[:1] + _cases_of("HRNet"))
-def test_fixtures_hold_with_winograd_on_every_eligible_conv(name, monkeypatch):
+@pytest.mark.parametrize("forward", ["winograd", "taps on small maps"])
+def test_fixtures_hold_with_winograd_on_every_eligible_conv(name, forward, monkeypatch):
     """The fixtures' narrow models have no conv wide enough for the route: lower the width
-    threshold so that every 3x3 stride-1 conv outside ASPP takes it, forward and backward."""
-    calls, winograd_conv = [], winograd.winograd_conv
+    threshold so that every 3x3 stride-1 conv outside ASPP takes it, forward and backward, with
+    Winograd's forward pass or (every map counted small) the taps' one."""
+    calls = []
+    route = "winograd_conv" if forward == "winograd" else "small_map_conv"
+    module = conv.winograd if forward == "winograd" else conv
+    original = getattr(module, route)
 
     def counted(*args):
         calls.append(args[0].shape)
-        return winograd_conv(*args)
+        return original(*args)
 
     monkeypatch.setattr(conv, "MIN_WINOGRAD_CHANNELS", 1)
-    monkeypatch.setattr(conv.winograd, "winograd_conv", counted)
+    monkeypatch.setattr(conv, "MAX_DIRECT_FORWARD_PIXELS", 0 if forward == "winograd" else 10**9)
+    monkeypatch.setattr(module, route, counted)
     case = fixtures.load_case(name)
     fixtures.test_eval_logits(case)
-    assert calls, "no conv took the Winograd route"
+    assert calls, f"no conv took the {route} route"
     fixtures.test_training_step(case)
+
+
+@pytest.mark.parametrize("case", CASES + [(4, 4, 6, 5, 3, 1, 1, 0)])
+def test_small_map_conv_matches_lax_conv_values_and_gradients(case):
+    """Taps forward, Winograd backward."""
+    assert_conv_equals_lax_with_vjp(
+        lambda x, k, strides, padding, dilation: conv.small_map_conv(x, k, padding, dilation),
+        case,
+        seed=7,
+    )
+
+
+def test_small_maps_take_the_taps_forward():
+    """Up to ``MAX_DIRECT_FORWARD_PIXELS`` pixels, nine tap matmuls; above, Winograd's 16."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the Winograd route is CPU-only")
+    x = jnp.ones((1, 16, 16, 128))
+    kernel = jnp.ones((3, 3, 128, 128))
+    args = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    small = jax.make_jaxpr(lambda a, b: conv.conv2d(a, b, *args))(x, kernel)
+    large = jax.make_jaxpr(lambda a, b: conv.conv2d(a, b, *args))(
+        jnp.ones((1, 32, 32, 128)), kernel
+    )
+    assert str(small).count("dot_general") == 9
+    assert str(large).count("dot_general") != 9

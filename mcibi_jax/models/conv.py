@@ -9,7 +9,8 @@ channels). So on CPU, in float32:
 * dilated convs whose taps mostly read padding (ASPP) run as one ``dot`` per kernel tap over
   the input pixels that tap actually reads (:func:`tap_conv`);
 * wide 3x3 stride-1 convs (dilated or not) run as Winograd F(2x2, 3x3), 16 matmuls with 2.25x
-  fewer FLOPs than the conv, forward and backward (:mod:`mcibi_jax.models.winograd`);
+  fewer FLOPs than the conv, forward and backward (:mod:`mcibi_jax.models.winograd`; on small
+  maps the forward pass is one matmul per tap, :func:`small_map_conv`);
 * wide strided convs take their backward pass (and, when wider still, their forward) as one
   matmul per kernel tap over the tap's strided window of the padded input
   (:func:`strided_tap_conv`);
@@ -53,6 +54,11 @@ MIN_TAP_GRAD_CHANNELS = 128
 # 3x3 convs with this many input and output channels run as Winograd F(2x2, 3x3) on CPU; the
 # stems' narrower ones are faster as XLA's conv.
 MIN_WINOGRAD_CHANNELS = 128
+# Winograd convs on maps of at most this many pixels (batch included) run forward as tap matmuls:
+# the kernel's transform, read from memory each step, then outweighs the saved multiplications
+# (HRNet-W48's 384-channel branch on 1x16x16: forward 1x512x512 1.85-1.93 -> 1.71-1.79 s). Their
+# backward pass stays Winograd's (taps' made the train step no faster, on 2x8x8 and 2x16x16).
+MAX_DIRECT_FORWARD_PIXELS = 256
 # Narrower 3x3 stride-1 convs with this many input channels or more get their kernel's gradient
 # from Winograd's transforms (HRNet's 48->48 on 2x64x64 5.4 -> 2.4 ms, 96->96 on 2x32x32 2.2 ->
 # 1.5 ms); XLA's is as fast for 32 channels and faster below.
@@ -152,6 +158,8 @@ def conv2d(
     if x.dtype == kernel.dtype and use_winograd(
         x.shape, x.dtype, kernel.shape, strides, padding, dilation, groups
     ):
+        if x.shape[0] * x.shape[1] * x.shape[2] <= MAX_DIRECT_FORWARD_PIXELS:
+            return small_map_conv(x, kernel, padding, dilation)
         return winograd.winograd_conv(x, kernel, padding, dilation[0])
     if x.dtype == kernel.dtype and use_strided_taps(x.dtype, kernel.shape, strides, groups):
         return strided_tap_conv(x, kernel, strides, padding, dilation)
@@ -265,6 +273,25 @@ def _strided_tap_conv_bwd(strides, padding, dilation, residuals, grad):
 
 
 strided_tap_conv.defvjp(_strided_tap_conv_fwd, _strided_tap_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def small_map_conv(x: Array, kernel: Array, padding, dilation) -> Array:
+    """A Winograd-route conv (:func:`use_winograd`) on a small map: forward as one matmul per
+    kernel tap, backward as :func:`winograd.backward`."""
+    return _strided_taps(x, kernel, (1, 1), padding, dilation)
+
+
+def _small_map_conv_fwd(x, kernel, padding, dilation):
+    return small_map_conv(x, kernel, padding, dilation), (x, kernel)
+
+
+def _small_map_conv_bwd(padding, dilation, residuals, grad):
+    x, kernel = residuals
+    return winograd.backward(x, kernel, grad, padding, dilation[0])
+
+
+small_map_conv.defvjp(_small_map_conv_fwd, _small_map_conv_bwd)
 
 
 def dilated_conv_method() -> str:

@@ -203,6 +203,17 @@ def kernel_grad(
 
 def _winograd_bwd(padding, dilation, residuals, grad):
     x, kernel = residuals
+    return backward(x, kernel, grad, padding, dilation)
+
+
+def backward(
+    x: Array,
+    kernel: Array,
+    grad: Array,
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: int,
+) -> tuple[Array, Array]:
+    """The gradients (of x, of kernel) of :func:`winograd_conv` for its output's gradient."""
     span = 2 * dilation
     grad, kernel = jax.lax.optimization_barrier((grad, kernel))  # see _forward
     # The input gradient: the full correlation of grad with the flipped kernel, C and O swapped.
