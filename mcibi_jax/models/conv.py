@@ -158,7 +158,7 @@ def conv2d(
     if x.dtype == kernel.dtype and use_winograd(
         x.shape, x.dtype, kernel.shape, strides, padding, dilation, groups
     ):
-        if x.shape[0] * x.shape[1] * x.shape[2] <= MAX_DIRECT_FORWARD_PIXELS:
+        if _is_small_map(x.shape):
             return small_map_conv(x, kernel, padding, dilation)
         return winograd.winograd_conv(x, kernel, padding, dilation[0])
     if x.dtype == kernel.dtype and use_strided_taps(x.dtype, kernel.shape, strides, groups):
@@ -273,6 +273,14 @@ def _strided_tap_conv_bwd(strides, padding, dilation, residuals, grad):
 
 
 strided_tap_conv.defvjp(_strided_tap_conv_fwd, _strided_tap_conv_bwd)
+
+
+def _is_small_map(shape: Sequence[Any]) -> bool:
+    """At most ``MAX_DIRECT_FORWARD_PIXELS`` pixels in (N, H, W); never for symbolic sizes (an
+    exported function's batch)."""
+    if not all(isinstance(d, int) for d in shape[:3]):
+        return False
+    return shape[0] * shape[1] * shape[2] <= MAX_DIRECT_FORWARD_PIXELS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
