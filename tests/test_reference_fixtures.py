@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mcibi_jax
+from mcibi_jax.models import attention
 from mcibi_jax.porting.convert import variables_to_state_dict
 from mcibi_jax.reference_config import model_config_from_reference
 from mcibi_jax.train.objective import loss_and_updates
@@ -221,3 +222,23 @@ def test_training_step(case):
             ours,
             reference,
         )
+
+
+def _case_with_both_attentions() -> str | None:
+    """The first case whose head attends twice (memory and context): the chunks' test case."""
+    for name in CASES:
+        meta, _ = read_case(name)
+        if model_config_from_reference(meta["reference_config"]).head.context_dilations:
+            return name
+    return CASES[0] if CASES else None
+
+
+def test_training_step_with_attention_in_chunks(monkeypatch):
+    """The same checks with every pixel-to-pixel attention of the head in query chunks (as a
+    large crop's is), recomputed in the backward pass: the limit is lowered below the fixture's
+    similarity matrices. One case: the attention does not depend on the backbone."""
+    name = _case_with_both_attentions()
+    if name is None:
+        pytest.skip(f"no fixture cases in {FIXTURES}")
+    monkeypatch.setattr(attention, "MAX_ATTENTION_CHUNK_ELEMENTS", 7)
+    test_training_step(load_case(name))

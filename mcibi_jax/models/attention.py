@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -11,6 +14,73 @@ import jax.numpy as jnp
 from mcibi_jax.models.layers import ConvBNReLU, hold_on_cpu, softmax
 
 Array = jax.Array
+
+# Most elements of one image's similarity matrix computed at once. MCIBI attends pixel to pixel:
+# a Cityscapes crop at 1/8 resolution has 8192 pixels, i.e. 8192x8192 similarities per image and
+# attention block, kept (as logits and probabilities) for the backward pass. Above this size the
+# queries are processed in chunks whose similarities are recomputed in the backward pass.
+MAX_ATTENTION_CHUNK_ELEMENTS = 1 << 22
+# Without a backward pass nothing is kept: chunks only bound the temporaries of very large inputs
+# (a whole 1024x2048 image: 32768 pixels, 4 GiB of float32 similarities per image).
+MAX_EVAL_ATTENTION_CHUNK_ELEMENTS = 1 << 26
+# Overrides the training limit when a model is traced (0: never in chunks), e.g. to compare both
+# ways in one accelerator benchmark run (``benchmarks/accelerator.py --variants``).
+ATTENTION_CHUNK_ENV = "MCIBI_ATTENTION_CHUNK_ELEMENTS"
+
+
+def training_chunk_limit() -> int:
+    """:data:`MAX_ATTENTION_CHUNK_ELEMENTS`, or ``MCIBI_ATTENTION_CHUNK_ELEMENTS`` when set."""
+    value = os.environ.get(ATTENTION_CHUNK_ENV, "").strip()
+    if not value:
+        return MAX_ATTENTION_CHUNK_ELEMENTS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(
+            f"{ATTENTION_CHUNK_ENV}={value!r}: expected a number of similarities (0: no chunks)"
+        ) from None
+    return limit if limit > 0 else sys.maxsize
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    scale: float,
+    max_chunk_elements: int | None = None,
+) -> Array:
+    """(N, Q, C), (N, K, C), (N, K, Cv) -> (N, Q, Cv): ``softmax(scale * query key^T) value``.
+
+    The softmax is in :func:`accumulation_dtype`; its probabilities are cast to ``value``'s
+    dtype for the product. When ``Q * K`` exceeds ``max_chunk_elements`` (default
+    :data:`MAX_ATTENTION_CHUNK_ELEMENTS`), the queries go through
+    in chunks of at most that many similarities per image (zero rows pad the last one), one
+    chunk at a time, and the backward pass recomputes each chunk's similarities instead of
+    keeping them: memory linear, not quadratic, in the number of pixels. The same sums, to
+    rounding (``tests/test_attention.py``); ``key``'s and ``value``'s gradients add up chunk by chunk.
+    """
+    max_chunk_elements = max_chunk_elements or MAX_ATTENTION_CHUNK_ELEMENTS
+    n, num_queries, channels = query.shape
+    num_keys = key.shape[1]
+    rows = max(1, max_chunk_elements // max(num_keys, 1))
+    if num_queries <= rows:
+        return _attend(query, key, value, scale)
+    num_chunks = math.ceil(num_queries / rows)
+    rows = math.ceil(num_queries / num_chunks)  # balanced chunks, the least padding
+    padded = jnp.pad(query, ((0, 0), (0, num_chunks * rows - num_queries), (0, 0)))
+    chunks = padded.reshape(n, num_chunks, rows, channels).swapaxes(0, 1)
+    attend_chunk = jax.checkpoint(lambda q: _attend(q, key, value, scale))
+    out = jax.lax.map(attend_chunk, chunks)  # (num_chunks, N, rows, Cv)
+    return out.swapaxes(0, 1).reshape(n, num_chunks * rows, -1)[:, :num_queries]
+
+
+def _attend(query: Array, key: Array, value: Array, scale: float) -> Array:
+    logits = jnp.einsum("nqc,nkc->nqk", query, key, precision="highest") * scale
+    # On CPU, fused with the projections before and the product and out_project after, the
+    # whole block became one YNNPACK kernel of 214 ms (R-50's memory head at 512x512); held,
+    # the block takes 87 ms.
+    attention = softmax(hold_on_cpu(logits)).astype(value.dtype)
+    return jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest")
 
 
 class SelfAttentionBlock(nn.Module):
@@ -42,17 +112,10 @@ class SelfAttentionBlock(nn.Module):
         query = query.reshape(n, h * w, -1)
         key = key.reshape(n, -1, key.shape[-1])
         value = value.reshape(n, -1, value.shape[-1])
-        logits = (
-            jnp.einsum("nqc,nkc->nqk", query, key, precision="highest")
-            * self.transform_channels**-0.5
-        )
-        # On CPU, fused with the projections before and the product and out_project after, the
-        # whole block became one YNNPACK kernel of 214 ms (R-50's memory head at 512x512); held,
-        # the block takes 87 ms.
-        attention = softmax(hold_on_cpu(logits)).astype(value.dtype)
-        context = jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest").reshape(
-            n, h, w, -1
-        )
+        limit = training_chunk_limit() if train else MAX_EVAL_ATTENTION_CHUNK_ELEMENTS
+        context = dot_product_attention(
+            query, key, value, self.transform_channels**-0.5, limit
+        ).reshape(n, h, w, -1)
         return ConvBNReLU(self.out_channels, 1, **kwargs, name="out_project")(context, train)
 
 
