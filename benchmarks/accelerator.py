@@ -716,7 +716,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="",
         help="extra cases of --variant_config with environment settings, run after the bfloat16 "
         "cases: comma-separated NAME:VAR=VALUE[+VAR=VALUE...], e.g. "
-        "s2b:MCIBI_DILATED_CONV=space_to_batch",
+        "s2b:MCIBI_DILATED_CONV=space_to_batch,taps:MCIBI_DILATED_CONV=taps,"
+        "whole_attention:MCIBI_ATTENTION_CHUNK_ELEMENTS=0",
     )
     parser.add_argument(
         "--variant_config",

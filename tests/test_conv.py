@@ -208,8 +208,40 @@ def test_dilated_conv_method_from_the_environment(monkeypatch):
     )
     assert "rhs_dilation=(1, 1)" in jaxpr and "transpose" in jaxpr
     monkeypatch.setenv(DILATED_CONV_ENV, "taps")
-    with pytest.raises(ValueError, match="MCIBI_DILATED_CONV='taps'"):
+    jaxpr = str(
+        jax.make_jaxpr(lambda a, b: conv2d(a, b, (1, 1), ((2, 2), (2, 2)), (2, 2)))(x, kernel)
+    )
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    monkeypatch.setenv(DILATED_CONV_ENV, "winograd")
+    with pytest.raises(ValueError, match="MCIBI_DILATED_CONV='winograd'"):
         dilated_conv_method()
+
+
+@pytest.mark.parametrize("dilation,padding", [(2, 2), (12, 12), (3, 1)])
+def test_dilated_taps_in_bfloat16_sum_in_float32(monkeypatch, dilation, padding):
+    """``MCIBI_DILATED_CONV=taps`` on bfloat16 (the accelerator variant): values and gradients
+    as close to float32 XLA conv's as XLA's own bfloat16 conv is (one rounding of a float32
+    sum, not one per tap)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 14, 13, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.float32) / 12
+    args = ((1, 1), ((padding, padding), (padding, padding)), (dilation, dilation))
+    cotangent = jnp.asarray(
+        rng.standard_normal(jax.eval_shape(lambda: reference_conv(x, kernel, *args)).shape),
+        jnp.float32,
+    )
+
+    def pulled_back(conv, dtype):
+        out, vjp = jax.vjp(lambda a, b: conv(a, b, *args), x.astype(dtype), kernel.astype(dtype))
+        return [np.asarray(t, np.float32) for t in (out, *vjp(cotangent.astype(dtype)))]
+
+    truth = pulled_back(reference_conv, jnp.float32)
+    xla_bf16 = pulled_back(reference_conv, jnp.bfloat16)
+    monkeypatch.setenv(DILATED_CONV_ENV, "taps")
+    taps_bf16 = pulled_back(lambda a, b, *rest: conv2d(a, b, *rest), jnp.bfloat16)
+    for got, xla, want in zip(taps_bf16, xla_bf16, truth):
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 1.5 * np.abs(xla - want).max() + 1e-3 * scale
 
 
 def test_dispatch_rule():

@@ -24,7 +24,9 @@ and dtypes use ``lax.conv_general_dilated``; on CPU a grouped conv is one conv p
 ``MCIBI_DILATED_CONV=space_to_batch`` (environment, read when a model is traced) computes every
 stride-1 dilated conv outside that CPU path as an undilated conv over the input's interleaved
 sub-grids (:func:`space_to_batch_conv`): the same sums, and a backward pass without dilated
-kernels. It is an option to measure on accelerators (the default, ``xla``, keeps XLA's conv).
+kernels; ``MCIBI_DILATED_CONV=taps`` as one matmul per kernel tap over the pixels it reads
+(:func:`tap_conv`, summed in float32), forward and backward. They are options to measure on
+accelerators (the default, ``xla``, keeps XLA's conv).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mcibi_jax.models import winograd
 Array = jax.Array
 
 DILATED_CONV_ENV = "MCIBI_DILATED_CONV"
-DILATED_CONV_METHODS = ("xla", "space_to_batch")
+DILATED_CONV_METHODS = ("xla", "space_to_batch", "taps")
 
 # From this dilation on, XLA:CPU's conv (and far more its gradient) is slower than the taps.
 MIN_TAP_DILATION = 8
@@ -165,8 +167,12 @@ def conv2d(
         return strided_tap_conv(x, kernel, strides, padding, dilation)
     if x.dtype == kernel.dtype and use_matmul_grads(x.dtype, groups):
         return matmul_grad_conv(x, kernel, strides, padding, dilation, precision)
-    if strides == (1, 1) and dilation != (1, 1) and dilated_conv_method() == "space_to_batch":
-        return space_to_batch_conv(x, kernel, padding, dilation, groups, precision)
+    if strides == (1, 1) and dilation != (1, 1):
+        method = dilated_conv_method()
+        if method == "space_to_batch":
+            return space_to_batch_conv(x, kernel, padding, dilation, groups, precision)
+        if method == "taps" and groups == 1 and x.dtype == kernel.dtype:
+            return tap_conv(x, kernel, strides, padding, dilation)
     return xla_conv(x, kernel, strides, padding, dilation, groups, precision)
 
 
@@ -304,7 +310,8 @@ small_map_conv.defvjp(_small_map_conv_fwd, _small_map_conv_bwd)
 
 def dilated_conv_method() -> str:
     """How :func:`conv2d` runs stride-1 dilated convs outside the CPU float32 paths: the
-    ``MCIBI_DILATED_CONV`` environment variable, ``xla`` (default) or ``space_to_batch``."""
+    ``MCIBI_DILATED_CONV`` environment variable, ``xla`` (default), ``space_to_batch`` or
+    ``taps``."""
     method = os.environ.get(DILATED_CONV_ENV) or "xla"
     if method not in DILATED_CONV_METHODS:
         raise ValueError(
@@ -417,23 +424,32 @@ def _place(y: Array, r: Tap, c: Tap, out_h: int, out_w: int) -> Array:
     )
 
 
-def _dot(a: Array, b: Array) -> Array:
+def _dot(a: Array, b: Array, accumulate: Any = None) -> Array:
     return jax.lax.dot_general(
-        a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+        a,
+        b,
+        (((a.ndim - 1,), (0,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=accumulate,
     )
+
+
+def _sum_dtype(dtype: Any) -> Any:
+    """Per-tap products are summed in at least float32 (bfloat16 taps: one rounding, as a conv)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _tap_conv_forward(x, kernel, strides, padding, dilation):
     out_h, out_w, taps = _plan(x.shape, kernel.shape, strides, padding, dilation)
     out = None
     for r, c in taps:
-        y = _dot(_input_window(x, r, c, strides), kernel[r.index, c.index])
+        y = _dot(_input_window(x, r, c, strides), kernel[r.index, c.index], _sum_dtype(x.dtype))
         if (r.count, c.count) != (out_h, out_w):
             y = _place(y, r, c, out_h, out_w)
         out = y if out is None else out + y
     if out is None:  # every tap reads padding only
-        out = jnp.zeros((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype)
-    return out
+        return jnp.zeros((x.shape[0], out_h, out_w, kernel.shape[3]), x.dtype)
+    return out.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -478,6 +494,7 @@ def _tap_input_grad(x_shape, kernel, grad, strides, padding, dilation):
             kernel[r.index, c.index],
             (((3,), (1,)), ((), ())),
             precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=_sum_dtype(grad.dtype),
         )
         # back to input positions: stride - 1 zeros between pixels, zeros around
         end_h = x_shape[1] - r.first_input - (r.count - 1) * sh - 1
@@ -489,8 +506,8 @@ def _tap_input_grad(x_shape, kernel, grad, strides, padding, dilation):
         )
         grad_x = gx if grad_x is None else grad_x + gx
     if grad_x is None:
-        grad_x = jnp.zeros(x_shape, kernel.dtype)
-    return grad_x
+        return jnp.zeros(x_shape, kernel.dtype)
+    return grad_x.astype(grad.dtype)
 
 
 def _output_window(grad: Array, r: Tap, c: Tap) -> Array:
