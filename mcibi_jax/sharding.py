@@ -46,6 +46,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """
     sharding = replicated_sharding(mesh)
     if jax.process_count() == 1:
+        # jax 0.10's device_put onto several devices reuses an array already on the first one,
+        # whatever may_alias says: copy it first, or donating the result deletes the caller's
+        tree = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
         return jax.device_put(tree, sharding, may_alias=False)
 
     def put(x: Any) -> jax.Array:

@@ -183,3 +183,33 @@ def test_managed_cluster_detection():
     )
     assert managed_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
     assert managed_cluster({"TPU_WORKER_HOSTNAMES": "a,b", "JAX_PLATFORMS": "cpu"}) is None
+
+
+def test_replicate_over_several_devices_copies_what_the_step_donates():
+    """The state given to the donating train step must not be the caller's arrays: with several
+    devices, jax's device_put reused an array already on the first device (the caller's ported
+    weights were deleted by the first step)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, subprocess_env
+
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from mcibi_jax.sharding import data_mesh, replicate\n"
+        "mine = {'w': jnp.ones((4, 4)), 'key': jax.random.key(0)}\n"
+        "state = replicate(mine, data_mesh(jax.devices()))\n"
+        "step = jax.jit(lambda s: {'w': s['w'] + 1, 'key': s['key']}, donate_argnums=0)\n"
+        "jax.block_until_ready(step(state))\n"
+        "print('DEVICES', len(jax.devices()), 'SUM', float(mine['w'].sum()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "DEVICES 8 SUM 16.0" in result.stdout

@@ -1,5 +1,6 @@
 """The jitted step over 8 (simulated CPU) devices equals the step on one device, and the
-memory follows the per-replica-update-then-mean rule."""
+memory follows the per-replica-update-then-mean rule; so does it with the head's attention in
+query chunks (as at large crops)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from tests.helpers import REPO, subprocess_env
 
 SCRIPT = r"""
-import json, sys
+import json, os, sys
 import jax, jax.numpy as jnp, numpy as np
 from mcibi_jax import load_config
 from mcibi_jax.data import synthetic
@@ -30,7 +31,9 @@ memory[::2] = 0.0  # some rows initialised from class means, the others moved
 variables = {**variables, "memory": {"memory_module": {"memory": jnp.asarray(memory)}}}
 images, labels = synthetic.make_split(1, 8, (32, 32), 4)
 out = {}
-for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices()), ("chunked", jax.devices())):
+    if name == "chunked":  # read when the step is traced: every query row its own chunk
+        os.environ["MCIBI_ATTENTION_CHUNK_ELEMENTS"] = "7"
     mesh = data_mesh(devices)
     tx, schedule = optimizer_from_config(variables["params"], config.train, 10)
     step = make_train_step(model, model_config, tx, schedule, 10, mesh, -100, 8)
@@ -57,13 +60,14 @@ def test_eight_devices_equal_one():
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     out = json.loads(line[len("RESULT ") :])
-    one, eight = out["one"], out["eight"]
-    assert (one["devices"], eight["devices"]) == (1, 8)
-    assert abs(one["loss"] - eight["loss"]) <= 1e-5 * abs(one["loss"])
+    one = out["one"]
+    assert (one["devices"], out["eight"]["devices"], out["chunked"]["devices"]) == (1, 8, 8)
     import numpy as np
 
-    for a, b in zip(one["params"], eight["params"]):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        np.asarray(eight["memory"]), np.asarray(one["memory"]), rtol=1e-4, atol=1e-6
-    )
+    for eight in (out["eight"], out["chunked"]):
+        assert abs(one["loss"] - eight["loss"]) <= 1e-5 * abs(one["loss"])
+        for a, b in zip(one["params"], eight["params"]):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(eight["memory"]), np.asarray(one["memory"]), rtol=1e-4, atol=1e-6
+        )
