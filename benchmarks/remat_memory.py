@@ -81,9 +81,9 @@ def measure(
         steps_per_epoch=10_000,
         overrides=[f"model.backbone.remat={remat}"],
     )
-    inputs = case.abstract_inputs()
     started = time.perf_counter()
-    compiled = case.step.lower(*inputs).compile()
+    traced = case.step.trace(*case.abstract_inputs())
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - started
     plan = xla_stats.compiled_memory(compiled) or {}
     total = (
@@ -98,7 +98,7 @@ def measure(
         **{f"{k}_bytes": v for k, v in plan.items()},
         "total_bytes": total,
         # the jaxpr's count: XLA's analysis counts a loop's body once (chunked attention)
-        "flops": xla_stats.jaxpr_flops(case.step.trace(*inputs).jaxpr),
+        "flops": xla_stats.jaxpr_flops(traced.jaxpr),
         "compile_s": compile_s,
     }
 
