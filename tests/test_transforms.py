@@ -103,7 +103,8 @@ def test_resize_values():
     # bilinear with half-pixel centres: 0.25 * 255 = 63.75 -> 64 and 191.25 -> 191 (OpenCV fixed point)
     np.testing.assert_array_equal(out["image"][0, :, 0], [0, 64, 191, 255])
     np.testing.assert_array_equal(out["label"], [[1, 1, 2, 2]])
-    assert out["label"].dtype == np.int32 and out["image"].dtype == np.uint8
+    # the label narrows to int16 where its values fit (nearest resizing only copies values)
+    assert out["label"].dtype == np.int16 and out["image"].dtype == np.uint8
     # nearest takes floor(x * 7 / 3) when shrinking 7 -> 3; ignore survives
     label = np.array([[0, 1, 2, 3, -100, 5, 6]], np.int32)
     out = T.resize({"image": np.zeros((1, 7, 3), np.uint8), "label": label}, (1, 3))
@@ -330,6 +331,80 @@ def test_pad_transposes_size_and_cuts():
     np.testing.assert_array_equal(out["label"], label[1:])
     out = T.pad({"image": np.zeros((7, 4, 3), np.float32), "label": label}, (3, 2))
     np.testing.assert_array_equal(out["label"], label[2:5, 1:3])  # top/bottom -2, left/right -1
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths: table lookups and int16 labels give the arithmetic's values exactly
+
+
+def _photo_image(seed: int = 0) -> np.ndarray:
+    """A (37, 53, 3) crop view (not contiguous) of a random uint8 image."""
+    full = np.random.default_rng(seed).integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    return full[5:42, 3:56]
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 31.7), (1.0, -17.25), (0.53, 0.0), (1.49, 0.0)])
+def test_affine_table_equals_arithmetic(alpha, beta):
+    image = _photo_image()
+    np.testing.assert_array_equal(
+        T._affine_image(image, alpha, beta), T._affine_uint8(image, alpha, beta)
+    )
+    flat = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(
+        T._affine_image(flat, alpha, beta), T._affine_uint8(flat, alpha, beta)
+    )
+
+
+@pytest.mark.parametrize("factor, delta", [(0.61, -18), (1.37, 17), (1.0, 5)])
+def test_hsv_tables_equal_arithmetic(factor, delta):
+    image = _photo_image(1)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2HSV)
+    saturated = hsv.copy()
+    saturated[..., 1] = T._affine_uint8(hsv[..., 1], alpha=factor)
+    expected = cv2.cvtColor(saturated, cv2.COLOR_HSV2BGR)
+    np.testing.assert_array_equal(T.adjust_saturation(image, factor), expected)
+    shifted = hsv.copy()
+    shifted[..., 0] = (hsv[..., 0].astype(np.int64) + delta) % 180
+    expected = cv2.cvtColor(shifted, cv2.COLOR_HSV2BGR)
+    np.testing.assert_array_equal(T.adjust_hue(image, delta), expected)
+
+
+@pytest.mark.parametrize(
+    "mean, std", [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((127.5,) * 3, (1.0,) * 3)]
+)
+def test_normalize_table_equals_arithmetic(mean, std):
+    image = _photo_image(2)
+    fast = T.normalize_image(image, mean, std)
+    assert fast.dtype == np.float32 and fast.shape == image.shape
+    np.testing.assert_array_equal(fast, T._normalize_values(image, mean, std))
+    # other dtypes take the arithmetic itself
+    as_float = image.astype(np.float32)
+    np.testing.assert_array_equal(T.normalize_image(as_float, mean, std), fast)
+
+
+@pytest.mark.parametrize("shape", [(17, 41), (40, 90), (101, 77), (5, 3)])
+def test_label_resize_in_int16_equals_float32(shape):
+    rng = np.random.default_rng(sum(shape))
+    label = rng.integers(-1, 150, (23, 37)).astype(np.int32)
+    label[label < 0] = -100
+    float_path = cv2.resize(label.astype(np.float32), shape[::-1], interpolation=cv2.INTER_NEAREST)
+    out = T.resize({"image": np.zeros((23, 37, 3), np.uint8), "label": label}, shape)["label"]
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, float_path.astype(np.int32))
+    # ids beyond int16 keep int32
+    label[0, 0] = 70000
+    float_path = cv2.resize(label.astype(np.float32), shape[::-1], interpolation=cv2.INTER_NEAREST)
+    out = T.resize({"image": np.zeros((23, 37, 3), np.uint8), "label": label}, shape)["label"]
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, float_path.astype(np.int32))
+
+
+def test_pad_widens_a_narrow_label_for_its_ignore_value():
+    sample = {"image": np.zeros((2, 3, 3), np.float32), "label": np.ones((2, 3), np.int16)}
+    out = T.pad(sample, (4, 5), ignore_label=40000)
+    assert out["label"].dtype == np.int32
+    np.testing.assert_array_equal(out["label"][:, 1], [40000, 1, 1, 40000])
+    assert T.pad(sample, (4, 5))["label"].dtype == np.int16
 
 
 # --------------------------------------------------------------------------------------------
