@@ -260,12 +260,13 @@ def _profile(job: dict, compiled: Any, run: Callable[[int], float]) -> None:
 
 
 def measure_stall(job: dict, context: dict) -> dict:
-    """Step time with Grain batches (prepared while the device runs) vs the resident batch."""
-    import grain
+    """Step time with Grain batches (made ahead while the device runs, as the training loop
+    gets them: ``GrainTraining.epoch``) vs the resident batch."""
+    import itertools
+
     from data import REALISTIC_SIZES, SyntheticSource
 
-    from mcibi_jax.data import pipeline
-    from mcibi_jax.sharding import global_batch
+    from mcibi_jax.data.pipeline import GrainTraining
 
     case, run = context["case"], context["run"]
     config = case.config.copy_and_resolve_references()
@@ -274,17 +275,19 @@ def measure_stall(job: dict, context: dict) -> dict:
         config.dataset.name, [tuple(2 * s for s in case.size)]
     )
     source = SyntheticSource(sizes, int(config.dataset.num_classes), count=16, decode=True)
-    loader = pipeline.train_loader(config, source=source, shard_options=grain.sharding.NoSharding())
+    training = GrainTraining(config, source, case.mesh)
+    loader = training.loader
     steps = job["stall"]["steps"]
-    with iter(loader) as iterator:
 
-        def grain_batch() -> Any:
-            batch = next(iterator)
-            return global_batch({"images": batch["image"], "labels": batch["label"]}, case.mesh)
+    def stream() -> Any:
+        for epoch in itertools.count(1):
+            yield from training.epoch(epoch)
 
-        run(2, grain_batch)  # start-up: the first batches and the prefetch threads
-        grain_s = run(steps, grain_batch) / steps
-        resident_s = run(steps) / steps
+    batches = stream()
+    run(2, lambda: next(batches))  # start-up: the first batches and the prefetch threads
+    grain_s = run(steps, lambda: next(batches)) / steps
+    batches.close()  # stops the thread making batches ahead
+    resident_s = run(steps) / steps
     return {
         "config": job["config"],
         "dtype": job["dtype"],

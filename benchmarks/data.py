@@ -3,6 +3,8 @@
     python benchmarks/data.py                                    # configs/ade20k.py:r50, synthetic source
     python benchmarks/data.py --config=configs/cityscapes.py:r50 --workers=0,2,4 --threads=0,4
     python benchmarks/data.py --config=configs/ade20k.py:r50 --config.dataset.root=/data/ade20k
+    python benchmarks/data.py --config=configs/cityscapes.py:r50 --decode --step_ms=200 \
+        --config.train.batch_size=2                              # the loop's wait per step
 
 Without ``--config.dataset.root`` pointing at a real dataset, it reads a synthetic source:
 images of the sizes that dataset's files decode to, with label maps of a few large regions
@@ -97,6 +99,33 @@ def measure(config, source, workers: int, threads: int, batches: int, warmup: in
     return batches * loader.batch_size / elapsed
 
 
+def measure_loop_wait(config, source, step_s: float, batches: int, warmup: int) -> dict:
+    """Seconds per step the training loop's thread spends getting its next global batch while
+    the step itself takes ``step_s`` (a sleep: the devices' time, which leaves the host cores
+    free), through the loop's own path (``GrainTraining.epoch``: batches made ahead in a thread)
+    and with each batch made in the loop's thread when it is needed."""
+    from mcibi_jax.data.pipeline import GrainTraining
+    from mcibi_jax.sharding import data_mesh
+
+    training = GrainTraining(config, source, data_mesh())
+    count = min(training.steps_per_epoch, warmup + batches)
+    # skip: fewer batches from the stream's current position
+    made_ahead = training.epoch(1, skip=training.steps_per_epoch - count)
+    made_here = (training._next_batch()[0] for _ in range(count))
+    waits = {}
+    for name, stream in (("made ahead", made_ahead), ("made in the loop", made_here)):
+        waited = 0.0
+        for i in range(count):
+            started = time.perf_counter()
+            next(stream)
+            if i >= warmup:
+                waited += time.perf_counter() - started
+            time.sleep(step_s)
+        waits[name] = waited / (count - warmup)
+    made_ahead.close()
+    return waits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -112,6 +141,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument(
         "--decode", action="store_true", help="synthetic source: decode JPEG/PNG bytes on each read"
+    )
+    parser.add_argument(
+        "--step_ms",
+        type=float,
+        default=0.0,
+        help="instead: the training loop's wait for its batches while a step takes this long",
     )
     args, rest = parser.parse_known_args()
     overrides = []
@@ -134,13 +169,26 @@ def main() -> None:
         source = build_source(config.dataset, config.dataset.train_set)
     else:
         sizes = REALISTIC_SIZES[config.dataset.name]
-        source = SyntheticSource(sizes, int(config.dataset.num_classes), decode=args.decode)
+        # enough samples for one epoch of the timed steps
+        count = 24
+        if args.step_ms > 0:
+            count = max(count, int(config.train.batch_size) * (args.warmup + args.batches))
+        source = SyntheticSource(
+            sizes, int(config.dataset.num_classes), count=count, decode=args.decode
+        )
     crop = tuple(config.dataset.train.crop_size)
     print(
         f"{args.config}: {source!r}, per-host batch {config.train.batch_size}, crop {crop[0]}x{crop[1]}, "
         f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}",
         flush=True,
     )
+    if args.step_ms > 0:
+        waits = measure_loop_wait(config, source, args.step_ms / 1e3, args.batches, args.warmup)
+        for name, wait in waits.items():
+            print(
+                f"  loop's wait per {args.step_ms:.0f} ms step, batches {name}: {wait * 1e3:.1f} ms"
+            )
+        return
     threads = [int(t) for t in args.threads.split(",")]
     print("  images/s     " + "".join(f"{t:>3} threads " for t in threads), flush=True)
     for workers in (int(w) for w in args.workers.split(",")):

@@ -99,3 +99,28 @@ def test_grain_training_resumes_from_its_state():
     config.train.seed = 1
     with pytest.raises(ConfigError, match="cannot resume the input pipeline of process 0"):
         GrainTraining(config, _Scenes(), mesh).restore(state)
+
+
+def test_grain_training_left_early_goes_on_after_the_last_batch_taken():
+    # the batches are made ahead in a thread: leaving an epoch early must not lose those
+    config = load_config(
+        "configs/ade20k.py:r50",
+        [
+            "dataset.train.output_size=(32, 24)",
+            "dataset.train.crop_size=(16, 16)",
+            "dataset.train.pad_size=(16, 16)",
+            "train.batch_size=1",
+        ],
+    )
+    mesh = data_mesh()
+    expected = [np.asarray(b["images"]) for b in GrainTraining(config, _Scenes(), mesh).epoch(1)]
+    training = GrainTraining(config, _Scenes(), mesh)
+    batches = training.epoch(1)
+    first = np.asarray(next(batches)["images"])
+    batches.close()  # as the loop does when it stops at the last step
+    assert training.state()["position"] == 1
+    rest = [np.asarray(b["images"]) for b in training.epoch(1, skip=1)]
+    assert len(rest) == 2
+    for got, want in zip([first, *rest], expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert training.state()["position"] == 3

@@ -25,6 +25,7 @@ over a few cores (``benchmarks/data.py`` measures both).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,6 +50,7 @@ from mcibi_jax.data.experiment_data import (
     EvaluationData,
     steps_per_epoch,
 )
+from mcibi_jax.data.prefetch import prefetch
 from mcibi_jax.data.transforms import (
     eval_transform,
     test_shape,
@@ -658,32 +660,56 @@ class GrainData:
 
 class GrainTraining:
     """The endless stream of :func:`train_loader` cut into epochs of global batches; its state is
-    this host's stream position (``data/process_<i>-of-<n>.json`` in a training checkpoint)."""
+    this host's stream position (``data/process_<i>-of-<n>.json`` in a training checkpoint).
+
+    A background thread builds the next global batches (stacked and placed on the devices)
+    while the loop's thread runs the step (:func:`mcibi_jax.data.prefetch.prefetch`); ``state()``
+    is the position after the last batch the loop took, not after those made ahead."""
 
     def __init__(self, config: Any, source: Any, mesh: Mesh):
         self._loader = train_loader(config, source=source)
         self._iterator = iter(self._loader)
+        self._state = iterator_state(self._iterator)  # after the last batch handed out
         self._mesh = mesh
         self.num_images = len(source)
         self.image_size = _pair(config["dataset"]["train"]["crop_size"])
         self.steps_per_epoch = steps_per_epoch(self.num_images, int(config["train"]["batch_size"]))
 
+    @property
+    def loader(self) -> TrainLoader:
+        return self._loader
+
+    def _next_batch(self) -> tuple[Batch, dict[str, Any]]:
+        batch = next(self._iterator)
+        placed = global_batch({"images": batch["image"], "labels": batch["label"]}, self._mesh)
+        return placed, iterator_state(self._iterator)
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         del epoch  # the stream goes on from epoch to epoch
-        for _ in range(
-            self.steps_per_epoch - skip
-        ):  # a restored iterator is already past the skipped ones
-            batch = next(self._iterator)
-            yield global_batch({"images": batch["image"], "labels": batch["label"]}, self._mesh)
+        # a restored iterator is already past the skipped batches
+        count, taken = self.steps_per_epoch - skip, 0
+        try:
+            with contextlib.closing(prefetch(self._next_batch, count)) as batches:
+                for batch, self._state in batches:
+                    taken += 1
+                    yield batch
+        finally:
+            if taken < count:  # left early: the thread read past the batches taken
+                self._reopen(self._state)
 
     def state(self) -> dict[str, Any]:
-        return iterator_state(self._iterator)
+        return self._state
+
+    def _reopen(self, state: Mapping[str, Any]) -> None:
+        reopened = restore_iterator(self._loader, state)  # checks the state first
+        self._iterator.close()
+        self._iterator, self._state = reopened, iterator_state(reopened)
 
     def restore(self, state: Any) -> None:
         if not state:
             return
         try:
-            self._iterator = restore_iterator(self._loader, state)
+            self._reopen(state)
         except ValueError as error:
             raise ConfigError(
                 f"cannot resume the input pipeline of process {jax.process_index()}: {error}. "
