@@ -420,3 +420,23 @@ def test_grey_and_palette_images_become_rgb(tmp_path):
         and np.all(image[..., 0] == image[..., 1])
         and np.all(image[..., 1] == image[..., 2])
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_label_mapping_paths_agree(dtype):
+    from mcibi_jax.data.datasets.core import lookup_table, map_label
+
+    table = lookup_table({**{i: i - 1 for i in range(1, 34)}, 0: None, 255: None}, -100)
+    raw = np.random.default_rng(0).integers(0, 34, (37, 53))
+    raw[:3] = 255
+    mapped = map_label(raw.astype(dtype), table, "x.png", "x", "cityscapes")
+    assert mapped.dtype == np.int32
+    np.testing.assert_array_equal(mapped, table[raw])
+    # a view (not contiguous) too
+    np.testing.assert_array_equal(
+        map_label(raw.astype(dtype)[:, 5:40], table, "x.png", "x", "cityscapes"),
+        table[raw[:, 5:40]],
+    )
+    raw[5, 7] = 40
+    with pytest.raises(CorruptSample, match=r"label ids \{40\} are not in the cityscapes mapping"):
+        map_label(raw.astype(dtype), table, "x.png", "x", "cityscapes")
