@@ -73,8 +73,9 @@ class _Scenes:
         }
 
 
-def test_grain_training_resumes_from_its_state():
-    config = load_config(
+def _grain_config():
+    """The ADE20K recipe cut down to 16x16 crops, one per batch."""
+    return load_config(
         "configs/ade20k.py:r50",
         [
             "dataset.train.output_size=(32, 24)",
@@ -83,6 +84,10 @@ def test_grain_training_resumes_from_its_state():
             "train.batch_size=1",
         ],
     )
+
+
+def test_grain_training_resumes_from_its_state():
+    config = _grain_config()
     assert isinstance(experiment_data(config), GrainData)
     mesh = data_mesh()
     first = GrainTraining(config, _Scenes(), mesh)
@@ -103,15 +108,7 @@ def test_grain_training_resumes_from_its_state():
 
 def test_grain_training_left_early_goes_on_after_the_last_batch_taken():
     # the batches are made ahead in a thread: leaving an epoch early must not lose those
-    config = load_config(
-        "configs/ade20k.py:r50",
-        [
-            "dataset.train.output_size=(32, 24)",
-            "dataset.train.crop_size=(16, 16)",
-            "dataset.train.pad_size=(16, 16)",
-            "train.batch_size=1",
-        ],
-    )
+    config = _grain_config()
     mesh = data_mesh()
     expected = [np.asarray(b["images"]) for b in GrainTraining(config, _Scenes(), mesh).epoch(1)]
     training = GrainTraining(config, _Scenes(), mesh)
