@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -234,6 +236,35 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     own = extra.get("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     env["XLA_FLAGS"] = " ".join([*inherited, own])
     return env
+
+
+def run_python(
+    script: str,
+    *args: str,
+    devices: int | None = 1,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """``python -c script args...`` in the repo with :func:`subprocess_env` (``devices`` CPU
+    devices; None: the environment as it is, or ``env``), its output captured as text."""
+    if env is None and devices is not None:
+        env = subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def result_of(proc: subprocess.CompletedProcess, tail: int = 3000) -> Any:
+    """The JSON after ``RESULT `` on a line of the run's stdout; fails with its output's tail
+    when the run failed or printed none."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-tail:] + proc.stderr[-tail:]
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 class MainRun:

@@ -4,8 +4,6 @@ of a save resumes from the checkpoint before."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -20,7 +18,7 @@ from mcibi_jax.train import checkpoints
 from mcibi_jax.train.checkpoints import TrainCheckpoints
 from mcibi_jax.train.experiment import run
 from mcibi_jax.train.state import create_train_state
-from tests.helpers import REPO, subprocess_env, tiny_ade20k_config, write_ade20k
+from tests.helpers import run_python, tiny_ade20k_config, write_ade20k
 
 
 def _state(step: int):
@@ -90,14 +88,7 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_checkpoint_before(tmp_p
     config.train.num_epochs = 3
     straight = run(config, tmp_path / "a", mode="train", log=lambda _: None)
 
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_IN_SAVE, str(tmp_path / "ade"), str(tmp_path / "b")],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_python(KILLED_IN_SAVE, str(tmp_path / "ade"), str(tmp_path / "b"), timeout=600)
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in (tmp_path / "b" / "train_state").iterdir())
     assert (
@@ -156,14 +147,7 @@ def test_replicas_write_slices_only_across_processes_and_of_large_arrays(tmp_pat
     """Slicing a replicated array for its replicas to write in parallel costs an op on the
     device (compiled for each new shape): with every array sliced, the first save of the R-50
     train state on 8 devices of one process held the step for 31 s."""
-    proc = subprocess.run(
-        [sys.executable, "-c", SLICED_ON_SAVE, str(tmp_path / "train_state_")],
-        cwd=REPO,
-        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(SLICED_ON_SAVE, str(tmp_path / "train_state_"), devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SLICED default []" in proc.stdout, proc.stdout[-2000:]  # one process: none
     assert "SLICED forced [(1024, 512)]" in proc.stdout, proc.stdout[-2000:]

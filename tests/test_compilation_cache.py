@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from mcibi_jax import compilation_cache
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import run_python, subprocess_env
 
 
 def test_cache_folder_from_the_environment(monkeypatch, tmp_path):
@@ -31,14 +28,7 @@ def _enable_in_a_fresh_process(tmp_path, **env) -> str:
         "import jax; from mcibi_jax import compilation_cache as c; "
         "print(c.enable(), jax.config.jax_compilation_cache_dir)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(code, env=environment, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -10,12 +10,9 @@ it. A device-count dependence would show at step 1 and in float64 alike."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import result_of, run_python
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -66,16 +63,6 @@ def _relative_gaps(pair: list[list[float]]) -> list[float]:
 
 def test_one_and_two_devices_agree_in_float64():
     steps = 4  # the float64 gap grows from 5e-14 (step 2) to 3.5e-10 (step 4), see above
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(steps)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(lines[0].split(" ", 1)[1])
+    result = result_of(run_python(WORKER, str(steps), devices=2, timeout=600))
     gaps = _relative_gaps(result["float64"])
     assert gaps[0] < 1e-14 and max(gaps) < 1e-9, gaps

@@ -12,7 +12,7 @@ import pytest
 
 from mcibi_jax import distributed
 from mcibi_jax.distributed import DistributedConfigError, managed_cluster, resolve_settings
-from tests.helpers import REPO, free_port, subprocess_env
+from tests.helpers import REPO, free_port, run_python, subprocess_env
 
 # Each process holds rows (pid + 1) * [1, 2, 3] (2 rows of them) of a global (4, 3) array laid
 # out over a 1-D mesh of both processes' devices; the jitted reductions need both halves.
@@ -189,10 +189,6 @@ def test_replicate_over_several_devices_copies_what_the_step_donates():
     """The state given to the donating train step must not be the caller's arrays: with several
     devices, jax's device_put reused an array already on the first device (the caller's ported
     weights were deleted by the first step)."""
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO, subprocess_env
 
     script = (
         "import jax, jax.numpy as jnp\n"
@@ -203,13 +199,6 @@ def test_replicate_over_several_devices_copies_what_the_step_donates():
         "jax.block_until_ready(step(state))\n"
         "print('DEVICES', len(jax.devices()), 'SUM', float(mine['w'].sum()))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(script, devices=8, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DEVICES 8 SUM 16.0" in result.stdout

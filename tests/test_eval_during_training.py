@@ -4,8 +4,6 @@ over several devices."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from mcibi_jax.train.checkpoints import (
     latest_checkpoint,
 )
 from mcibi_jax.train.experiment import run
-from tests.helpers import DEMO_CONFIG, DEMO_FAST, REPO, subprocess_env
+from tests.helpers import DEMO_CONFIG, DEMO_FAST, result_of, run_python
 
 
 def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path):
@@ -135,16 +133,7 @@ print("RESULT " + json.dumps({"devices": jax.local_device_count(), "spread": spr
 
 
 def test_evaluation_spreads_images_over_local_devices():
-    out = subprocess.run(
-        [sys.executable, "-c", SPREAD],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    result = result_of(run_python(SPREAD, devices=4))
     assert result["devices"] == 4
     assert result["spread"] == result["single"]
     assert np.asarray(result["single"]).sum() == result["labelled"]

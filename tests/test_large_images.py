@@ -12,12 +12,10 @@ reports ~290 MB of scratch for one window's forward pass and ~300 MB for the who
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import run_python
 from tests.reference_data import FIXTURES
 
 CASE = "resnet50_cityscapes"
@@ -69,13 +67,7 @@ print(json.dumps({
 @pytest.mark.skipif(not (FIXTURES / f"{CASE}.pth").exists(), reason=f"fixture {CASE} missing")
 def test_cityscapes_sized_image_slides_in_bounded_memory():
     argument = json.dumps([CASE, HEIGHT, WIDTH, list(CROP), list(STRIDE)])
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, argument],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(_SCRIPT, argument, devices=None)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     num_classes = json.loads((FIXTURES / f"{CASE}.json").read_text())["reference_config"][

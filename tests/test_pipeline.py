@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +13,7 @@ from PIL import Image
 from mcibi_jax.data import pipeline
 from mcibi_jax.data.datasets import IGNORE_LABEL, CorruptSample
 from mcibi_jax.data.transforms import resized_shape
-from tests.helpers import PIPELINE_CROP, small_ade20k_config, write_ade20k
+from tests.helpers import PIPELINE_CROP, run_python, small_ade20k_config, write_ade20k
 
 ShardOptions = pipeline.grain.sharding.ShardOptions
 SIZES = [(37, 53), (29, 41), (50, 23), (31, 31), (22, 47), (45, 38), (19, 26), (40, 60)]
@@ -281,16 +277,7 @@ def test_global_batch_shards_the_batch_axis(tmp_path):
             raise AssertionError("no error for 3 rows over 2 devices")
         print("ok")
     """)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = run_python(script, devices=2, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 

@@ -4,11 +4,7 @@ query chunks (as at large crops)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import result_of, run_python
 
 SCRIPT = r"""
 import json, os, sys
@@ -48,18 +44,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_eight_devices_equal_one():
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
+    out = result_of(run_python(SCRIPT, devices=8))
     one = out["one"]
     assert (one["devices"], out["eight"]["devices"], out["chunked"]["devices"]) == (1, 8, 8)
     import numpy as np

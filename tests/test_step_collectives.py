@@ -5,13 +5,9 @@ per shard with a mean across shards; nothing gathers the feature maps."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import result_of, run_python
 
 SCRIPT = r"""
 import json, re, sys
@@ -49,16 +45,7 @@ print("RESULT " + json.dumps({"devices": jax.device_count(), "collectives": coll
 
 @pytest.mark.parametrize("num_replicas", [1, 8])
 def test_the_sharded_step_only_all_reduces_statistics(num_replicas):
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(num_replicas)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    result = result_of(run_python(SCRIPT, str(num_replicas), devices=8))
     assert result["devices"] == 8
     collectives = result["collectives"]
     assert set(collectives) == {"all-reduce"}, collectives
