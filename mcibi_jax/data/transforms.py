@@ -53,17 +53,12 @@ def _nearest_label(label: np.ndarray, width: int, height: int) -> np.ndarray:
     float32, with half the bytes to write (the label may grow to 4x its pixels here).
     """
     label = np.asarray(label)
-    if label.dtype == np.int16 or (
-        label.size
-        and np.iinfo(np.int16).min <= label.min()
-        and label.max() <= np.iinfo(np.int16).max
-    ):
-        out = cv2.resize(
-            np.ascontiguousarray(label, dtype=np.int16),
-            (width, height),
-            interpolation=cv2.INTER_NEAREST,
-        )
-        return out
+    narrow = label.dtype == np.int16 or (
+        label.size and _fits(int(label.min()), np.int16) and _fits(int(label.max()), np.int16)
+    )
+    if narrow:
+        label = np.ascontiguousarray(label, dtype=np.int16)
+        return cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
     out = cv2.resize(_cv_label(label), (width, height), interpolation=cv2.INTER_NEAREST)
     return out.astype(np.int32)
 
