@@ -22,6 +22,7 @@ from mcibi_jax.models.conv import (
     pointwise_conv,
     space_to_batch_conv,
     strided_tap_conv,
+    subgrid_grad_conv,
     tap_conv,
     use_matmul_grads,
     use_pointwise_matmul,
@@ -196,13 +197,75 @@ def test_space_to_batch_conv_uneven_dilation_padding_and_groups(padding):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] == 1 and c[6] > 1])
+def test_subgrid_grad_conv_matches_lax_conv_values_and_gradients(case):
+    def conv(x, kernel, strides, padding, dilation):
+        return subgrid_grad_conv(x, kernel, padding, dilation, 1, "highest")
+
+    assert_conv_equals_lax_with_vjp(conv, case, seed=5)
+
+
+@pytest.mark.parametrize("padding", [((2, 2), (4, 4)), ((0, 3), (1, 0))])
+def test_subgrid_grad_conv_uneven_dilation_padding_and_groups(padding):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 15, 11, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
+
+    def pulled_back(conv):
+        out, vjp = jax.vjp(conv, x, kernel)
+        return out, *vjp(jnp.cos(out))
+
+    want = pulled_back(lambda a, b: reference_conv(a, b, (1, 1), padding, (2, 4), groups=2))
+    got = pulled_back(lambda a, b: subgrid_grad_conv(a, b, padding, (2, 4), 2, "highest"))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def _conv_window_strides(fn, *args) -> list[tuple[int, ...]]:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [
+        e.params["window_strides"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+    ]
+
+
+def test_subgrid_grad_makes_no_strided_kernel_gradient_conv():
+    """The point of subgrid_grad_conv: JAX's kernel gradient of a dilated conv is a conv with
+    window strides = the dilation (XLA:GPU then misses cuDNN's backward-filter conv); ours has
+    only stride-1 convs."""
+    x = jnp.ones((2, 16, 24, 8), jnp.bfloat16)
+    kernel = jnp.ones((3, 3, 8, 4), jnp.bfloat16)
+    args = (((12, 12), (12, 12)), (12, 12))
+
+    def kernel_grad(conv):
+        return jax.grad(lambda k, a: conv(a, k).astype(jnp.float32).sum())
+
+    xla = kernel_grad(lambda a, k: reference_conv(a, k, (1, 1), *args))
+    ours = kernel_grad(lambda a, k: subgrid_grad_conv(a, k, *args, 1, None))
+    assert (12, 12) in _conv_window_strides(xla, kernel, x)
+    assert set(_conv_window_strides(ours, kernel, x)) == {(1, 1)}
+
+
 def test_dilated_conv_method_from_the_environment(monkeypatch):
     monkeypatch.delenv(DILATED_CONV_ENV, raising=False)
-    assert dilated_conv_method() == "xla"
-    monkeypatch.setenv(DILATED_CONV_ENV, "space_to_batch")
-    assert dilated_conv_method() == "space_to_batch"
+    assert dilated_conv_method("cpu") == dilated_conv_method("tpu") == "xla"
+    assert dilated_conv_method("gpu") == "subgrid_grad"
+    monkeypatch.setenv(DILATED_CONV_ENV, "xla")
+    assert dilated_conv_method("gpu") == "xla"
+    monkeypatch.setenv(DILATED_CONV_ENV, "subgrid_grad")
+    assert dilated_conv_method("cpu") == "subgrid_grad"
     x = jnp.ones((1, 9, 9, 4), jnp.bfloat16)  # bfloat16: not a CPU float32 path
     kernel = jnp.ones((3, 3, 4, 2), jnp.bfloat16)
+    assert set(
+        _conv_window_strides(
+            jax.grad(
+                lambda b, a: conv2d(a, b, (1, 1), ((2, 2), (2, 2)), (2, 2)).astype(float).sum()
+            ),
+            kernel,
+            x,
+        )
+    ) == {(1, 1)}
+    monkeypatch.setenv(DILATED_CONV_ENV, "space_to_batch")
+    assert dilated_conv_method() == "space_to_batch"
     jaxpr = str(
         jax.make_jaxpr(lambda a, b: conv2d(a, b, (1, 1), ((2, 2), (2, 2)), (2, 2)))(x, kernel)
     )

@@ -21,12 +21,15 @@ channels). So on CPU, in float32:
 Both backward passes keep only the input and the kernel (like XLA's conv). Other backends
 and dtypes use ``lax.conv_general_dilated``; on CPU a grouped conv is one conv per group.
 
-``MCIBI_DILATED_CONV=space_to_batch`` (environment, read when a model is traced) computes every
-stride-1 dilated conv outside that CPU path as an undilated conv over the input's interleaved
-sub-grids (:func:`space_to_batch_conv`): the same sums, and a backward pass without dilated
-kernels; ``MCIBI_DILATED_CONV=taps`` as one matmul per kernel tap over the pixels it reads
-(:func:`tap_conv`, summed in float32), forward and backward. They are options to measure on
-accelerators (the default, ``xla``, keeps XLA's conv).
+Stride-1 dilated convs outside that CPU path follow ``MCIBI_DILATED_CONV`` (environment, read
+when a model is traced; :func:`dilated_conv_method`). On GPUs the default keeps XLA's conv for
+the forward pass and the input's gradient but takes the kernel's gradient on the input's
+interleaved sub-grids (:func:`subgrid_grad_conv`): JAX writes a dilated conv's kernel gradient as
+a conv with window *strides*, which XLA:GPU does not recognise as a cuDNN backward-filter conv
+and runs as a forward conv whose "kernel" is the whole output gradient over 2 input channels
+(the batch). ``space_to_batch`` runs the whole conv on the sub-grids (:func:`space_to_batch_conv`),
+``taps`` as one matmul per kernel tap over the pixels it reads (:func:`tap_conv`, summed in
+float32), and ``xla`` keeps XLA's conv and its gradients (the default elsewhere).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from mcibi_jax.models import winograd
 Array = jax.Array
 
 DILATED_CONV_ENV = "MCIBI_DILATED_CONV"
-DILATED_CONV_METHODS = ("xla", "space_to_batch", "taps")
+DILATED_CONV_METHODS = ("auto", "xla", "subgrid_grad", "space_to_batch", "taps")
 
 # From this dilation on, XLA:CPU's conv (and far more its gradient) is slower than the taps.
 MIN_TAP_DILATION = 8
@@ -169,6 +172,8 @@ def conv2d(
         return matmul_grad_conv(x, kernel, strides, padding, dilation, precision)
     if strides == (1, 1) and dilation != (1, 1):
         method = dilated_conv_method()
+        if method == "subgrid_grad":
+            return subgrid_grad_conv(x, kernel, padding, dilation, groups, precision)
         if method == "space_to_batch":
             return space_to_batch_conv(x, kernel, padding, dilation, groups, precision)
         if method == "taps" and groups == 1 and x.dtype == kernel.dtype:
@@ -308,16 +313,61 @@ def _small_map_conv_bwd(padding, dilation, residuals, grad):
 small_map_conv.defvjp(_small_map_conv_fwd, _small_map_conv_bwd)
 
 
-def dilated_conv_method() -> str:
+def dilated_conv_method(backend: str | None = None) -> str:
     """How :func:`conv2d` runs stride-1 dilated convs outside the CPU float32 paths: the
-    ``MCIBI_DILATED_CONV`` environment variable, ``xla`` (default), ``space_to_batch`` or
-    ``taps``."""
-    method = os.environ.get(DILATED_CONV_ENV) or "xla"
+    ``MCIBI_DILATED_CONV`` environment variable, one of ``auto`` (the default: ``subgrid_grad``
+    on GPUs, ``xla`` elsewhere), ``xla``, ``subgrid_grad``, ``space_to_batch`` or ``taps``.
+    ``backend`` defaults to ``jax.default_backend()``."""
+    method = os.environ.get(DILATED_CONV_ENV) or "auto"
     if method not in DILATED_CONV_METHODS:
         raise ValueError(
             f"{DILATED_CONV_ENV}={method!r}: expected one of {', '.join(DILATED_CONV_METHODS)}"
         )
+    if method == "auto":
+        backend = backend or jax.default_backend()
+        return "subgrid_grad" if backend in ("gpu", "cuda", "rocm") else "xla"
     return method
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def subgrid_grad_conv(
+    x: Array,
+    kernel: Array,
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    groups: int,
+    precision: Any,
+) -> Array:
+    """XLA's stride-1 dilated conv of x (N, H, W, C), whose kernel gradient is the undilated
+    kernel gradient of :func:`space_to_batch_conv` (the input's and the output gradient's
+    interleaved sub-grids on the batch axis); the input's gradient is XLA's.
+
+    The same sums as XLA's kernel gradient in another order. The point is the program it
+    makes: a stride-1 undilated conv over a large "kernel" (the output gradient's sub-grids),
+    which XLA:GPU's conv rewriter maps to cuDNN's backward-filter conv. JAX's own transpose
+    of a dilated conv is a conv with window strides equal to the dilation, which that rewriter
+    leaves as a forward conv: the output gradient of the whole map as its kernel and the
+    batch, 2 images per device, as its input channels.
+    """
+    return xla_conv(x, kernel, (1, 1), padding, dilation, groups, precision)
+
+
+def _subgrid_grad_conv_fwd(x, kernel, padding, dilation, groups, precision):
+    return xla_conv(x, kernel, (1, 1), padding, dilation, groups, precision), (x, kernel)
+
+
+def _subgrid_grad_conv_bwd(padding, dilation, groups, precision, residuals, grad):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(
+        lambda x: xla_conv(x, kernel, (1, 1), padding, dilation, groups, precision), x
+    )
+    _, kernel_vjp = jax.vjp(
+        lambda k: space_to_batch_conv(x, k, padding, dilation, groups, precision), kernel
+    )
+    return input_vjp(grad)[0], kernel_vjp(grad)[0]
+
+
+subgrid_grad_conv.defvjp(_subgrid_grad_conv_fwd, _subgrid_grad_conv_bwd)
 
 
 def space_to_batch_conv(
