@@ -1,0 +1,255 @@
+"""What XLA:GPU makes of a recipe's programs, without a GPU: deviceless compilation for an H100.
+
+    python -m venv /tmp/gpu && /tmp/gpu/bin/pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')" -e .
+    /tmp/gpu/bin/python benchmarks/gpu_program.py --configs=configs/cityscapes.py:r50 --out_dir=/tmp/gpu_hlo
+
+JAX's CUDA plugin compiles for a described GPU (``jax.experimental.topologies`` with an XLA
+``GpuTargetConfig``) on a machine without one. No algorithm is autotuned and nothing is timed,
+but the optimised program shows which cuDNN convolution each conv of the model and of its
+gradient became, and which ops XLA:GPU runs that a fast step should not have. Per config and
+dtype this prints the cuDNN convs by kind and window, and flags:
+
+* forward convs whose window is larger than their output, over an input of a few channels: a
+  kernel gradient that XLA:GPU did not map to cuDNN's backward-filter conv (the whole output
+  gradient as the kernel, the batch as input channels; session 18 found 11 in R-50's train
+  step, see docs/benchmarks.md);
+* scatters and select-and-scatters (atomics on a GPU) and while loops, with their JAX scopes.
+
+It writes each optimised HLO to ``--out_dir``. The model is traced with
+``jax.default_backend()`` reporting ``gpu``, since the package picks its accelerator paths by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from benchmark_args import add_common_arguments  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+# An H100 SXM as XLA describes a GPU (stream_executor's DeviceDescription); cuDNN 9 and CUDA 12
+# as in the jax[cuda12] wheels.
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 0 }
+runtime_version { major: 12 minor: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$(conv\w*)"')
+WINDOW = re.compile(r"window=\{([^}]*)\}")
+SHAPE = re.compile(r"=\s*\(?(\w+)\[([\d,]*)\]")
+OP_NAME = re.compile(r'op_name="([^"]*)"')
+FLAGGED_OPS = re.compile(r"\s(scatter|select-and-scatter|while)\(")
+DEFINITION = re.compile(r"%([\w.-]+) = \(?\w+\[([\d,]*)\]")
+OPERAND = re.compile(r"custom-call\(%([\w.-]+)")
+# A forward conv whose window is wider than its output and whose input has fewer channels than
+# this is a kernel gradient contracting over the batch: cuDNN's backward-filter conv missed.
+MIN_INPUT_FEATURES = 16
+
+
+def prepare_environment() -> None:
+    """Before any backend starts: the CUDA plugin's start-up check calls cuInit, which fails
+    without a driver unless skipped, and the default backend stays the CPU."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+    # Without autotuning, deviceless compiles stop at some float32 matmul fusions ("Couldn't
+    # find output tile sizes"); cuBLAS takes those matmuls instead. Convs are unaffected.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+    ).strip()
+    jax.config.update("jax_platforms", "cpu")
+
+
+def h100_mesh() -> Mesh:
+    """A one-device mesh of a described H100 (no device needed); its axis is 'data'."""
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    xla_bridge._discover_and_register_pjrt_plugins()
+    if "cuda" not in xla_bridge._topology_factories:
+        raise SystemExit(
+            "error: no CUDA plugin for JAX here; install it beside this JAX, e.g. "
+            f'pip install "jax[cuda12]=={jax.__version__}" (no GPU is needed)'
+        )
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1"
+    )
+    devices = topologies.make_mesh(topology, (1,), ("data",)).devices
+    return Mesh(devices, ("data",))
+
+
+def _window_sizes(window: str) -> list[int]:
+    match = re.search(r"size=([\dx]+)", window)
+    return [int(s) for s in match.group(1).split("x")] if match else []
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def summarize(hlo: str) -> dict:
+    """cuDNN convs by (kind, window) with counts; flagged convs and ops with their JAX scopes."""
+    shapes = {m.group(1): _dims(m.group(2)) for m in DEFINITION.finditer(hlo)}
+    convs: collections.Counter = collections.Counter()
+    wide_kernels, flagged = [], collections.Counter()
+    for line in hlo.splitlines():
+        conv = CUDNN_CONV.search(line)
+        if conv:
+            window = WINDOW.search(line).group(1) if WINDOW.search(line) else ""
+            convs[(conv.group(1), window)] += 1
+            output = SHAPE.search(line)
+            out = _dims(output.group(2))[1:-1] if output else []  # b01f
+            lhs = shapes.get(OPERAND.search(line).group(1), [0]) if OPERAND.search(line) else [0]
+            if (
+                conv.group(1).startswith(("convForward", "convBiasActivationForward"))
+                and any(k > o for k, o in zip(_window_sizes(window), out))
+                and lhs[-1] < MIN_INPUT_FEATURES
+            ):
+                name = OP_NAME.search(line)
+                wide_kernels.append(f"{window}  {name.group(1) if name else ''}")
+            continue
+        op = FLAGGED_OPS.search(line)
+        if op:
+            name = OP_NAME.search(line)
+            flagged[(op.group(1), name.group(1) if name else "")] += 1
+    return {"convs": convs, "wide_kernels": wide_kernels, "flagged": flagged}
+
+
+def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh):
+    """(jitted program, abstract arguments) of a recipe's train step or eval forward."""
+    import mcibi_jax
+    from mcibi_jax.config import model_dtype
+    from mcibi_jax.models.segmentor import build_model
+    from mcibi_jax.train.optimizer import optimizer_from_config
+    from mcibi_jax.train.state import create_train_state, init_variables
+    from mcibi_jax.train.step import make_train_step
+
+    config = mcibi_jax.load_config(spec, overrides)
+    height, width = size or tuple(config.dataset.train.crop_size)
+    replicas = max(1, int(config.train.get("num_replicas", 1)))
+    batch_size = max(1, int(config.train.batch_size) // replicas)
+    model = build_model(config.model, dtype=model_dtype(dtype_name))
+    variables = jax.eval_shape(
+        lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("data"))
+
+    def placed(tree, sharding):
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
+        )
+
+    images = jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32, sharding=split)
+    if work == "forward":
+        program = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
+        return program, (placed(variables, replicated), images)
+    train_config = config.train.to_dict()
+    tx, schedule = optimizer_from_config(variables["params"], train_config, 100)
+    step = make_train_step(
+        model,
+        config.model.to_dict(),
+        tx,
+        schedule,
+        100,
+        mesh,
+        int(config.dataset.get("ignore_label", -100)),
+        1,
+    )
+    state = jax.eval_shape(lambda v: create_train_state(v, tx), variables)
+    batch = {
+        "images": images,
+        "labels": jax.ShapeDtypeStruct((batch_size, height, width), jnp.int32, sharding=split),
+    }
+    key = jax.eval_shape(lambda: jax.random.key(1))
+    return step, (placed(state, replicated), batch, placed(key, replicated))
+
+
+def report(name: str, summary: dict, seconds: float) -> str:
+    lines = [f"== {name}: compiled for an H100 in {seconds:.1f} s", "cuDNN convs:"]
+    for (kind, window), count in sorted(summary["convs"].items()):
+        lines.append(f"  {count:4d}  {kind:28s} {window}")
+    wide = summary["wide_kernels"]
+    lines.append(
+        "forward convs with a window larger than their output over a few input channels "
+        f"(missed backward-filter convs): "
+        f"{len(wide)}"
+    )
+    lines += [f"  {w}" for w in wide]
+    lines.append("scatters, select-and-scatters, while loops:")
+    for (op, scope), count in sorted(summary["flagged"].items()):
+        lines.append(f"  {count:4d}  {op:18s} {scope}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.set_defaults(dtypes="bfloat16")
+    parser.add_argument(
+        "--work", default="train", help="comma-separated: train (the train step), forward"
+    )
+    parser.add_argument("--out_dir", default=None, help="writes each optimised HLO here")
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override KEY=VALUE (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes if isinstance(args.dtypes, list) else args.dtypes.split(",")
+    works = [w.strip() for w in args.work.split(",") if w.strip()]
+    if not set(works) <= {"train", "forward"}:
+        parser.error(f"--work: expected train and/or forward, got {args.work!r}")
+    prepare_environment()
+    mesh = h100_mesh()
+    # The package picks its accelerator paths (e.g. the dilated convs' kernel gradient) by backend.
+    jax.default_backend = lambda: "gpu"
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
+        for dtype_name in dtypes:
+            for work in works:
+                name = f"{spec} {dtype_name} {work}"
+                program, arguments = build(spec, dtype_name, args.size, args.set, work, mesh)
+                start = time.perf_counter()
+                hlo = program.lower(*arguments).compile().as_text()
+                seconds = time.perf_counter() - start
+                print(report(name, summarize(hlo), seconds), flush=True)
+                if out_dir:
+                    stem = re.sub(r"[^\w.-]+", "_", name)
+                    (out_dir / f"{stem}.hlo.txt").write_text(hlo)
+
+
+if __name__ == "__main__":
+    main()

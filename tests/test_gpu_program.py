@@ -1,0 +1,52 @@
+"""benchmarks/gpu_program.py: reading XLA:GPU's optimised HLO (the compile itself needs JAX's CUDA
+plugin, which the test environment does not install)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import load_script
+
+gpu_program = load_script("benchmarks", "gpu_program")
+
+# Lines in the form XLA:GPU prints them (R-50's train step, shortened): a dilated conv's kernel
+# gradient as a forward conv over a 2-channel input, the same gradient on the sub-grids, a
+# backward-filter conv, a scatter and a while loop.
+HLO = """
+  %bitcast.1 = bf16[256,64,128,2]{3,2,1,0} bitcast(%p.1)
+  %bitcast.2 = bf16[128,64,128,2]{3,2,1,0} bitcast(%p.2)
+  %cudnn-conv.1 = (bf16[256,3,3,128]{3,2,1,0}, u8[0]{0}) custom-call(%bitcast.1, %bitcast.2), window={size=64x128 stride=12x12 pad=12_12x12_12}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/aspp/conv_general_dilated"}
+  %bitcast.3 = bf16[2048,8,13,2592]{3,2,1,0} bitcast(%p.3)
+  %cudnn-conv.2 = (bf16[2048,3,3,512]{3,2,1,0}, u8[0]{0}) custom-call(%bitcast.3, %bitcast.4), window={size=3x6}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(train_step)/aspp2/conv_general_dilated"}
+  %cudnn-conv-bw-filter.1 = (bf16[128,3,3,256]{3,2,1,0}, u8[0]{0}) custom-call(%x.1, %g.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter"
+  ROOT %scatter-add.1 = f32[2,512,1024,19]{3,2,1,0} scatter(%a, %b, %c), update_window_dims={1,2,3,4}, to_apply=%add, metadata={op_name="jit(train_step)/scatter-add"}
+  %while.1 = (s32[], bf16[2,8192,256]{2,1,0}) while(%tuple.1), condition=%cond, body=%body, metadata={op_name="jit(train_step)/attention/while"}
+"""
+
+
+def test_summary_counts_convs_and_flags_missed_backward_filters():
+    summary = gpu_program.summarize(HLO)
+    assert summary["convs"] == {
+        ("convForward", "size=64x128 stride=12x12 pad=12_12x12_12"): 1,
+        ("convForward", "size=3x6"): 1,
+        ("convBackwardFilter", "size=3x3 pad=1_1x1_1"): 1,
+    }
+    # only the 2-channel one: the sub-grid gradient contracts over 2592 channels
+    assert summary["wide_kernels"] == [
+        "size=64x128 stride=12x12 pad=12_12x12_12  jit(train_step)/aspp/conv_general_dilated"
+    ]
+    assert summary["flagged"] == {
+        ("scatter", "jit(train_step)/scatter-add"): 1,
+        ("while", "jit(train_step)/attention/while"): 1,
+    }
+    text = gpu_program.report("r50", summary, 1.0)
+    assert "(missed backward-filter convs): 1" in text
+
+
+def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "_topology_factories", {})
+    monkeypatch.setattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)
+    with pytest.raises(SystemExit, match=r'pip install "jax\[cuda12\]=='):
+        gpu_program.h100_mesh()
