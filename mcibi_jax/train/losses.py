@@ -31,7 +31,9 @@ def cross_entropy(
     in_range = valid & (labels >= 0) & (labels < num_classes)
     safe = jnp.where(in_range, labels, 0)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    # A select rather than a gather: the gather's gradient is a scatter-add (atomics on GPUs).
+    picked = safe[..., None] == jnp.arange(num_classes)
+    nll = -jnp.sum(jnp.where(picked, log_probs, 0.0), axis=-1)
     nll = jnp.where(in_range, nll, 0.0)
 
     def per_replica(x):
