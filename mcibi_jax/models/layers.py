@@ -245,9 +245,54 @@ class ChannelDropout(nn.Module):
         return nn.Dropout(self.rate, broadcast_dims=(1, 2), deterministic=False)(x)
 
 
+@jax.custom_vjp
 def max_pool_3x3_s2(x: Array) -> Array:
-    """``nn.MaxPool2d(3, stride=2, padding=1)`` (padding never wins the max)."""
+    """``nn.MaxPool2d(3, stride=2, padding=1)`` of x (N, H, W, C) (padding never wins the max).
+
+    Its gradient goes to the first maximum of each window in row-major order, as JAX's and
+    PyTorch's do, but is computed densely (:func:`_max_pool_grad`): JAX's is a select-and-scatter,
+    which XLA:GPU runs as an arg-max reduction and a scatter-add.
+    """
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+    y = max_pool_3x3_s2(x)
+    return y, (x, y)
+
+
+def _max_pool_grad(residuals: tuple[Array, Array], grad: Array) -> tuple[Array]:
+    """Per window tap (row-major): the outputs whose maximum that tap holds, unless an earlier
+    tap held it, pass their gradient back to the tap's pixels (placed with interior padding)."""
+    x, y = residuals
+    n, height, width, channels = x.shape
+    out_h, out_w = y.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    total = jnp.zeros(padded.shape, accumulation_dtype(grad.dtype))
+    grad = grad.astype(total.dtype)
+    zero = jnp.zeros((), total.dtype)
+    for row in range(3):
+        for col in range(3):
+            window = jax.lax.slice(
+                padded,
+                (0, row, col, 0),
+                (n, row + 2 * (out_h - 1) + 1, col + 2 * (out_w - 1) + 1, channels),
+                (1, 2, 2, 1),
+            )
+            hit = (window == y) & ~taken
+            taken = taken | hit
+            spread = (
+                (0, 0, 0),
+                (row, height + 2 - row - 2 * (out_h - 1) - 1, 1),
+                (col, width + 2 - col - 2 * (out_w - 1) - 1, 1),
+                (0, 0, 0),
+            )
+            total = total + jax.lax.pad(jnp.where(hit, grad, zero), zero, spread)
+    return (total[:, 1:-1, 1:-1, :].astype(x.dtype),)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_grad)
 
 
 def avg_pool_ceil(x: Array, window: int, stride: int, padding: int = 0) -> Array:
