@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="",
         help="extra cases of --variant_config with environment settings, run after the bfloat16 "
         "cases: comma-separated NAME:VAR=VALUE[+VAR=VALUE...], e.g. "
-        "s2b:MCIBI_DILATED_CONV=space_to_batch,taps:MCIBI_DILATED_CONV=taps,"
+        "xla:MCIBI_DILATED_CONV=xla,s2b:MCIBI_DILATED_CONV=space_to_batch,"
         "whole_attention:MCIBI_ATTENTION_CHUNK_ELEMENTS=0",
     )
     parser.add_argument(
