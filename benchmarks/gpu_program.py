@@ -13,9 +13,10 @@ dtype this prints the cuDNN convs by kind and window, and flags:
   kernel gradient that XLA:GPU did not map to cuDNN's backward-filter conv (the whole output
   gradient as the kernel, the batch as input channels; session 18 found 11 in R-50's train
   step, see docs/benchmarks.md);
-* scatters and select-and-scatters (atomics on a GPU) and while loops, with their JAX scopes.
+* scatters and select-and-scatters (atomics on a GPU) and while loops, with their JAX scopes;
 
-It writes each optimised HLO to ``--out_dir``. The model is traced with
+and prints XLA:GPU's memory plan of the program (its buffer assignment: peak, arguments,
+outputs, scratch; cuDNN's workspaces, picked by autotuning, are not in it). It writes each optimised HLO to ``--out_dir``. The model is traced with
 ``jax.default_backend()`` reporting ``gpu``, since the package picks its accelerator paths by it.
 """
 
@@ -147,8 +148,9 @@ def summarize(hlo: str) -> dict:
     return {"convs": convs, "wide_kernels": wide_kernels, "flagged": flagged}
 
 
-def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh):
-    """(jitted program, abstract arguments) of a recipe's train step or eval forward."""
+def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, batch_size: int = 0):
+    """(jitted program, abstract arguments) of a recipe's train step or eval forward, at the
+    recipe's per-device batch (or ``batch_size``)."""
     import mcibi_jax
     from mcibi_jax.config import model_dtype
     from mcibi_jax.models.segmentor import build_model
@@ -159,7 +161,7 @@ def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh):
     config = mcibi_jax.load_config(spec, overrides)
     height, width = size or tuple(config.dataset.train.crop_size)
     replicas = max(1, int(config.train.get("num_replicas", 1)))
-    batch_size = max(1, int(config.train.batch_size) // replicas)
+    batch_size = batch_size or max(1, int(config.train.batch_size) // replicas)
     model = build_model(config.model, dtype=model_dtype(dtype_name))
     variables = jax.eval_shape(
         lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
@@ -197,6 +199,19 @@ def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh):
     return step, (placed(state, replicated), batch, placed(key, replicated))
 
 
+def memory_plan(compiled) -> str:
+    """XLA:GPU's buffer assignment of a compiled program, in GiB (cuDNN workspaces, chosen by
+    autotuning, are not in it)."""
+    stats = compiled.memory_analysis()
+    gib = 2.0**30
+    return (
+        f"XLA:GPU memory plan: peak {stats.peak_memory_in_bytes / gib:.2f} GiB (arguments "
+        f"{stats.argument_size_in_bytes / gib:.2f}, outputs {stats.output_size_in_bytes / gib:.2f}"
+        f" of which {stats.alias_size_in_bytes / gib:.2f} reuse the arguments' buffers, scratch "
+        f"{stats.temp_size_in_bytes / gib:.2f})"
+    )
+
+
 def report(name: str, summary: dict, seconds: float) -> str:
     lines = [f"== {name}: compiled for an H100 in {seconds:.1f} s", "cuDNN convs:"]
     for (kind, window), count in sorted(summary["convs"].items()):
@@ -223,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out_dir", default=None, help="writes each optimised HLO here")
     parser.add_argument(
+        "--per_device_batch",
+        type=int,
+        default=0,
+        help="images per device instead of the recipe's (train.batch_size / train.num_replicas)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="config override KEY=VALUE (repeatable)"
     )
     args = parser.parse_args(argv)
@@ -241,11 +262,15 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name in dtypes:
             for work in works:
                 name = f"{spec} {dtype_name} {work}"
-                program, arguments = build(spec, dtype_name, args.size, args.set, work, mesh)
+                program, arguments = build(
+                    spec, dtype_name, args.size, args.set, work, mesh, args.per_device_batch
+                )
                 start = time.perf_counter()
-                hlo = program.lower(*arguments).compile().as_text()
+                compiled = program.lower(*arguments).compile()
                 seconds = time.perf_counter() - start
+                hlo = compiled.as_text()
                 print(report(name, summarize(hlo), seconds), flush=True)
+                print(memory_plan(compiled), flush=True)
                 if out_dir:
                     stem = re.sub(r"[^\w.-]+", "_", name)
                     (out_dir / f"{stem}.hlo.txt").write_text(hlo)

@@ -50,3 +50,21 @@ def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
     monkeypatch.setattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)
     with pytest.raises(SystemExit, match=r'pip install "jax\[cuda12\]=='):
         gpu_program.h100_mesh()
+
+
+def test_memory_plan_in_gib():
+    class Stats:
+        peak_memory_in_bytes = 3 * 2**30
+        argument_size_in_bytes = 2**30
+        output_size_in_bytes = 2**30
+        alias_size_in_bytes = 2**29
+        temp_size_in_bytes = 2**31
+
+    class Compiled:
+        def memory_analysis(self):
+            return Stats()
+
+    assert gpu_program.memory_plan(Compiled()) == (
+        "XLA:GPU memory plan: peak 3.00 GiB (arguments 1.00, outputs 1.00 of which 0.50 reuse "
+        "the arguments' buffers, scratch 2.00)"
+    )
