@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcibi_jax.models.layers import ConvBNReLU, hold_on_cpu, softmax
+from mcibi_jax.models.layers import ConvBNReLU, hold_on_cpu, product_precision, softmax
 
 Array = jax.Array
 
@@ -75,12 +75,15 @@ def dot_product_attention(
 
 
 def _attend(query: Array, key: Array, value: Array, scale: float) -> Array:
-    logits = jnp.einsum("nqc,nkc->nqk", query, key, precision="highest") * scale
+    logits = jnp.einsum("nqc,nkc->nqk", query, key, precision=product_precision(query, key))
+    logits = logits * scale
     # On CPU, fused with the projections before and the product and out_project after, the
     # whole block became one YNNPACK kernel of 214 ms (R-50's memory head at 512x512); held,
     # the block takes 87 ms.
     attention = softmax(hold_on_cpu(logits)).astype(value.dtype)
-    return jnp.einsum("nqk,nkc->nqc", attention, value, precision="highest")
+    return jnp.einsum(
+        "nqk,nkc->nqc", attention, value, precision=product_precision(attention, value)
+    )
 
 
 class SelfAttentionBlock(nn.Module):

@@ -25,6 +25,14 @@ def accumulation_dtype(dtype: Dtype) -> Dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def product_precision(*operands: Array) -> jax.lax.Precision | None:
+    """``Precision.HIGHEST`` for matrix products of float32 (or wider) operands: true float32
+    products on accelerators, as the reference's. None for bfloat16 ones, where it would ask
+    for nothing more and XLA:TPU's kernels reject it."""
+    dtype = jnp.result_type(*operands)
+    return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else None
+
+
 def softmax(logits: Array) -> Array:
     """Softmax over the last axis, computed in :func:`accumulation_dtype`."""
     return jax.nn.softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcibi_jax.models.layers import product_precision
+
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient (Keys' kernel uses -0.5).
 
 
@@ -140,8 +142,9 @@ def resample(x: jnp.ndarray, rows: jnp.ndarray, columns: jnp.ndarray) -> jnp.nda
     """``rows @ x @ columns.T`` over the spatial axes: x (N, H, W, C), rows (H', H) and
     columns (W', W) interpolation matrices (see :func:`interpolation_matrix`) -> (N, H', W', C).
     ``rows`` may hold only some output rows (a band of them)."""
-    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision="highest")
-    return jnp.einsum("pw,nowc->nopc", columns, x, precision="highest")
+    precision = product_precision(rows, x)
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=precision)
+    return jnp.einsum("pw,nowc->nopc", columns, x, precision=precision)
 
 
 def scaled_size(size: Sequence[int], scale_factor: float) -> tuple[int, int]:
