@@ -309,9 +309,10 @@ class _HRModule(nn.Module):
         if self.stage.num_branches == 1:
             return xs
         num_out = self.stage.num_branches if self.multiscale_output else 1
-        return _FuseLayers(self.stage.out_channels, num_out, self.dtype, name="fuse_layers")(
-            xs, train
-        )
+        # With remat, the exchange is recomputed too: its resampled terms (every branch at every
+        # resolution) were the largest part of what HRNet kept for the backward pass.
+        fuse = nn.remat(_FuseLayers, static_argnums=(2,)) if self.use_checkpoint else _FuseLayers
+        return fuse(self.stage.out_channels, num_out, self.dtype, name="fuse_layers")(xs, train)
 
 
 class _Stage(nn.Module):
