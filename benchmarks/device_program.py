@@ -1,23 +1,30 @@
-"""What XLA:GPU makes of a recipe's programs, without a GPU: deviceless compilation for an H100.
+"""What XLA makes of a recipe's programs for a GPU or a TPU, compiled without one.
 
     python -m venv /tmp/gpu && /tmp/gpu/bin/pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')" -e .
-    /tmp/gpu/bin/python benchmarks/gpu_program.py --configs=configs/cityscapes.py:r50 --out_dir=/tmp/gpu_hlo
+    /tmp/gpu/bin/python benchmarks/device_program.py --configs=configs/cityscapes.py:r50 --out_dir=/tmp/gpu_hlo
+    # TPUs: a venv with "jax[tpu]==<the same version>" -e ., then --target=tpu-v5e (or tpu-v6e, tpu-v5p, tpu-v4)
 
-JAX's CUDA plugin compiles for a described GPU (``jax.experimental.topologies`` with an XLA
-``GpuTargetConfig``) on a machine without one. No algorithm is autotuned and nothing is timed,
-but the optimised program shows which cuDNN convolution each conv of the model and of its
-gradient became, and which ops XLA:GPU runs that a fast step should not have. Per config and
-dtype this prints the cuDNN convs by kind and window, and flags:
+JAX compiles for a described device without one (``jax.experimental.topologies``: for GPUs the
+CUDA plugin with an XLA ``GpuTargetConfig``, for TPUs libtpu with a topology name). Nothing is
+autotuned or timed, but the optimised program shows what the compiler made of each part of the
+model, and whether it compiles at all (session 18 found a bfloat16 train step that XLA:TPU
+could not compile). Per config and dtype this prints:
 
-* forward convs whose window is larger than their output, over an input of a few channels: a
+* for an H100 (``--target=h100``, the default), the cuDNN convs by kind and window, flagging
+  forward convs whose window is larger than their output, over an input of a few channels: a
   kernel gradient that XLA:GPU did not map to cuDNN's backward-filter conv (the whole output
   gradient as the kernel, the batch as input channels; session 18 found 11 in R-50's train
   step, see docs/benchmarks.md);
-* scatters and select-and-scatters (atomics on a GPU) and while loops, with their JAX scopes;
+* for a TPU, XLA:TPU's cost-model estimate of each op's cycles (``estimated_cycles``), summed
+  per JAX scope: a profile by the compiler's model, not a measurement;
+* scatters and select-and-scatters (atomics on a GPU, serial work on a TPU) and while loops,
+  with their JAX scopes;
+* XLA's memory plan of the program (its buffer assignment: peak, arguments, outputs, scratch;
+  on a GPU without cuDNN's workspaces, which autotuning picks).
 
-and prints XLA:GPU's memory plan of the program (its buffer assignment: peak, arguments,
-outputs, scratch; cuDNN's workspaces, picked by autotuning, are not in it). It writes each optimised HLO to ``--out_dir``. The model is traced with
-``jax.default_backend()`` reporting ``gpu``, since the package picks its accelerator paths by it.
+It writes each optimised HLO to ``--out_dir``. The model is traced with
+``jax.default_backend()`` reporting the target's platform, since the package picks its
+accelerator paths by it.
 """
 
 from __future__ import annotations
@@ -68,11 +75,21 @@ runtime_version { major: 12 minor: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
+# Deviceless TPU topologies (libtpu's names); a program for one device takes the first chip.
+TPU_TOPOLOGIES = {
+    "tpu-v5e": "v5e:1x1",
+    "tpu-v6e": "v6e:1x1",
+    "tpu-v5p": "v5p:2x2x1",
+    "tpu-v4": "v4:2x2x1",
+}
+TARGETS = ("h100", *TPU_TOPOLOGIES)
+
 CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$(conv\w*)"')
 WINDOW = re.compile(r"window=\{([^}]*)\}")
 SHAPE = re.compile(r"=\s*\(?(\w+)\[([\d,]*)\]")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 FLAGGED_OPS = re.compile(r"\s(scatter|select-and-scatter|while)\(")
+ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 DEFINITION = re.compile(r"%([\w.-]+) = \(?\w+\[([\d,]*)\]")
 OPERAND = re.compile(r"custom-call\(%([\w.-]+)")
 # A forward conv whose window is wider than its output and whose input has fewer channels than
@@ -80,16 +97,20 @@ OPERAND = re.compile(r"custom-call\(%([\w.-]+)")
 MIN_INPUT_FEATURES = 16
 
 
-def prepare_environment() -> None:
-    """Before any backend starts: the CUDA plugin's start-up check calls cuInit, which fails
-    without a driver unless skipped, and the default backend stays the CPU."""
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-    # Without autotuning, deviceless compiles stop at some float32 matmul fusions ("Couldn't
-    # find output tile sizes"); cuBLAS takes those matmuls instead. Convs are unaffected.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
-    ).strip()
+def prepare_environment(target: str) -> None:
+    """Before any backend starts. For the H100: the CUDA plugin's start-up check calls cuInit,
+    which fails without a driver unless skipped. For TPUs: libtpu must not ask a cloud metadata
+    server for its machine. The default backend stays the CPU."""
+    if target == "h100":
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+        # Without autotuning, deviceless compiles stop at some float32 matmul fusions ("Couldn't
+        # find output tile sizes"); cuBLAS takes those matmuls instead. Convs are unaffected.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+        ).strip()
+    else:
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -109,6 +130,27 @@ def h100_mesh() -> Mesh:
     )
     devices = topologies.make_mesh(topology, (1,), ("data",)).devices
     return Mesh(devices, ("data",))
+
+
+def tpu_mesh(target: str) -> Mesh:
+    """A one-device mesh of a described TPU chip (no TPU needed); its axis is 'data'."""
+    import numpy as np
+    from jax.experimental import topologies
+
+    name = TPU_TOPOLOGIES[target]
+    bounds = {"chips_per_host_bounds": (1, 1, 1)} if name.endswith(":1x1") else {}
+    try:
+        topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **bounds)
+    except Exception as error:  # no libtpu: the message varies with the JAX version
+        raise SystemExit(
+            f"error: cannot describe a {target} ({error}); install libtpu beside this JAX, e.g. "
+            f'pip install "jax[tpu]=={jax.__version__}" (no TPU is needed)'
+        ) from None
+    return Mesh(np.asarray(topology.devices)[:1], ("data",))
+
+
+def device_mesh(target: str) -> Mesh:
+    return h100_mesh() if target == "h100" else tpu_mesh(target)
 
 
 def _window_sizes(window: str) -> list[int]:
@@ -146,6 +188,19 @@ def summarize(hlo: str) -> dict:
             name = OP_NAME.search(line)
             flagged[(op.group(1), name.group(1) if name else "")] += 1
     return {"convs": convs, "wide_kernels": wide_kernels, "flagged": flagged}
+
+
+def cycles_by_scope(hlo: str, depth: int = 4) -> tuple[int, collections.Counter]:
+    """XLA:TPU's estimated cycles of the program's ops: the total and the sums per JAX scope
+    (the op's name stack cut to ``depth`` parts after the jitted function's name)."""
+    by_scope: collections.Counter = collections.Counter()
+    for line in hlo.splitlines():
+        cycles = ESTIMATED_CYCLES.search(line)
+        if cycles:
+            name = OP_NAME.search(line)
+            parts = (name.group(1) if name else "(unnamed)").split("/")[1 : 1 + depth]
+            by_scope["/".join(parts) or "(unnamed)"] += int(cycles.group(1))
+    return sum(by_scope.values()), by_scope
 
 
 def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, batch_size: int = 0):
@@ -200,29 +255,42 @@ def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, ba
 
 
 def memory_plan(compiled) -> str:
-    """XLA:GPU's buffer assignment of a compiled program, in GiB (cuDNN workspaces, chosen by
-    autotuning, are not in it)."""
+    """XLA's buffer assignment of a compiled program, in GiB (on a GPU without cuDNN's
+    workspaces, which autotuning picks)."""
     stats = compiled.memory_analysis()
     gib = 2.0**30
     return (
-        f"XLA:GPU memory plan: peak {stats.peak_memory_in_bytes / gib:.2f} GiB (arguments "
+        f"XLA's memory plan: peak {stats.peak_memory_in_bytes / gib:.2f} GiB (arguments "
         f"{stats.argument_size_in_bytes / gib:.2f}, outputs {stats.output_size_in_bytes / gib:.2f}"
         f" of which {stats.alias_size_in_bytes / gib:.2f} reuse the arguments' buffers, scratch "
         f"{stats.temp_size_in_bytes / gib:.2f})"
     )
 
 
-def report(name: str, summary: dict, seconds: float) -> str:
-    lines = [f"== {name}: compiled for an H100 in {seconds:.1f} s", "cuDNN convs:"]
-    for (kind, window), count in sorted(summary["convs"].items()):
-        lines.append(f"  {count:4d}  {kind:28s} {window}")
-    wide = summary["wide_kernels"]
-    lines.append(
-        "forward convs with a window larger than their output over a few input channels "
-        f"(missed backward-filter convs): "
-        f"{len(wide)}"
-    )
-    lines += [f"  {w}" for w in wide]
+def tpu_report(hlo: str, top: int = 20) -> str:
+    total, by_scope = cycles_by_scope(hlo)
+    lines = [f"XLA:TPU's cost model: {total:,} estimated cycles; the largest scopes:"]
+    for scope, cycles in by_scope.most_common(top):
+        lines.append(f"  {100 * cycles / max(total, 1):5.1f} %  {cycles:>13,}  {scope}")
+    return "\n".join(lines)
+
+
+def report(name: str, hlo: str, seconds: float, target: str = "h100") -> str:
+    """What the optimised program ``hlo`` shows for ``target`` (see the module's docstring)."""
+    summary = summarize(hlo)
+    lines = [f"== {name}: compiled for {target} in {seconds:.1f} s"]
+    if target == "h100":
+        lines.append("cuDNN convs:")
+        for (kind, window), count in sorted(summary["convs"].items()):
+            lines.append(f"  {count:4d}  {kind:28s} {window}")
+        wide = summary["wide_kernels"]
+        lines.append(
+            "forward convs with a window larger than their output over a few input channels "
+            f"(missed backward-filter convs): {len(wide)}"
+        )
+        lines += [f"  {w}" for w in wide]
+    else:
+        lines.append(tpu_report(hlo))
     lines.append("scatters, select-and-scatters, while loops:")
     for (op, scope), count in sorted(summary["flagged"].items()):
         lines.append(f"  {count:4d}  {op:18s} {scope}")
@@ -235,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.set_defaults(dtypes="bfloat16")
     parser.add_argument(
         "--work", default="train", help="comma-separated: train (the train step), forward"
+    )
+    parser.add_argument(
+        "--target", default="h100", choices=TARGETS, help="the device to compile for"
     )
     parser.add_argument("--out_dir", default=None, help="writes each optimised HLO here")
     parser.add_argument(
@@ -251,10 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     works = [w.strip() for w in args.work.split(",") if w.strip()]
     if not set(works) <= {"train", "forward"}:
         parser.error(f"--work: expected train and/or forward, got {args.work!r}")
-    prepare_environment()
-    mesh = h100_mesh()
+    prepare_environment(args.target)
+    mesh = device_mesh(args.target)
     # The package picks its accelerator paths (e.g. the dilated convs' kernel gradient) by backend.
-    jax.default_backend = lambda: "gpu"
+    platform = "gpu" if args.target == "h100" else "tpu"
+    jax.default_backend = lambda: platform
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                 compiled = program.lower(*arguments).compile()
                 seconds = time.perf_counter() - start
                 hlo = compiled.as_text()
-                print(report(name, summarize(hlo), seconds), flush=True)
+                print(report(name, hlo, seconds, args.target), flush=True)
                 print(memory_plan(compiled), flush=True)
                 if out_dir:
                     stem = re.sub(r"[^\w.-]+", "_", name)

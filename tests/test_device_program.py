@@ -1,5 +1,5 @@
-"""benchmarks/gpu_program.py: reading XLA:GPU's optimised HLO (the compile itself needs JAX's CUDA
-plugin, which the test environment does not install)."""
+"""benchmarks/device_program.py: reading XLA's optimised HLO for a GPU or a TPU (the compiles
+themselves need JAX's CUDA plugin or libtpu, which the test environment does not install)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import load_script
 
-gpu_program = load_script("benchmarks", "gpu_program")
+device_program = load_script("benchmarks", "device_program")
 
 # Lines in the form XLA:GPU prints them (R-50's train step, shortened): a dilated conv's kernel
 # gradient as a forward conv over a 2-channel input, the same gradient on the sub-grids, a
@@ -25,7 +25,7 @@ HLO = """
 
 
 def test_summary_counts_convs_and_flags_missed_backward_filters():
-    summary = gpu_program.summarize(HLO)
+    summary = device_program.summarize(HLO)
     assert summary["convs"] == {
         ("convForward", "size=64x128 stride=12x12 pad=12_12x12_12"): 1,
         ("convForward", "size=3x6"): 1,
@@ -39,8 +39,8 @@ def test_summary_counts_convs_and_flags_missed_backward_filters():
         ("scatter", "jit(train_step)/scatter-add"): 1,
         ("while", "jit(train_step)/attention/while"): 1,
     }
-    text = gpu_program.report("r50", summary, 1.0)
-    assert "(missed backward-filter convs): 1" in text
+    text = device_program.report("r50", HLO, 1.0)
+    assert "(missed backward-filter convs): 1" in text and "1  while" in text
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
@@ -49,7 +49,7 @@ def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
     monkeypatch.setattr(xla_bridge, "_topology_factories", {})
     monkeypatch.setattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)
     with pytest.raises(SystemExit, match=r'pip install "jax\[cuda12\]=='):
-        gpu_program.h100_mesh()
+        device_program.h100_mesh()
 
 
 def test_memory_plan_in_gib():
@@ -64,7 +64,33 @@ def test_memory_plan_in_gib():
         def memory_analysis(self):
             return Stats()
 
-    assert gpu_program.memory_plan(Compiled()) == (
-        "XLA:GPU memory plan: peak 3.00 GiB (arguments 1.00, outputs 1.00 of which 0.50 reuse "
+    assert device_program.memory_plan(Compiled()) == (
+        "XLA's memory plan: peak 3.00 GiB (arguments 1.00, outputs 1.00 of which 0.50 reuse "
         "the arguments' buffers, scratch 2.00)"
     )
+
+
+TPU_HLO = """
+  %fusion.1 = bf16[2,64,128,512]{3,2,1,0} fusion(%a, %b), kind=kOutput, metadata={op_name="jit(train_step)/jvp(MCIBI)/aspp/branch/0/conv_general_dilated"}, backend_config={"window_config":{"estimated_cycles":"300"}}
+  %fusion.2 = bf16[2,64,128,512]{3,2,1,0} fusion(%c), kind=kLoop, metadata={op_name="jit(train_step)/jvp(MCIBI)/aspp/branch/1/add"}, backend_config={"estimated_cycles":"100"}
+  %copy.3 = bf16[2,64,128,512]{3,2,1,0} copy(%d), backend_config={"estimated_cycles":"600"}
+"""
+
+
+def test_tpu_cycles_by_scope():
+    total, by_scope = device_program.cycles_by_scope(TPU_HLO, depth=2)
+    assert total == 1000
+    assert by_scope == {"jvp(MCIBI)/aspp": 400, "(unnamed)": 600}
+    text = device_program.report("r50", TPU_HLO, 1.0, "tpu-v5e")
+    assert "1,000 estimated cycles" in text and " 60.0 %" in text and "cuDNN" not in text
+
+
+def test_without_libtpu_it_says_what_to_install(monkeypatch):
+    from jax.experimental import topologies
+
+    def no_tpu(**kwargs):
+        raise RuntimeError("Unknown backend tpu")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_tpu)
+    with pytest.raises(SystemExit, match=r'pip install "jax\[tpu\]=='):
+        device_program.tpu_mesh("tpu-v5e")
