@@ -42,9 +42,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from benchmark_args import add_common_arguments  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from train_step import train_case  # noqa: E402
 
 # An H100 SXM as XLA describes a GPU (stream_executor's DeviceDescription); cuDNN 9 and CUDA 12
 # as in the jax[cuda12] wheels.
@@ -204,23 +204,10 @@ def cycles_by_scope(hlo: str, depth: int = 4) -> tuple[int, collections.Counter]
 
 
 def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, batch_size: int = 0):
-    """(jitted program, abstract arguments) of a recipe's train step or eval forward, at the
-    recipe's per-device batch (or ``batch_size``)."""
-    import mcibi_jax
-    from mcibi_jax.config import model_dtype
-    from mcibi_jax.models.segmentor import build_model
-    from mcibi_jax.train.optimizer import optimizer_from_config
-    from mcibi_jax.train.state import create_train_state, init_variables
-    from mcibi_jax.train.step import make_train_step
-
-    config = mcibi_jax.load_config(spec, overrides)
-    height, width = size or tuple(config.dataset.train.crop_size)
-    replicas = max(1, int(config.train.get("num_replicas", 1)))
-    batch_size = batch_size or max(1, int(config.train.batch_size) // replicas)
-    model = build_model(config.model, dtype=model_dtype(dtype_name))
-    variables = jax.eval_shape(
-        lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
-    )
+    """(jitted program, abstract arguments placed on ``mesh``) of a recipe's train step or eval
+    forward, at the recipe's per-device batch (or ``batch_size``)."""
+    case = train_case(spec, batch_size or None, size, dtype_name, 100, overrides, mesh=mesh)
+    state, batch, key = case.abstract_inputs()
     replicated = NamedSharding(mesh, PartitionSpec())
     split = NamedSharding(mesh, PartitionSpec("data"))
 
@@ -229,29 +216,12 @@ def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, ba
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
         )
 
-    images = jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32, sharding=split)
     if work == "forward":
+        model = case.model
         program = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
-        return program, (placed(variables, replicated), images)
-    train_config = config.train.to_dict()
-    tx, schedule = optimizer_from_config(variables["params"], train_config, 100)
-    step = make_train_step(
-        model,
-        config.model.to_dict(),
-        tx,
-        schedule,
-        100,
-        mesh,
-        int(config.dataset.get("ignore_label", -100)),
-        1,
-    )
-    state = jax.eval_shape(lambda v: create_train_state(v, tx), variables)
-    batch = {
-        "images": images,
-        "labels": jax.ShapeDtypeStruct((batch_size, height, width), jnp.int32, sharding=split),
-    }
-    key = jax.eval_shape(lambda: jax.random.key(1))
-    return step, (placed(state, replicated), batch, placed(key, replicated))
+        variables = state.variables
+        return program, (placed(variables, replicated), placed(batch["images"], split))
+    return case.step, (placed(state, replicated), placed(batch, split), placed(key, replicated))
 
 
 def memory_plan(compiled) -> str:

@@ -140,16 +140,17 @@ def train_case(
     dtype_name: str,
     steps_per_epoch: int,
     overrides: Sequence[str] = (),
+    mesh: Mesh | None = None,
 ) -> TrainCase:
     """The jitted train step of the recipe ``spec`` (plus ``overrides``, e.g.
-    ``model.backbone.remat=True``) over all devices, in ``dtype_name``.
+    ``model.backbone.remat=True``) over all devices (or ``mesh``'s), in ``dtype_name``.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
     None: the recipe's training crop. Nothing is allocated or compiled yet.
     """
     config = mcibi_jax.load_config(spec, overrides)
     height, width = size or tuple(config.dataset.train.crop_size)
-    mesh = data_mesh()
+    mesh = mesh or data_mesh()
     train_config = config.train.to_dict()
     per_device_batch = per_device_batch or recipe_per_device_batch(train_config)
     batch_size = per_device_batch * mesh.size
