@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +35,17 @@ DEMO_FAST = [
     "train.num_epochs=3",
     "train.log_every=4",
 ]
+
+
+def jaxpr_equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a (closed) jaxpr, its sub-jaxprs' (loops, conditionals, custom
+    derivatives, nested jits) included."""
+    from jax.extend import core
+
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for sub in core.jaxprs_in_params(eqn.params):
+            yield from jaxpr_equations(sub)
 
 
 def load_script(folder: str, name: str) -> ModuleType:

@@ -29,6 +29,7 @@ from mcibi_jax.models.conv import (
     use_strided_taps,
     use_tap_matmuls,
 )
+from tests.helpers import jaxpr_equations
 
 
 def reference_conv(x, kernel, strides, padding, dilation, groups=1):
@@ -222,9 +223,10 @@ def test_subgrid_grad_conv_uneven_dilation_padding_and_groups(padding):
 
 
 def _conv_window_strides(fn, *args) -> list[tuple[int, ...]]:
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     return [
-        e.params["window_strides"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+        e.params["window_strides"]
+        for e in jaxpr_equations(jax.make_jaxpr(fn)(*args))
+        if e.primitive.name == "conv_general_dilated"
     ]
 
 

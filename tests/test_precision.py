@@ -7,11 +7,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.extend import core as jcore
 
 import mcibi_jax
 from mcibi_jax.models.layers import product_precision
 from mcibi_jax.train.state import init_variables
+from tests.helpers import jaxpr_equations
 
 
 def test_product_precision():
@@ -22,15 +22,13 @@ def test_product_precision():
 
 
 def _highest_on_bfloat16(jaxpr) -> list[str]:
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-            dtypes = {str(v.aval.dtype) for v in eqn.invars}
-            if "HIGHEST" in str(eqn.params.get("precision")) and "bfloat16" in dtypes:
-                found.append(str(eqn.source_info.name_stack))
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            found += _highest_on_bfloat16(sub)
-    return found
+    return [
+        str(eqn.source_info.name_stack)
+        for eqn in jaxpr_equations(jaxpr)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+        and "HIGHEST" in str(eqn.params.get("precision"))
+        and "bfloat16" in {str(v.aval.dtype) for v in eqn.invars}
+    ]
 
 
 @pytest.mark.parametrize("spec", ["configs/cityscapes.py:r50", "configs/cityscapes.py:hrnet48"])
@@ -43,4 +41,4 @@ def test_bfloat16_forward_asks_no_highest_precision(spec):
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), size))
     images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    assert _highest_on_bfloat16(jaxpr.jaxpr) == []
+    assert _highest_on_bfloat16(jaxpr) == []
