@@ -55,6 +55,7 @@ def load_script(folder: str, name: str) -> ModuleType:
         sys.path.insert(0, str(REPO / folder))
     spec = importlib.util.spec_from_file_location(f"_{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -247,6 +247,30 @@ def test_subgrid_grad_makes_no_strided_kernel_gradient_conv():
     assert set(_conv_window_strides(ours, kernel, x)) == {(1, 1)}
 
 
+def test_custom_gradients_trace_no_dead_forward_pass():
+    """Each custom backward pass takes its gradients by transposing (``linear_grad``), not
+    through ``jax.vjp``, whose forward pass stayed in the step's jaxpr as dead code: one
+    forward conv (or set of tap matmuls) more per gradient, which FLOP counts counted."""
+    x = jnp.ones((2, 16, 24, 8))
+    kernel = jnp.ones((3, 3, 8, 4))
+    padding, dilation = ((2, 2), (2, 2)), (2, 2)
+
+    def products(conv) -> list[str]:
+        grad = jax.grad(lambda a, k: conv(a, k).sum(), (0, 1))
+        names = ("conv_general_dilated", "dot_general")
+        eqns = jaxpr_equations(jax.make_jaxpr(grad)(x, kernel))
+        return [e.primitive.name for e in eqns if e.primitive.name in names]
+
+    # forward, input gradient, kernel gradient
+    assert (
+        products(lambda a, k: subgrid_grad_conv(a, k, padding, dilation, 1, None))
+        == ["conv_general_dilated"] * 3
+    )
+    strided = products(lambda a, k: strided_tap_conv(a, k, (2, 2), ((1, 1), (1, 1)), (1, 1)))
+    # 8 input channels: XLA's forward conv, then one matmul per tap for each gradient
+    assert strided == ["conv_general_dilated"] + ["dot_general"] * 2 * 9
+
+
 def test_dilated_conv_method_from_the_environment(monkeypatch):
     monkeypatch.delenv(DILATED_CONV_ENV, raising=False)
     assert dilated_conv_method("cpu") == dilated_conv_method("tpu") == "xla"

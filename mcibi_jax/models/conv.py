@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -263,6 +263,13 @@ def _strided_taps(x: Array, kernel: Array, strides, padding, dilation) -> Array:
     return out
 
 
+def linear_grad(fn: Callable[[Array], Array], primal: Array, cotangent: Array) -> Array:
+    """The gradient through ``fn``, linear in its argument, shaped like ``primal``: its
+    transpose applied to ``cotangent``. Unlike ``jax.vjp``, this traces no forward pass, which
+    the program would carry as dead code (and FLOP counts of its jaxpr would count)."""
+    return jax.linear_transpose(fn, primal)(cotangent)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def strided_tap_conv(x: Array, kernel: Array, strides, padding, dilation) -> Array:
     """A strided conv whose backward pass is that of one matmul per kernel tap (over the tap's
@@ -279,8 +286,11 @@ def _strided_tap_conv_fwd(x, kernel, strides, padding, dilation):
 
 def _strided_tap_conv_bwd(strides, padding, dilation, residuals, grad):
     x, kernel = residuals
-    _, vjp = jax.vjp(lambda a, b: _strided_taps(a, b, strides, padding, dilation), x, kernel)
-    return vjp(grad)
+    grad_x = linear_grad(lambda a: _strided_taps(a, kernel, strides, padding, dilation), x, grad)
+    grad_kernel = linear_grad(
+        lambda b: _strided_taps(x, b, strides, padding, dilation), kernel, grad
+    )
+    return grad_x, grad_kernel
 
 
 strided_tap_conv.defvjp(_strided_tap_conv_fwd, _strided_tap_conv_bwd)
@@ -358,13 +368,13 @@ def _subgrid_grad_conv_fwd(x, kernel, padding, dilation, groups, precision):
 
 def _subgrid_grad_conv_bwd(padding, dilation, groups, precision, residuals, grad):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(
-        lambda x: xla_conv(x, kernel, (1, 1), padding, dilation, groups, precision), x
+    grad_x = linear_grad(
+        lambda x: xla_conv(x, kernel, (1, 1), padding, dilation, groups, precision), x, grad
     )
-    _, kernel_vjp = jax.vjp(
-        lambda k: space_to_batch_conv(x, k, padding, dilation, groups, precision), kernel
+    grad_kernel = linear_grad(
+        lambda k: space_to_batch_conv(x, k, padding, dilation, groups, precision), kernel, grad
     )
-    return input_vjp(grad)[0], kernel_vjp(grad)[0]
+    return grad_x, grad_kernel
 
 
 subgrid_grad_conv.defvjp(_subgrid_grad_conv_fwd, _subgrid_grad_conv_bwd)
@@ -604,10 +614,9 @@ def _matmul_grad_conv_bwd(strides, padding, dilation, precision, residuals, grad
     if pointwise and strides == (1, 1):
         grad_x = _tap_input_grad(x.shape, kernel, grad, strides, padding, dilation)
     else:
-        _, input_vjp = jax.vjp(
-            lambda x: xla_conv(x, kernel, strides, padding, dilation, precision=precision), x
+        grad_x = linear_grad(
+            lambda x: xla_conv(x, kernel, strides, padding, dilation, precision=precision), x, grad
         )
-        (grad_x,) = input_vjp(grad)
     if pointwise or kernel.shape[2] >= MIN_TAP_GRAD_CHANNELS:
         grad_kernel = _tap_kernel_grad(x, kernel.shape, grad, strides, padding, dilation)
     elif kernel.shape[2] >= MIN_WINOGRAD_GRAD_CHANNELS and winograd.supports(
@@ -615,10 +624,9 @@ def _matmul_grad_conv_bwd(strides, padding, dilation, precision, residuals, grad
     ):
         grad_kernel = winograd.kernel_grad(x, grad, padding, dilation[0])
     else:
-        _, kernel_vjp = jax.vjp(
-            lambda k: xla_conv(x, k, strides, padding, dilation, precision=precision), kernel
+        grad_kernel = linear_grad(
+            lambda k: xla_conv(x, k, strides, padding, dilation, precision=precision), kernel, grad
         )
-        (grad_kernel,) = kernel_vjp(grad)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
