@@ -81,3 +81,61 @@ def test_module_updates_running_statistics_like_pytorch():
     )
     want = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), want, atol=1e-5)
+
+
+def _reductions(fn, *args) -> int:
+    from tests.helpers import jaxpr_equations
+
+    return sum(e.primitive.name == "reduce_sum" for e in jaxpr_equations(jax.make_jaxpr(fn)(*args)))
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (40.0, 2.0), (-300.0, 8.0)])
+def test_bfloat16_statistics_in_one_pass_keep_float32_digits(offset, spread):
+    """bfloat16 inputs: mean and variance from one pass of shifted sums, close to float64's
+    statistics of the same bfloat16 values even far from zero; the output and gradients match
+    the float32 path's to bfloat16 rounding."""
+    rng = np.random.default_rng(3)
+    shape = (2, 16, 16, 8)
+    x = jnp.asarray(offset + spread * rng.normal(size=shape), jnp.bfloat16)
+    scale = jnp.asarray(rng.normal(size=8), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=8), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    y, mean, var = batch_normalize(x, scale, bias, 1e-5, jnp.bfloat16)
+    exact = np.asarray(x, np.float64).reshape(-1, 8)
+    np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-6, atol=1e-6 * spread)
+    np.testing.assert_allclose(var, exact.var(0), rtol=1e-5)
+
+    def grads(dtype):
+        def loss(x, scale, bias):
+            out = batch_normalize(x.astype(dtype), scale, bias, 1e-5, dtype)[0]
+            return jnp.sum(out.astype(jnp.float32) * dy.astype(jnp.float32))
+
+        return jax.grad(loss, (0, 1, 2))(x, scale, bias)
+
+    y32 = batch_normalize(x.astype(jnp.float32), scale, bias, 1e-5, jnp.float32)[0]
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), y32, atol=0.04 * float(jnp.abs(y32).max())
+    )
+    for got, want in zip(grads(jnp.bfloat16), grads(jnp.float32)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_bfloat16_reads_the_activations_fewer_times():
+    """Each reduction is a pass over the activations on an accelerator: bfloat16's forward has
+    two sums over one shifted input (float32's: three, each after the last), and its backward
+    no re-centring of the input gradient."""
+    x = jnp.zeros((2, 4, 4, 8))
+    scale, bias = jnp.ones(8), jnp.zeros(8)
+
+    def forward(dtype):
+        return lambda x: batch_normalize(x.astype(dtype), scale, bias, 1e-5, dtype)[0]
+
+    def backward(dtype):
+        return jax.grad(lambda x: jnp.sum(forward(dtype)(x).astype(jnp.float32)))
+
+    assert _reductions(forward(jnp.float32), x) == 3
+    assert _reductions(forward(jnp.bfloat16), x) == 2
+    # forward's, then the backward's (bias and scale gradients, the re-centring), the loss's sum
+    assert _reductions(backward(jnp.float32), x) == 3 + 3 + 1
+    assert _reductions(backward(jnp.bfloat16), x) == 2 + 2 + 1

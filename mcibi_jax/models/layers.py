@@ -102,7 +102,14 @@ def batch_normalize(
     return _batch_normalize_forward(x, scale, bias, epsilon, dtype)[0]
 
 
+def _is_narrow(dtype: Dtype) -> bool:
+    """bfloat16 or float16: inputs whose own rounding dwarfs float32's."""
+    return jnp.finfo(dtype).bits < 32
+
+
 def _batch_normalize_forward(x, scale, bias, epsilon, dtype):
+    if _is_narrow(x.dtype):
+        return _narrow_batch_normalize_forward(x, scale, bias, epsilon, dtype)
     axes = tuple(range(x.ndim - 1))
     wide = x.astype(accumulation_dtype(x.dtype))
     # A float32 sum of many similar values drifts (PyTorch accumulates in float64 on CPU): a second,
@@ -116,6 +123,25 @@ def _batch_normalize_forward(x, scale, bias, epsilon, dtype):
     # Centre before scaling, as PyTorch does: x * m - mean * m would cancel catastrophically.
     y = (centred * (scale * inv_std) + bias).astype(dtype)
     return (y, mean, var), (x, rough_mean, correction, inv_std, scale)
+
+
+def _narrow_batch_normalize_forward(x, scale, bias, epsilon, dtype):
+    """bfloat16/float16 inputs: both statistics from one float32 pass over ``x`` (the
+    float32/float64 path reads it three times; on an accelerator each read of an activation
+    costs as much as the arithmetic). The sums are over ``x`` minus one of its own samples per
+    channel, a shift near the mean, so the variance keeps float32's digits, far more than the
+    input has, unless that sample lies thousands of deviations away."""
+    axes = tuple(range(x.ndim - 1))
+    wide = x.astype(jnp.float32)
+    shift = wide[(0,) * len(axes)]
+    shifted = wide - shift
+    offset = jnp.mean(shifted, axes)
+    mean = shift + offset
+    var = jnp.maximum(jnp.mean(jnp.square(shifted), axes) - jnp.square(offset), 0.0)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    centred = _centre(wide, mean, jnp.zeros_like(mean))
+    y = (centred * (scale * inv_std) + bias).astype(dtype)
+    return (y, mean, var), (x, mean, jnp.zeros_like(mean), inv_std, scale)
 
 
 def _centre(x: Array, rough_mean: Array, correction: Array) -> Array:
@@ -137,8 +163,10 @@ def _batch_normalize_backward(epsilon, dtype, residuals, cotangents):
     direction = dy - dbias / count - x_hat * (dscale / count)
     # Exactly, the direction sums to zero over the batch (the output ignores a constant shift of x);
     # in float32 a residue remains, which the gradient of a layer before the BatchNorm multiplies
-    # by its (possibly large, nearly constant) input. Centring once more removes it.
-    direction = direction - jnp.mean(direction, axes)
+    # by its (possibly large, nearly constant) input. Centring once more removes it (not worth a
+    # pass over the activations when dx is rounded to bfloat16, which leaves a far larger one).
+    if not _is_narrow(x.dtype):
+        direction = direction - jnp.mean(direction, axes)
     dx = (scale * inv_std) * direction
     # The statistics are outputs too (the running averages read them); their cotangents are usually zero.
     dx = dx + dmean / count + dvar * (2.0 / count) * centred
