@@ -137,7 +137,6 @@ def _compile_row(job: dict, work: str, compile_s: float) -> dict:
 def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
     """The forward's row, and the variables it ran on (the train step starts from them). With
     ``job["compile_only"]``: compiles, and the row holds the compile time alone."""
-    import jax
     import xla_stats
     from forward import forward_case
     from train_step import recipe_per_device_batch
@@ -166,7 +165,7 @@ def measure_forward(job: dict, device: Any) -> tuple[dict, Any]:
         return time.perf_counter() - started
 
     step_s, iters = timed(run, job["measure_s"], job["min_iters"], job["max_iters"])
-    flops = xla_stats.jaxpr_flops(jax.make_jaxpr(forward)(variables, images))
+    flops = xla_stats.model_flops(forward, variables, images)
     row = _figures(job, "forward", flops, compiled, compile_s, step_s, iters, batch, device)
     row.update(per_device_batch=batch, size=list(images.shape[1:3]), init_s=init_s)
     return row, variables
@@ -177,7 +176,6 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     (taken out, so that nothing else holds them): the forward's, to start from. With
     ``job["compile_only"]``: compiles, and the row holds the compile time alone."""
     import jax
-    import xla_stats
     from train_step import train_case
 
     size = tuple(job["size"]) if job["size"] else None
@@ -204,7 +202,7 @@ def measure_train(job: dict, device: Any, handed: dict | None = None) -> tuple[d
     compile_s = time.perf_counter() - started
     if job.get("compile_only"):
         return _compile_row(job, "train step", compile_s), {}
-    flops = xla_stats.jaxpr_flops(case.step.trace(state, batch, key).jaxpr)
+    flops = case.model_flops()
     box = {"state": state}
     state = None  # donated to the step on accelerators: only box holds the live one
 
@@ -571,7 +569,8 @@ def markdown(
             + "; ".join(
                 f"{name} = {' '.join(f'{k}={v}' for k, v in env.items())}" for name, env in variants
             )
-            + " (compare their step time with the plain rows: a variant's FLOPs count its own program)."
+            + " (every row's FLOPs and MFU count the model's own formulation, whatever path a"
+            " variant takes)."
         )
     lines += [
         "",

@@ -19,6 +19,9 @@ could not compile). Per config and dtype this prints:
   per JAX scope: a profile by the compiler's model, not a measurement;
 * scatters and select-and-scatters (atomics on a GPU, serial work on a TPU) and while loops,
   with their JAX scopes;
+* for an H100, a roofline of the program (``hlo_roofline.py``): each kernel at the longer of
+  its arithmetic at peak rate and its memory traffic at full bandwidth, summed, per JAX scope,
+  and the MFU that bound allows;
 * XLA's memory plan of the program (its buffer assignment: peak, arguments, outputs, scratch;
   on a GPU without cuDNN's workspaces, which autotuning picks).
 
@@ -41,7 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import hlo_roofline  # noqa: E402
 import jax  # noqa: E402
+import xla_stats  # noqa: E402
 from benchmark_args import add_common_arguments  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from train_step import train_case  # noqa: E402
@@ -149,6 +154,17 @@ def tpu_mesh(target: str) -> Mesh:
     return Mesh(np.asarray(topology.devices)[:1], ("data",))
 
 
+def describe_h100_to_cudnn_attention() -> None:
+    """JAX's cuDNN attention asks the live GPU backend for the compute capability (Hopper:
+    head dims up to 256); compiled without one, it is told: 9.0."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    cudnn_attention.check_compute_capability = lambda capability: (
+        (9, 0) >= tuple(int(part) for part in capability.split("."))
+    )
+    cudnn_attention.is_cuda_compute_capability_equal = lambda capability: capability == "9.0"
+
+
 def device_mesh(target: str) -> Mesh:
     return h100_mesh() if target == "h100" else tpu_mesh(target)
 
@@ -204,8 +220,9 @@ def cycles_by_scope(hlo: str, depth: int = 4) -> tuple[int, collections.Counter]
 
 
 def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, batch_size: int = 0):
-    """(jitted program, abstract arguments placed on ``mesh``) of a recipe's train step or eval
-    forward, at the recipe's per-device batch (or ``batch_size``)."""
+    """(jitted program, abstract arguments placed on ``mesh``, its FLOPs as the accelerator
+    benchmark's MFU counts them) of a recipe's train step or eval forward, at the recipe's
+    per-device batch (or ``batch_size``)."""
     case = train_case(spec, batch_size or None, size, dtype_name, 100, overrides, mesh=mesh)
     state, batch, key = case.abstract_inputs()
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -219,9 +236,10 @@ def build(spec: str, dtype_name: str, size, overrides, work: str, mesh: Mesh, ba
     if work == "forward":
         model = case.model
         program = jax.jit(lambda v, x: model.apply(v, x, train=False)["stage2"])
-        variables = state.variables
-        return program, (placed(variables, replicated), placed(batch["images"], split))
-    return case.step, (placed(state, replicated), placed(batch, split), placed(key, replicated))
+        arguments = (placed(state.variables, replicated), placed(batch["images"], split))
+        return program, arguments, xla_stats.model_flops(program, *arguments)
+    arguments = (placed(state, replicated), placed(batch, split), placed(key, replicated))
+    return case.step, arguments, case.model_flops()
 
 
 def memory_plan(compiled) -> str:
@@ -297,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     # The package picks its accelerator paths (e.g. the dilated convs' kernel gradient) by backend.
     platform = "gpu" if args.target == "h100" else "tpu"
     jax.default_backend = lambda: platform
+    if args.target == "h100":
+        describe_h100_to_cudnn_attention()
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name in dtypes:
             for work in works:
                 name = f"{spec} {dtype_name} {work}"
-                program, arguments = build(
+                program, arguments, flops = build(
                     spec, dtype_name, args.size, args.set, work, mesh, args.per_device_batch
                 )
                 start = time.perf_counter()
@@ -312,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                 seconds = time.perf_counter() - start
                 hlo = compiled.as_text()
                 print(report(name, hlo, seconds, args.target), flush=True)
+                if args.target == "h100":
+                    print(hlo_roofline.report(hlo, flops), flush=True)
                 print(memory_plan(compiled), flush=True)
                 if out_dir:
                     stem = re.sub(r"[^\w.-]+", "_", name)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import xla_stats
 from benchmark_args import add_common_arguments
 from jax.sharding import Mesh
 
@@ -87,6 +88,14 @@ class TrainCase(NamedTuple):
     batch_size: int
     num_replicas: int
     size: tuple[int, int]
+    make_step: Callable[[], Callable]  # a new jitted step, traced afresh
+
+    def model_flops(self) -> float:
+        """FLOPs of one step in the model's own formulation (``xla_stats.model_formulation``):
+        the numerator of MFU, whichever paths the compiled step takes."""
+        with xla_stats.model_formulation():
+            traced = self.make_step().trace(*self.abstract_inputs())
+        return xla_stats.jaxpr_flops(traced.jaxpr)
 
     def abstract_inputs(self, seed: int = 0) -> tuple[Any, dict, Any]:
         """(state, batch, dropout key) as shapes only: enough to lower and compile the step."""
@@ -161,16 +170,19 @@ def train_case(
         lambda: init_variables(model, jax.random.key(0, impl="rbg"), (height, width))
     )["params"]
     tx, schedule = optimizer_from_config(params, train_config, steps_per_epoch)
-    step = make_train_step(
-        model,
-        config.model.to_dict(),
-        tx,
-        schedule,
-        steps_per_epoch,
-        mesh,
-        int(config.dataset.get("ignore_label", -100)),
-        num_replicas,
-    )
+
+    def make_step() -> Callable:
+        return make_train_step(
+            model,
+            config.model.to_dict(),
+            tx,
+            schedule,
+            steps_per_epoch,
+            mesh,
+            int(config.dataset.get("ignore_label", -100)),
+            num_replicas,
+        )
+
     return TrainCase(
         spec,
         dtype_name,
@@ -178,11 +190,12 @@ def train_case(
         model,
         mesh,
         tx,
-        step,
+        make_step(),
         per_device_batch,
         batch_size,
         num_replicas,
         (height, width),
+        make_step,
     )
 
 

@@ -22,7 +22,10 @@ Other device kinds (H100 PCIe/NVL, H200 NVL, CPUs, ...) have no entry: MFU is 'n
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 TERA = 1e12
@@ -76,6 +79,43 @@ def compiled_flops(program: Any) -> float | None:
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
     return float(flops) if flops is not None and flops >= 0 else None
+
+
+# The model's own formulation, for counting its FLOPs: XLA's dilated convs (the sub-grid kernel
+# gradient convolves zero padding too) and attention as matmuls without chunks (chunks recompute
+# their similarities in the backward pass; cuDNN's fused attention is a call whose FLOPs a jaxpr
+# does not show). Set while a step is traced for its FLOPs only.
+MODEL_FORMULATION = {
+    "MCIBI_DILATED_CONV": "xla",
+    "MCIBI_ATTENTION": "xla",
+    "MCIBI_ATTENTION_CHUNK_ELEMENTS": "0",
+}
+
+
+@contextlib.contextmanager
+def model_formulation() -> Iterator[None]:
+    """Within: models traced as :data:`MODEL_FORMULATION` says. MFU counts the model's FLOPs,
+    not those of the faster paths a device takes, which differ by padding and recomputation."""
+    saved = {name: os.environ.get(name) for name in MODEL_FORMULATION}
+    os.environ.update(MODEL_FORMULATION)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def model_flops(fn: Any, *args: Any) -> float:
+    """FLOPs of ``fn(*args)`` as the model formulates them (:func:`model_formulation`), traced
+    afresh: a jitted ``fn``'s own function, wrapped anew, since traces are cached by function."""
+    import jax
+
+    raw = getattr(fn, "__wrapped__", fn)
+    with model_formulation():
+        return jaxpr_flops(jax.make_jaxpr(lambda *a: raw(*a))(*args))
 
 
 def jaxpr_flops(jaxpr: Any) -> float:

@@ -340,3 +340,23 @@ def test_remat_memory_table(monkeypatch, capsys, tmp_path):
     assert lines[-1].endswith(
         "| float32 | 4 x 512x512 | on | 12.00 | 1.00 | 1.00 | 14.00 | 3.00 | 12 |"
     )
+
+
+def test_model_flops_trace_the_model_formulation_afresh(monkeypatch):
+    """A jitted function already traced with a faster path's variable set is traced again, its
+    own function wrapped anew (traces are cached by function), in the model's formulation."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    def f(a):
+        plain = os.environ.get("MCIBI_DILATED_CONV") == "xla"
+        return a @ a if plain else (a @ a) @ a
+
+    a = jnp.ones((4, 4))
+    jitted = jax.jit(f)
+    monkeypatch.setenv("MCIBI_DILATED_CONV", "taps")
+    assert xla_stats.jaxpr_flops(jax.make_jaxpr(jitted)(a)) == 2 * (2 * 4**3)
+    assert xla_stats.model_flops(jitted, a) == 2 * 4**3
+    assert os.environ["MCIBI_DILATED_CONV"] == "taps"

@@ -3,6 +3,7 @@ on a tiny demo model."""
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 
@@ -165,3 +166,25 @@ def test_checkpoint_save_reports_each_save(capsys):
             r"on disk after [\d.]+ s$",
             line,
         ), line
+
+
+def test_model_flops_count_the_model_not_the_faster_paths(tiny_config, monkeypatch):
+    """MFU's numerator: the sub-grid kernel gradients (which convolve padding) and attention in
+    chunks (recomputed in the backward pass) add FLOPs to the traced step; the model's count
+    is that of XLA's dilated convs and unchunked attention, whatever the environment says."""
+    import xla_stats
+
+    def traced_flops(case):
+        return xla_stats.jaxpr_flops(case.step.trace(*case.abstract_inputs()).jaxpr)
+
+    monkeypatch.setenv("MCIBI_DILATED_CONV", "xla")
+    monkeypatch.setenv("MCIBI_ATTENTION_CHUNK_ELEMENTS", "0")
+    plain = train_step.train_case(tiny_config, 1, (64, 64), "float32", 10)
+    plain_flops = traced_flops(plain)  # the environment is read when the step is traced
+    monkeypatch.setenv("MCIBI_DILATED_CONV", "subgrid_grad")
+    monkeypatch.setenv("MCIBI_ATTENTION_CHUNK_ELEMENTS", "16")
+    faster = train_step.train_case(tiny_config, 1, (64, 64), "float32", 10)
+    assert traced_flops(faster) > plain_flops
+    assert faster.model_flops() == plain.model_flops() == plain_flops
+    assert os.environ["MCIBI_DILATED_CONV"] == "subgrid_grad"  # restored
+    assert os.environ["MCIBI_ATTENTION_CHUNK_ELEMENTS"] == "16"

@@ -94,3 +94,89 @@ def test_without_libtpu_it_says_what_to_install(monkeypatch):
     monkeypatch.setattr(topologies, "get_topology_desc", no_tpu)
     with pytest.raises(SystemExit, match=r'pip install "jax\[tpu\]=='):
         device_program.tpu_mesh("tpu-v5e")
+
+
+hlo_roofline = load_script("benchmarks", "hlo_roofline")
+
+# A program in XLA:GPU's form: a forward conv and its kernel gradient, a cuBLAS matmul, an
+# elementwise fusion, and a while loop (3 known trips) whose fusion slices one row of its
+# operand and updates another buffer in place.
+ROOFLINE_HLO = """
+%fused_slice (p0: bf16[16,1024], p1: s32[]) -> bf16[1,1024] {
+  %p0 = bf16[16,1024]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = bf16[1,1024]{1,0} dynamic-slice(%p0, %p1, %zero), dynamic_slice_sizes={1,1024}
+}
+
+%fused_update (q0: f32[16,1024], q1: bf16[1,1024], q2: s32[]) -> f32[16,1024] {
+  %q0 = f32[16,1024]{1,0} parameter(0)
+  %q1 = bf16[1,1024]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  %c = f32[1,1024]{1,0} convert(%q1)
+  ROOT %dus = f32[16,1024]{1,0} dynamic-update-slice(%q0, %c, %q2, %zero.1)
+}
+
+%body (state: (s32[], bf16[16,1024], f32[16,1024])) -> (s32[], bf16[16,1024], f32[16,1024]) {
+  %state = (s32[], bf16[16,1024]{1,0}, f32[16,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %rows = bf16[16,1024]{1,0} get-tuple-element(%state), index=1
+  %acc = f32[16,1024]{1,0} get-tuple-element(%state), index=2
+  %row = bf16[1,1024]{1,0} fusion(%rows, %i), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/loop/slice"}
+  %new = f32[16,1024]{1,0} fusion(%acc, %row, %i), kind=kLoop, calls=%fused_update, metadata={op_name="jit(step)/loop/update"}
+  ROOT %t = (s32[], bf16[16,1024]{1,0}, f32[16,1024]{1,0}) tuple(%i, %rows, %new)
+}
+
+ENTRY %main (x: bf16[2,64,128,256], w: bf16[512,3,3,256], a: bf16[4096,2048], b: bf16[2048,512]) -> f32[16,1024] {
+  %x = bf16[2,64,128,256]{3,2,1,0} parameter(0)
+  %w = bf16[512,3,3,256]{3,2,1,0} parameter(1)
+  %a = bf16[4096,2048]{1,0} parameter(2)
+  %b = bf16[2048,512]{1,0} parameter(3)
+  %conv = (bf16[2,64,128,512]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/net/conv"}
+  %y = bf16[2,64,128,512]{3,2,1,0} get-tuple-element(%conv), index=0
+  %dw = (bf16[512,3,3,256]{3,2,1,0}, u8[65536]{0}) custom-call(%x, %y), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(step)/transpose(net)/conv"}
+  %mm = (bf16[4096,512]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/net/dense"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %relu = bf16[2,64,128,512]{3,2,1,0} fusion(%y), kind=kLoop, calls=%fused_relu, metadata={op_name="jit(step)/net/relu"}
+  %rows.0 = bf16[16,1024]{1,0} parameter(4)
+  %acc.0 = f32[16,1024]{1,0} parameter(5)
+  %zero.2 = s32[] constant(0)
+  %init = (s32[], bf16[16,1024]{1,0}, f32[16,1024]{1,0}) tuple(%zero.2, %rows.0, %acc.0)
+  %loop = (s32[], bf16[16,1024]{1,0}, f32[16,1024]{1,0}) while(%init), condition=%cond, body=%body, metadata={op_name="jit(step)/loop/while"}, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[16,1024]{1,0} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_roofline_counts_flops_and_traffic_per_kernel():
+    kernels = {k.name: k for k in hlo_roofline.kernels(ROOFLINE_HLO)}
+    assert set(kernels) == {"conv", "dw", "mm", "relu", "row", "new"}
+    conv_flops = 2 * (2 * 64 * 128 * 512) * (3 * 3 * 256)
+    activation = 2 * 64 * 128 * 256 * 2
+    assert kernels["conv"].flops == conv_flops
+    assert kernels["conv"].bytes == activation + 512 * 9 * 256 * 2 + 2 * activation
+    assert kernels["dw"].flops == conv_flops  # the same sums, the kernel as the result
+    assert kernels["dw"].bytes == activation + 2 * activation + 512 * 9 * 256 * 2  # no workspace
+    assert kernels["mm"].flops == 2 * 4096 * 512 * 2048
+    assert kernels["relu"].flops == 0 and kernels["relu"].bytes == 2 * 2 * activation
+    # the loop's fusions: one row read, one row written, three times
+    assert kernels["row"].count == kernels["new"].count == 3
+    assert kernels["row"].bytes == 1024 * 2 + 4 + 1024 * 2
+    assert kernels["new"].bytes == 1024 * 2 + 4 + 1024 * 4
+    assert kernels["conv"].precision == "bf16"
+
+
+def test_roofline_estimate_and_report():
+    device = {"bf16": 1e15, "tf32": 5e14, "f32": 5e13, "f16": 1e15, "bandwidth": 1e12}
+    result = hlo_roofline.estimate(ROOFLINE_HLO, device, depth=2)
+    conv_flops = 2 * (2 * 64 * 128 * 512) * (3 * 3 * 256)
+    # the convs are bound by arithmetic; the matmul (24 MB for 8.6 GFLOP here) and the rest
+    # by traffic
+    expected_compute = 2 * conv_flops / 1e15
+    relu = 2 * 2 * (2 * 64 * 128 * 512) / 1e12
+    assert result["compute_bound_seconds"] == pytest.approx(expected_compute)
+    assert result["seconds"] > expected_compute + relu
+    assert result["kernels"] == 4 + 2 * 3
+    assert result["by_scope"]["net/relu"] == pytest.approx(relu)
+    text = hlo_roofline.report(ROOFLINE_HLO, conv_flops, device)
+    assert "10 kernels" in text and "MFU at most" in text and "net/conv" in text
