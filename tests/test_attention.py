@@ -126,3 +126,48 @@ def test_training_limit_from_the_environment(monkeypatch):
     monkeypatch.setenv(attention.ATTENTION_CHUNK_ENV, "many")
     with pytest.raises(ValueError, match="MCIBI_ATTENTION_CHUNK_ELEMENTS='many'"):
         attention.training_chunk_limit()
+
+
+def test_cudnn_attention_only_where_it_applies(monkeypatch):
+    """``MCIBI_ATTENTION=cudnn`` takes cuDNN's fused attention on GPUs for bfloat16/float16
+    operands; elsewhere the attention stays ours, same values."""
+    monkeypatch.delenv(attention.ATTENTION_ENV, raising=False)
+    assert not attention.fused_attention_wanted(jnp.bfloat16, "gpu")
+    monkeypatch.setenv(attention.ATTENTION_ENV, "cudnn")
+    assert attention.fused_attention_wanted(jnp.bfloat16, "gpu")
+    assert attention.fused_attention_wanted(jnp.float16, "cuda")
+    assert not attention.fused_attention_wanted(jnp.float32, "gpu")  # cuDNN's: 16-bit only
+    assert not attention.fused_attention_wanted(jnp.bfloat16, "tpu")
+    assert not attention.fused_attention_wanted(jnp.bfloat16, "cpu")
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.bfloat16) for _ in range(3))
+    with_env = dot_product_attention(q, k, v, 0.3)
+    monkeypatch.setenv(attention.ATTENTION_ENV, "xla")
+    np.testing.assert_array_equal(with_env, dot_product_attention(q, k, v, 0.3))
+    monkeypatch.setenv(attention.ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="MCIBI_ATTENTION='flash': expected xla or cudnn"):
+        attention.fused_attention_wanted(jnp.bfloat16, "gpu")
+
+
+@pytest.mark.parametrize("num_queries, num_keys", [(12, 8), (13, 13), (6, 9)])
+def test_fused_attention_pads_odd_lengths(monkeypatch, num_queries, num_keys):
+    """JAX's cuDNN attention trains on even lengths only: odd ones get a masked padding token.
+    Checked with JAX's XLA implementation standing in for cuDNN (same arguments)."""
+    real = jax.nn.dot_product_attention
+
+    def xla_instead(*args, implementation=None, **kwargs):
+        assert implementation == "cudnn"
+        for name in ("query_seq_lengths", "key_value_seq_lengths"):
+            assert name not in kwargs or args[0].shape[1] % 2 == 0
+        assert args[0].shape[1] % 2 == 0 and args[1].shape[1] % 2 == 0
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", xla_instead)
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, num_queries, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, num_keys, 3, 8)), jnp.float32) for _ in range(2))
+    got = attention.fused_attention(q, k, v, 0.3)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) * 0.3
+    want = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcibi_jax.models.attention import fused_attention, fused_attention_wanted
 from mcibi_jax.models.layers import hold_on_cpu, softmax
 from mcibi_jax.models.resize import resize
 
@@ -162,9 +163,10 @@ class SelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = q * math.sqrt(1.0 / head_dims)  # PyTorch scales the queries, not the logits
         precision = _precision(self.dtype)
-        if (not train or self.dropout == 0.0) and use_per_head_attention(
-            n, self.num_heads, length, q.dtype
-        ):
+        without_dropout = not train or self.dropout == 0.0
+        if without_dropout and fused_attention_wanted(q.dtype):
+            out = fused_attention(q, k, v, 1.0)
+        elif without_dropout and use_per_head_attention(n, self.num_heads, length, q.dtype):
             out = per_head_attention(q, k, v, precision)
         else:
             logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, precision=precision)
