@@ -92,7 +92,7 @@ TARGETS = ("h100", *TPU_TOPOLOGIES)
 CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$(conv\w*)"')
 WINDOW = re.compile(r"window=\{([^}]*)\}")
 SHAPE = re.compile(r"=\s*\(?(\w+)\[([\d,]*)\]")
-OP_NAME = re.compile(r'op_name="([^"]*)"')
+OP_NAME = hlo_roofline.OP_NAME
 FLAGGED_OPS = re.compile(r"\s(scatter|select-and-scatter|while)\(")
 ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 DEFINITION = re.compile(r"%([\w.-]+) = \(?\w+\[([\d,]*)\]")

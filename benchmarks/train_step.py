@@ -88,13 +88,14 @@ class TrainCase(NamedTuple):
     batch_size: int
     num_replicas: int
     size: tuple[int, int]
-    make_step: Callable[[], Callable]  # a new jitted step, traced afresh
+    make_step: Callable[..., Callable]  # a new jitted step, traced afresh
 
     def model_flops(self) -> float:
-        """FLOPs of one step in the model's own formulation (``xla_stats.model_formulation``):
-        the numerator of MFU, whichever paths the compiled step takes."""
+        """FLOPs of one step in the model's own formulation (``xla_stats.model_formulation``)
+        and without rematerialisation: the numerator of MFU, whichever paths the compiled step
+        takes and whatever it recomputes."""
         with xla_stats.model_formulation():
-            traced = self.make_step().trace(*self.abstract_inputs())
+            traced = self.make_step(remat=False).trace(*self.abstract_inputs())
         return xla_stats.jaxpr_flops(traced.jaxpr)
 
     def abstract_inputs(self, seed: int = 0) -> tuple[Any, dict, Any]:
@@ -171,10 +172,16 @@ def train_case(
     )["params"]
     tx, schedule = optimizer_from_config(params, train_config, steps_per_epoch)
 
-    def make_step() -> Callable:
+    def make_step(remat: bool = True) -> Callable:
+        """A new jitted step; ``remat=False``: of the same model without rematerialisation."""
+        step_model, model_config = model, config.model
+        if not remat and config.model.backbone.get("remat", False):
+            model_config = ml_collections.ConfigDict(config.model.to_dict())
+            model_config.backbone.remat = False
+            step_model = build_model(model_config, dtype=model_dtype(dtype_name))
         return make_train_step(
-            model,
-            config.model.to_dict(),
+            step_model,
+            model_config.to_dict(),
             tx,
             schedule,
             steps_per_epoch,
