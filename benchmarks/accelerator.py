@@ -536,7 +536,7 @@ def markdown(
     device: dict | None,
     started: str,
     elapsed_s: float,
-    variants: list[tuple[str, dict[str, str]]] = (),
+    variants: list[tuple[str, dict[str, str], str | None]] = (),
 ) -> str:
     import xla_stats
 
@@ -567,7 +567,9 @@ def markdown(
         lines.append(
             "Variants: "
             + "; ".join(
-                f"{name} = {' '.join(f'{k}={v}' for k, v in env.items())}" for name, env in variants
+                f"{name} = {' '.join(f'{k}={v}' for k, v in env.items())}"
+                + (f" ({config})" if config else "")
+                for name, env, config in variants
             )
             + " (every row's FLOPs and MFU count the model's own formulation, whatever path a"
             " variant takes)."
@@ -594,15 +596,24 @@ def _sorted(rows: list[dict], configs: list[str], dtypes: list[str]) -> list[dic
     return sorted(rows, key=key)
 
 
-def parse_variants(text: str) -> list[tuple[str, dict[str, str]]]:
-    """``"a:X=1+Y=2,b:X=3"`` -> ``[("a", {"X": "1", "Y": "2"}), ("b", {"X": "3"})]``."""
+def parse_variants(text: str) -> list[tuple[str, dict[str, str], str | None]]:
+    """``"a:X=1+Y=2,b@c.py:vitl:X=3"`` -> ``[("a", {"X": "1", "Y": "2"}, None), ("b", {"X":
+    "3"}, "c.py:vitl")]``: a name, its settings and the config it runs (None: --variant_config)."""
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, settings = item.partition(":")
+        head, _, settings = item.rpartition(":")
+        name, at, config = head.partition("@")
         pairs = [setting.partition("=") for setting in settings.split("+") if setting]
-        if not name or not pairs or any(not key or not sep for key, sep, _ in pairs):
-            raise SystemExit(f"--variants: expected NAME:VAR=VALUE[+VAR=VALUE...], got {item!r}")
-        variants.append((name, {key: value for key, _, value in pairs}))
+        if (
+            not name
+            or (at and not config)
+            or not pairs
+            or any(not key or not sep for key, sep, _ in pairs)
+        ):
+            raise SystemExit(
+                f"--variants: expected NAME[@CONFIG]:VAR=VALUE[+VAR=VALUE...], got {item!r}"
+            )
+        variants.append((name, {key: value for key, _, value in pairs}, config or None))
     return variants
 
 
@@ -716,10 +727,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--variants",
         default="",
-        help="extra cases of --variant_config with environment settings, run after the bfloat16 "
-        "cases: comma-separated NAME:VAR=VALUE[+VAR=VALUE...], e.g. "
+        help="extra cases of --variant_config (or of CONFIG) with environment settings, run "
+        "after the bfloat16 cases: comma-separated NAME[@CONFIG]:VAR=VALUE[+VAR=VALUE...], e.g. "
         "xla:MCIBI_DILATED_CONV=xla,s2b:MCIBI_DILATED_CONV=space_to_batch,"
-        "whole_attention:MCIBI_ATTENTION_CHUNK_ELEMENTS=0",
+        "cudnn@configs/ade20k.py:vitl:MCIBI_ATTENTION=cudnn",
     )
     parser.add_argument(
         "--variant_config",
@@ -777,8 +788,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variant_config = args.variant_config or stall_config or configs[0]
     variant_dtype = "bfloat16" if "bfloat16" in args.dtypes else args.dtypes[0]
     variant_jobs = [
-        (variant_config, variant_dtype, False, name, variant_env) for name, variant_env in variants
+        (config or variant_config, variant_dtype, False, name, variant_env)
+        for name, variant_env, config in variants
     ]
+    profiled = {variant_config} | {config for *_, config in variants if config}
     after = sum(1 for _, dtype, _ in jobs if dtype == variant_dtype)
     jobs = [(c, d, s, None, {}) for c, d, s in jobs]
     jobs[after:after] = variant_jobs
@@ -799,7 +812,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "overrides": ["model.backbone.remat=True"] if args.remat else [],
             "stall": {"steps": args.stall_steps, "source_sizes": source_sizes} if stall else None,
             "profile": {"out_dir": str(out_dir.resolve()), "steps": 3, "top": 40}
-            if args.profile and (config, dtype) == (variant_config, variant_dtype)
+            if args.profile and config in profiled and dtype == variant_dtype
             else None,
         }
 

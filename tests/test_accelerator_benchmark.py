@@ -245,13 +245,30 @@ def test_failures_become_rows_and_the_run_goes_on(tmp_path, monkeypatch):
     text = (tmp_path / "accelerator.md").read_text()
     assert "| a.py [v1] | forward | bfloat16 |" in text
     assert "Variants: v1 = MCIBI_X=1; v2 = MCIBI_X=2 MCIBI_Y=3" in text
-    assert accelerator.parse_variants(" a:X=1+Y=, b:Z=2 ") == [
-        ("a", {"X": "1", "Y": ""}),
-        ("b", {"Z": "2"}),
+    assert accelerator.parse_variants(" a:X=1+Y=, b:Z=2, c@configs/ade20k.py:vitl:Z=3 ") == [
+        ("a", {"X": "1", "Y": ""}, None),
+        ("b", {"Z": "2"}, None),
+        ("c", {"Z": "3"}, "configs/ade20k.py:vitl"),
     ]
-    for bad in ("a", "a:", ":X=1", "a:X"):
+    for bad in ("a", "a:", ":X=1", "a:X", "a@:X=1"):
         with pytest.raises(SystemExit, match="--variants"):
             accelerator.parse_variants(bad)
+
+    # a variant of another config runs that config
+    calls.clear()
+    variants.clear()
+    accelerator.main(
+        [
+            "--configs=a.py",
+            "--stall_config=a.py",
+            "--dtypes=bfloat16",
+            "--variants=v1:MCIBI_X=1,v2@b.py:MCIBI_X=2",
+            f"--out_dir={tmp_path}",
+        ]
+    )
+    assert calls[1:] == [("a.py", "bfloat16", False), ("b.py", "bfloat16", False)]
+    assert variants[1:] == [("v1", "1"), ("v2", "2")]
+    assert "v2 = MCIBI_X=2 (b.py)" in (tmp_path / "accelerator.md").read_text()
 
     calls.clear()
     rows = accelerator.main(
