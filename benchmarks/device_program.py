@@ -21,7 +21,8 @@ could not compile). Per config and dtype this prints:
   with their JAX scopes;
 * for an H100, a roofline of the program (``hlo_roofline.py``): each kernel at the longer of
   its arithmetic at peak rate and its memory traffic at full bandwidth, summed, per JAX scope,
-  and the MFU that bound allows;
+  the longest kernels, and the MFU that bound allows (and the same program's bound at an
+  H200's bandwidth);
 * XLA's memory plan of the program (its buffer assignment: peak, arguments, outputs, scratch;
   on a GPU without cuDNN's workspaces, which autotuning picks).
 
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(report(name, hlo, seconds, args.target), flush=True)
                 if args.target == "h100":
                     print(hlo_roofline.report(hlo, flops), flush=True)
+                    # the same program against an H200's bandwidth (XLA tunes it alike)
+                    h200 = hlo_roofline.report(
+                        hlo, flops, hlo_roofline.H200, 0, 0, device_name="H200 SXM"
+                    )
+                    print(h200, flush=True)
                 print(memory_plan(compiled), flush=True)
                 if out_dir:
                     stem = re.sub(r"[^\w.-]+", "_", name)

@@ -332,22 +332,42 @@ def estimate(hlo: str, device: dict = H100, depth: int = 4) -> dict:
         "flops": flops,
         "kernels": count,
         "by_scope": by_scope,
+        "launched": launched,
     }
 
 
-def report(hlo: str, model_flops: float, device: dict = H100, top: int = 25) -> str:
-    """The estimate as text, with the MFU it allows against ``model_flops`` (XLA's count)."""
+def report(
+    hlo: str,
+    model_flops: float,
+    device: dict = H100,
+    top: int = 25,
+    top_kernels: int = 10,
+    device_name: str = "H100 SXM",
+) -> str:
+    """The estimate as text: the MFU it allows against ``model_flops`` (the model's count), the
+    ``top`` largest scopes and the ``top_kernels`` longest kernels."""
     result = estimate(hlo, device)
     seconds = result["seconds"]
     peak = device["bf16"]
     lines = [
-        f"roofline (H100 SXM peaks, no cache, no launch latency): {1e3 * seconds:.2f} ms, of "
+        f"roofline ({device_name} peaks, no cache, no launch latency): {1e3 * seconds:.2f} ms, of "
         f"which {1e3 * result['compute_bound_seconds']:.2f} ms bound by arithmetic; "
         f"{result['kernels']} kernels; matmul/conv FLOPs {result['flops'] / 1e12:.2f} T; "
         f"model FLOPs {model_flops / 1e12:.2f} T, MFU at most "
         f"{100 * model_flops / max(seconds, 1e-12) / peak:.1f} %",
-        "the largest scopes (ms):",
     ]
+    if top:
+        lines.append("the largest scopes (ms):")
     for scope, scope_seconds in result["by_scope"].most_common(top):
         lines.append(f"  {1e3 * scope_seconds:7.3f}  {scope}")
+    longest = sorted(result["launched"], key=lambda k: -k.seconds(device))[:top_kernels]
+    if longest:
+        lines.append("the longest kernels (ms, bound, GFLOP, MB, x runs):")
+    for kernel in longest:
+        compute = kernel.flops / device[kernel.precision] if kernel.flops else 0.0
+        bound = "flops" if compute >= kernel.bytes / device["bandwidth"] else "bytes"
+        lines.append(
+            f"  {1e3 * kernel.seconds(device):7.3f}  {bound:5s} {kernel.flops / 1e9:8.1f} "
+            f"{kernel.bytes / 1e6:8.1f}  x{kernel.count}  {kernel.name}  {kernel.scope}"
+        )
     return "\n".join(lines)

@@ -180,3 +180,6 @@ def test_roofline_estimate_and_report():
     assert result["by_scope"]["net/relu"] == pytest.approx(relu)
     text = hlo_roofline.report(ROOFLINE_HLO, conv_flops, device)
     assert "10 kernels" in text and "MFU at most" in text and "net/conv" in text
+    longest = text.split("the longest kernels")[1].splitlines()[1]
+    assert longest.split()[1:2] == ["flops"] and " conv " in f" {longest.split()[5]} "
+    assert hlo_roofline.report(ROOFLINE_HLO, conv_flops, device, 0, 0).count("\n") == 0
