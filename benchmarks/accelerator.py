@@ -555,7 +555,9 @@ def markdown(
         else "Peak memory: XLA's memory plan of the compiled program (arguments + outputs + scratch): "
         "this backend keeps no device memory statistics.",
         "FLOPs: the matrix products and convolutions of the step's jaxpr, 2 per multiply-add "
-        "(conv taps that read padding not counted), the same on every backend.",
+        "(conv taps that read padding not counted), the same on every backend, traced in the "
+        "model's own formulation (XLA's dilated convs, matmul attention without chunks, no "
+        "remat), whatever the program runs.",
     ]
     workers = {r["compile_workers"] for r in rows if r.get("compile_workers")}
     if workers:
