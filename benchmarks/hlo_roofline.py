@@ -61,6 +61,7 @@ TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 PARAMETER_NUMBER = re.compile(r"parameter\((\d+)\)")
 INTERMEDIATE_DIMS = re.compile(
     r'"intermediate_tensor_shape":\s*\{[^}]*"dimensions":\s*\[([^\]]*)\]'
@@ -121,14 +122,22 @@ def parse(hlo: str) -> dict[str, list[Instruction]]:
     return computations
 
 
+def _operand_arrays(
+    instruction: Instruction, shapes: dict[str, str], index: int = 0
+) -> list[tuple[str, list[int]]]:
+    """The (dtype, dims) arrays of the instruction's ``index``-th operand ([] if unknown)."""
+    if index >= len(instruction.operands):
+        return []
+    return arrays(shapes.get(instruction.operands[index], ""))
+
+
 def _conv_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
     """2 x |forward output| x |kernel| / output features, for any of cuDNN's three convs."""
     target = instruction.attribute(CUSTOM_TARGET) or ""
     labels = DIM_LABELS.search(instruction.line)
     result = arrays(instruction.shape)[0][1]
-    operands = [arrays(shapes.get(o, ""))[0][1] if arrays(shapes.get(o, "")) else [] for o in
-                instruction.operands]  # fmt: skip
-    if not labels or len(operands) < 2:
+    operands = [(_operand_arrays(instruction, shapes, i) or [("", [])])[0][1] for i in range(2)]
+    if not labels or len(instruction.operands) < 2:
         return 0.0
     if "BackwardInput" in target:
         output, kernel = operands[0], operands[1]
@@ -140,14 +149,25 @@ def _conv_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
     return 2.0 * math.prod(output) * math.prod(kernel) / out_features if out_features else 0.0
 
 
-def _gemm_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
-    config = instruction.line[instruction.line.find("backend_config=") + len("backend_config=") :]
-    match = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', config)
-    lhs = arrays(shapes.get(instruction.operands[0], "")) if instruction.operands else []
-    if not match or not lhs:
+def _matmul_flops(
+    instruction: Instruction, shapes: dict[str, str], contracting: str | None
+) -> float:
+    """2 x |output| x the product of the left operand's ``contracting`` dims ("1,2", quoted
+    or not: a dot's attribute or cuBLAS's backend config)."""
+    lhs = _operand_arrays(instruction, shapes)
+    if contracting is None or not lhs:
         return 0.0
-    contracted = math.prod(lhs[0][1][int(d.strip('"'))] for d in match.group(1).split(",") if d)
+    dims = [int(d.strip('" ')) for d in contracting.split(",") if d.strip('" ')]
+    contracted = math.prod(lhs[0][1][d] for d in dims)
     return 2.0 * math.prod(arrays(instruction.shape)[0][1]) * contracted
+
+
+def _gemm_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
+    return _matmul_flops(instruction, shapes, instruction.attribute(GEMM_CONTRACTING))
+
+
+def _dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
+    return _matmul_flops(instruction, shapes, instruction.attribute(CONTRACTING))
 
 
 def _attention_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
@@ -155,7 +175,7 @@ def _attention_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
     similarities recomputed, then the gradients of the probabilities, values, queries, keys)."""
     target = instruction.attribute(CUSTOM_TARGET) or ""
     match = INTERMEDIATE_DIMS.search(instruction.line)
-    query = arrays(shapes.get(instruction.operands[0], "")) if instruction.operands else []
+    query = _operand_arrays(instruction, shapes)
     if not match or not query:
         return 0.0
     similarities = math.prod(int(d.strip(' "')) for d in match.group(1).split(","))
@@ -163,17 +183,8 @@ def _attention_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
     return 2.0 * matmuls * similarities * query[0][1][-1]
 
 
-def _dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
-    contracting = instruction.attribute(CONTRACTING)
-    lhs = arrays(shapes.get(instruction.operands[0], "")) if instruction.operands else []
-    if contracting is None or not lhs:
-        return 0.0
-    contracted = math.prod(lhs[0][1][int(d)] for d in contracting.split(",") if d)
-    return 2.0 * math.prod(arrays(instruction.shape)[0][1]) * contracted
-
-
 def _input_dtype(instruction: Instruction, shapes: dict[str, str]) -> str:
-    first = arrays(shapes.get(instruction.operands[0], "")) if instruction.operands else []
+    first = _operand_arrays(instruction, shapes)
     dtype = first[0][0] if first else "f32"
     if dtype == "f32" and "HIGHEST" not in instruction.line:
         return "tf32"
@@ -202,7 +213,6 @@ def _fusion_traffic(
     """(bytes, flops, precision) of a fusion: operands it only slices count at the slices' size;
     a root that updates a parameter in place counts at the update's size."""
     fused = computations.get(instruction.attribute(CALLS) or "", [])
-    local = {i.name: i.shape for i in fused}
     parameters = {}
     users: dict[str, list[Instruction]] = collections.defaultdict(list)
     for inner in fused:
@@ -215,7 +225,7 @@ def _fusion_traffic(
     root = next((i for i in fused if i.line.lstrip().startswith("ROOT")), None)
     if root is not None and root.opcode == "dynamic-update-slice" and root.operands:
         in_place = root.operands[0]
-        written = num_bytes(local.get(root.operands[1], ""))
+        written = num_bytes(shapes.get(root.operands[1], ""))
     read = 0.0
     for number, operand in enumerate(instruction.operands):
         parameter = parameters.get(number)
@@ -231,8 +241,8 @@ def _fusion_traffic(
     flops, precision = 0.0, "bf16"
     for inner in fused:
         if inner.opcode == "dot":
-            flops += _dot_flops(inner, {**shapes, **local})
-            precision = _input_dtype(inner, {**shapes, **local})
+            flops += _dot_flops(inner, shapes)
+            precision = _input_dtype(inner, shapes)
     return read + written, flops, precision
 
 

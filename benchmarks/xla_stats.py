@@ -22,11 +22,11 @@ Other device kinds (H100 PCIe/NVL, H200 NVL, CPUs, ...) have no entry: MFU is 'n
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
+from unittest import mock
 
 TERA = 1e12
 
@@ -92,20 +92,10 @@ MODEL_FORMULATION = {
 }
 
 
-@contextlib.contextmanager
-def model_formulation() -> Iterator[None]:
+def model_formulation() -> AbstractContextManager:
     """Within: models traced as :data:`MODEL_FORMULATION` says. MFU counts the model's FLOPs,
     not those of the faster paths a device takes, which differ by padding and recomputation."""
-    saved = {name: os.environ.get(name) for name in MODEL_FORMULATION}
-    os.environ.update(MODEL_FORMULATION)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return mock.patch.dict(os.environ, MODEL_FORMULATION)
 
 
 def model_flops(fn: Any, *args: Any) -> float:

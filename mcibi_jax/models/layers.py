@@ -25,12 +25,16 @@ def accumulation_dtype(dtype: Dtype) -> Dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def is_narrow(dtype: Dtype) -> bool:
+    """bfloat16 or float16: values whose own rounding dwarfs float32's."""
+    return jnp.finfo(dtype).bits < 32
+
+
 def product_precision(*operands: Array) -> jax.lax.Precision | None:
     """``Precision.HIGHEST`` for matrix products of float32 (or wider) operands: true float32
     products on accelerators, as the reference's. None for bfloat16 ones, where it would ask
     for nothing more and XLA:TPU's kernels reject it."""
-    dtype = jnp.result_type(*operands)
-    return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else None
+    return None if is_narrow(jnp.result_type(*operands)) else jax.lax.Precision.HIGHEST
 
 
 def softmax(logits: Array) -> Array:
@@ -102,13 +106,8 @@ def batch_normalize(
     return _batch_normalize_forward(x, scale, bias, epsilon, dtype)[0]
 
 
-def _is_narrow(dtype: Dtype) -> bool:
-    """bfloat16 or float16: inputs whose own rounding dwarfs float32's."""
-    return jnp.finfo(dtype).bits < 32
-
-
 def _batch_normalize_forward(x, scale, bias, epsilon, dtype):
-    if _is_narrow(x.dtype):
+    if is_narrow(x.dtype):
         return _narrow_batch_normalize_forward(x, scale, bias, epsilon, dtype)
     axes = tuple(range(x.ndim - 1))
     wide = x.astype(accumulation_dtype(x.dtype))
@@ -139,8 +138,7 @@ def _narrow_batch_normalize_forward(x, scale, bias, epsilon, dtype):
     mean = shift + offset
     var = jnp.maximum(jnp.mean(jnp.square(shifted), axes) - jnp.square(offset), 0.0)
     inv_std = jax.lax.rsqrt(var + epsilon)
-    centred = _centre(wide, mean, jnp.zeros_like(mean))
-    y = (centred * (scale * inv_std) + bias).astype(dtype)
+    y = ((wide - mean) * (scale * inv_std) + bias).astype(dtype)
     return (y, mean, var), (x, mean, jnp.zeros_like(mean), inv_std, scale)
 
 
@@ -165,7 +163,7 @@ def _batch_normalize_backward(epsilon, dtype, residuals, cotangents):
     # in float32 a residue remains, which the gradient of a layer before the BatchNorm multiplies
     # by its (possibly large, nearly constant) input. Centring once more removes it (not worth a
     # pass over the activations when dx is rounded to bfloat16, which leaves a far larger one).
-    if not _is_narrow(x.dtype):
+    if not is_narrow(x.dtype):
         direction = direction - jnp.mean(direction, axes)
     dx = (scale * inv_std) * direction
     # The statistics are outputs too (the running averages read them); their cotangents are usually zero.
