@@ -17,6 +17,11 @@ DEFAULT_CONFIGS = [
 DEFAULT_DTYPES = ",".join(COMPUTE_DTYPES)
 
 
+def remat_overrides(remat: bool) -> list[str]:
+    """Config overrides for activation rematerialisation: the backbone's blocks and the head."""
+    return [f"model.backbone.remat={remat}", f"model.head.remat={remat}"]
+
+
 def parse_dtypes(text: str) -> list[str]:
     """``"float32,bfloat16"`` -> ``["float32", "bfloat16"]`` (argparse type; duplicates dropped)."""
     try:

@@ -1,4 +1,5 @@
-"""XLA's memory plan of a train step with and without ``model.backbone.remat``, at the recipe's
+"""XLA's memory plan of a train step with and without rematerialisation (``model.backbone.remat``
+and ``model.head.remat``), at the recipe's
 per-device batch and at a multiple of it, compiled for the local device without running it.
 
     python benchmarks/remat_memory.py                                   # ViT-L (ADE20k), HRNet-W48 (Cityscapes)
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmark_args import add_common_arguments  # noqa: E402
+from benchmark_args import add_common_arguments, remat_overrides  # noqa: E402
 
 DEFAULT_CONFIGS = "configs/ade20k.py:vitl,configs/cityscapes.py:hrnet48"
 KEEP_REMAT_ON_CPU = "--xla_disable_hlo_passes=cse_barrier_expander"
@@ -79,7 +80,7 @@ def measure(
         size,
         dtype_name,
         steps_per_epoch=10_000,
-        overrides=[f"model.backbone.remat={remat}"],
+        overrides=remat_overrides(remat),
     )
     started = time.perf_counter()
     traced = case.step.trace(*case.abstract_inputs())

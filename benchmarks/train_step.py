@@ -153,7 +153,7 @@ def train_case(
     mesh: Mesh | None = None,
 ) -> TrainCase:
     """The jitted train step of the recipe ``spec`` (plus ``overrides``, e.g.
-    ``model.backbone.remat=True``) over all devices (or ``mesh``'s), in ``dtype_name``.
+    ``model.backbone.remat=True``, ``model.head.remat=True``) over all devices (or ``mesh``'s), in ``dtype_name``.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
     None: the recipe's training crop. Nothing is allocated or compiled yet.
@@ -175,9 +175,12 @@ def train_case(
     def make_step(remat: bool = True) -> Callable:
         """A new jitted step; ``remat=False``: of the same model without rematerialisation."""
         step_model, model_config = model, config.model
-        if not remat and config.model.backbone.get("remat", False):
+        if not remat and (
+            config.model.backbone.get("remat", False) or config.model.head.get("remat", False)
+        ):
             model_config = ml_collections.ConfigDict(config.model.to_dict())
             model_config.backbone.remat = False
+            model_config.head.remat = False
             step_model = build_model(model_config, dtype=model_dtype(dtype_name))
         return make_train_step(
             step_model,

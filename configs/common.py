@@ -156,6 +156,8 @@ def head(
             "base_lr": memory_base_lr,
             "adjust_by_learning_rate": True,
         },
+        # ours: recompute the head's activations in the backward pass from its convs' outputs
+        "remat": False,
     }
 
 

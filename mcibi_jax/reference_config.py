@@ -113,6 +113,7 @@ def model_config_from_reference(ref: Mapping[str, Any]) -> ml_collections.Config
                     "base_lr": momentum["base_lr"],
                     "adjust_by_learning_rate": momentum["adjust_by_learning_rate"],
                 },
+                "remat": False,  # ours, as backbone.remat
             },
             "auxiliary": auxiliary,
             "loss_weights": {

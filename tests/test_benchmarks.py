@@ -190,7 +190,12 @@ def test_model_flops_count_the_model_not_the_faster_paths(tiny_config, monkeypat
     assert os.environ["MCIBI_ATTENTION_CHUNK_ELEMENTS"] == "16"
     # nor what rematerialisation recomputes
     remat = train_step.train_case(
-        tiny_config, 1, (64, 64), "float32", 10, overrides=["model.backbone.remat=True"]
+        tiny_config,
+        1,
+        (64, 64),
+        "float32",
+        10,
+        overrides=["model.backbone.remat=True", "model.head.remat=True"],
     )
     assert traced_flops(remat) > traced_flops(faster)
     assert remat.model_flops() == plain_flops

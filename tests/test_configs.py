@@ -1,6 +1,7 @@
 """configs/ as data: the configs the package builds are exactly the ones frozen in
 tests/released_configs.json (written before the configs moved from mcibi_jax/recipes.py into
-configs/; ``model.head.update`` has since been renamed ``memory_update``)."""
+configs/; ``model.head.update`` has since been renamed ``memory_update``, and
+``model.head.remat``, off, was added)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def frozen(name: str) -> dict:
     config = json.loads(json.dumps(FROZEN[name]))
     head = config["model"]["head"]
     head["memory_update"] = head.pop("update")
+    head["remat"] = False
     return config
 
 

@@ -1,5 +1,6 @@
-"""model.backbone.remat (activation rematerialisation) changes no number: outputs, gradients and
-BatchNorm statistics of every backbone are those without it."""
+"""model.backbone.remat and model.head.remat (activation rematerialisation) change no number:
+outputs, gradients and BatchNorm statistics of every backbone, and of the head, are those without
+them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import pytest
 
 from mcibi_jax.config import load_config
 from mcibi_jax.models.backbones import build_backbone, hrnet, resnest, resnet
+from mcibi_jax.models.segmentor import build_model
+from mcibi_jax.models.settings import head_of
 from mcibi_jax.recipes import BACKBONES
+from tests.helpers import load_script
+
+xla_stats = load_script("benchmarks", "xla_stats")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,3 +126,66 @@ def test_remat_override_reaches_the_backbone(backbone):
 def test_demo_config_accepts_remat():
     config = load_config(REPO / "configs/demo.py", ["model.backbone.remat=True"])
     assert build_backbone(config.model.backbone).use_checkpoint is True
+
+
+def _head_outputs_and_grads(head_remat: bool, chunk_elements: int, monkeypatch):
+    monkeypatch.setenv("MCIBI_ATTENTION_CHUNK_ELEMENTS", str(chunk_elements))
+    config = load_config(REPO / "configs/demo.py", [f"model.head.remat={head_remat}"])
+    model = build_model(config.model)
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, config.model.num_classes)
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), images, train=False)
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params):
+        outputs, updates = model.apply(
+            {"params": params, **rest},
+            images,
+            train=True,
+            labels=labels,
+            memory_momentum=0.9,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(3)},
+        )
+        logits = (outputs["stage1"], outputs["stage2"], *outputs["aux"])
+        value = sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in logits)
+        return value, (outputs, updates)
+
+    step = jax.value_and_grad(loss, has_aux=True)
+    flops = xla_stats.jaxpr_flops(jax.make_jaxpr(step)(params))
+    return flops, jax.jit(step)(params)
+
+
+def test_head_remat_changes_no_number_and_runs_no_conv_twice(monkeypatch):
+    # chunked attention (16 similarities per chunk), as at the recipes' crops
+    flops, plain = _head_outputs_and_grads(False, 16, monkeypatch)
+    remat_flops, remat = _head_outputs_and_grads(True, 16, monkeypatch)
+    plain_leaves, remat_leaves = jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)
+    assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(remat)
+    for x, y in zip(plain_leaves, remat_leaves):  # logits, memories, statistics, gradients
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # only the memory read (pixels x classes x channels) is recomputed among the products
+    assert flops <= remat_flops < flops * 1.001
+    # unchunked attention keeps its probabilities only without remat: its similarities are
+    # recomputed (a small attention, by the chunk limit)
+    unchunked_flops, _ = _head_outputs_and_grads(False, 0, monkeypatch)
+    unchunked_remat_flops, _ = _head_outputs_and_grads(True, 0, monkeypatch)
+    assert unchunked_flops < unchunked_remat_flops < unchunked_flops * 1.01
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_head_remat_override_reaches_the_model(backbone):
+    dataset = "ade20k" if backbone == "vitl" else "cityscapes"
+    assert (
+        build_model(load_config(REPO / f"configs/{dataset}.py:{backbone}").model).head.remat
+        is False
+    )
+    config = load_config(REPO / f"configs/{dataset}.py:{backbone}", ["model.head.remat=True"])
+    assert build_model(config.model).head.remat is True
+
+
+def test_configs_saved_before_head_remat_still_load():
+    config = load_config(REPO / "configs/demo.py")
+    head = config.model.head.to_dict()
+    del head["remat"]
+    assert head_of(head).remat is False

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mcibi_jax.models.layers import ConvBNReLU, hold_on_cpu, product_precision, softmax
 
@@ -31,6 +32,9 @@ ATTENTION_CHUNK_ENV = "MCIBI_ATTENTION_CHUNK_ELEMENTS"
 # "cudnn": on GPUs, bfloat16/float16 attention as cuDNN's fused (flash) attention, which never
 # writes the similarities to memory; anything else (or another backend or dtype): ours below.
 ATTENTION_ENV = "MCIBI_ATTENTION"
+# The attention blocks' results carry this name: a rematerialised head keeps them (recomputing
+# one would run the whole attention again).
+ATTENTION_OUTPUT = "attention_output"
 
 
 def fused_attention_wanted(dtype: Any, backend: str | None = None) -> bool:
@@ -164,9 +168,8 @@ class SelfAttentionBlock(nn.Module):
         key = key.reshape(n, -1, key.shape[-1])
         value = value.reshape(n, -1, value.shape[-1])
         limit = training_chunk_limit() if train else MAX_EVAL_ATTENTION_CHUNK_ELEMENTS
-        context = dot_product_attention(
-            query, key, value, self.transform_channels**-0.5, limit
-        ).reshape(n, h, w, -1)
+        context = dot_product_attention(query, key, value, self.transform_channels**-0.5, limit)
+        context = checkpoint_name(context, ATTENTION_OUTPUT).reshape(n, h, w, -1)
         return ConvBNReLU(self.out_channels, 1, **kwargs, name="out_project")(context, train)
 
 

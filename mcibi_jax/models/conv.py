@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
 
 from mcibi_jax.models import winograd
 
@@ -72,6 +73,8 @@ MIN_WINOGRAD_GRAD_CHANNELS = 32
 # (HRNet's 3x3 720->720 stride 2 on 1x128x128: 315 -> 176 ms); XLA's conv is as fast or faster
 # on the narrower ones (HRNet's exchange units, ResNet's stage-2 entry).
 MIN_STRIDED_TAP_FORWARD_CHANNELS = 256
+# Every conv's output carries this name, for remat policies that keep conv outputs only.
+CONV_OUTPUT = "conv_output"
 
 
 class Tap(NamedTuple):
@@ -680,4 +683,4 @@ class Conv(nn.Module):
         )
         if bias is not None:
             y = y + bias.reshape(1, 1, 1, -1)
-        return y
+        return checkpoint_name(y, CONV_OUTPUT)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mcibi_jax.models.attention import SelfAttentionBlock
 from mcibi_jax.models.layers import ConvBNReLU, accumulation_dtype, softmax
@@ -25,6 +26,9 @@ Array = jax.Array
 STRATEGIES = ("cosine_similarity", "mean")
 _COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+# The updated memories carry this name: a rematerialised head keeps them (the backward pass reads
+# them, and recomputing them would redo the update at label resolution).
+MEMORY_UPDATE = "memory_update"
 
 
 class MemoryModule(nn.Module):
@@ -84,6 +88,7 @@ class MemoryModule(nn.Module):
                 ignore_label=self.ignore_label,
                 align_corners=self.align_corners,
             )
+            replica_memories = checkpoint_name(replica_memories, MEMORY_UPDATE)
         weights = softmax(class_logits)
         if self.use_hard_aggregate:
             weights = jax.nn.one_hot(

@@ -11,13 +11,23 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from mcibi_jax.models.aspp import ASPP
+from mcibi_jax.models.attention import ATTENTION_OUTPUT
 from mcibi_jax.models.backbones import build_backbone
+from mcibi_jax.models.conv import CONV_OUTPUT
 from mcibi_jax.models.decoders import AuxiliaryDecoder, ClassifierDecoder
 from mcibi_jax.models.layers import ConvBNReLU
-from mcibi_jax.models.memory import MemoryModule
+from mcibi_jax.models.memory import MEMORY_UPDATE, MemoryModule
 from mcibi_jax.models.settings import Auxiliary, Head, auxiliaries_of, head_of
 
 Array = jax.Array
+
+# What a rematerialised head keeps for the backward pass: its convs' outputs (which BatchNorm's
+# backward pass reads anyway), the attention results and the updated memories. Everything else
+# (normalised and activated maps, concatenations, dropout, the attention's inputs) is recomputed
+# from them: elementwise work, no conv or attention runs twice.
+HEAD_REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(
+    CONV_OUTPUT, ATTENTION_OUTPUT, MEMORY_UPDATE
+)
 
 
 class LevelNorms(nn.Module):
@@ -162,6 +172,21 @@ class MCIBI(nn.Module):
         num_replicas: int = 1,
     ) -> dict[str, Any]:
         levels = self.backbone_levels(images, train)
+        head = MCIBI.head_outputs
+        if self.head.remat and train:
+            # train and num_replicas are Python values; counted with the module as argument 0.
+            head = nn.remat(head, policy=HEAD_REMAT_POLICY, static_argnums=(2, 5))
+        return head(self, levels, train, labels, memory_momentum, num_replicas)
+
+    def head_outputs(
+        self,
+        levels: list[Array],
+        train: bool,
+        labels: Array | None,
+        memory_momentum: Array | float | None,
+        num_replicas: int,
+    ) -> dict[str, Any]:
+        """Everything after the backbone: see the class docstring."""
         top = levels[-1]
         context = (
             self.context_within_image_module(top, train) if self.head.context_dilations else None

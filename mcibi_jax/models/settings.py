@@ -48,6 +48,8 @@ class Head:
     use_memory_loss: bool
     memory_loss_weight: float
     memory_update: MemoryUpdate
+    # ours: rematerialise the head in the backward pass from its convs' outputs (same numbers)
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +70,11 @@ def typed(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where} must be a mapping, got {values!r}")
     values = dict(values.items())
     hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
-    names = [field.name for field in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [field.name for field in fields]
     unknown = sorted(set(values) - set(names))
-    missing = [name for name in names if name not in values]
+    optional = {field.name for field in fields if field.default is not dataclasses.MISSING}
+    missing = [name for name in names if name not in values and name not in optional]
     if unknown or missing:
         parts = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + (
             [f"missing key(s) {', '.join(missing)}"] if missing else []
@@ -78,6 +82,8 @@ def typed(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {'; '.join(parts)} (expected exactly: {', '.join(names)})")
     kwargs = {}
     for name in names:
+        if name not in values:
+            continue
         value, hint = values[name], hints[name]
         if dataclasses.is_dataclass(hint):
             value = typed(hint, value, f"{where}.{name}")
