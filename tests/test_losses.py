@@ -74,6 +74,8 @@ def test_loss_in_bands_of_rows_equals_the_whole_map(band_elements, align_corners
 
 def test_loss_band_limit_from_the_environment(monkeypatch):
     monkeypatch.delenv(losses.LOSS_BAND_ENV, raising=False)
+    assert losses.loss_band_limit() > 10**15  # on CPUs
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert losses.loss_band_limit() == losses.MAX_LOSS_BAND_ELEMENTS
     monkeypatch.setenv(losses.LOSS_BAND_ENV, "0")
     assert losses.loss_band_limit() > 10**15
