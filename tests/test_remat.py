@@ -64,9 +64,10 @@ FEWER_BLOCKS = {
 }
 
 
-def _loss_grads_stats(options: dict, remat: bool, images: jax.Array, variables: dict):
-    model = build_backbone({**options, "remat": remat})
-    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+def _train_value_and_grad(model, variables: dict, images: jax.Array, outputs_to_sum, **kwargs):
+    """jax.value_and_grad (not yet jitted) of the sum of sin of ``outputs_to_sum(outputs)``
+    over the parameters, in training mode; its aux: the outputs and the new statistics."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
 
     def loss(params):
         outputs, updates = model.apply(
@@ -75,13 +76,19 @@ def _loss_grads_stats(options: dict, remat: bool, images: jax.Array, variables: 
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": jax.random.key(1)},
+            **kwargs,
         )
-        value = sum(
-            jnp.sum(jnp.sin(o.astype(jnp.float32))) for o in jax.tree_util.tree_leaves(outputs)
-        )
+        leaves = jax.tree_util.tree_leaves(outputs_to_sum(outputs))
+        value = sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in leaves)
         return value, (outputs, updates)
 
-    (value, (outputs, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+def _loss_grads_stats(options: dict, remat: bool, images: jax.Array, variables: dict):
+    model = build_backbone({**options, "remat": remat})
+    step = _train_value_and_grad(model, variables, images, lambda outputs: outputs)
+    (value, (outputs, updates)), grads = jax.jit(step)(variables["params"])
     return model, value, outputs, updates, grads
 
 
@@ -135,25 +142,16 @@ def _head_outputs_and_grads(head_remat: bool, chunk_elements: int, monkeypatch):
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, config.model.num_classes)
     variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), images, train=False)
-    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-    def loss(params):
-        outputs, updates = model.apply(
-            {"params": params, **rest},
-            images,
-            train=True,
-            labels=labels,
-            memory_momentum=0.9,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.key(3)},
-        )
-        logits = (outputs["stage1"], outputs["stage2"], *outputs["aux"])
-        value = sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in logits)
-        return value, (outputs, updates)
-
-    step = jax.value_and_grad(loss, has_aux=True)
-    flops = xla_stats.jaxpr_flops(jax.make_jaxpr(step)(params))
-    return flops, jax.jit(step)(params)
+    step = _train_value_and_grad(
+        model,
+        variables,
+        images,
+        lambda outputs: (outputs["stage1"], outputs["stage2"], outputs["aux"]),
+        labels=labels,
+        memory_momentum=0.9,
+    )
+    flops = xla_stats.jaxpr_flops(jax.make_jaxpr(step)(variables["params"]))
+    return flops, jax.jit(step)(variables["params"])
 
 
 def test_head_remat_changes_no_number_and_runs_no_conv_twice(monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -12,7 +11,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mcibi_jax.models.layers import ConvBNReLU, hold_on_cpu, product_precision, softmax
+from mcibi_jax.models.layers import (
+    ConvBNReLU,
+    hold_on_cpu,
+    product_precision,
+    size_limit,
+    softmax,
+)
 
 Array = jax.Array
 
@@ -79,16 +84,7 @@ def fused_attention(query: Array, key: Array, value: Array, scale: float) -> Arr
 
 def training_chunk_limit() -> int:
     """:data:`MAX_ATTENTION_CHUNK_ELEMENTS`, or ``MCIBI_ATTENTION_CHUNK_ELEMENTS`` when set."""
-    value = os.environ.get(ATTENTION_CHUNK_ENV, "").strip()
-    if not value:
-        return MAX_ATTENTION_CHUNK_ELEMENTS
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(
-            f"{ATTENTION_CHUNK_ENV}={value!r}: expected a number of similarities (0: no chunks)"
-        ) from None
-    return limit if limit > 0 else sys.maxsize
+    return size_limit(ATTENTION_CHUNK_ENV, MAX_ATTENTION_CHUNK_ELEMENTS, "similarities")
 
 
 def dot_product_attention(

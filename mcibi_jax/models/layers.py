@@ -8,6 +8,8 @@ leaves: see ``mcibi_jax.porting.mapping``.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +20,19 @@ from mcibi_jax.models.conv import Conv
 
 Array = jax.Array
 Dtype = Any
+
+
+def size_limit(env: str, default: int, unit: str) -> int:
+    """A size limit from the environment variable ``env`` (a count of ``unit``; 0: no limit,
+    i.e. ``sys.maxsize``), else ``default``; ValueError naming the variable if it is no number."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return default
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{env}={value!r}: expected a number of {unit} (0: no limit)") from None
+    return limit if limit > 0 else sys.maxsize
 
 
 def accumulation_dtype(dtype: Dtype) -> Dtype:

@@ -1,7 +1,8 @@
 """Typed views of ``config.model``'s head and auxiliary heads, built once by ``build_model``.
 
-The fields have no defaults here: every value comes from the config (``configs/common.py``
-holds the defaults), and a missing or unknown key is a one-line ConfigError.
+Every value comes from the config (``configs/common.py`` holds the defaults), and a missing or
+unknown key is a one-line ConfigError; only options added after configs were first saved (e.g.
+in WORKDIR/config.json) have a default here: what those older configs meant.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.layers import accumulation_dtype, hold_on_cpu
+from mcibi_jax.models.layers import accumulation_dtype, hold_on_cpu, size_limit
 from mcibi_jax.models.resize import interpolation_matrix, resample, resize
 
 Array = jax.Array
@@ -68,16 +67,8 @@ def loss_band_limit() -> int:
     """``MCIBI_LOSS_BAND_ELEMENTS`` when set, else :data:`MAX_LOSS_BAND_ELEMENTS` on accelerators
     and no bands on CPUs (whose memory is rarely the limit: ViT-L's CPU train step ran 5 % slower
     in bands)."""
-    value = os.environ.get(LOSS_BAND_ENV, "").strip()
-    if not value:
-        return sys.maxsize if jax.default_backend() == "cpu" else MAX_LOSS_BAND_ELEMENTS
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(
-            f"{LOSS_BAND_ENV}={value!r}: expected a number of logits per image (0: no bands)"
-        ) from None
-    return limit if limit > 0 else sys.maxsize
+    default = sys.maxsize if jax.default_backend() == "cpu" else MAX_LOSS_BAND_ELEMENTS
+    return size_limit(LOSS_BAND_ENV, default, "logits per image")
 
 
 def upsampled_cross_entropy(
