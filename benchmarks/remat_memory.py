@@ -1,6 +1,6 @@
 """XLA's memory plan of a train step with and without rematerialisation (``model.backbone.remat``
-and ``model.head.remat``), at the recipe's
-per-device batch and at a multiple of it, compiled for the local device without running it.
+and ``model.head.remat``), at the recipe's per-device batch and at a multiple of it, compiled
+for the local device without running it.
 
     python benchmarks/remat_memory.py                                   # ViT-L (ADE20k), HRNet-W48 (Cityscapes)
     python benchmarks/remat_memory.py --configs=configs/cityscapes.py:r50 --factors=1 --dtypes=bfloat16

@@ -153,7 +153,8 @@ def train_case(
     mesh: Mesh | None = None,
 ) -> TrainCase:
     """The jitted train step of the recipe ``spec`` (plus ``overrides``, e.g.
-    ``model.backbone.remat=True``, ``model.head.remat=True``) over all devices (or ``mesh``'s), in ``dtype_name``.
+    ``model.backbone.remat=True``, ``model.head.remat=True``) over all devices (or ``mesh``'s),
+    in ``dtype_name``.
 
     ``per_device_batch`` None: the recipe's (:func:`recipe_per_device_batch`). ``size`` (H, W)
     None: the recipe's training crop. Nothing is allocated or compiled yet.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -13,6 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mcibi_jax.models.layers import (
     ConvBNReLU,
+    balanced_parts,
     hold_on_cpu,
     product_precision,
     size_limit,
@@ -113,8 +113,7 @@ def dot_product_attention(
     rows = max(1, max_chunk_elements // max(num_keys, 1))
     if num_queries <= rows:
         return _attend(query, key, value, scale)
-    num_chunks = math.ceil(num_queries / rows)
-    rows = math.ceil(num_queries / num_chunks)  # balanced chunks, the least padding
+    num_chunks, rows = balanced_parts(num_queries, rows)
     padded = jnp.pad(query, ((0, 0), (0, num_chunks * rows - num_queries), (0, 0)))
     chunks = padded.reshape(n, num_chunks, rows, channels).swapaxes(0, 1)
     attend_chunk = jax.checkpoint(lambda q: _attend(q, key, value, scale))

@@ -8,6 +8,7 @@ leaves: see ``mcibi_jax.porting.mapping``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from typing import Any
@@ -33,6 +34,13 @@ def size_limit(env: str, default: int, unit: str) -> int:
     except ValueError:
         raise ValueError(f"{env}={value!r}: expected a number of {unit} (0: no limit)") from None
     return limit if limit > 0 else sys.maxsize
+
+
+def balanced_parts(length: int, max_part: int) -> tuple[int, int]:
+    """``(parts, part)``: the fewest parts of at most ``max_part`` items that cover ``length``,
+    all of one size ``part``, the least padding (``parts * part - length``)."""
+    parts = math.ceil(length / max_part)
+    return parts, math.ceil(length / parts)
 
 
 def accumulation_dtype(dtype: Dtype) -> Dtype:

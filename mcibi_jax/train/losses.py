@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.layers import accumulation_dtype, hold_on_cpu, size_limit
+from mcibi_jax.models.layers import accumulation_dtype, balanced_parts, hold_on_cpu, size_limit
 from mcibi_jax.models.resize import interpolation_matrix, resample, resize
 
 Array = jax.Array
@@ -103,8 +102,7 @@ def upsampled_cross_entropy(
         # the logits either (the loss itself is a reduction).
         loss = jax.checkpoint(cross_entropy, static_argnums=(2, 3))
         return loss(hold_on_cpu(wide), labels, ignore_label, num_replicas)
-    num_bands = math.ceil(out_h / band_rows)
-    band_rows = math.ceil(out_h / num_bands)
+    num_bands, band_rows = balanced_parts(out_h, band_rows)
     padding = num_bands * band_rows - out_h
     rows = np.pad(interpolation_matrix(h, out_h, "bilinear", align_corners), ((0, padding), (0, 0)))
     columns = jnp.asarray(interpolation_matrix(w, out_w, "bilinear", align_corners), wide.dtype)
