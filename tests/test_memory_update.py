@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
+from mcibi_jax.models import memory
 from mcibi_jax.models.memory import memory_momentum, update_memory
 from mcibi_jax.models.resize import resize
 from tests.reference_data import FIXTURES, nhwc, relative_error
@@ -16,14 +18,22 @@ SETTINGS = json.loads((FIXTURES / "memory_update.json").read_text())
 ARRAYS = dict(np.load(FIXTURES / "memory_update.npz"))
 
 
+@pytest.fixture(params=["scatter", "matmul"])
+def sums_method(request, monkeypatch):
+    """Both ways of summing over label pixels (the default on TPUs is ``matmul``)."""
+    monkeypatch.setenv(memory.SUMS_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "setting", SETTINGS, ids=lambda s: f"{s['index']}-{s['strategy']}-F{s['num_feats_per_cls']}"
 )
-def test_memory_update_matches_reference(setting):
+def test_memory_update_matches_reference(setting, sums_method):
     i = setting["index"]
     before = ARRAYS[f"{i}/memory_before"]
     momentum = memory_momentum(setting["learning_rate"], **setting["momentum_cfg"])
-    update = jax.jit(update_memory, static_argnames=("strategy", "ignore_label"))
+    # a new function for each method: jit reuses a function's trace, whatever the environment
+    update = jax.jit(functools.partial(update_memory), static_argnames=("strategy", "ignore_label"))
     after = update(
         before,
         nhwc(ARRAYS[f"{i}/features_nchw"]),
@@ -109,7 +119,7 @@ def _direct_update(memory, features, labels, momentum, strategy, ignore_label):
     ids=["upsample", "upsample8x", "same", "one-row", "downsample"],
 )
 def test_update_from_low_resolution_features_equals_the_direct_update(
-    strategy, num_feats, align_corners, low, high
+    strategy, num_feats, align_corners, low, high, sums_method
 ):
     """The update never forms the label-resolution features; in float64 it equals the update
     spelled out on them (resized first) to 1e-12, and float32 stays within 1e-5 of that."""
@@ -134,3 +144,46 @@ def test_update_from_low_resolution_features_equals_the_direct_update(
         **kwargs,
     )
     assert relative_error(single, truth) < 1e-5
+
+
+def test_sums_method_defaults_to_matmul_on_tpus_only(monkeypatch):
+    monkeypatch.delenv(memory.SUMS_ENV, raising=False)
+    assert memory.memory_sums_method("tpu") == "matmul"
+    assert [memory.memory_sums_method(b) for b in ("cpu", "gpu", "cuda")] == ["scatter"] * 3
+    monkeypatch.setenv(memory.SUMS_ENV, "scatter")
+    assert memory.memory_sums_method("tpu") == "scatter"
+    monkeypatch.setenv(memory.SUMS_ENV, "dense")
+    with pytest.raises(ValueError, match="MCIBI_MEMORY_SUMS='dense': expected one of"):
+        memory.memory_sums_method("cpu")
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for equation in jaxpr.eqns:
+        names.add(equation.primitive.name)
+        for param in equation.params.values():
+            if hasattr(param, "jaxpr"):
+                names |= _primitives(getattr(param.jaxpr, "jaxpr", param.jaxpr))
+    return names
+
+
+@pytest.mark.parametrize("strategy", ["cosine_similarity", "mean"])
+def test_matmul_sums_scatter_nothing(strategy, monkeypatch):
+    """TPUs serialise scatters; the ``matmul`` sums have none, and their only gathers pick each
+    pixel's own class from short per-cell rows (the squared norms' cell lookups are products)."""
+    rng = np.random.default_rng(3)
+    args = (
+        rng.standard_normal((5, 1, 8)).astype(np.float32),
+        rng.standard_normal((2, 8, 16, 8)).astype(np.float32),
+        rng.integers(0, 5, (2, 64, 128)).astype(np.int32),
+    )
+    primitives, results = {}, {}
+    for method in ("scatter", "matmul"):
+        monkeypatch.setenv(memory.SUMS_ENV, method)
+        # a new function each time: JAX reuses a function's trace, whatever the environment
+        update = functools.partial(update_memory, momentum=0.3, strategy=strategy)
+        primitives[method] = _primitives(jax.make_jaxpr(update)(*args).jaxpr)
+        results[method] = np.asarray(update(*args))
+    assert "scatter-add" in primitives["scatter"]
+    assert not {"scatter-add", "scatter"} & primitives["matmul"]
+    np.testing.assert_allclose(results["matmul"], results["scatter"], rtol=2e-6, atol=2e-6)

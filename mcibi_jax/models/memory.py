@@ -9,6 +9,7 @@ features of the batch (:func:`update_memory`), never by gradients.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,8 @@ _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 # The updated memories carry this name: a rematerialised head keeps them (the backward pass reads
 # them, and recomputing them would redo the update at label resolution).
 MEMORY_UPDATE = "memory_update"
+SUMS_ENV = "MCIBI_MEMORY_SUMS"
+SUMS_METHODS = ("auto", "scatter", "matmul")
 
 
 class MemoryModule(nn.Module):
@@ -267,6 +270,20 @@ def update_memory(
     return _moved_memory(memory, stats, momentum, strategy)
 
 
+def memory_sums_method(backend: str | None = None) -> str:
+    """How the update sums over label pixels: ``MCIBI_MEMORY_SUMS`` (environment, read when the
+    update is traced), one of ``auto`` (the default: ``matmul`` on TPUs, ``scatter`` elsewhere),
+    ``scatter`` (per-pixel scatter-adds into bins and gathers from the grid) or ``matmul`` (the
+    same sums as dense products with one-hot and interpolation matrices, which TPUs run on their
+    matrix units instead of serialised scatters). ``backend`` defaults to ``jax.default_backend()``."""
+    method = os.environ.get(SUMS_ENV, "").strip() or "auto"
+    if method not in SUMS_METHODS:
+        raise ValueError(f"{SUMS_ENV}={method!r}: expected one of {', '.join(SUMS_METHODS)}")
+    if method == "auto":
+        return "matmul" if (backend or jax.default_backend()) == "tpu" else "scatter"
+    return method
+
+
 def _two_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear resizing along one axis as two neighbouring taps per output position.
 
@@ -303,15 +320,17 @@ def _class_statistics(
     features, the corners of its cell. Everything the update asks of it follows from
     low-resolution quantities, so the (N, H, W, C) label-resolution map (1 GiB per 512x1024
     crop with 512 channels) never exists: a per-class sum of mixes is the sum of corner
-    features weighted by how much of each class's pixels they feed (a scatter of pixel
-    weights into (corner, class) bins, then one matmul); a pixel's dot with a memory vector
-    mixes the corners' dots; its squared norm is a quadratic form in the corners' Gram matrix.
-    Same sums as mixing first, up to float rounding.
+    features weighted by how much of each class's pixels they feed (pixel weights summed into
+    (corner, class) bins, then one matmul); a pixel's dot with a memory vector mixes the
+    corners' dots; its squared norm is a quadratic form in the corners' Gram matrix. Same sums
+    as mixing first, up to float rounding. :func:`memory_sums_method` picks how the per-pixel
+    sums and lookups run: scatters and gathers, or matmuls.
     """
     num_classes, num_feats, channels = memory.shape
     batch, in_h, in_w, _ = features.shape
     out_h, out_w = labels.shape[1:3]
     dtype = memory.dtype
+    dense = memory_sums_method() == "matmul"
     row_start, row_weights = _two_taps(in_h, out_h, align_corners)
     col_start, col_weights = _two_taps(in_w, out_w, align_corners)
     row_taps, col_taps = row_weights.shape[1], col_weights.shape[1]
@@ -325,27 +344,64 @@ def _class_statistics(
         jnp.asarray(np.outer(row_weights[:, s], col_weights[:, t]).reshape(-1), dtype)
         for s, t in corners
     ]
+    if dense:
+        at_cells = functools.partial(
+            _at_cells_dense,
+            rows=_axis_matrix(row_start, np.ones((out_h, 1)), grid_h, dtype),
+            cols=_axis_matrix(col_start, np.ones((out_w, 1)), grid_w, dtype),
+        )
+    else:
+        at_cells = functools.partial(jnp.take, indices=cell, axis=1)
 
     labels = labels.reshape(batch, -1)
     valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     # Invalid pixels go to an extra segment K that is dropped.
     segment = jnp.where(valid, labels, num_classes)
-    counts = _sums_per_image(valid.astype(jnp.int32), segment, num_classes + 1).sum(axis=0)
-    stats = {"count": counts[:num_classes].astype(dtype)}
+    if strategy == "cosine_similarity":
+        dissimilarity, slot_segment = _dissimilarity(
+            memory, grid, labels, valid, cell, corner_offset, corner_weight, at_cells
+        )
+    if dense:
+        # The bins as a product: (grid rows, label rows) weights . one-hot columns per pixel .
+        # (label columns, grid columns) weights, the columns being classes, then memory slots.
+        one_hot = [(segment, jnp.asarray(1.0, dtype), num_classes)]
+        if strategy == "cosine_similarity":
+            one_hot.append((slot_segment, dissimilarity, num_classes * num_feats))
+        values = jnp.concatenate(
+            [
+                jnp.where(ids[..., None] == jnp.arange(count), value[..., None], 0.0).astype(dtype)
+                if jnp.ndim(value)
+                else (ids[..., None] == jnp.arange(count)).astype(dtype)
+                for ids, value, count in one_hot
+            ],
+            axis=-1,
+        ).reshape(batch, out_h, out_w, -1)
+        cell_sums = jnp.einsum(
+            "ra,nrcj,cb->nabj",
+            _axis_matrix(row_start, row_weights, grid_h, dtype),
+            values,
+            _axis_matrix(col_start, col_weights, grid_w, dtype),
+            precision="highest",
+        )
+        sums = jnp.einsum("nabj,nabc->jc", cell_sums, grid, precision="highest")
+        # Each pixel's bilinear weights sum to 1, so its cells' sums add up to its own value.
+        totals = jnp.sum(cell_sums, axis=(0, 1, 2))
+        stats = {"count": totals[:num_classes], "sum": sums[:num_classes]}
+        if strategy == "cosine_similarity":
+            stats["weight"] = totals[num_classes:]
+            stats["weighted"] = sums[num_classes:]
+        return stats
+    stats = {"count": _segment_totals(valid.astype(jnp.int32), segment, num_classes).astype(dtype)}
+    if strategy == "cosine_similarity":
+        stats["weight"] = _segment_totals(dissimilarity, slot_segment, num_classes * num_feats)
     # Bins of the corner scatter: (image, grid position, column); columns are the classes (sum)
     # and, for cosine_similarity, then the memory slots (weighted sum), each with a dropped one.
     sum_columns = num_classes + 1
     columns = [(segment, jnp.broadcast_to(jnp.asarray(1.0, dtype), segment.shape))]
     num_columns = sum_columns
     if strategy == "cosine_similarity":
-        dissimilarity, slot_segment = _dissimilarity(
-            memory, grid, labels, valid, cell, corner_offset, corner_weight
-        )
-        num_slots = num_classes * num_feats
-        weights = _sums_per_image(dissimilarity, slot_segment, num_slots + 1).sum(axis=0)
-        stats["weight"] = weights[:num_slots]
         columns.append((sum_columns + slot_segment, dissimilarity))
-        num_columns += num_slots + 1
+        num_columns += num_classes * num_feats + 1
     bins, values = [], []
     for offset, weight in zip(corner_offset, corner_weight, strict=True):
         for column, value in columns:
@@ -370,6 +426,29 @@ def _class_statistics(
     return stats
 
 
+def _axis_matrix(start: np.ndarray, weights: np.ndarray, grid_size: int, dtype: Any) -> Array:
+    """(out, grid_size): row i holds ``weights[i, t]`` at column ``start[i] + t``."""
+    matrix = np.zeros((len(start), grid_size))
+    for tap in range(weights.shape[1]):
+        matrix[np.arange(len(start)), start + tap] += weights[:, tap]
+    return jnp.asarray(matrix, dtype)
+
+
+def _at_cells_dense(values: Array, *, rows: Array, cols: Array) -> Array:
+    """values (N, gh * gw, ...) at each label pixel's cell, (N, H * W, ...), as products with
+    the one-hot (H, gh) and (W, gw) matrices ``rows`` and ``cols``: exact copies."""
+    batch, grid_h, grid_w = values.shape[0], rows.shape[1], cols.shape[1]
+    grid = values.reshape(batch, grid_h, grid_w, -1)
+    picked = jnp.einsum("ra,nabu,cb->nrcu", rows, grid, cols, precision="highest")
+    return picked.reshape(batch, rows.shape[0] * cols.shape[0], *values.shape[2:])
+
+
+def _segment_totals(values: Array, segments: Array, num_segments: int) -> Array:
+    """values (N, P) summed per segment id (N, P) over the batch, ids >= ``num_segments``
+    dropped: (num_segments,)."""
+    return _sums_per_image(values, segments, num_segments + 1).sum(axis=0)[:num_segments]
+
+
 def _sums_per_image(values: Array, segments: Array, num_segments: int) -> Array:
     """values (N, P) summed per segment id (N, P), image by image: (N, num_segments). With the
     batch sharded over devices, each device sums its own images; only what the caller reduces
@@ -387,6 +466,7 @@ def _dissimilarity(
     cell: np.ndarray,
     corner_offset: list[int],
     corner_weight: list[Array],
+    at_cells: Any,
 ) -> tuple[Array, Array]:
     """Each label pixel's 1 - cosine to its memory slot (0 where invalid) and that slot's index
     (K * F where invalid), both (N, P); for F > 1 the slot is the class's most similar one.
@@ -408,18 +488,23 @@ def _dissimilarity(
         corner_dots = jnp.take_along_axis(slot_dots, index.reshape(batch, -1), axis=1)
         dots = dots + weight[None, :, None] * corner_dots.reshape(own.shape)
     # Squared norms: the corners' Gram matrix (each pair's dots, on the grid) in the weights.
-    squares = 0.0
+    pairs, factors = [], []
     for u, (offset_u, weight_u) in enumerate(zip(corner_offset, corner_weight, strict=True)):
         for v in range(u, len(corner_offset)):
             offset_v, weight_v = corner_offset[v], corner_weight[v]
-            pair = jnp.einsum(
-                "nqc,nqc->nq",
-                _shifted(flat, offset_u),
-                _shifted(flat, offset_v),
-                precision="highest",
+            pairs.append(
+                jnp.einsum(
+                    "nqc,nqc->nq",
+                    _shifted(flat, offset_u),
+                    _shifted(flat, offset_v),
+                    precision="highest",
+                )
             )
-            factor = (1.0 if u == v else 2.0) * weight_u * weight_v
-            squares = squares + factor[None, :] * jnp.take(pair, cell, axis=1)
+            factors.append((1.0 if u == v else 2.0) * weight_u * weight_v)
+    pair_at_pixels = at_cells(jnp.stack(pairs, axis=-1))  # (N, P, pairs)
+    squares = 0.0
+    for index, factor in enumerate(factors):
+        squares = squares + factor[None, :] * pair_at_pixels[..., index]
     norms = jnp.sqrt(jnp.maximum(squares, 0.0))
     slot_norms = jnp.linalg.norm(slots, axis=-1)[own]  # (N, P, F)
     slot = jnp.zeros(labels.shape, jnp.int32)
