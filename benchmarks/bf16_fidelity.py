@@ -1,7 +1,7 @@
 """How far bfloat16 compute moves a model's outputs and gradients from float32.
 
     python benchmarks/bf16_fidelity.py --config=configs/demo.py --checkpoint=/tmp/mcibi_demo/checkpoints/final
-    python benchmarks/bf16_fidelity.py --config=configs/cityscapes.py:r50 --checkpoint=r50_cityscapes.pth \
+    python benchmarks/bf16_fidelity.py --config=configs/cityscapes.py:r50 --checkpoint=r50_cityscapes.pth \\
         --set=dataset.root=/data/cityscapes --set=train.batch_size=8 --set=train.num_replicas=1
 
 Runs the same float32 variables (an exported checkpoint, a released .pth, or a random

@@ -3,7 +3,7 @@
     python benchmarks/data.py                                    # configs/ade20k.py:r50, synthetic source
     python benchmarks/data.py --config=configs/cityscapes.py:r50 --workers=0,2,4 --threads=0,4
     python benchmarks/data.py --config=configs/ade20k.py:r50 --config.dataset.root=/data/ade20k
-    python benchmarks/data.py --config=configs/cityscapes.py:r50 --decode --step_ms=200 \
+    python benchmarks/data.py --config=configs/cityscapes.py:r50 --decode --step_ms=200 \\
         --config.train.batch_size=2                              # the loop's wait per step
 
 Without ``--config.dataset.root`` pointing at a real dataset, it reads a synthetic source:

@@ -5,7 +5,7 @@
 Same layout as the released recipes (``model``, ``dataset``, ``train``, ``eval``, ``dtype``):
 a ResNet-18-D8 with narrow stages (16-32-64-128 channels), a narrow MCIBI head and 4 classes
 (background + 3 textured shape classes) on 64x64 images, see ``mcibi_jax.data.synthetic``.
-1280 steps of batch 8 from scratch: 5-8 minutes on 2 idle CPU cores, held-out mIoU 79-82 %
+1280 steps of batch 8 from scratch: about 1.5-2 minutes on 2 CPU cores, held-out mIoU 78-83 %
 (predicting background everywhere scores about 17 %; 6 epochs instead of 10 reach only 75 %).
 """
 

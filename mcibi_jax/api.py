@@ -26,7 +26,7 @@ class Segmenter:
     """An MCIBI model with its variables, in inference mode.
 
     >>> config = mcibi_jax.load_config("configs/cityscapes.py:r50")
-    >>> seg = mcibi_jax.Segmenter.from_pth("memorynet_deeplabv3_resnet50os8_cityscapes.pth", config)
+    >>> seg = mcibi_jax.Segmenter.from_pth("deeplabv3_r50_cityscapes.pth", config)
     >>> out = seg.forward(images)  # (N, H, W, 3) float32, normalised
     >>> out["stage2"].shape        # (N, ceil(H / 8), ceil(W / 8), num_classes)
     >>> labels = seg.predict(image)  # uint8 (H, W, 3) RGB -> int32 (H, W) class ids

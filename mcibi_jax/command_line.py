@@ -32,6 +32,13 @@ OVERRIDE_HELP = (
 )
 
 
+# The message of absl's validator for a flag marked required (mark_flag_as_required).
+REQUIRED_MARKER = " must have a value other than None"
+
+# Tuple config fields whose length is free (the other tuples are sizes, pairs, RGB values).
+VARIABLE_LENGTH = frozenset({"flip_label_pairs", "selected_indices", "out_indices"})
+
+
 class UsageError(Exception):
     """A command-line mistake (its message is the one line printed after ``error:``)."""
 
@@ -67,9 +74,9 @@ def flags_error_message(error: Exception, program: str = "") -> str:
     """One line for an absl ``flags.Error`` (a missing required flag, an unknown flag, a bad value)."""
     text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
     see = f"(see {program} --help)" if program else "(see --helpshort)"
-    marker = " must have a value other than None"
-    if marker in text:  # absl's "flag --x=None: Flag --x must have a value other than None."
-        name = text.split(marker)[0].rsplit("Flag ", 1)[-1]
+    # absl's "flag --x=None: Flag --x must have a value other than None."
+    if REQUIRED_MARKER in text:
+        name = text.split(REQUIRED_MARKER)[0].rsplit("Flag ", 1)[-1]
         return f"{name} is required {see}"
     return f"{text} {see}"
 
@@ -113,6 +120,9 @@ class CommandLine:
     ):
         self.program, self.description = program, description.strip()
         self.flags = flags.FlagValues() if flag_values is None else flag_values
+        # Flags already there (absl's logging, debugging and help flags on absl.flags.FLAGS)
+        # are not the program's own: --help leaves them to --helpfull.
+        self._foreign = frozenset(self.flags)
         # The command line config_flags reads the --config.<key> overrides from (set by parse).
         self._config_argv: list[str] = []
         self._config = None
@@ -131,13 +141,37 @@ class CommandLine:
         """The config with its overrides (locked), after :meth:`parse`; None without ``--config``."""
         return None if self._config is None else self._config.value
 
-    def help(self) -> str:
-        """The description, then the flags (without absl's per-module headings)."""
-        listing = self.flags.get_help(include_special_flags=False).splitlines()
-        listing = [line for line in listing if line.startswith(" ")]
+    def help(self, full: bool = False) -> str:
+        """The description, then the program's own flags (``full``: every flag, absl's too),
+        the required ones marked."""
+        listing, names = [], sorted({self.flags[name].name for name in self.flags})
+        foreign = [name for name in names if not self._own(name)]
+        for name in names:
+            if name in foreign and not full:
+                continue
+            flag, single = self.flags[name], flags.FlagValues()
+            single[name] = flag
+            listing += single.get_help(prefix="  ", include_special_flags=False).splitlines()
+            if self._required(flag):
+                listing.append("    (required)")
         extra = "\n\n" + textwrap.fill(OVERRIDE_HELP, 80) if self._config is not None else ""
+        if foreign and not full:
+            extra += "\n\n--helpfull lists absl's flags too (logging, debugging, profiling)"
         listed = "\n\nflags:\n" + "\n".join(listing) if listing else ""
         return f"{self.description}{listed}{extra}"
+
+    def _own(self, name: str) -> bool:
+        """Whether ``name`` is one of the program's flags, not absl's (absl.app defines its help
+        flags when it runs) or another library's."""
+        module = self.flags.find_module_defining_flag(name) or ""
+        return name not in self._foreign and not module.startswith("absl.")
+
+    def _required(self, flag: flags.Flag) -> bool:
+        """Whether ``flag`` must be given: marked required, or ``--config`` where no
+        ``--pretrained`` can stand for it."""
+        if self._config is not None and flag.name == "config":
+            return "pretrained" not in self.flags
+        return any(REQUIRED_MARKER in str(v.message) for v in flag.validators)
 
     def parse(
         self,
@@ -161,7 +195,8 @@ class CommandLine:
         argv = list(sys.argv[1:] if argv is None else argv)
         flag_part = argv[: argv.index("--")] if "--" in argv else argv
         if any(arg in HELP_FLAGS for arg in flag_part):
-            print(self.help(), file=stdout or sys.stdout, flush=True)
+            full = any(arg in ("--helpfull", "-helpfull") for arg in flag_part)
+            print(self.help(full), file=stdout or sys.stdout, flush=True)
             raise SystemExit(0)
         try:
             return self._parse(argv, positional, pretrained_config)
@@ -187,9 +222,28 @@ class CommandLine:
         argv = [self.program, *argv]
         self._config_argv[:] = argv
         rest = self.flags(argv)[1:]
+        if self._config is not None:
+            self._check_tuple_lengths(config, override_keys(argv))
         if rest and not positional:
             raise UsageError(f"unexpected arguments {' '.join(rest)} (see {self.program} --help)")
         return rest
+
+    def _check_tuple_lengths(self, default: ml_collections.ConfigDict, keys: list[str]) -> None:
+        """A UsageError for an override of a fixed-length tuple (a size, a pair, RGB values)
+        with another number of values: config_flags turns ``--config.dataset.image_size=64``
+        into ``(64,)``, which would only fail deep inside the run."""
+        for key in keys:
+            node, leaf = parent_of(default, key)
+            expected = node[leaf]
+            if not isinstance(expected, tuple) or not expected or leaf in VARIABLE_LENGTH:
+                continue
+            given_node, _ = parent_of(self.config, key)
+            given = given_node[leaf]
+            if isinstance(given, tuple) and len(given) != len(expected):
+                raise UsageError(
+                    f"--config.{key.strip()} takes {len(expected)} values, got {len(given)}: "
+                    f'{given}; e.g. --config.{key.strip()}="{expected}"'
+                )
 
     def one_of(self, names: Sequence[str], *, required: bool = True) -> str | None:
         """The one flag of ``names`` that was given (None when none was and not ``required``);

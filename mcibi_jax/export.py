@@ -24,6 +24,7 @@ input and output specs and the settings it was made with. Loading needs only JAX
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -52,6 +53,7 @@ from mcibi_jax.predict import (
     check_config,
     define_weight_flags,
     load_segmenter,
+    warn_without_tta,
 )
 from mcibi_jax.pretrained import PretrainedError
 
@@ -59,6 +61,8 @@ FORMAT = "mcibi_jax.export/1"
 FUNCTION_FILE = "model.jaxexport"
 SPEC_FILE = "model.json"
 INSTALL = 'pip install -e ".[export]"'
+# The platform names jax.export lowers for ("gpu" is an alias it resolves only on this machine).
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def default_size(config: Mapping[str, Any]) -> tuple[int, int]:
@@ -76,6 +80,26 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 512x683; got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def parse_platforms(values: Sequence[str] | None) -> list[str] | None:
+    """``--platforms`` (lower-cased, blanks dropped; None: this machine's backend); ConfigError
+    for a name jax.export does not lower for."""
+    platforms = [p.strip().lower() for p in values or () if p.strip()]
+    for platform in platforms:
+        if platform not in PLATFORMS:
+            hint = " (gpu: cuda for NVIDIA, rocm for AMD)" if platform == "gpu" else ""
+            raise ConfigError(
+                f"--platforms: unknown platform {platform!r}{hint}; choose from {', '.join(PLATFORMS)}"
+            )
+    return platforms or None
+
+
+def check_serializable() -> None:
+    """ConfigError unless ``Exported.serialize`` can run (it needs ``flatbuffers``), checked
+    before the model is loaded and traced."""
+    if importlib.util.find_spec("flatbuffers") is None:
+        raise ConfigError(f"saving an export needs the flatbuffers package: {INSTALL}")
 
 
 def _lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -179,6 +203,7 @@ def export_segmenter(
     platforms: Sequence[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(``jax.export.Exported`` with a symbolic batch, its JSON spec)."""
+    platforms = parse_platforms(platforms)
     fn, settings = serving_function(segmenter, size, use_tta, probabilities)
     (batch,) = export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, int(size[0]), int(size[1]), 3), jnp.uint8)
@@ -299,12 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileExistsError(
                 f"{out.absolute()} exists and is not empty; choose a new output directory"
             )
+        platforms = parse_platforms(fv.platforms)
+        check_serializable()
         config = check_config(command.config)
+        size = parse_size(fv.size) if fv.size else None
+        warn_without_tta(config, fv.tta)
         segmenter = load_segmenter(
             config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
         )
-        size = parse_size(fv.size) if fv.size else default_size(segmenter.config)
-        platforms = [p.strip() for p in fv.platforms or () if p.strip()] or None
+        size = size or default_size(segmenter.config)
         exported, description = export_segmenter(
             segmenter,
             size,

@@ -1,7 +1,7 @@
 """Convert a released MCIBI ``.pth`` checkpoint into an orbax checkpoint.
 
     python -m mcibi_jax.port --config=configs/cityscapes.py:r50 \\
-        --pth=memorynet_deeplabv3_resnet50os8_cityscapes.pth --out=ckpt/r50_cityscapes
+        --pth=deeplabv3_r50_cityscapes.pth --out=ckpt/r50_cityscapes
 
 ``--ema`` ports the ``model_ema`` entry of a checkpoint trained with EMA (``--entry=model_ema``).
 ``--pretrained=ade20k:r50`` instead of ``--pth`` takes a released checkpoint by name (downloaded

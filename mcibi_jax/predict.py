@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -276,19 +277,63 @@ def _prepare(command: CommandLine):
         fv.overlay_background, config.get("dataset"), int(config["model"]["num_classes"])
     )
     settings = evaluation_options(config, True if fv.tta else None)["inference"]  # checked
-    weights = Path(fv.checkpoint or fv.pth or ".")
-    if not fv.pretrained and not weights.exists():
-        raise FileNotFoundError(f"no checkpoint at {weights}")
+    warn_without_tta(config, fv.tta)
+    if not fv.pretrained:
+        check_weights(fv.checkpoint, fv.pth)
     output = Path(fv.output)
     root, images = find_images(Path(fv.input), fv.recursive, exclude=output)
     if not images:
         below = "or below " if fv.recursive else ""
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {below}{fv.input}")
+    check_writable(output)
     segmenter = load_segmenter(
         config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
     )
     output.mkdir(parents=True, exist_ok=True)
     return config, settings, segmenter, root, images, output
+
+
+def check_writable(folder: Path) -> None:
+    """OSError (one line) unless files can be written into ``folder``, or, while it does not
+    exist yet, into the nearest existing folder above it (where it will be created)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--output {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mcibi_write_test_"):
+            pass
+    except OSError as error:
+        raise OSError(
+            f"--output {folder}: cannot write into {existing} ({error.strerror or error}); "
+            "choose another --output"
+        ) from None
+
+
+def warn_without_tta(config: Mapping[str, Any], tta: bool) -> None:
+    """Warns (one line on stderr) that ``--tta`` changes nothing when the config has no
+    ``eval.tta_*`` settings."""
+    if tta and not any(str(key).startswith("tta_") for key in config["eval"]):
+        print(
+            "warning: --tta has no effect: the config has no eval.tta_* settings; "
+            "using model.inference",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def check_weights(checkpoint: str | os.PathLike | None, pth: str | os.PathLike | None) -> None:
+    """FileNotFoundError (one line) where ``pth`` or ``checkpoint`` does not exist, or
+    ``checkpoint`` is a file (it takes a folder)."""
+    weights = Path(pth or checkpoint or "")
+    if not (pth or checkpoint) or not weights.exists():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    if not pth and weights.is_file():
+        raise FileNotFoundError(
+            f"--checkpoint takes a checkpoint folder (orbax), not the file {weights}; "
+            "for a released .pth file use --pth=FILE"
+        )
 
 
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -311,9 +356,8 @@ def load_segmenter(
     """
     if pretrained:
         return Segmenter.from_pretrained(pretrained, config)
+    check_weights(checkpoint, pth)
     weights = Path(pth or checkpoint or "")
-    if not (pth or checkpoint) or not weights.exists():
-        raise FileNotFoundError(f"no checkpoint at {weights}")
     if pth:
         return Segmenter.from_pth(weights, config)
     weights = workdir_checkpoint(weights)

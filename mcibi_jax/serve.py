@@ -71,6 +71,7 @@ from mcibi_jax.predict import (
     load_segmenter,
     overlay_background,
     read_rgb,
+    warn_without_tta,
 )
 from mcibi_jax.pretrained import PretrainedError
 
@@ -329,12 +330,29 @@ def make_handler(service: SegmentationService, quiet: bool = False) -> type[Base
     return Handler
 
 
+def bind(host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer listening on ``host:port`` (``port=0``: any free port) that answers
+    nothing until its ``RequestHandlerClass`` is set (:func:`make_handler`) and it serves;
+    ConfigError naming ``host:port`` where it cannot listen there."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be within 0..65535 (0: any free port), got {port}")
+    try:
+        server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as error:  # taken, not this machine's address, unknown host name, ...
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port "
+            "(0: any free one) or --host"
+        ) from None
+    server.daemon_threads = True
+    return server
+
+
 def make_server(
     service: SegmentationService, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False
 ) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer for ``service`` (``port=0``: any free port, see ``server_address``)."""
-    server = ThreadingHTTPServer((host, port), make_handler(service, quiet))
-    server.daemon_threads = True
+    server = bind(host, port)
+    server.RequestHandlerClass = make_handler(service, quiet)
     return server
 
 
@@ -342,6 +360,7 @@ def load_service(command: CommandLine) -> SegmentationService:
     """The one place the parsed command line turns its weight flags into a model."""
     fv, config = command.flags, check_config(command.config)
     evaluation_options(config, True if fv.tta else None)  # checked before the weights load
+    warn_without_tta(config, fv.tta)
     segmenter = load_segmenter(
         config, checkpoint=fv.checkpoint, pth=fv.pth, pretrained=fv.pretrained
     )
@@ -369,7 +388,14 @@ def parse_command_line(argv: Sequence[str] | None = None) -> CommandLine:
         "address to listen on (0.0.0.0: every interface, no authentication)",
         flag_values=fv,
     )
-    flags.DEFINE_integer("port", 8000, "port to listen on (0: any free one)", flag_values=fv)
+    flags.DEFINE_integer(
+        "port",
+        8000,
+        "port to listen on (0: any free one)",
+        lower_bound=0,
+        upper_bound=65535,
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "tta", False, "use the eval.tta_* settings (multi-scale, flip)", flag_values=fv
     )
@@ -407,15 +433,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = parse_command_line(argv)
     fv = command.flags
     compilation_cache.enable()
+    server = None
     try:
         if fv.max_mb <= 0 or fv.max_pixels <= 0:
             raise ConfigError("--max_mb and --max_pixels must be positive")
+        server = bind(fv.host, fv.port)  # before the model loads: a taken port fails at once
         service = load_service(command)
-        server = make_server(service, fv.host, fv.port, quiet=fv.quiet)
     except (ConfigError, PthError, PortError, PretrainedError, OSError) as error:
-        # OSError: missing files, port in use
+        # OSError: missing files
+        if server is not None:
+            server.server_close()
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    server.RequestHandlerClass = make_handler(service, fv.quiet)
     host, port = server.server_address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     print(

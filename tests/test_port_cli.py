@@ -149,3 +149,48 @@ def test_checkpoint_of_another_config_is_refused_on_load(config_file, tmp_path):
         match="memory_module/memory: checkpoint \\(5, 1, 16\\), model expects \\(7, 1, 16\\)",
     ):
         mcibi_jax.Segmenter.from_checkpoint(out, config)
+
+
+def test_checkpoint_of_another_model_is_refused_in_a_few_lines(config_file, tmp_path):
+    """The names and shapes are compared before orbax restores anything: its own error printed
+    both whole trees (16 KB on one line for the released R-50)."""
+    from mcibi_jax.porting.convert import PortError
+
+    out = tmp_path / "ckpt"
+    port.main([f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth", f"--out={out}"])
+    config = mcibi_jax.load_config(f"{config_file}:{CASE}", ["model.head.feats_channels=8"])
+    with pytest.raises(PortError, match="model expects") as error:
+        mcibi_jax.Segmenter.from_checkpoint(out, config)
+    assert len(str(error.value)) < 3000 and "... and" in str(error.value)
+    with pytest.raises(PortError, match="holds no checkpoint of variables"):
+        mcibi_jax.Segmenter.from_checkpoint(tmp_path, config)
+    (tmp_path / "model.pth").write_bytes(b"not a folder")
+    with pytest.raises(PortError, match="is a file; a checkpoint of variables is a folder"):
+        mcibi_jax.Segmenter.from_checkpoint(tmp_path / "model.pth", config)
+
+
+def test_port_to_a_file_or_an_unwritable_folder_is_one_line(config_file, tmp_path, capsys):
+    """Checked before orbax, which reported an unwritable folder from its threads with tracebacks
+    and then waited on them for minutes."""
+    import tempfile
+
+    import orbax.checkpoint as ocp
+
+    args = [f"--config={config_file}:{CASE}", f"--pth={FIXTURES / CASE}.pth"]
+    (tmp_path / "file").write_text("")
+    assert port.main([*args, f"--out={tmp_path / 'file'}"]) == 2
+    assert "is a file; choose a new output directory" in capsys.readouterr().err
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    def never(*args, **kwargs):
+        raise AssertionError("orbax was asked to write")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryFile", unwritable)
+        patch.setattr(ocp, "StandardCheckpointer", never)
+        assert port.main([*args, f"--out={tmp_path / 'ro' / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the checkpoint") and err.count("\n") == 1, err
+    assert "Permission denied" in err

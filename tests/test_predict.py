@@ -184,7 +184,7 @@ def test_cli_one_line_errors(config_file, image_dir, tmp_path, capsys):
     base = [f"--config={config_file}", f"--output={tmp_path / 'out'}"]
     cases = {
         "no checkpoint at": base + [f"--checkpoint={tmp_path / 'missing'}", f"--input={image_dir}"],
-        "is not a checkpoint directory": base
+        "holds no checkpoint of variables": base
         + [f"--checkpoint={image_dir}", f"--input={image_dir}"],
         "no images": base + [f"--pth={pth}", f"--input={tmp_path / 'out'}"],
         "does not exist": base + [f"--pth={pth}", f"--input={tmp_path / 'nowhere'}"],

@@ -1,6 +1,6 @@
 """Writes a dataset's TFDS ``array_record`` files from its official layout.
 
-    python -m mcibi_jax.data.prepare --config=configs/ade20k.py:r50 --data_dir=DIR \
+    python -m mcibi_jax.data.prepare --config=configs/ade20k.py:r50 --data_dir=DIR \\
         [--config.dataset.root=data/ade20k] [--splits=train,val] [--num_threads=4] [--force]
 
 reads ``config.dataset.root`` (see docs/datasets.md) and writes
@@ -10,6 +10,7 @@ reads ``config.dataset.root`` (see docs/datasets.md) and writes
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,14 @@ from absl import logging as absl_logging
 
 from mcibi_jax.command_line import CommandLine, usage_error
 from mcibi_jax.data.datasets import SPECS, DatasetConfigError, DatasetError, DatasetLayoutError
+
+INSTALL = 'pip install -e ".[tfds]"'
+TFDS_MODULES = ("tensorflow_datasets", "array_record", "importlib_resources")
+# Datasets read without records, and why they need no preparing.
+NOT_PREPARED = {
+    "synthetic": "is generated in memory (configs/demo.py)",
+    "custom": "is read from config.dataset.root as it is (docs/custom_datasets.md)",
+}
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -58,6 +67,7 @@ def prepare(
       DatasetLayoutError: the root, or a required set's files, are missing.
       CorruptSample: a sample cannot be used (without ``skip_corrupt``).
     """
+    check_preparable(dataset_config)
     import tensorflow_datasets as tfds
 
     from mcibi_jax.data.tfds_builders import builder_class
@@ -112,6 +122,26 @@ def prepare(
     return Path(builder.data_dir)
 
 
+def check_preparable(dataset_config: Any) -> None:
+    """DatasetConfigError unless ``dataset_config`` names a dataset that has records to write and
+    the tfds extra is installed (checked before anything is read)."""
+    name = str(_get(dataset_config, "name"))
+    key = name.removeprefix("mcibi_")
+    if key in NOT_PREPARED:
+        raise DatasetConfigError(
+            f"dataset {name!r} {NOT_PREPARED[key]} and needs no preparing; records are written "
+            f"for {', '.join(SPECS)}"
+        )
+    if key not in SPECS:
+        raise DatasetConfigError(f"unknown dataset {name!r}; known: {', '.join(SPECS)}")
+    missing = [module for module in TFDS_MODULES if importlib.util.find_spec(module) is None]
+    if missing:
+        raise DatasetConfigError(
+            f"preparing records needs {', '.join(TFDS_MODULES)} (missing: {', '.join(missing)}): "
+            f"{INSTALL}"
+        )
+
+
 def _counts(builder: Any) -> str:
     return ", ".join(f"{split}: {info.num_examples}" for split, info in builder.info.splits.items())
 
@@ -151,6 +181,10 @@ def main(argv: list[str]) -> None:
     if absl_logging.get_verbosity() == absl_logging.INFO:
         absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
+    try:
+        check_preparable(_COMMAND.config.dataset)
+    except DatasetConfigError as error:
+        usage_error(error)
     try:
         prepare(
             _COMMAND.config.dataset,

@@ -259,7 +259,15 @@ class SyntheticTraining:
             )
 
     def state(self) -> dict[str, Any]:
-        return {}
+        # The epoch and the skipped steps say where the stream is; what made it is checked.
+        return {"batch_size": self.batch_size, "num_images": self.num_images, "seed": self.seed}
 
     def restore(self, state: Any) -> None:
-        del state  # the epoch and the skipped steps say where the stream is
+        saved = {k: v for k, v in (state or {}).items() if v != self.state().get(k)}
+        if saved:
+            now = self.state()
+            differences = ", ".join(f"{k} {v} (now {now.get(k)})" for k, v in saved.items())
+            raise ConfigError(
+                f"cannot resume the synthetic input stream: the checkpoint's has {differences}. "
+                "Resume with the config it was trained with, or use a new --workdir."
+            )

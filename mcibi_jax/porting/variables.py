@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,20 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any]) -
     """Writes the variables as an orbax checkpoint (a fresh directory)."""
 
     directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; choose a new output directory")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new output directory")
+    # orbax reports an unwritable folder from its threads and then waits on them for minutes
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory.parent):
+            pass
+    except OSError as error:
+        raise PortError(
+            f"cannot write the checkpoint {directory}: {error.strerror or error} "
+            f"({error.filename or directory.parent}); choose a folder this process can write"
+        ) from None
     tree = {
         k: jax.tree_util.tree_map(np.asarray, dict(variables[k]))
         for k in VARIABLE_COLLECTIONS
@@ -81,23 +94,47 @@ def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> d
     directory = Path(directory).absolute()
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoint at {directory}")
+    if not directory.is_dir():
+        raise PortError(
+            f"{directory} is a file; a checkpoint of variables is a folder (written by "
+            "mcibi_jax.port or by training: DIR/checkpoints/final)"
+        )
     model_config = model_config_of(config)
     target = abstract_variables(build_model(model_config), model_config)
     target = {k: target[k] for k in VARIABLE_COLLECTIONS if k in target}
     with ocp.StandardCheckpointer() as checkpointer:
+        # Compared before restoring: orbax's own mismatch error prints both whole trees.
+        stored = getattr(checkpointer.metadata(directory).item_metadata, "tree", None)
+        if stored is None:
+            raise PortError(
+                f"{directory} holds no checkpoint of variables (written by mcibi_jax.port or by "
+                "training: DIR/checkpoints/final)"
+            )
+        _check_shapes(directory, target, stored)
         try:
             restored = checkpointer.restore(directory, target)
         except (ValueError, KeyError) as error:
             raise PortError(
                 f"the checkpoint at {directory} does not match the model config: {error}"
             ) from None
-    # orbax restores the stored shapes whatever the target says: compare them ourselves.
-    wanted = traverse_util.flatten_dict(target)
-    got = traverse_util.flatten_dict(dict(restored))
+    _check_shapes(
+        directory, target, restored
+    )  # orbax restores the stored shapes whatever the target says
+    return jax.tree_util.tree_map(jnp.asarray, restored)
+
+
+def _check_shapes(directory: Path, target: Mapping[str, Any], found: Mapping[str, Any]) -> None:
+    """PortError listing the variables whose names or shapes differ between the model's
+    ``target`` and the checkpoint's tree ``found`` (arrays or orbax's array metadata)."""
+    wanted = traverse_util.flatten_dict(dict(target))
+    got = {
+        path: tuple(getattr(leaf, "shape", None) or np.shape(leaf))
+        for path, leaf in traverse_util.flatten_dict(dict(found)).items()
+    }
     mismatches = [
-        f"{'/'.join(path)}: checkpoint {tuple(np.shape(got[path])) if path in got else 'missing'}, model expects {tuple(leaf.shape)}"
+        f"{'/'.join(path)}: checkpoint {got.get(path, 'missing')}, model expects {tuple(leaf.shape)}"
         for path, leaf in wanted.items()
-        if path not in got or tuple(np.shape(got[path])) != tuple(leaf.shape)
+        if got.get(path) != tuple(leaf.shape)
     ]
     mismatches += [
         f"{'/'.join(path)}: in the checkpoint, not in the model"
@@ -111,4 +148,3 @@ def load_variables(directory: str | os.PathLike, config: Mapping[str, Any]) -> d
         raise PortError(
             f"the checkpoint at {directory} does not match the model config ({len(mismatches)} variables):\n  {shown}"
         )
-    return jax.tree_util.tree_map(jnp.asarray, restored)

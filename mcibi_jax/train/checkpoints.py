@@ -246,7 +246,9 @@ class TrainCheckpoints:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The error's first line, without orbax's advice on its own API options."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(" Truncating/padding is disabled")[0].rstrip(".")
 
 
 def _sync(name: str) -> None:

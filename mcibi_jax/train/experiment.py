@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -183,15 +184,15 @@ def evaluate_variables(
         )
     metrics = segmentation_metrics(counts)
     seconds = time.perf_counter() - started
-    if detailed:
-        if config["eval"]["save_confusion"] and distributed.is_main_process():
-            csv_path, png_path = save_confusion(workdir, counts, names)
-            log(f"wrote the confusion matrix to {csv_path} and {png_path}")
+    if detailed:  # the scores first: a file that cannot be written loses nothing else
         log(
             f"evaluation on {num_images} held-out images ({seconds:.1f}s on "
             f"{jax.device_count()} device(s)):"
         )
         log(format_table(metrics, names))
+        if config["eval"]["save_confusion"] and distributed.is_main_process():
+            csv_path, png_path = save_confusion(workdir, counts, names)
+            log(f"wrote the confusion matrix to {csv_path} and {png_path}")
     if counts.sum() == 0:
         log(
             f"warning: {config['dataset']['eval_set']!r} has no labelled pixels, so no metrics (a "
@@ -299,8 +300,11 @@ def _train(
     run trained it. ``final``: evaluate after the last epoch in any case (train_and_eval)."""
     check_train_config(config)
     main_process = distributed.is_main_process()
-    if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    def write_config() -> None:  # once the state is resumed: a refused resume leaves it alone
+        if main_process:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
     mesh = data_mesh()
     training = data.training(mesh)
     num_epochs = int(config["train"]["num_epochs"])
@@ -347,6 +351,7 @@ def _train(
                     after_epoch=evaluation.after_epoch if periodic else None,
                     progress=bar,
                     stop=stop,
+                    on_start=write_config,
                 )
             variables, step = state.export_variables, int(state.step)
             if final or (periodic and step > resumed_from):  # the last epoch ended in this run
@@ -439,8 +444,7 @@ def run(
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     check_dataset_config(config)
     evaluation_options(config)  # bad inference settings fail before any training
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _work_folder(workdir)
     model = build_model(config["model"], dtype=model_dtype(config["dtype"]))
     data = experiment_data(config)
     update: dict[str, Any] = {"name": config["name"], "dataset": config["dataset"]["name"]}
@@ -476,6 +480,23 @@ def run(
     if distributed.is_main_process():
         log(f"wrote {_write_results(workdir, update, merge=mode == 'eval')}")
     return update
+
+
+def _work_folder(workdir: str | os.PathLike) -> Path:
+    """``workdir`` as an absolute path, created; a clear error where it cannot be a folder."""
+    workdir = Path(workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir={workdir} is a file; give a folder (new or of this run)")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--workdir={workdir}: cannot write there ({error.strerror or error}); give a folder "
+            "this process can write"
+        ) from None
+    return workdir
 
 
 # ============================================================================================
@@ -538,9 +559,13 @@ def main(config: Any, workdir: str, mode: str) -> None:
         NotImplementedError,
         FileNotFoundError,
         FileExistsError,
+        PortError,
+        PthError,
         distributed.DistributedConfigError,
     ) as error:
         _fail(str(error))
+    except OSError as error:  # a full disk, a read-only folder: name the file, no traceback
+        _fail(f"{error.strerror or type(error).__name__}: {error.filename or error}")
     except TrainingInterrupted as stopped:
         raise SystemExit(_interrupted(stopped)) from None
     except KeyboardInterrupt:  # outside training (which saves first)

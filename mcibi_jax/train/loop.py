@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mcibi_jax.config import ConfigError
 from mcibi_jax.data.experiment_data import TrainingData
 from mcibi_jax.host_memory import release_free_host_memory
 from mcibi_jax.models.segmentor import MCIBI
@@ -40,6 +41,7 @@ def train(
     after_epoch: Callable[[int, TrainState], None] | None = None,
     progress: ProgressBar | None = None,
     stop: StopRequests | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Trains ``model`` from scratch as ``config.train`` says (``train.num_replicas``: the
     reference's GPU count whose per-GPU losses and memory updates to reproduce) over ``mesh``.
@@ -55,7 +57,8 @@ def train(
     ``train.checkpoint_every`` epochs and of the last one; a diverged run saves nothing.
     ``initial_variables`` (e.g. ported released weights) replace the random initialisation.
     ``record(step, scalars)`` receives every logged line's values (losses, lr, memory momentum,
-    images/s, epoch).
+    images/s, epoch). ``on_start()`` runs once the state is initialised or resumed, before the
+    first step.
     ``train.ema_decay`` > 0 keeps an exponential moving average of the variables in the state
     (``state.ema_params``; ``state.export_variables`` are then the averaged ones).
     ``after_epoch(epoch, state)`` runs after each epoch (and its checkpoint), e.g. an evaluation.
@@ -97,6 +100,13 @@ def train(
             log(
                 f"resuming from {checkpoints.directory} at step {int(state.step)} (epoch {start_epoch})"
             )
+    if int(state.step) > total_steps:
+        raise ConfigError(
+            f"the checkpoint in {checkpoints.directory} is at step {int(state.step)}, past this "
+            f"config's {total_steps} steps ({num_epochs} epochs x {steps_per_epoch} steps of batch "
+            f"{train_config['batch_size']}): was it trained with another train.batch_size or "
+            "train.num_epochs? Resume with the config it was trained with, or use a new --workdir."
+        )
     progress.set_position(int(state.step))
     dropout_key = replicate(jax.random.key(seed + 1), mesh)
     num_replicas = int(train_config["num_replicas"])
@@ -142,6 +152,8 @@ def train(
             )
         return values
 
+    if on_start is not None:
+        on_start()
     first_step = step + 1
     if step >= total_steps:
         log(f"already trained: the checkpoint is at step {step} of {total_steps}")
