@@ -96,6 +96,8 @@ SHAPE = re.compile(r"=\s*\(?(\w+)\[([\d,]*)\]")
 OP_NAME = hlo_roofline.OP_NAME
 FLAGGED_OPS = re.compile(r"\s(scatter|select-and-scatter|while)\(")
 ESTIMATED_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+CONDITION = re.compile(r"condition=%([\w.-]+)")
+LOOP_BOUND = re.compile(r"s32\[\]\S* constant\((\d+)\)")
 DEFINITION = re.compile(r"%([\w.-]+) = \(?\w+\[([\d,]*)\]")
 OPERAND = re.compile(r"custom-call\(%([\w.-]+)")
 # A forward conv whose window is wider than its output and whose input has fewer channels than
@@ -209,14 +211,36 @@ def summarize(hlo: str) -> dict:
 
 def cycles_by_scope(hlo: str, depth: int = 4) -> tuple[int, collections.Counter]:
     """XLA:TPU's estimated cycles of the program's ops: the total and the sums per JAX scope
-    (the op's name stack cut to ``depth`` parts after the jitted function's name)."""
+    (the op's name stack cut to ``depth`` parts after the jitted function's name). A while
+    loop's body counts once per trip (the bound its condition compares the counter with:
+    XLA:TPU's programs carry no trip counts of their own, e.g. the losses' bands)."""
     by_scope: collections.Counter = collections.Counter()
-    for line in hlo.splitlines():
+
+    def add(line: str, repeats: int) -> None:
         cycles = ESTIMATED_CYCLES.search(line)
         if cycles:
             name = OP_NAME.search(line)
             parts = (name.group(1) if name else "(unnamed)").split("/")[1 : 1 + depth]
-            by_scope["/".join(parts) or "(unnamed)"] += int(cycles.group(1))
+            by_scope["/".join(parts) or "(unnamed)"] += repeats * int(cycles.group(1))
+
+    computations = hlo_roofline.parse(hlo)
+    if "ENTRY" not in computations:  # a fragment: its lines as they are
+        for line in hlo.splitlines():
+            add(line, 1)
+        return sum(by_scope.values()), by_scope
+
+    def visit(body: list, repeats: int) -> None:
+        for instruction in body:
+            add(instruction.line, repeats)
+            if instruction.opcode == "while":
+                condition = computations.get(instruction.attribute(CONDITION) or "", [])
+                bounds = [int(b) for i in condition for b in LOOP_BOUND.findall(i.line)]
+                visit(
+                    computations.get(instruction.attribute(hlo_roofline.BODY) or "", []),
+                    repeats * (max(bounds) if bounds else 1),
+                )
+
+    visit(computations["ENTRY"], 1)
     return sum(by_scope.values()), by_scope
 
 

@@ -49,9 +49,8 @@ H100 = {
 H200 = {**H100, "bandwidth": 4.8e12}
 
 COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) ", re.M)
-INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%([\w.-]+) = (\([^=]*?\)|\S+) ([a-z][\w-]*)\((.*?)\)(?:, |$)", re.M
-)
+INSTRUCTION_HEAD = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = ")
+OPCODE_AND_OPERANDS = re.compile(r" ([a-z][\w-]*)\((.*?)\)(?:, |$)")
 ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 OPERAND_NAME = re.compile(r"%([\w.-]+)")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -100,6 +99,29 @@ def num_bytes(shape: str) -> float:
     return sum(BYTES_PER_ELEMENT[dtype] * math.prod(dims) for dtype, dims in arrays(shape))
 
 
+def _instruction_parts(line: str) -> tuple[str, str, str, str] | None:
+    """(name, shape, opcode, operands) of an instruction's line; None for other lines. A tuple
+    shape is taken to its matching parenthesis: TPU layouts (``{:T(128)}``) and index comments
+    (``/*index=5*/``) sit inside it."""
+    head = INSTRUCTION_HEAD.match(line)
+    if not head:
+        return None
+    rest = line[head.end() :]
+    if rest.startswith("("):
+        depth, end = 0, 0
+        while end < len(rest):
+            depth += (rest[end] == "(") - (rest[end] == ")")
+            end += 1
+            if depth == 0:
+                break
+        shape, rest = rest[:end], rest[end:]
+    else:
+        shape, _, rest = rest.partition(" ")
+        rest = " " + rest
+    tail = OPCODE_AND_OPERANDS.match(rest)
+    return (head.group(1), shape, *tail.groups()) if tail else None
+
+
 def parse(hlo: str) -> dict[str, list[Instruction]]:
     """The program's computations by name, each a list of its instructions; the entry
     computation is also under ``"ENTRY"``."""
@@ -110,9 +132,9 @@ def parse(hlo: str) -> dict[str, list[Instruction]]:
         body = hlo[start.end() : end]
         instructions = []
         for line in body.splitlines():
-            match = INSTRUCTION.match(line)
-            if match:
-                name, shape, opcode, operands = match.groups()
+            parts = _instruction_parts(line)
+            if parts:
+                name, shape, opcode, operands = parts
                 instructions.append(
                     Instruction(name, shape, opcode, OPERAND_NAME.findall(operands), line)
                 )

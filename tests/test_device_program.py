@@ -85,6 +85,31 @@ def test_tpu_cycles_by_scope():
     assert "1,000 estimated cycles" in text and " 60.0 %" in text and "cuDNN" not in text
 
 
+TPU_LOOP_HLO = """
+%body.1 (arg: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %fusion.7 = f32[8]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(train_step)/jvp()/while/body/log_softmax"}, backend_config={"estimated_cycles":"50"}
+}
+
+%condition.2 (arg: (s32[], f32[8])) -> pred[] {
+  %constant.9 = s32[]{:T(128)} constant(3)
+  ROOT %lt.1 = pred[]{:T(512)} compare(%counter, %constant.9), direction=LT
+}
+
+ENTRY %main.3 (p: f32[8]) -> f32[8] {
+  %fusion.1 = f32[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(MCIBI)/aspp/add"}, backend_config={"estimated_cycles":"100"}
+  %while.4 = (s32[]{:T(128)}, f32[8]{0:T(8,128)}, /*index=2*/s32[]{:T(128)}) while(%tuple.2), condition=%condition.2, body=%body.1
+}
+"""
+
+
+def test_tpu_cycles_count_a_loop_body_once_per_trip():
+    """Also where the loop's tuple shape holds TPU layouts and index comments: a parse that
+    stopped at their parentheses or '=' dropped the loop (and on GPUs, a loop's kernels)."""
+    total, by_scope = device_program.cycles_by_scope(TPU_LOOP_HLO, depth=2)
+    assert by_scope == {"jvp(MCIBI)/aspp": 100, "jvp()/while": 150}
+    assert total == 250
+
+
 def test_without_libtpu_it_says_what_to_install(monkeypatch):
     from jax.experimental import topologies
 
