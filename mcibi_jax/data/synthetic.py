@@ -263,10 +263,10 @@ class SyntheticTraining:
         return {"batch_size": self.batch_size, "num_images": self.num_images, "seed": self.seed}
 
     def restore(self, state: Any) -> None:
-        saved = {k: v for k, v in (state or {}).items() if v != self.state().get(k)}
-        if saved:
-            now = self.state()
-            differences = ", ".join(f"{k} {v} (now {now.get(k)})" for k, v in saved.items())
+        now = self.state()
+        changed = {k: v for k, v in (state or {}).items() if v != now.get(k)}
+        if changed:
+            differences = ", ".join(f"{k} {v} (now {now.get(k)})" for k, v in changed.items())
             raise ConfigError(
                 f"cannot resume the synthetic input stream: the checkpoint's has {differences}. "
                 "Resume with the config it was trained with, or use a new --workdir."

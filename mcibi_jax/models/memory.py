@@ -298,9 +298,7 @@ def _two_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.ndar
     start = np.argmax(matrix != 0, axis=1)
     padded = np.pad(matrix, ((0, 0), (0, 1)))
     weights = np.stack([padded[rows, start], padded[rows, start + 1]], axis=1)
-    rebuilt = np.zeros_like(padded)
-    rebuilt[rows, start] = weights[:, 0]
-    rebuilt[rows, start + 1] = weights[:, 1]
+    rebuilt = _axis_matrix(start, weights, in_size + 1)
     assert np.array_equal(rebuilt[:, :in_size], matrix), "bilinear rows span two neighbours"
     return start, weights
 
@@ -347,8 +345,8 @@ def _class_statistics(
     if dense:
         at_cells = functools.partial(
             _at_cells_dense,
-            rows=_axis_matrix(row_start, np.ones((out_h, 1)), grid_h, dtype),
-            cols=_axis_matrix(col_start, np.ones((out_w, 1)), grid_w, dtype),
+            rows=jnp.asarray(_axis_matrix(row_start, np.ones((out_h, 1)), grid_h), dtype),
+            cols=jnp.asarray(_axis_matrix(col_start, np.ones((out_w, 1)), grid_w), dtype),
         )
     else:
         at_cells = functools.partial(jnp.take, indices=cell, axis=1)
@@ -364,23 +362,21 @@ def _class_statistics(
     if dense:
         # The bins as a product: (grid rows, label rows) weights . one-hot columns per pixel .
         # (label columns, grid columns) weights, the columns being classes, then memory slots.
-        one_hot = [(segment, jnp.asarray(1.0, dtype), num_classes)]
+        one_hot = [(segment, jnp.ones((), dtype), num_classes)]
         if strategy == "cosine_similarity":
             one_hot.append((slot_segment, dissimilarity, num_classes * num_feats))
         values = jnp.concatenate(
             [
-                jnp.where(ids[..., None] == jnp.arange(count), value[..., None], 0.0).astype(dtype)
-                if jnp.ndim(value)
-                else (ids[..., None] == jnp.arange(count)).astype(dtype)
+                jnp.where(ids[..., None] == jnp.arange(count), value[..., None], 0).astype(dtype)
                 for ids, value, count in one_hot
             ],
             axis=-1,
         ).reshape(batch, out_h, out_w, -1)
         cell_sums = jnp.einsum(
             "ra,nrcj,cb->nabj",
-            _axis_matrix(row_start, row_weights, grid_h, dtype),
+            jnp.asarray(_axis_matrix(row_start, row_weights, grid_h), dtype),
             values,
-            _axis_matrix(col_start, col_weights, grid_w, dtype),
+            jnp.asarray(_axis_matrix(col_start, col_weights, grid_w), dtype),
             precision="highest",
         )
         sums = jnp.einsum("nabj,nabc->jc", cell_sums, grid, precision="highest")
@@ -426,12 +422,13 @@ def _class_statistics(
     return stats
 
 
-def _axis_matrix(start: np.ndarray, weights: np.ndarray, grid_size: int, dtype: Any) -> Array:
-    """(out, grid_size): row i holds ``weights[i, t]`` at column ``start[i] + t``."""
+def _axis_matrix(start: np.ndarray, weights: np.ndarray, grid_size: int) -> np.ndarray:
+    """(out, grid_size) float64: row i holds ``weights[i, t]`` at column ``start[i] + t`` (the
+    matrix of :func:`_two_taps`' taps)."""
     matrix = np.zeros((len(start), grid_size))
     for tap in range(weights.shape[1]):
         matrix[np.arange(len(start)), start + tap] += weights[:, tap]
-    return jnp.asarray(matrix, dtype)
+    return matrix
 
 
 def _at_cells_dense(values: Array, *, rows: Array, cols: Array) -> Array:
