@@ -301,13 +301,31 @@ def measure_stall(job: dict, context: dict) -> dict:
     }
 
 
+def _attention_note() -> str:
+    """Which attention MCIBI_ATTENTION's check chose for each shape so far in this process."""
+    from mcibi_jax.models.cudnn_attention import checked_attention
+
+    return "; ".join(
+        f"attention {shape.num_queries}x{shape.num_keys}x{shape.heads}x{shape.head_dims}: "
+        + ("cuDNN" if problem is None else f"XLA ({problem})")
+        for shape, problem in checked_attention().items()
+    )
+
+
 def child(job: dict) -> None:
     """Runs one config and dtype (forward, train step, optionally the input stall), printing a
     RESULT line per measurement; a failing measurement becomes an error row."""
     import jax
 
-    def emit(row: dict) -> None:  # every row names the job's variant
-        _emit({**row, **({"variant": job["variant"]} if job.get("variant") else {})})
+    def emit(row: dict) -> None:  # every row names the job's variant and the attention taken
+        attention = _attention_note() if row.get("work") in ("forward", "train step") else ""
+        _emit(
+            {
+                **row,
+                **({"variant": job["variant"]} if job.get("variant") else {}),
+                **({"attention": attention} if attention else {}),
+            }
+        )
 
     device = jax.devices()[0]
     emit(
@@ -512,7 +530,7 @@ def format_row(r: dict) -> list[str]:
         f"{r['flops'] / 1e12:.3g}" if r.get("flops") else "",
         f"{r['tflops_per_s']:.3g}" if r.get("tflops_per_s") else "",
         f"{r['mfu'] * 100:.1f} %" if r.get("mfu") is not None else "n/a",
-        ", ".join(r.get("overrides", ())),
+        ", ".join([*r.get("overrides", ()), *([r["attention"]] if r.get("attention") else [])]),
     ]
 
 
@@ -733,7 +751,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="extra cases of --variant_config (or of CONFIG) with environment settings, run "
         "after the bfloat16 cases: comma-separated NAME[@CONFIG]:VAR=VALUE[+VAR=VALUE...], e.g. "
         "xla:MCIBI_DILATED_CONV=xla,s2b:MCIBI_DILATED_CONV=space_to_batch,"
-        "cudnn@configs/ade20k.py:vitl:MCIBI_ATTENTION=cudnn",
+        "xla_attention@configs/ade20k.py:vitl:MCIBI_ATTENTION=xla",
     )
     parser.add_argument(
         "--variant_config",

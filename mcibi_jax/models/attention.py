@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mcibi_jax.models.cudnn_attention import fused_attention, use_fused_attention
 from mcibi_jax.models.layers import (
     ConvBNReLU,
     balanced_parts,
@@ -34,52 +34,9 @@ MAX_EVAL_ATTENTION_CHUNK_ELEMENTS = 1 << 26
 ATTENTION_CHUNK_ENV = "MCIBI_ATTENTION_CHUNK_ELEMENTS"
 
 
-# "cudnn": on GPUs, bfloat16/float16 attention as cuDNN's fused (flash) attention, which never
-# writes the similarities to memory; anything else (or another backend or dtype): ours below.
-ATTENTION_ENV = "MCIBI_ATTENTION"
 # The attention blocks' results carry this name: a rematerialised head keeps them (recomputing
 # one would run the whole attention again).
 ATTENTION_OUTPUT = "attention_output"
-
-
-def fused_attention_wanted(dtype: Any, backend: str | None = None) -> bool:
-    """Whether ``MCIBI_ATTENTION=cudnn`` asks for cuDNN's fused attention and it applies: a GPU
-    and bfloat16 or float16 operands (``backend`` defaults to ``jax.default_backend()``)."""
-    value = os.environ.get(ATTENTION_ENV, "").strip()
-    if value not in ("", "xla", "cudnn"):
-        raise ValueError(f"{ATTENTION_ENV}={value!r}: expected xla or cudnn")
-    backend = backend or jax.default_backend()
-    return (
-        value == "cudnn"
-        and backend in ("gpu", "cuda")
-        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    )
-
-
-def fused_attention(query: Array, key: Array, value: Array, scale: float) -> Array:
-    """(N, Q, H, D), (N, K, H, D), (N, K, H, Dv) -> (N, Q, H, Dv): ``softmax(scale * q k^T) v``
-    per head as cuDNN's fused attention (GPUs, 16-bit operands: :func:`fused_attention_wanted`).
-
-    JAX's cuDNN attention takes only even lengths in training: an odd one (ViT's 1024 patches
-    and class token) gets one padding token, masked out by the sequence lengths, then cut off.
-    """
-    n, num_queries, num_keys = query.shape[0], query.shape[1], key.shape[1]
-    if num_queries % 2 == 0 and num_keys % 2 == 0:
-        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation="cudnn")
-
-    def even(x: Array) -> Array:
-        return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
-
-    out = jax.nn.dot_product_attention(
-        even(query),
-        even(key),
-        even(value),
-        scale=scale,
-        query_seq_lengths=jnp.full((n,), num_queries, jnp.int32),
-        key_value_seq_lengths=jnp.full((n,), num_keys, jnp.int32),
-        implementation="cudnn",
-    )
-    return out[:, :num_queries]
 
 
 def training_chunk_limit() -> int:
@@ -103,9 +60,11 @@ def dot_product_attention(
     chunk at a time, and the backward pass recomputes each chunk's similarities instead of
     keeping them: memory linear, not quadratic, in the number of pixels. The same sums, to
     rounding (``tests/test_attention.py``); ``key``'s and ``value``'s gradients add up chunk by chunk.
+    On GPUs, 16-bit operands go to cuDNN's fused attention instead, where
+    :func:`~mcibi_jax.models.cudnn_attention.use_fused_attention` says so.
     """
-    if fused_attention_wanted(query.dtype):
-        heads = (slice(None), slice(None), None)  # one head: (N, L, 1, C)
+    heads = (slice(None), slice(None), None)  # one head: (N, L, 1, C)
+    if use_fused_attention(query[heads], key[heads], value[heads]):
         return fused_attention(query[heads], key[heads], value[heads], scale)[:, :, 0]
     max_chunk_elements = max_chunk_elements or MAX_ATTENTION_CHUNK_ELEMENTS
     n, num_queries, channels = query.shape

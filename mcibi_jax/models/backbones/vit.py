@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcibi_jax.models.attention import fused_attention, fused_attention_wanted
+from mcibi_jax.models.cudnn_attention import fused_attention, use_fused_attention
 from mcibi_jax.models.layers import hold_on_cpu, softmax
 from mcibi_jax.models.resize import resize
 
@@ -164,7 +164,7 @@ class SelfAttention(nn.Module):
         q = q * math.sqrt(1.0 / head_dims)  # PyTorch scales the queries, not the logits
         precision = _precision(self.dtype)
         without_dropout = not train or self.dropout == 0.0
-        if without_dropout and fused_attention_wanted(q.dtype):
+        if without_dropout and use_fused_attention(q, k, v):
             out = fused_attention(q, k, v, 1.0)
         elif without_dropout and use_per_head_attention(n, self.num_heads, length, q.dtype):
             out = per_head_attention(q, k, v, precision)
