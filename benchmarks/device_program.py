@@ -112,8 +112,8 @@ def prepare_environment(target: str) -> None:
     if target == "h100":
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-        # On an H100, MCIBI_ATTENTION's default takes cuDNN's attention once its check passes on
-        # the device; without one, say so (MCIBI_ATTENTION=xla: XLA's attention instead).
+        # On an H100, MCIBI_ATTENTION's default takes cuDNN's attention once its check has run
+        # there; the check needs the device, so name cuDNN here (xla: XLA's attention instead).
         os.environ.setdefault("MCIBI_ATTENTION", "cudnn")
         # Without autotuning, deviceless compiles stop at some float32 matmul fusions ("Couldn't
         # find output tile sizes"); cuBLAS takes those matmuls instead. Convs are unaffected.
