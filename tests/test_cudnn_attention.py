@@ -80,14 +80,13 @@ def _wrong_when_training(*args, implementation=None, scale=None, **kwargs):
 @pytest.fixture
 def stand_in(monkeypatch):
     """Installs a stand-in for JAX's cuDNN attention; each test sees a fresh check cache."""
-    fused_attention_problem.cache_clear()
+    monkeypatch.setattr(cudnn_attention, "_checked", {})
     monkeypatch.delenv(cudnn_attention.ATTENTION_ENV, raising=False)
 
     def install(function):
         monkeypatch.setattr(cudnn_attention.jax.nn, "dot_product_attention", function)
 
-    yield install
-    fused_attention_problem.cache_clear()
+    return install
 
 
 def _qkv(dtype, num_queries=12, num_keys=8, heads=1, dims=16, seed=0):

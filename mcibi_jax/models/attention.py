@@ -63,9 +63,9 @@ def dot_product_attention(
     On GPUs, 16-bit operands go to cuDNN's fused attention instead, where
     :func:`~mcibi_jax.models.cudnn_attention.use_fused_attention` says so.
     """
-    heads = (slice(None), slice(None), None)  # one head: (N, L, 1, C)
-    if use_fused_attention(query[heads], key[heads], value[heads]):
-        return fused_attention(query[heads], key[heads], value[heads], scale)[:, :, 0]
+    one_head = [x[:, :, None] for x in (query, key, value)]  # (N, L, 1, C)
+    if use_fused_attention(*one_head):
+        return fused_attention(*one_head, scale)[:, :, 0]
     max_chunk_elements = max_chunk_elements or MAX_ATTENTION_CHUNK_ELEMENTS
     n, num_queries, channels = query.shape
     num_keys = key.shape[1]

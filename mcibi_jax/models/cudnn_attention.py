@@ -20,7 +20,6 @@ CPUs, TPUs and float32 always take XLA's attention.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any, NamedTuple
@@ -76,7 +75,7 @@ class AttentionShape(NamedTuple):
     dtype: str
 
 
-# What fused_attention_problem found, shape by shape, in this process.
+# What fused_attention_problem found, shape by shape, in this process (also its cache).
 _checked: dict[AttentionShape, str | None] = {}
 
 
@@ -144,7 +143,6 @@ def _check_length(length: int) -> int:
     return length if length <= MAX_CHECK_LENGTH + 1 else MAX_CHECK_LENGTH + length % 2
 
 
-@functools.cache
 def fused_attention_problem(shape: AttentionShape) -> str | None:
     """None where cuDNN's attention computes our attention at ``shape`` on this device, else
     what went wrong. Run once per shape (then cached), on the device, also while a model is
@@ -152,6 +150,8 @@ def fused_attention_problem(shape: AttentionShape) -> str | None:
     it), the output (with and without a backward pass) and the three gradients. Each must be at most :data:`CHECK_ERROR_RATIO` times as
     far from float32 attention of the same (rounded) operands as XLA's attention in
     ``shape.dtype`` is, plus :data:`CHECK_ERROR_FLOOR` of its largest value."""
+    if shape in _checked:
+        return _checked[shape]
     dtype = jnp.dtype(shape.dtype)
     num_queries, num_keys = _check_length(shape.num_queries), _check_length(shape.num_keys)
     rng = np.random.default_rng(0)
